@@ -1,0 +1,55 @@
+"""Types shared by every nonstop package: roles and the error hierarchy.
+
+Errors follow h11's split: a RemoteProtocolError means the network sent us something wrong (count
+it, log it once, drop it, carry on); a LocalProtocolError means our own code misused a protocol
+object (a bug).
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Role(enum.IntEnum):
+    """A node's role in an HA group. The integer values go on the wire: never renumber."""
+
+    INIT = 0  # just started, listening before it decides
+    BACKUP = 1
+    MASTER = 2
+    FAULT = 3  # cannot serve (local fault, fenced, lost quorum)
+    STOPPING = 4  # graceful stop under way: VIPs released, handing over
+
+    def __str__(self) -> str:
+        return self.name.lower()
+
+
+class NonstopError(Exception):
+    """Base of every error nonstop raises on purpose."""
+
+
+class ProtocolError(NonstopError):
+    """Base of protocol errors."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer (or an attacker, or a broken link) sent bytes we refuse. Counted, never fatal."""
+
+    def __init__(self, reason: str, *, counter: str = "malformed") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        # Name of the counter this error increments: malformed, bad_auth, replay, ...
+        self.counter = counter
+
+
+class LocalProtocolError(ProtocolError):
+    """Our own code misused a protocol object: a bug in nonstop."""
+
+
+class ConfigError(NonstopError):
+    """A configuration is wrong. Carries the file, the field (dotted path) and the reason."""
+
+    def __init__(self, file: str, field: str, reason: str) -> None:
+        super().__init__(f"{file}: {field}: {reason}")
+        self.file = file
+        self.field = field
+        self.reason = reason

@@ -1,0 +1,287 @@
+"""Agent and witness configuration: TOML files decoded into msgspec structs, then checked.
+
+A wrong config is rejected with :class:`~nonstop.common.ConfigError` naming the file, the field
+(a dotted path such as ``vips[0].address``) and the reason; nothing is adjusted silently.
+Durations are in milliseconds in the file (``*_ms``) and exposed in seconds by helper properties.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from typing import Annotated
+
+import msgspec
+
+from nonstop.common import ConfigError
+
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+Ms = Annotated[int, msgspec.Meta(ge=0)]
+PositiveMs = Annotated[int, msgspec.Meta(ge=1)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.-]+$")]
+
+
+class _Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    pass
+
+
+class NodeConfig(_Strict, kw_only=True):
+    id: Name
+    priority: Annotated[int, msgspec.Meta(ge=1, le=254)] = 100
+    group: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 1
+    key_file: str
+    state_dir: str = "/run/nonstop"
+
+
+class HeartbeatConfig(_Strict, kw_only=True):
+    interval_ms: PositiveMs = 100
+    dead_after: Annotated[int, msgspec.Meta(ge=2, le=1000)] = 3
+    copies: Annotated[int, msgspec.Meta(ge=1, le=8)] = 1
+    port: Port = 7780
+    replay_window: Annotated[int, msgspec.Meta(ge=8, le=4096)] = 256
+
+    @property
+    def interval(self) -> float:
+        return self.interval_ms / 1000
+
+    @property
+    def dead_interval(self) -> float:
+        return self.interval_ms * self.dead_after / 1000
+
+
+class ChannelConfig(_Strict, kw_only=True):
+    name: Name
+    address: str  # this node's address on the channel
+
+
+class PeerConfig(_Strict, kw_only=True):
+    id: Name
+    addresses: dict[str, str]  # channel name -> the peer's address on it
+
+
+class FailoverConfig(_Strict, kw_only=True):
+    preempt: bool = True
+    preempt_delay_ms: Ms = 0
+    # The fence guard drops this node's VIPs when the agent has not ticked for this long
+    # (0: derived, (dead_after - 1) * interval). Must stay under the dead interval.
+    fence_timeout_ms: Ms = 0
+    realtime: bool = True  # SCHED_FIFO and mlockall, to keep ticking under CPU contention
+    # Upper bound an operator accepts for detection + VIP move; checked against the timers.
+    takeover_budget_ms: Ms = 0
+
+
+class VipConfig(_Strict, kw_only=True):
+    address: str  # with prefix length: 10.77.0.100/24 or fd77::100/64
+    interface: str
+    garp_count: Annotated[int, msgspec.Meta(ge=0, le=100)] = 3
+    garp_interval_ms: Ms = 10
+
+
+class WitnessRef(_Strict, kw_only=True):
+    addresses: dict[str, str]  # channel name -> the witness's address on it
+    port: Port = 7790
+    lease_ms: PositiveMs = 0  # 0: derived, dead_after * interval
+
+
+class ApiConfig(_Strict, kw_only=True):
+    listen: str = ""  # "host:port" for /health, /master, /backup, /metrics; "" for none
+
+
+class HooksConfig(_Strict, kw_only=True):
+    master: str = ""
+    backup: str = ""
+    fault: str = ""
+    stopping: str = ""
+    timeout_ms: PositiveMs = 5000
+
+
+class AgentConfig(_Strict, kw_only=True):
+    node: NodeConfig
+    channels: list[ChannelConfig]
+    peers: list[PeerConfig]
+    vips: list[VipConfig] = []
+    heartbeat: HeartbeatConfig = HeartbeatConfig()
+    failover: FailoverConfig = FailoverConfig()
+    witness: WitnessRef | None = None
+    api: ApiConfig = ApiConfig()
+    hooks: HooksConfig = HooksConfig()
+
+    # Filled in by load_agent_config: where the file was (relative paths resolve against it).
+    @property
+    def fence_timeout(self) -> float:
+        ms = self.failover.fence_timeout_ms or (self.heartbeat.dead_after - 1) * (
+            self.heartbeat.interval_ms
+        )
+        return ms / 1000
+
+    @property
+    def lease(self) -> float:
+        assert self.witness is not None
+        ms = self.witness.lease_ms or self.heartbeat.dead_after * self.heartbeat.interval_ms
+        return ms / 1000
+
+    @property
+    def socket_path(self) -> str:
+        return os.path.join(self.node.state_dir, "agent.sock")
+
+
+class WitnessListen(_Strict, kw_only=True):
+    id: Name = "witness"
+    key_file: str
+    listen: list[str]  # "address:port" on every channel
+    state_dir: str = "/run/nonstop"
+
+
+class WitnessConfig(_Strict, kw_only=True):
+    witness: WitnessListen
+
+
+_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+
+
+def _decode(path: str, raw: bytes, kind: type[msgspec.Struct]) -> msgspec.Struct:
+    try:
+        data = tomllib.loads(raw.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(path, "<syntax>", str(e)) from e
+    try:
+        return msgspec.convert(data, kind)
+    except msgspec.ValidationError as e:
+        m = _AT.match(str(e))
+        assert m is not None
+        field = (m.group("path") or "").lstrip(".") or "<root>"
+        raise ConfigError(path, field, m.group("msg")) from e
+
+
+def _resolve(path: str, value: str) -> str:
+    return value if os.path.isabs(value) else os.path.join(os.path.dirname(path), value)
+
+
+def _check_ip(path: str, field: str, value: str, *, prefix: bool = False) -> None:
+    try:
+        if prefix:
+            if "/" not in value:
+                raise ValueError("needs a prefix length, e.g. 10.77.0.100/24")
+            ipaddress.ip_interface(value)
+        else:
+            ipaddress.ip_address(value)
+    except ValueError as e:
+        raise ConfigError(path, field, f"{value!r} is not a valid address: {e}") from e
+
+
+def check_agent_config(path: str, cfg: AgentConfig) -> None:
+    """Cross-field checks (Patroni's _validate_and_adjust_timeouts, minus the adjusting)."""
+    hb, fo = cfg.heartbeat, cfg.failover
+    if not cfg.channels:
+        raise ConfigError(path, "channels", "at least one channel is needed (two for redundancy)")
+    names = [c.name for c in cfg.channels]
+    for i, c in enumerate(cfg.channels):
+        if names.index(c.name) != i:
+            raise ConfigError(path, f"channels[{i}].name", f"channel {c.name!r} is listed twice")
+        _check_ip(path, f"channels[{i}].address", c.address)
+    if not cfg.peers:
+        raise ConfigError(path, "peers", "at least one peer is needed")
+    ids = [cfg.node.id]
+    for i, p in enumerate(cfg.peers):
+        if p.id in ids:
+            raise ConfigError(path, f"peers[{i}].id", f"node id {p.id!r} is used twice")
+        ids.append(p.id)
+        for ch, addr in p.addresses.items():
+            if ch not in names:
+                raise ConfigError(path, f"peers[{i}].addresses.{ch}", f"no channel named {ch!r}")
+            _check_ip(path, f"peers[{i}].addresses.{ch}", addr)
+        if not p.addresses:
+            raise ConfigError(path, f"peers[{i}].addresses", "the peer has no address on any channel")
+    for i, v in enumerate(cfg.vips):
+        _check_ip(path, f"vips[{i}].address", v.address, prefix=True)
+    if cfg.witness is not None:
+        for ch, addr in cfg.witness.addresses.items():
+            if ch not in names:
+                raise ConfigError(path, f"witness.addresses.{ch}", f"no channel named {ch!r}")
+            _check_ip(path, f"witness.addresses.{ch}", addr)
+        if not cfg.witness.addresses:
+            raise ConfigError(path, "witness.addresses", "the witness has no address")
+        lease_ms = cfg.lease * 1000
+        if lease_ms < 2 * hb.interval_ms:
+            raise ConfigError(
+                path,
+                "witness.lease_ms",
+                f"{lease_ms:.0f} ms cannot be renewed in time at a {hb.interval_ms} ms interval; "
+                f"use at least 2 * heartbeat.interval_ms = {2 * hb.interval_ms}",
+            )
+    dead_ms = hb.interval_ms * hb.dead_after
+    fence_ms = cfg.fence_timeout * 1000
+    if fence_ms < hb.interval_ms:
+        raise ConfigError(
+            path,
+            "failover.fence_timeout_ms",
+            f"{fence_ms:.0f} ms is shorter than one heartbeat interval ({hb.interval_ms} ms): "
+            "the guard would fence a healthy agent",
+        )
+    if fence_ms >= dead_ms:
+        raise ConfigError(
+            path,
+            "failover.fence_timeout_ms",
+            f"{fence_ms:.0f} ms must be under the dead interval (interval_ms * dead_after = "
+            f"{dead_ms} ms), or a hung master keeps its VIP after the backup has taken it",
+        )
+    if fo.takeover_budget_ms:
+        garp_ms = max((v.garp_interval_ms for v in cfg.vips), default=0)
+        need = dead_ms + hb.interval_ms + garp_ms
+        if need > fo.takeover_budget_ms:
+            raise ConfigError(
+                path,
+                "failover.takeover_budget_ms",
+                f"{fo.takeover_budget_ms} ms is less than the worst case of the timers: "
+                f"interval_ms * dead_after ({dead_ms}) + one interval of phase ({hb.interval_ms}) "
+                f"+ first GARP spacing ({garp_ms}) = {need} ms",
+            )
+    if cfg.api.listen:
+        host, _, port = cfg.api.listen.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(path, "api.listen", f"{cfg.api.listen!r} is not host:port")
+
+
+def load_agent_config(path: str) -> tuple[AgentConfig, bytes]:
+    """Load, check and return an agent config and its shared key."""
+    from nonstop.auth import load_key
+
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(path, "<file>", e.strerror or str(e)) from e
+    cfg = _decode(path, raw, AgentConfig)
+    assert isinstance(cfg, AgentConfig)
+    check_agent_config(path, cfg)
+    key_path = _resolve(path, cfg.node.key_file)
+    key = load_key(key_path, config_file=path, field="node.key_file")
+    node = msgspec.structs.replace(
+        cfg.node, key_file=key_path, state_dir=_resolve(path, cfg.node.state_dir)
+    )
+    return msgspec.structs.replace(cfg, node=node), key
+
+
+def load_witness_config(path: str) -> tuple[WitnessConfig, bytes]:
+    from nonstop.auth import load_key
+
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(path, "<file>", e.strerror or str(e)) from e
+    cfg = _decode(path, raw, WitnessConfig)
+    assert isinstance(cfg, WitnessConfig)
+    for i, item in enumerate(cfg.witness.listen):
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(path, f"witness.listen[{i}]", f"{item!r} is not address:port")
+        _check_ip(path, f"witness.listen[{i}]", host.strip("[]"))
+    key_path = _resolve(path, cfg.witness.key_file)
+    key = load_key(key_path, config_file=path, field="witness.key_file")
+    w = msgspec.structs.replace(
+        cfg.witness, key_file=key_path, state_dir=_resolve(path, cfg.witness.state_dir)
+    )
+    return msgspec.structs.replace(cfg, witness=w), key
