@@ -25,9 +25,11 @@ def seal(key: bytes, payload: bytes) -> bytes:
 
 
 def unseal(key: bytes, data: bytes) -> bytes:
-    """Check the tag of ``data`` and return the payload; raise RemoteProtocolError if it is wrong."""
+    """Check the tag of ``data`` and return the payload, or raise RemoteProtocolError."""
     if len(data) <= TAG_LEN:
-        raise RemoteProtocolError(f"datagram of {len(data)} bytes is too short", counter="malformed")
+        raise RemoteProtocolError(
+            f"datagram of {len(data)} bytes is too short", counter="malformed"
+        )
     payload, tag = data[:-TAG_LEN], data[-TAG_LEN:]
     want = hmac.digest(key, payload, hashlib.sha256)[:TAG_LEN]
     if not hmac.compare_digest(tag, want):

@@ -19,7 +19,7 @@ _COMMANDS = (
     "nonstop.agent.cli",
     "nonstop.failover.witness_cli",
     "nonstop.lab.cli",
-    "nonstop.bench_cli",
+    "nonstop.bench.cli",
     "nonstop.demo",
 )
 
@@ -43,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_format_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--format", choices=("pretty", "json"), default="pretty", help="output format (default pretty)"
+        "--format",
+        choices=("pretty", "json"),
+        default="pretty",
+        help="output format (default pretty)",
     )
 
 
@@ -51,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING,
+        level=logging.DEBUG
+        if args.verbose > 1
+        else logging.INFO
+        if args.verbose
+        else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )

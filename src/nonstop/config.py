@@ -193,7 +193,9 @@ def check_agent_config(path: str, cfg: AgentConfig) -> None:
                 raise ConfigError(path, f"peers[{i}].addresses.{ch}", f"no channel named {ch!r}")
             _check_ip(path, f"peers[{i}].addresses.{ch}", addr)
         if not p.addresses:
-            raise ConfigError(path, f"peers[{i}].addresses", "the peer has no address on any channel")
+            raise ConfigError(
+                path, f"peers[{i}].addresses", "the peer has no address on any channel"
+            )
     for i, v in enumerate(cfg.vips):
         _check_ip(path, f"vips[{i}].address", v.address, prefix=True)
     if cfg.witness is not None:

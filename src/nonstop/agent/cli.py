@@ -1,0 +1,178 @@
+"""``nonstop agent`` and ``nonstop status``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import json
+import socket
+import sys
+from typing import Any
+
+from nonstop.cli import EXIT_FAIL, EXIT_OK, EXIT_START, add_format_option
+from nonstop.common import ConfigError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("agent", help="run the node agent")
+    p.add_argument("--config", required=True, help="the node's TOML config")
+    p.add_argument("--check", action="store_true", help="check the config and exit")
+    add_format_option(p)
+    p.set_defaults(func=run_agent)
+
+    s = sub.add_parser("status", help="roles and the Active Stations Table of a running agent")
+    where = s.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", help="the agent's config (its unix socket is found from it)")
+    where.add_argument("--socket", help="the agent's unix socket (STATE_DIR/agent.sock)")
+    where.add_argument("--url", help="the agent's HTTP API, e.g. http://10.77.0.11:8780")
+    add_format_option(s)
+    s.set_defaults(func=run_status)
+
+
+def run_agent(args: argparse.Namespace) -> int:
+    import logging
+
+    from nonstop.config import load_agent_config
+
+    cfg, key = load_agent_config(args.config)
+    if args.check:
+        if args.format == "json":
+            print(json.dumps({"config": args.config, "ok": True, "node": cfg.node.id}))
+        else:
+            print(f"{args.config}: ok (node {cfg.node.id}, {len(cfg.channels)} channels)")
+        return EXIT_OK
+    if logging.getLogger().level > logging.INFO:
+        logging.getLogger().setLevel(logging.INFO)
+    from nonstop.agent.daemon import Agent
+
+    try:
+        agent = Agent(cfg, key)
+    except OSError as e:
+        print(f"nonstop: agent failed to start: {e}", file=sys.stderr)
+        return EXIT_START
+    try:
+        asyncio.run(agent.run())
+    except OSError as e:
+        print(f"nonstop: agent failed: {e}", file=sys.stderr)
+        return EXIT_START
+    return EXIT_OK
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float = 3.0) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        s.connect(self._path)
+        self.sock = s
+
+
+def fetch_status(*, socket_path: str | None = None, url: str | None = None) -> dict[str, Any]:
+    """GET /status from an agent; raises OSError when it cannot be reached."""
+    if socket_path is not None:
+        conn: http.client.HTTPConnection = _UnixHTTPConnection(socket_path)
+    else:
+        assert url is not None
+        from urllib.parse import urlsplit
+
+        u = urlsplit(url)
+        conn = http.client.HTTPConnection(u.hostname or "localhost", u.port or 80, timeout=3.0)
+    try:
+        conn.request("GET", "/status")
+        resp = conn.getresponse()
+        body = resp.read()
+        if resp.status != 200:
+            raise OSError(f"agent answered {resp.status}")
+        return json.loads(body)
+    finally:
+        conn.close()
+
+
+def run_status(args: argparse.Namespace) -> int:
+    sock = args.socket
+    if args.config:
+        from nonstop.config import load_agent_config
+
+        cfg, _ = load_agent_config(args.config)
+        sock = cfg.socket_path
+    try:
+        st = fetch_status(socket_path=sock, url=args.url)
+    except OSError as e:
+        where = sock or args.url
+        if args.format == "json":
+            print(json.dumps({"error": f"cannot reach the agent at {where}: {e}"}))
+        else:
+            print(f"nonstop: cannot reach the agent at {where}: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    if args.format == "json":
+        print(json.dumps(st, indent=2))
+    else:
+        print_status(st)
+    return EXIT_OK
+
+
+def print_status(st: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    role_style = {"master": "bold green", "backup": "cyan", "fault": "bold red"}.get(st["role"], "")
+    con.print(
+        f"[bold]{st['node']}[/] group {st['group']}  role [{role_style}]{st['role']}[/] "
+        f"for {st['since_s']:.1f} s  priority {st['priority']}"
+    )
+    con.print(f"  why: {st['reason']}")
+    vips = (
+        ", ".join(
+            f"{v['address']}@{v['interface']}{' (held)' if v['held'] else ''}" for v in st["vips"]
+        )
+        or "none"
+    )
+    con.print(f"  VIPs: {vips}")
+    if st.get("witness"):
+        left = st["witness"]["lease_ms_left"]
+        con.print(f"  witness lease: {'none' if left is None else f'{left} ms left'}")
+    if st["realtime"]["requested"] and st["realtime"]["failed"]:
+        con.print(f"  [yellow]realtime not applied: {'; '.join(st['realtime']['failed'])}[/]")
+
+    peers = Table(title="Members", title_justify="left")
+    for col in ("node", "alive", "role", "priority"):
+        peers.add_column(col)
+    peers.add_row(st["node"] + " (self)", "yes", st["role"], str(st["priority"]))
+    for p in st["peers"]:
+        peers.add_row(
+            p["id"],
+            "yes" if p["alive"] else "[red]no[/]",
+            str(p["role"] or "-"),
+            str(p["priority"] if p["priority"] is not None else "-"),
+        )
+    con.print(peers)
+
+    ast = Table(title="Active Stations Table", title_justify="left")
+    for col in ("peer", "channel", "state", "last heard ms", "rtt ms", "loss"):
+        ast.add_column(col)
+    for r in st["stations"]:
+        state = r["state"] if r["state"] == "up" else f"[red]{r['state']}[/]"
+        ast.add_row(
+            r["peer"],
+            r["channel"],
+            state,
+            "-" if r["last_heard_ms"] is None else f"{r['last_heard_ms']:.1f}",
+            "-" if r["rtt_ms"] is None else f"{r['rtt_ms']:.3f}",
+            "-" if r["loss"] is None else f"{100 * r['loss']:.1f}%",
+        )
+    con.print(ast)
+    if st["history"]:
+        hist = Table(title="Recent role decisions", title_justify="left")
+        for col in ("from", "to", "why"):
+            hist.add_column(col)
+        for h in st["history"][-5:]:
+            hist.add_row(h["old"], h["new"], h["reason"])
+        con.print(hist)
+
+
+__all__ = ["ConfigError", "add_parser", "fetch_status", "print_status"]

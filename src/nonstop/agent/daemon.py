@@ -1,0 +1,473 @@
+"""The node agent: asyncio adapters around the sans-IO cores.
+
+One UDP socket per channel carries heartbeats (NSHB) and witness traffic (NSWT). The membership
+core turns datagrams and time into peer events; the role machine turns those into actions (take
+or release the VIPs, announce them, ask the witness for the lease); this module performs the
+actions and keeps a single ``loop.call_at`` timer armed at the earliest deadline of both cores
+(aioquic's protocol.py is the model). Every role decision is logged as one sentence, kept in the
+history shown by ``nonstop status``, and passed to the hooks.
+
+Lifecycle (uvicorn's server.py is the model): start-up (sockets, guard, links, API, real-time
+priority), the loop, then shutdown on SIGTERM/SIGINT with an explicit handover: VIPs released, the
+lease given back, a LEAVE sent on every channel so the backup promotes at once. A second signal
+skips the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+from nonstop.failover.guard import GuardClient
+from nonstop.failover.vip import VipManager, VipSpec
+from nonstop.failover.witness import LeaseDenied, LeaseGranted, WitnessClient
+
+from nonstop import __version__
+from nonstop.agent.hooks import Hooks
+from nonstop.agent.link import AgentLinks
+from nonstop.agent.realtime import make_realtime
+from nonstop.common import Role
+from nonstop.config import AgentConfig
+from nonstop.failover import roles as R
+from nonstop.membership import (
+    ChannelFaulted,
+    ChannelRecovered,
+    Membership,
+    MembershipConfig,
+    PeerJoined,
+    PeerLeft,
+    PeerLost,
+    PeerRestarted,
+    PeerStateChanged,
+)
+
+log = logging.getLogger("nonstop.agent")
+
+HISTORY = 100
+
+
+def next_incarnation(state_dir: str) -> int:
+    """Strictly greater than every earlier incarnation of this node (peers' replay windows need it):
+    microseconds of wall time, bumped past the last one recorded in the state directory."""
+    path = os.path.join(state_dir, "incarnation")
+    last = 0
+    with contextlib.suppress(OSError, ValueError), open(path) as f:
+        last = int(f.read().strip())
+    inc = max(time.time_ns() // 1000, last + 1)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(str(inc))
+    os.replace(tmp, path)
+    return inc
+
+
+class _Udp(asyncio.DatagramProtocol):
+    def __init__(self, agent: Agent, channel: str) -> None:
+        self.agent, self.channel = agent, channel
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.agent.datagram_received(data, self.channel)
+
+    def error_received(self, exc: Exception) -> None:
+        self.agent.counters["udp_errors"] += 1
+
+
+class Agent:
+    """One node of an HA group: ``await Agent(cfg, key).run()`` until SIGTERM."""
+
+    def __init__(self, cfg: AgentConfig, key: bytes, *, install_signals: bool = True) -> None:
+        self.cfg, self._key = cfg, key
+        self._install_signals = install_signals
+        hb, node = cfg.heartbeat, cfg.node
+        os.makedirs(node.state_dir, exist_ok=True)
+        self.incarnation = next_incarnation(node.state_dir)
+        now = time.monotonic()
+        self.started = now
+        self.membership = Membership(
+            MembershipConfig(
+                node_id=node.id,
+                group=node.group,
+                interval=hb.interval,
+                dead_after=hb.dead_after,
+                copies=hb.copies,
+                replay_window=hb.replay_window,
+                channels=tuple(c.name for c in cfg.channels),
+                peers={p.id: tuple(p.addresses) for p in cfg.peers},
+            ),
+            key=key,
+            incarnation=self.incarnation,
+            now=now,
+        )
+        self.roles = R.RoleMachine(
+            R.RoleConfig(
+                node_id=node.id,
+                priority=node.priority,
+                preempt=cfg.failover.preempt,
+                preempt_delay=cfg.failover.preempt_delay_ms / 1000,
+                interval=hb.interval,
+                dead_after=hb.dead_after,
+                witness=cfg.witness is not None,
+            ),
+            now=now,
+        )
+        self.witness = (
+            WitnessClient(key, node.group, node.id, self.incarnation) if cfg.witness else None
+        )
+        self.vips = VipManager(
+            [
+                VipSpec(
+                    address=v.address,
+                    interface=v.interface,
+                    garp_count=v.garp_count,
+                    garp_interval=v.garp_interval_ms / 1000,
+                )
+                for v in cfg.vips
+            ]
+        )
+        self.hooks = Hooks(cfg.hooks, node_id=node.id, group=node.group)
+        self.links = AgentLinks(
+            key=key,
+            node_id=node.id,
+            group=node.group,
+            incarnation=self.incarnation,
+            port=hb.port,
+            channels={c.name: c.address for c in cfg.channels},
+            peers={p.id: dict(p.addresses) for p in cfg.peers},
+            on_closed=self._link_closed,
+        )
+        self.guard: GuardClient | None = None
+        self.history: collections.deque[dict[str, Any]] = collections.deque(maxlen=HISTORY)
+        self.role_since = now
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.realtime_failed: list[str] = []
+        self.lease_until: float | None = None
+        self._peer_addr = {(p.id, ch): a for p in cfg.peers for ch, a in p.addresses.items()}
+        self._transports: dict[str, asyncio.DatagramTransport] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._next_feed = float("inf")
+        self._stop = asyncio.Event()
+        self._stopping = False
+        self._api: Any = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        cfg = self.cfg
+        # We are INIT: whatever a crashed predecessor left on this node is not ours to serve.
+        self.vips.release()
+        for ch in cfg.channels:
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda ch=ch.name: _Udp(self, ch), local_addr=(ch.address, cfg.heartbeat.port)
+            )
+            self._transports[ch.name] = transport
+        self.guard = GuardClient.spawn()
+        loop.add_reader(self.guard.fileno(), self._guard_readable)
+        await self.links.start()
+        from nonstop.agent.api import AgentApi
+
+        self._api = AgentApi(self)
+        await self._api.start()
+        if cfg.failover.realtime:
+            self.realtime_failed = make_realtime()
+        if self._install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_stop)
+        log.info(
+            "nonstop %s agent %s (group %d, priority %d, incarnation %d) up on %s, "
+            "heartbeat %d ms x %d",
+            __version__,
+            cfg.node.id,
+            cfg.node.group,
+            cfg.node.priority,
+            self.incarnation,
+            ", ".join(c.name for c in cfg.channels),
+            cfg.heartbeat.interval_ms,
+            cfg.heartbeat.dead_after,
+        )
+        self._pump(time.monotonic())
+        try:
+            await self._stop.wait()
+        finally:
+            await self._shutdown()
+            if self._install_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+
+    def request_stop(self) -> None:
+        """Graceful stop: hand over explicitly. A second call stops without waiting."""
+        if self._stopping:
+            self._stop.set()
+            return
+        self._stopping = True
+        now = time.monotonic()
+        self.roles.stop(now)
+        self._pump(now)
+        self.membership.leave(now)
+        self._send_heartbeats(now)
+        self._stop.set()
+
+    async def _shutdown(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if not self._stopping:  # stopped by an exception: still hand over
+            self._stopping = True
+            with contextlib.suppress(Exception):
+                self.roles.stop(time.monotonic())
+                self._pump(time.monotonic())
+        self.vips.release()
+        if self.guard is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self.guard.fileno())
+            self.guard.disarm()
+            self.guard.close()
+        await self.links.close()
+        if self._api is not None:
+            await self._api.close()
+        for t in self._transports.values():
+            t.close()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.hooks.wait()
+        self.vips.close()
+        log.info("agent %s stopped", self.cfg.node.id)
+
+    # -- inputs ---------------------------------------------------------------------------
+    def datagram_received(self, data: bytes, channel: str) -> None:
+        now = time.monotonic()
+        if data[:4] == b"NSWT":
+            if self.witness is not None:
+                reply = self.witness.receive(data, now)
+                if isinstance(reply, LeaseGranted):
+                    self.lease_until = reply.until
+                    self.roles.lease_granted(reply.until, now)
+                elif isinstance(reply, LeaseDenied):
+                    self.roles.lease_denied(reply.holder, now)
+        else:
+            self.membership.receive_datagram(data, channel, now)
+        self._pump(now)
+
+    def _link_closed(self, peer: str, channel: str, reason: str) -> None:
+        now = time.monotonic()
+        self.counters["link_closed"] += 1
+        self.membership.link_closed(peer, now, reason)
+        self._pump(now)
+
+    def _guard_readable(self) -> None:
+        assert self.guard is not None
+        now = time.monotonic()
+        for notice in self.guard.read_notices():
+            if notice.startswith("FENCED"):
+                self.counters["fenced"] += 1
+                reason = notice.partition(" ")[2] or "the guard dropped the VIPs"
+                log.error("fence guard: %s", reason)
+                self.roles.fenced(f"fence guard dropped the VIPs: {reason}", now)
+            elif notice == "EOF":
+                log.critical("fence guard exited: this node can no longer fence itself")
+                self.roles.local_fault("fence guard exited", now)
+        self._pump(now)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        now = time.monotonic()
+        self.membership.handle_timer(now)
+        self.roles.handle_timer(now)
+        self._pump(now)
+
+    # -- the pump: drain both cores, act, send, re-arm --------------------------------------
+    def _pump(self, now: float) -> None:
+        m, r = self.membership, self.roles
+        for _ in range(100):  # bounded: each pass only drains what the previous one queued
+            busy = False
+            while (ev := m.next_event()) is not None:
+                busy = True
+                self._membership_event(ev, now)
+            while (act := r.next_action()) is not None:
+                busy = True
+                self._act(act, now)
+            while (rc := r.next_event()) is not None:
+                busy = True
+                self._role_changed(rc)
+            if not busy:
+                break
+        m.set_local(role=r.role, priority=self.cfg.node.priority, flags=r.flags_for_heartbeat())
+        self._send_heartbeats(now)
+        if self.guard is not None and self.roles.role == Role.MASTER and now >= self._next_feed:
+            self.guard.feed()
+            self._next_feed = now + self.cfg.heartbeat.interval / 2
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        deadline = min(
+            self.membership.get_timer(),
+            self.roles.get_timer() or float("inf"),
+            self._next_feed if self.roles.role == Role.MASTER else float("inf"),
+        )
+        if self._timer is not None:
+            if self._timer.when() <= deadline:
+                return
+            self._timer.cancel()
+        if self._stopping:
+            return
+        self._timer = asyncio.get_running_loop().call_at(deadline, self._on_timer)
+
+    def _send_heartbeats(self, now: float) -> None:
+        for out in self.membership.datagrams_to_send(now):
+            addr = self._peer_addr.get((out.peer, out.channel))
+            t = self._transports.get(out.channel)
+            if addr is None or t is None:
+                continue
+            t.sendto(out.data, (addr, self.cfg.heartbeat.port))
+
+    def _send_witness(self, data: bytes) -> None:
+        w = self.cfg.witness
+        assert w is not None
+        for ch, addr in w.addresses.items():
+            t = self._transports.get(ch)
+            if t is not None:
+                t.sendto(data, (addr, w.port))
+
+    def _membership_event(self, ev: object, now: float) -> None:
+        r = self.roles
+        if isinstance(ev, PeerJoined | PeerStateChanged):
+            view = self.membership.peer(ev.peer)
+            if view is not None:
+                r.peer_seen(ev.peer, view.role, view.priority, view.flags, now)
+            if isinstance(ev, PeerJoined):
+                log.info("peer %s joined", ev.peer)
+        elif isinstance(ev, PeerLost):
+            log.warning("peer %s lost: %s", ev.peer, ev.reason)
+            r.peer_lost(ev.peer, ev.reason, now)
+        elif isinstance(ev, PeerLeft):
+            log.info("peer %s left (graceful stop)", ev.peer)
+            r.peer_left(ev.peer, now)
+        elif isinstance(ev, ChannelFaulted):
+            self.counters["channel_faults"] += 1
+            log.warning("channel fault: %s silent on %s (other channels up)", ev.peer, ev.channel)
+        elif isinstance(ev, ChannelRecovered):
+            log.info("channel recovered: %s heard again on %s", ev.peer, ev.channel)
+        elif isinstance(ev, PeerRestarted):
+            log.info("peer %s restarted (incarnation %d -> %d)", ev.peer, ev.old, ev.new)
+
+    def _act(self, act: object, now: float) -> None:
+        if isinstance(act, R.AcquireVips):
+            if self.guard is not None:  # armed first: a kill right after the add is fenced
+                self.guard.arm(self.cfg.fence_timeout, self.vips.specs)
+                self._next_feed = now + self.cfg.heartbeat.interval / 2
+            self.vips.acquire()
+        elif isinstance(act, R.ReleaseVips):
+            self.vips.release()
+            if self.guard is not None:
+                self.guard.disarm()
+            self._next_feed = float("inf")
+        elif isinstance(act, R.Announce):
+            self._spawn(self.vips.announce())
+        elif isinstance(act, R.RequestLease):
+            if self.witness is not None:
+                self._send_witness(self.witness.request(now, want=True))
+        elif isinstance(act, R.ReleaseLease):
+            if self.witness is not None:
+                self.lease_until = None
+                self._send_witness(self.witness.request(now, want=False))
+        elif isinstance(act, R.SendHeartbeatNow):
+            self.membership.send_now()
+        else:  # pragma: no cover - a new action the adapter does not know is a bug
+            raise TypeError(f"unknown action {act!r}")
+
+    def _role_changed(self, rc: R.RoleChanged) -> None:
+        self.role_since = rc.at
+        self.counters[f"became_{rc.new}"] += 1
+        entry = {
+            "at": time.time(),
+            "at_monotonic": rc.at,
+            "old": str(rc.old),
+            "new": str(rc.new),
+            "reason": rc.reason,
+        }
+        self.history.append(entry)
+        log.warning("role %s -> %s: %s", rc.old, rc.new, rc.reason)
+        self.hooks.role_changed(rc.old, rc.new, rc.reason)
+
+    def _spawn(self, coro: Any) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    # -- views ----------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        cfg = self.cfg
+        held = set(self.vips.held())
+        return {
+            "node": cfg.node.id,
+            "group": cfg.node.group,
+            "role": str(self.roles.role),
+            "since_s": round(now - self.role_since, 3),
+            "reason": self.roles.reason,
+            "priority": cfg.node.priority,
+            "incarnation": self.incarnation,
+            "uptime_s": round(now - self.started, 3),
+            "monotonic": now,
+            "version": __version__,
+            "heartbeat": {
+                "interval_ms": cfg.heartbeat.interval_ms,
+                "dead_after": cfg.heartbeat.dead_after,
+                "copies": cfg.heartbeat.copies,
+            },
+            "vips": [
+                {"address": v.address, "interface": v.interface, "held": v.address in held}
+                for v in cfg.vips
+            ],
+            "peers": [self._peer_view(p.id) for p in cfg.peers],
+            "stations": [_row(r) for r in self.membership.table(now)],
+            "links": self.links.status(),
+            "witness": None
+            if cfg.witness is None
+            else {
+                "addresses": cfg.witness.addresses,
+                "lease_ms_left": None
+                if self.lease_until is None
+                else round(max(0.0, self.lease_until - now) * 1000, 1),
+            },
+            "counters": {
+                **dict(self.membership.counters),
+                **{f"link_{k}": v for k, v in self.links.counters.items()},
+                **dict(self.counters),
+                "hook_runs": self.hooks.runs,
+                "hook_failures": self.hooks.failures,
+            },
+            "realtime": {"requested": cfg.failover.realtime, "failed": self.realtime_failed},
+            "history": list(self.history),
+        }
+
+    def _peer_view(self, peer: str) -> dict[str, Any]:
+        v = self.membership.peer(peer)
+        if v is None:
+            return {"id": peer, "alive": False, "role": None, "priority": None}
+        return {
+            "id": peer,
+            "alive": v.alive,
+            "role": str(Role(v.role)) if v.role is not None else None,
+            "priority": v.priority,
+            "incarnation": v.incarnation,
+        }
+
+
+def _row(r: Any) -> dict[str, Any]:
+    return {
+        "peer": r.peer,
+        "channel": r.channel,
+        "state": r.state,
+        "last_heard_ms": None if r.last_heard is None else round(r.last_heard * 1000, 1),
+        "rtt_ms": None if r.rtt_ms is None else round(r.rtt_ms, 3),
+        "loss": None if r.loss is None else round(r.loss, 4),
+        "role": None if r.role is None else str(Role(r.role)),
+        "priority": r.priority,
+    }

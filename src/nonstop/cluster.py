@@ -1,0 +1,223 @@
+"""Drive a nonstop HA group inside a lab: write each node's config and key, start the agents and
+the witness as real processes in their hosts, read their status, wait for roles.
+
+Shared by ``make demo``, the netns tests and the benchmarks, so all three exercise the same agent
+the way an operator runs it (``nonstop agent --config node.toml``).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from nonstop.agent.cli import fetch_status
+
+if TYPE_CHECKING:
+    from nonstop.lab import Lab, LabProcess
+
+PORT = 7780
+WITNESS_PORT = 7790
+
+
+@dataclass
+class ClusterSpec:
+    nodes: tuple[str, ...] = ("node-a", "node-b")
+    priorities: dict[str, int] = field(default_factory=lambda: {"node-a": 200, "node-b": 100})
+    channels: tuple[str, ...] = ("lan", "hb")
+    witness: str | None = "witness"  # host name of the witness, None for none
+    vip: str = "10.77.0.100/24"
+    vip6: str | None = None
+    vip_channel: str = "lan"
+    interval_ms: int = 10
+    dead_after: int = 3
+    copies: int = 1
+    preempt: bool = True
+    preempt_delay_ms: int = 0
+    realtime: bool = True
+    garp_count: int = 3
+    garp_interval_ms: int = 10
+    hooks: dict[str, str] = field(default_factory=dict)  # role -> command
+    api_port: int | None = 8780
+
+
+class Cluster:
+    def __init__(self, lab: Lab, spec: ClusterSpec | None = None) -> None:
+        self.lab = lab
+        self.spec = spec or ClusterSpec()
+        self.key_path = os.path.join(lab.workdir, "cluster.key")
+        with open(os.open(self.key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.write(secrets.token_hex(32))
+        self.procs: dict[str, LabProcess] = {}
+        self.config_paths: dict[str, str] = {}
+        for n in self.spec.nodes:
+            self.config_paths[n] = self._write_node_config(n)
+        if self.spec.witness:
+            self.config_paths[self.spec.witness] = self._write_witness_config()
+
+    # -- configs ----------------------------------------------------------------------------
+    def _write_node_config(self, name: str) -> str:
+        s, host = self.spec, self.lab.host(name)
+        lines = [
+            "[node]",
+            f'id = "{name}"',
+            f"priority = {s.priorities.get(name, 100)}",
+            f'key_file = "{self.key_path}"',
+            f'state_dir = "{os.path.join(host.workdir, "state")}"',
+            "",
+            "[heartbeat]",
+            f"interval_ms = {s.interval_ms}",
+            f"dead_after = {s.dead_after}",
+            f"copies = {s.copies}",
+            f"port = {PORT}",
+            "",
+            "[failover]",
+            f"preempt = {str(s.preempt).lower()}",
+            f"preempt_delay_ms = {s.preempt_delay_ms}",
+            f"realtime = {str(s.realtime).lower()}",
+            "",
+        ]
+        for ch in s.channels:
+            lines += ["[[channels]]", f'name = "{ch}"', f'address = "{host.addr(ch)}"', ""]
+        for other in s.nodes:
+            if other == name:
+                continue
+            oh = self.lab.host(other)
+            addrs = ", ".join(f'{ch} = "{oh.addr(ch)}"' for ch in s.channels)
+            lines += ["[[peers]]", f'id = "{other}"', f"addresses = {{ {addrs} }}", ""]
+        for vip in (s.vip, s.vip6):
+            if vip:
+                lines += [
+                    "[[vips]]",
+                    f'address = "{vip}"',
+                    f'interface = "{host.ifname(s.vip_channel)}"',
+                    f"garp_count = {s.garp_count}",
+                    f"garp_interval_ms = {s.garp_interval_ms}",
+                    "",
+                ]
+        if s.witness:
+            wh = self.lab.host(s.witness)
+            addrs = ", ".join(f'{ch} = "{wh.addr(ch)}"' for ch in s.channels)
+            lines += ["[witness]", f"addresses = {{ {addrs} }}", f"port = {WITNESS_PORT}", ""]
+        if s.api_port:
+            lines += ["[api]", f'listen = "{host.addr(s.vip_channel)}:{s.api_port}"', ""]
+        if s.hooks:
+            lines += ["[hooks]", *(f'{role} = "{cmd}"' for role, cmd in s.hooks.items()), ""]
+        path = os.path.join(host.workdir, f"{name}.toml")
+        with open(path, "w") as f:
+            f.write("\n".join(lines))
+        return path
+
+    def _write_witness_config(self) -> str:
+        s = self.spec
+        assert s.witness
+        wh = self.lab.host(s.witness)
+        listen = ", ".join(f'"{wh.addr(ch)}:{WITNESS_PORT}"' for ch in s.channels)
+        text = (
+            f'[witness]\nid = "{s.witness}"\nkey_file = "{self.key_path}"\n'
+            f'listen = [{listen}]\nstate_dir = "{os.path.join(wh.workdir, "state")}"\n'
+        )
+        path = os.path.join(wh.workdir, "witness.toml")
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    # -- processes --------------------------------------------------------------------------
+    def _log(self, name: str) -> Any:
+        return open(os.path.join(self.lab.host(name).workdir, f"{name}.log"), "ab")
+
+    def start_witness(self) -> None:
+        w = self.spec.witness
+        if w:
+            self.procs[w] = self.lab.host(w).run(
+                [sys.executable, "-m", "nonstop", "witness", "--config", self.config_paths[w]],
+                stdout=self._log(w),
+                stderr=None,
+                name="witness",
+            )
+
+    def start_agent(self, name: str) -> LabProcess:
+        with self._log(name) as out:
+            p = self.lab.host(name).run(
+                [
+                    sys.executable,
+                    "-m",
+                    "nonstop",
+                    "-v",
+                    "agent",
+                    "--config",
+                    self.config_paths[name],
+                ],
+                stdout=out,
+                stderr=out,
+                name=f"agent-{name}",
+            )
+        self.procs[name] = p
+        return p
+
+    def start(self) -> None:
+        self.start_witness()
+        for n in self.spec.nodes:
+            self.start_agent(n)
+
+    def log_text(self, name: str) -> str:
+        with open(os.path.join(self.lab.host(name).workdir, f"{name}.log"), errors="replace") as f:
+            return f.read()
+
+    # -- observation ------------------------------------------------------------------------
+    def socket_path(self, name: str) -> str:
+        return os.path.join(self.lab.host(name).workdir, "state", "agent.sock")
+
+    def status(self, name: str) -> dict[str, Any] | None:
+        try:
+            return fetch_status(socket_path=self.socket_path(name))
+        except (OSError, ValueError):
+            return None
+
+    def role(self, name: str) -> str | None:
+        st = self.status(name)
+        return None if st is None else st["role"]
+
+    def wait(self, predicate: Any, timeout: float, what: str, poll: float = 0.005) -> float:
+        """Poll ``predicate()`` until true; return the monotonic time it became true."""
+        end = time.monotonic() + timeout
+        while True:
+            if predicate():
+                return time.monotonic()
+            if time.monotonic() > end:
+                raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+            time.sleep(poll)
+
+    def wait_role(self, name: str, role: str, timeout: float = 5.0) -> float:
+        return self.wait(lambda: self.role(name) == role, timeout, f"{name} to be {role}")
+
+    def wait_ready(self, timeout: float = 10.0) -> str:
+        """Wait until exactly one master and every other node backup; return the master."""
+
+        def ready() -> bool:
+            roles = [self.role(n) for n in self.spec.nodes]
+            return roles.count("master") == 1 and roles.count("backup") == len(roles) - 1
+
+        self.wait(ready, timeout, "one master and the rest backups", poll=0.02)
+        return self.master() or ""
+
+    def master(self) -> str | None:
+        masters = [n for n in self.spec.nodes if self.role(n) == "master"]
+        return masters[0] if len(masters) == 1 else None
+
+    def vip_holders(self) -> list[str]:
+        """Hosts whose lan interface carries the VIP right now (read from the kernel)."""
+        ip = self.spec.vip.split("/")[0]
+        out = []
+        for n in self.spec.nodes:
+            r = self.lab.host(n).sh(f"ip -o addr show to {ip}", check=False)
+            if ip in r.stdout:
+                out.append(n)
+        return out
+
+    def history(self, name: str) -> list[dict[str, Any]]:
+        st = self.status(name)
+        return [] if st is None else st["history"]

@@ -1,0 +1,249 @@
+"""``nonstop demo`` (``make demo``): the lab failover demo.
+
+Builds peer + node-a + node-b on two channels (lan, hb) + a witness in network namespaces, starts
+the agents, a small TCP service on the VIP on both nodes and a client on the peer, then:
+
+1. SIGKILLs node-a's agent (a crash on a live node): node-b must take the VIP at once (the agent
+   link's EOF), and node-a's fence guard must drop the VIP so the old master no longer answers;
+2. restarts node-a's agent: preemption hands the VIP back without two masters;
+3. kills node-a as a node (every link down): node-b takes over after the dead interval, with the
+   witness's lease;
+and prints what happened with timings, from the agents' own decisions and the client's view.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from nonstop.cli import EXIT_FAIL, EXIT_OK, add_format_option
+
+SERVICE_PORT = 5000
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("demo", help="the lab failover demo (make demo)")
+    p.add_argument("--interval-ms", type=int, default=10, help="heartbeat interval (default 10)")
+    p.add_argument("--out", default="out/demo.json", help="where the JSON report goes")
+    p.add_argument(
+        "--keep", action="store_true", help="leave the lab up at the end (lab down later)"
+    )
+    add_format_option(p)
+    p.set_defaults(func=run)
+
+
+def _promotion_after(history: list[dict[str, Any]], t: float) -> float | None:
+    for h in history:
+        if h["new"] == "master" and h["at_monotonic"] >= t:
+            return float(h["at_monotonic"])
+    return None
+
+
+def _client_view(log_path: str, t_fault: float, new_master: str, t_end: float) -> dict[str, Any]:
+    events = []
+    with open(log_path) as f:
+        for line in f:
+            events.append(json.loads(line))
+    before = [e for e in events if e["event"] == "reply" and e["t"] < t_fault]
+    after = [
+        e
+        for e in events
+        if e["event"] == "reply" and t_fault <= e["t"] <= t_end and e["node"] == new_master
+    ]
+    window = [e for e in events if t_fault <= e["t"] <= t_end]
+    last = before[-1]["t"] if before else None
+    first = after[0]["t"] if after else None
+    return {
+        "last_reply_before_ms": None if last is None else round((t_fault - last) * 1000, 1),
+        "service_gap_ms": None
+        if last is None or first is None
+        else round((first - last) * 1000, 1),
+        "reconnects": sum(1 for e in window if e["event"] == "connected"),
+        "errors": [e.get("error") for e in window if e["event"] == "error"][:3],
+        "answered_by": sorted({e["node"] for e in window if e["event"] == "reply"}),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from nonstop.cluster import Cluster, ClusterSpec
+    from nonstop.lab import Lab, demo_topology
+
+    con = Console(stderr=True)
+    say = con.print
+    report: dict[str, Any] = {"interval_ms": args.interval_ms, "scenarios": []}
+    ok = True
+    with Lab(demo_topology()) as lab:
+        say(
+            f"[bold]nonstop demo[/]: lab [cyan]{lab.prefix}[/] up: peer, node-a, node-b, witness "
+            "on channels lan (10.77.0.0/24) and hb (10.77.1.0/24)"
+        )
+        cluster = Cluster(lab, ClusterSpec(interval_ms=args.interval_ms))
+        cluster.start()
+        vip = cluster.spec.vip.split("/")[0]
+        for n in cluster.spec.nodes:
+            lab.host(n).run(
+                [
+                    sys.executable,
+                    "-m",
+                    "nonstop.demoapp",
+                    "server",
+                    "--host",
+                    vip,
+                    "--port",
+                    str(SERVICE_PORT),
+                    "--node",
+                    n,
+                ],
+                name=f"service-{n}",
+            )
+        master = cluster.wait_ready(timeout=15)
+        say(f"agents up: [green]{master}[/] is master of VIP {vip}, the other is backup")
+        client_log = os.path.join(lab.workdir, "client.jsonl")
+        lab.host("peer").run(
+            [
+                sys.executable,
+                "-m",
+                "nonstop.demoapp",
+                "client",
+                "--host",
+                vip,
+                "--port",
+                str(SERVICE_PORT),
+                "--every-ms",
+                "10",
+                "--duration",
+                "60",
+                "--log",
+                client_log,
+            ],
+            name="client",
+        )
+        time.sleep(1.0)
+
+        def scenario(name: str, fault: Any, old: str, new: str, heal: Any) -> dict[str, Any]:
+            nonlocal ok
+            say(f"\n[bold]{name}[/]")
+            t0 = time.monotonic()
+            fault()
+            try:
+                cluster.wait_role(new, "master", timeout=5)
+            except TimeoutError:
+                ok = False
+            t_promoted = _promotion_after(cluster.history(new), t0)
+            # fenced: the old master no longer holds the VIP
+            t_fenced = None
+            try:
+                t_fenced = cluster.wait(lambda: old not in cluster.vip_holders(), 3, "fencing")
+            except TimeoutError:
+                ok = False
+            time.sleep(1.0)
+            res = {
+                "scenario": name,
+                "new_master": new,
+                "detect_ms": None if t_promoted is None else round((t_promoted - t0) * 1000, 1),
+                "old_master_vip_gone_ms": None
+                if t_fenced is None
+                else round((t_fenced - t0) * 1000, 1),
+                "vip_holders_after": cluster.vip_holders(),
+                "why": next(
+                    (
+                        h["reason"]
+                        for h in cluster.history(new)
+                        if h["new"] == "master" and h["at_monotonic"] >= t0
+                    ),
+                    None,
+                ),
+                "client": _client_view(client_log, t0, new, time.monotonic()),
+            }
+            if len(res["vip_holders_after"]) != 1:
+                ok = False
+            c = res["client"]
+            say(f"  {new} promoted after [bold]{res['detect_ms']} ms[/]: {res['why']}")
+            say(
+                f"  {old} no longer holds the VIP after {res['old_master_vip_gone_ms']} ms; "
+                f"VIP holders now: {res['vip_holders_after']}"
+            )
+            say(
+                f"  client: service gap {c['service_gap_ms']} ms, {c['reconnects']} reconnect(s) "
+                f"(TCP session takeover will remove these), answered by {c['answered_by']}"
+            )
+            if heal is not None:
+                heal()
+            return res
+
+        agent_a = cluster.procs["node-a"]
+        report["scenarios"].append(
+            scenario(
+                "1. SIGKILL of node-a's agent on a live node",
+                lambda: agent_a.kill(signal.SIGKILL),
+                "node-a",
+                "node-b",
+                None,
+            )
+        )
+
+        say("\n[bold]2. node-a's agent restarts[/] (preempt = true, priority 200 > 100)")
+        t0 = time.monotonic()
+        cluster.start_agent("node-a")
+        try:
+            cluster.wait_role("node-a", "master", timeout=10)
+            cluster.wait_role("node-b", "backup", timeout=5)
+            t_back = _promotion_after(cluster.history("node-a"), t0)
+            say(
+                f"  node-a is master again after {round((t_back or t0) - t0, 3)} s "
+                f"(start-up + listening + handover); VIP holders: {cluster.vip_holders()}"
+            )
+            report["preempt_back_s"] = round((t_back or t0) - t0, 3)
+        except TimeoutError as e:
+            ok = False
+            say(f"  [red]{e}[/]")
+        time.sleep(1.0)
+
+        handle: dict[str, Any] = {}
+
+        def cut() -> None:
+            handle["h"] = lab.isolate("node-a")
+
+        report["scenarios"].append(
+            scenario(
+                "3. node-a dies as a node (every link down)",
+                cut,
+                "node-a",
+                "node-b",
+                lambda: handle["h"].heal(),
+            )
+        )
+        try:
+            cluster.wait_role("node-a", "master", timeout=10)
+            say("  links back: node-a rejoined and took the VIP back (preemption)")
+        except TimeoutError:
+            say("  [yellow]node-a did not take the VIP back after its links came back[/]")
+            ok = False
+
+        from nonstop.agent.cli import print_status
+
+        st = cluster.status("node-b")
+        if st is not None and args.format != "json":
+            say("\n[bold]nonstop status[/] on node-b:")
+            print_status(st)
+        report["ok"] = ok
+        if args.keep:
+            lab.detach()
+            say(f"lab {lab.prefix} left up: `nonstop lab down --prefix {lab.prefix}` removes it")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    if args.format == "json":
+        print(json.dumps(report, indent=2))
+    else:
+        con.print(
+            f"\nreport written to {args.out}; demo {'[green]ok[/]' if ok else '[red]FAILED[/]'}"
+        )
+    return EXIT_OK if ok else EXIT_FAIL
