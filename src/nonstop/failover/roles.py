@@ -1,0 +1,603 @@
+"""The role machine: who holds the VIPs. Sans-IO: inputs and ``now`` in, actions and events out.
+
+Rules (every transition lives in ``TRANSITIONS`` below; a (role, input) pair missing from that
+table is a bug in the caller and raises LocalProtocolError):
+
+1. A node starts in INIT and listens for ``dead_after * interval``. It decides at once when it sees
+   a live MASTER (-> BACKUP). At the deadline: if it is the best live candidate, the highest
+   (priority, node_id) among itself and the live peers in INIT or BACKUP, it becomes MASTER
+   (with a witness: BACKUP first, then MASTER once the witness granted the lease); else BACKUP.
+2. A BACKUP promotes when no live peer is MASTER and it is the best live candidate. Without a
+   witness that happens at once; with a witness it sends RequestLease and waits for
+   lease_granted. lease_denied keeps it BACKUP; the request is repeated every interval while the
+   conditions hold. A grant that arrives when it is no longer wanted is released at once.
+3. A MASTER with a witness renews the lease every interval. Its lease ends, by its own clock, at
+   send time of the granted request + lease - margin (the witness counts from receipt, so the
+   master's view ends first). It steps down (ReleaseVips) only when it has no live peer AND the
+   lease expired: a master that still hears a peer keeps the VIP without the witness. If the
+   witness says another node holds the lease it steps down at once (that node is promoting).
+4. Two masters (a healed partition): the lower (priority, node_id) steps down at once; the winner
+   re-announces the VIPs (Announce) each time a peer newly shows up as MASTER.
+5. Preemption: a BACKUP whose priority is strictly higher than the live MASTER's, with
+   preempt=True, sets FLAG_HANDOVER_REQUEST in its heartbeats once the condition held for
+   preempt_delay. The MASTER, seeing a higher-priority BACKUP with that flag, releases the VIPs
+   (and the lease) and becomes BACKUP; the requester then sees no master and promotes by rule 2.
+   No moment has two masters. preempt=False never takes over from a live master.
+6. fenced(): the guard already dropped the VIPs; MASTER -> BACKUP at once, and no promotion for
+   ``dead_after * interval`` (our view of the peers was stale while we hung).
+   local_fault(): INIT/BACKUP/MASTER -> FAULT (a MASTER releases VIPs and lease);
+   local_ok(): FAULT -> BACKUP (then rule 2 applies). Repeated reports are no-ops.
+7. stop(): any role -> STOPPING (a MASTER releases VIPs and lease first). STOPPING ignores
+   everything after, except that a late lease grant is released.
+8. Entering MASTER queues AcquireVips, Announce, SendHeartbeatNow; leaving it queues
+   ReleaseVips, ReleaseLease (with a witness), SendHeartbeatNow. Every RoleChanged carries a
+   one-sentence reason, also kept in ``reason``.
+
+Pairs outside the table: lease_* and fenced while INIT (no lease was ever requested and no VIP
+held in INIT, so such an input means the caller wired something wrong).
+Known limit: a BACKUP waits for a better live candidate to promote; if that one cannot get the
+lease (it cannot reach the witness) nobody promotes until it is lost.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from nonstop.common import LocalProtocolError, Role
+
+FLAG_HOLDS_LEASE = 1
+FLAG_HANDOVER_REQUEST = 2
+
+# Input kinds (the second half of a TRANSITIONS key).
+PEER_SEEN = "peer_seen"
+PEER_LOST = "peer_lost"
+PEER_LEFT = "peer_left"
+LEASE_GRANTED = "lease_granted"
+LEASE_DENIED = "lease_denied"
+LEASE_LOST = "lease_lost"
+FENCED = "fenced"
+LOCAL_FAULT = "local_fault"
+LOCAL_OK = "local_ok"
+STOP = "stop"
+TIMER = "timer"
+INPUT_KINDS = (
+    PEER_SEEN, PEER_LOST, PEER_LEFT, LEASE_GRANTED, LEASE_DENIED, LEASE_LOST,
+    FENCED, LOCAL_FAULT, LOCAL_OK, STOP, TIMER,
+)  # fmt: skip
+
+
+# ---- actions (what the adapter must do) and events ------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AcquireVips:
+    """Add every VIP to its interface."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseVips:
+    """Remove every VIP."""
+
+
+@dataclass(frozen=True, slots=True)
+class Announce:
+    """Send the gratuitous ARP / unsolicited NA burst for every VIP."""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLease:
+    """Send a lease request (want=True) to the witness."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseLease:
+    """Send a lease release (want=False) to the witness."""
+
+
+@dataclass(frozen=True, slots=True)
+class SendHeartbeatNow:
+    """Our role or flags changed: send a heartbeat now instead of waiting for the next tick."""
+
+
+Action = AcquireVips | ReleaseVips | Announce | RequestLease | ReleaseLease | SendHeartbeatNow
+
+
+@dataclass(frozen=True, slots=True)
+class RoleChanged:
+    old: Role
+    new: Role
+    reason: str
+    at: float
+
+    def __post_init__(self) -> None:
+        if self.old == self.new:
+            raise ValueError(f"RoleChanged from {self.old} to itself")
+        if not self.reason:
+            raise ValueError("RoleChanged needs a reason")
+
+
+@dataclass(frozen=True, slots=True)
+class RoleConfig:
+    node_id: str
+    priority: int
+    preempt: bool = True
+    preempt_delay: float = 0.0
+    interval: float = 0.1
+    dead_after: int = 3
+    witness: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.node_id:
+            raise ValueError("node_id must not be empty")
+        if self.interval <= 0 or self.dead_after < 1 or self.preempt_delay < 0:
+            raise ValueError("interval > 0, dead_after >= 1 and preempt_delay >= 0 are required")
+
+
+@dataclass(slots=True)
+class PeerView:
+    role: Role
+    priority: int
+    flags: int
+    seen_at: float
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms"
+
+
+class RoleMachine:
+    def __init__(self, config: RoleConfig, *, now: float) -> None:
+        self.config = config
+        self.role = Role.INIT
+        self.reason = f"listening for {_ms(config.dead_after * config.interval)} before deciding"
+        self.peers: dict[str, PeerView] = {}
+        self._now = now
+        self._init_deadline = now + config.dead_after * config.interval
+        self._actions: deque[Action] = deque()
+        self._events: deque[RoleChanged] = deque()
+        self._cause = "no master"  # why the last master went away (for the promotion sentence)
+        self._lease_until: float | None = None
+        self._want_lease = False  # a BACKUP asking for the lease in order to promote
+        self._next_request: float | None = None
+        self._preempt_since: float | None = None
+        self._handover = False
+        self._hold_until: float | None = None
+
+    # ---- public inputs ----------------------------------------------------------------------
+
+    def peer_seen(self, peer: str, role: Role, priority: int, flags: int, now: float) -> None:
+        self._dispatch(PEER_SEEN, now, peer, Role(role), priority, flags)
+
+    def peer_lost(self, peer: str, reason: str, now: float) -> None:
+        self._dispatch(PEER_LOST, now, peer, reason)
+
+    def peer_left(self, peer: str, now: float) -> None:
+        self._dispatch(PEER_LEFT, now, peer)
+
+    def lease_granted(self, until: float, now: float) -> None:
+        self._dispatch(LEASE_GRANTED, now, until)
+
+    def lease_denied(self, holder: str, now: float) -> None:
+        self._dispatch(LEASE_DENIED, now, holder)
+
+    def lease_lost(self, reason: str, now: float) -> None:
+        self._dispatch(LEASE_LOST, now, reason)
+
+    def fenced(self, reason: str, now: float) -> None:
+        self._dispatch(FENCED, now, reason)
+
+    def local_fault(self, reason: str, now: float) -> None:
+        self._dispatch(LOCAL_FAULT, now, reason)
+
+    def local_ok(self, now: float) -> None:
+        self._dispatch(LOCAL_OK, now)
+
+    def stop(self, now: float) -> None:
+        self._dispatch(STOP, now)
+
+    def handle_timer(self, now: float) -> None:
+        self._dispatch(TIMER, now)
+
+    # ---- public outputs ---------------------------------------------------------------------
+
+    def get_timer(self) -> float | None:
+        """The next time handle_timer() has something to do, or None."""
+        cands: list[float] = []
+        if self.role == Role.INIT:
+            cands.append(self._init_deadline)
+        if self.role in (Role.BACKUP, Role.MASTER):
+            if self._next_request is not None:
+                cands.append(self._next_request)
+            if self._lease_until is not None:
+                cands.append(self._lease_until)
+        if self.role == Role.BACKUP:
+            if self._preempt_since is not None and not self._handover:
+                cands.append(self._preempt_since + self.config.preempt_delay)
+            if self._hold_until is not None:
+                cands.append(self._hold_until)
+        return min(cands) if cands else None
+
+    def next_action(self) -> Action | None:
+        return self._actions.popleft() if self._actions else None
+
+    def next_event(self) -> RoleChanged | None:
+        return self._events.popleft() if self._events else None
+
+    def flags_for_heartbeat(self) -> int:
+        flags = 0
+        if self.role == Role.MASTER and self._lease_until is not None:
+            flags |= FLAG_HOLDS_LEASE
+        if self._handover:
+            flags |= FLAG_HANDOVER_REQUEST
+        return flags
+
+    @property
+    def lease_until(self) -> float | None:
+        return self._lease_until
+
+    # ---- dispatch ---------------------------------------------------------------------------
+
+    def _dispatch(self, kind: str, now: float, *args: object) -> None:
+        handler = TRANSITIONS.get((self.role, kind))
+        if handler is None:
+            raise LocalProtocolError(f"{kind} is not a valid input while {self.role}")
+        if now < self._now:
+            raise LocalProtocolError(f"time went backwards: {now} < {self._now}")
+        self._now = now
+        handler(self, now, *args)
+
+    # ---- knowledge updates (shared by several handlers) -------------------------------------
+
+    def _update_peer(self, now: float, peer: str, role: Role, priority: int, flags: int) -> bool:
+        """Record a peer's state; return True if it newly shows up as MASTER."""
+        if peer == self.config.node_id:
+            raise LocalProtocolError("peer_seen with our own node id")
+        old = self.peers.get(peer)
+        if old is not None and old.role == Role.MASTER and role != Role.MASTER:
+            self._cause = f"master {peer} became {role}"
+        self.peers[peer] = PeerView(role, priority, flags, now)
+        return role == Role.MASTER and (old is None or old.role != Role.MASTER)
+
+    def _forget_peer(self, peer: str, why: str) -> None:
+        old = self.peers.pop(peer, None)
+        if old is not None and old.role == Role.MASTER:
+            self._cause = f"master {peer} {why}"
+        elif old is not None:
+            self._cause = f"{peer} {why}"
+
+    def _masters(self) -> list[tuple[int, str]]:
+        return sorted(
+            ((p.priority, n) for n, p in self.peers.items() if p.role == Role.MASTER),
+            reverse=True,
+        )
+
+    def _best_candidate(self) -> tuple[int, str]:
+        me = (self.config.priority, self.config.node_id)
+        others = [
+            (p.priority, n) for n, p in self.peers.items() if p.role in (Role.INIT, Role.BACKUP)
+        ]
+        return max([me, *others])
+
+    def _lease_valid(self, now: float) -> bool:
+        return self._lease_until is not None and now < self._lease_until
+
+    # ---- transitions ------------------------------------------------------------------------
+
+    def _change(self, new: Role, reason: str, now: float) -> None:
+        old = self.role
+        if old == Role.MASTER:
+            self._actions.append(ReleaseVips())
+            if self.config.witness:
+                self._actions.append(ReleaseLease())
+            self._lease_until = None
+            self._next_request = None
+        self.role, self.reason = new, reason
+        self._want_lease = False
+        self._preempt_since, self._handover = None, False
+        if new == Role.MASTER:
+            self._actions.append(AcquireVips())
+            self._actions.append(Announce())
+            # keep the renewal schedule started by the granted request (rule 3)
+            if self.config.witness and self._next_request is None:
+                self._next_request = now + self.config.interval
+        else:
+            self._next_request = None
+        self._actions.append(SendHeartbeatNow())
+        self._events.append(RoleChanged(old, new, reason, now))
+
+    def _evaluate(self, now: float) -> None:
+        """One decision cycle for the current role (Patroni's _run_cycle, much shorter)."""
+        if self.role == Role.INIT:
+            self._evaluate_init(now)
+        elif self.role == Role.BACKUP:
+            self._evaluate_backup(now)
+        elif self.role == Role.MASTER:
+            self._evaluate_master(now)
+
+    def _evaluate_init(self, now: float) -> None:
+        masters = self._masters()
+        if masters:
+            m = masters[0][1]
+            self._change(Role.BACKUP, f"joined as backup: {m} is master", now)
+            self._evaluate_backup(now)
+            return
+        if now < self._init_deadline:
+            return
+        listened = _ms(self.config.dead_after * self.config.interval)
+        best = self._best_candidate()
+        if best[1] != self.config.node_id:
+            self._change(
+                Role.BACKUP,
+                f"decided backup: no master after {listened}; {best[1]} (priority {best[0]}) "
+                "is the best candidate",
+                now,
+            )
+        elif self.config.witness:
+            self._cause = f"no master seen in {listened} of listening"
+            self._change(
+                Role.BACKUP,
+                f"decided: no master after {listened}; {self.config.node_id} is the best "
+                "candidate and asks the witness for the lease",
+                now,
+            )
+        else:
+            self._change(
+                Role.MASTER,
+                f"promoted: no master seen in {listened} of listening and "
+                f"{self.config.node_id} is the best live candidate",
+                now,
+            )
+            return
+        self._evaluate_backup(now)
+
+    def _evaluate_backup(self, now: float) -> None:
+        cfg = self.config
+        if self._hold_until is not None and now >= self._hold_until:
+            self._hold_until = None
+        masters = self._masters()
+        if masters:
+            if self._want_lease:
+                self._want_lease, self._next_request = False, None
+            if self._lease_until is not None:  # a vote we no longer need
+                self._lease_until = None
+                self._actions.append(ReleaseLease())
+            prio, m = masters[0]
+            if cfg.preempt and cfg.priority > prio:
+                if self._preempt_since is None:
+                    self._preempt_since = now
+                if not self._handover and now >= self._preempt_since + cfg.preempt_delay:
+                    self._handover = True
+                    self._actions.append(SendHeartbeatNow())
+                    self.reason = (
+                        f"requested handover from master {m} (priority {prio} < {cfg.priority})"
+                    )
+            else:
+                self._preempt_since = None
+                if self._handover:
+                    self._handover = False
+                    self._actions.append(SendHeartbeatNow())
+                self.reason = f"following master {m}"
+            return
+        if self._handover:
+            self._handover = False
+            self._actions.append(SendHeartbeatNow())
+        self._preempt_since = None
+        if self._hold_until is not None:
+            self.reason = f"fenced: holding off promotion for {_ms(self._hold_until - now)}"
+            return
+        best = self._best_candidate()
+        if best[1] != cfg.node_id:
+            self._want_lease, self._next_request = False, None
+            self.reason = f"waiting: {best[1]} (priority {best[0]}) is next in line"
+            return
+        if not cfg.witness:
+            self._change(
+                Role.MASTER,
+                f"promoted: {self._cause}; {cfg.node_id} is the best live candidate",
+                now,
+            )
+        elif self._lease_valid(now):
+            self._change(
+                Role.MASTER, f"promoted: {self._cause} and the witness granted the lease", now
+            )
+        elif not self._want_lease or (self._next_request is not None and now >= self._next_request):
+            self._want_lease = True
+            self._next_request = now + cfg.interval
+            self._actions.append(RequestLease())
+            self.reason = f"{self._cause}; asking the witness for the lease"
+
+    def _evaluate_master(self, now: float) -> None:
+        cfg = self.config
+        me = (cfg.priority, cfg.node_id)
+        for prio, m in self._masters():
+            if (prio, m) > me:
+                self._change(
+                    Role.BACKUP,
+                    f"demoted: {m} is also master and wins (priority {prio}, ours {cfg.priority})",
+                    now,
+                )
+                self._evaluate_backup(now)
+                return
+        for n, p in sorted(self.peers.items()):
+            if (
+                p.role == Role.BACKUP
+                and p.flags & FLAG_HANDOVER_REQUEST
+                and p.priority > cfg.priority
+            ):
+                self._change(
+                    Role.BACKUP,
+                    f"handed over: {n} (priority {p.priority} > {cfg.priority}) requested it",
+                    now,
+                )
+                self._evaluate_backup(now)
+                return
+        if cfg.witness and not self._lease_valid(now) and not self.peers:
+            self._change(
+                Role.BACKUP,
+                "demoted: no peer is heard and the witness lease expired, so a backup may "
+                "already be master",
+                now,
+            )
+            self._evaluate_backup(now)
+            return
+        if cfg.witness and self._next_request is not None and now >= self._next_request:
+            self._next_request = now + cfg.interval
+            self._actions.append(RequestLease())
+
+    # ---- handlers (the values of TRANSITIONS) -----------------------------------------------
+
+    def _on_peer_seen(self, now: float, peer: str, role: Role, prio: int, flags: int) -> None:
+        newly_master = self._update_peer(now, peer, role, prio, flags)
+        was_master = self.role == Role.MASTER
+        self._evaluate(now)
+        if was_master and self.role == Role.MASTER and newly_master:
+            self.reason = f"stayed master over {peer} (priority {prio}) and re-announced"
+            self._actions.append(Announce())
+            self._actions.append(SendHeartbeatNow())
+
+    def _on_peer_lost(self, now: float, peer: str, reason: str) -> None:
+        self._forget_peer(peer, f"lost ({reason})")
+        self._evaluate(now)
+
+    def _on_peer_left(self, now: float, peer: str) -> None:
+        self._forget_peer(peer, "left")
+        self._evaluate(now)
+
+    def _ignore(self, now: float, *args: object) -> None:
+        pass
+
+    def _give_back_lease(self, now: float, until: float) -> None:
+        self._actions.append(ReleaseLease())
+
+    def _backup_lease_granted(self, now: float, until: float) -> None:
+        if self._want_lease and until > now:
+            self._lease_until = until
+            self._evaluate_backup(now)
+        else:
+            self._actions.append(ReleaseLease())
+
+    def _master_lease_granted(self, now: float, until: float) -> None:
+        if self._lease_until is None or until > self._lease_until:
+            self._lease_until = until
+        self._evaluate_master(now)
+
+    def _backup_lease_denied(self, now: float, holder: str) -> None:
+        who = holder or "nobody yet (the witness is in its start-up grace period)"
+        self.reason = f"{self._cause}; the witness denied the lease ({who} holds it), retrying"
+
+    def _master_lease_denied(self, now: float, holder: str) -> None:
+        if holder and holder != self.config.node_id:
+            self._lease_until = None
+            self._change(Role.BACKUP, f"demoted: the witness gave the lease to {holder}", now)
+            self._evaluate_backup(now)
+        else:
+            self._master_lease_lost(now, "the witness cannot grant it yet")
+
+    def _master_lease_lost(self, now: float, reason: str) -> None:
+        self._lease_until = None
+        self._evaluate_master(now)
+        if self.role == Role.MASTER:
+            heard = ", ".join(sorted(self.peers))
+            self.reason = (
+                f"kept the VIP: the witness lease was lost ({reason}) but {heard} is heard"
+            )
+
+    def _backup_lease_lost(self, now: float, reason: str) -> None:
+        self._lease_until = None
+        self._evaluate_backup(now)
+
+    def _master_fenced(self, now: float, reason: str) -> None:
+        self._change(Role.BACKUP, f"fenced: {reason}", now)
+        self._hold_until = now + self.config.dead_after * self.config.interval
+        self._evaluate_backup(now)
+
+    def _to_fault(self, now: float, reason: str) -> None:
+        self._hold_until = None
+        self._change(Role.FAULT, f"fault: {reason}", now)
+
+    def _fault_again(self, now: float, reason: str) -> None:
+        self.reason = f"fault: {reason}"
+
+    def _fault_ok(self, now: float) -> None:
+        self._change(Role.BACKUP, "recovered from the local fault", now)
+        self._evaluate_backup(now)
+
+    def _to_stopping(self, now: float) -> None:
+        self._hold_until = None
+        self._change(Role.STOPPING, "stopping: graceful shutdown requested", now)
+
+    def _on_timer(self, now: float) -> None:
+        if self._lease_until is not None and now >= self._lease_until and self.role != Role.MASTER:
+            self._lease_until = None
+        self._evaluate(now)
+        if (
+            self.role == Role.MASTER
+            and self._lease_until is not None
+            and not self._lease_valid(now)
+        ):
+            self._lease_until = None  # expired while peers are heard: kept the VIP (rule 3)
+
+
+_Handler = Callable[..., None]
+_M = RoleMachine
+
+TRANSITIONS: dict[tuple[Role, str], _Handler] = {
+    # INIT: listening; no lease requested, no VIP held yet.
+    (Role.INIT, PEER_SEEN): _M._on_peer_seen,
+    (Role.INIT, PEER_LOST): _M._on_peer_lost,
+    (Role.INIT, PEER_LEFT): _M._on_peer_left,
+    (Role.INIT, LOCAL_FAULT): _M._to_fault,
+    (Role.INIT, LOCAL_OK): _M._ignore,
+    (Role.INIT, STOP): _M._to_stopping,
+    (Role.INIT, TIMER): _M._on_timer,
+    # BACKUP
+    (Role.BACKUP, PEER_SEEN): _M._on_peer_seen,
+    (Role.BACKUP, PEER_LOST): _M._on_peer_lost,
+    (Role.BACKUP, PEER_LEFT): _M._on_peer_left,
+    (Role.BACKUP, LEASE_GRANTED): _M._backup_lease_granted,
+    (Role.BACKUP, LEASE_DENIED): _M._backup_lease_denied,
+    (Role.BACKUP, LEASE_LOST): _M._backup_lease_lost,
+    (Role.BACKUP, FENCED): _M._ignore,  # the guard raced a DISARM: nothing held to fence
+    (Role.BACKUP, LOCAL_FAULT): _M._to_fault,
+    (Role.BACKUP, LOCAL_OK): _M._ignore,
+    (Role.BACKUP, STOP): _M._to_stopping,
+    (Role.BACKUP, TIMER): _M._on_timer,
+    # MASTER
+    (Role.MASTER, PEER_SEEN): _M._on_peer_seen,
+    (Role.MASTER, PEER_LOST): _M._on_peer_lost,
+    (Role.MASTER, PEER_LEFT): _M._on_peer_left,
+    (Role.MASTER, LEASE_GRANTED): _M._master_lease_granted,
+    (Role.MASTER, LEASE_DENIED): _M._master_lease_denied,
+    (Role.MASTER, LEASE_LOST): _M._master_lease_lost,
+    (Role.MASTER, FENCED): _M._master_fenced,
+    (Role.MASTER, LOCAL_FAULT): _M._to_fault,
+    (Role.MASTER, LOCAL_OK): _M._ignore,
+    (Role.MASTER, STOP): _M._to_stopping,
+    (Role.MASTER, TIMER): _M._on_timer,
+    # FAULT: peers are still tracked so the decision after local_ok is informed.
+    (Role.FAULT, PEER_SEEN): _M._on_peer_seen,
+    (Role.FAULT, PEER_LOST): _M._on_peer_lost,
+    (Role.FAULT, PEER_LEFT): _M._on_peer_left,
+    (Role.FAULT, LEASE_GRANTED): _M._give_back_lease,  # late grant: give it back
+    (Role.FAULT, LEASE_DENIED): _M._ignore,
+    (Role.FAULT, LEASE_LOST): _M._ignore,
+    (Role.FAULT, FENCED): _M._ignore,
+    (Role.FAULT, LOCAL_FAULT): _M._fault_again,
+    (Role.FAULT, LOCAL_OK): _M._fault_ok,
+    (Role.FAULT, STOP): _M._to_stopping,
+    (Role.FAULT, TIMER): _M._on_timer,
+    # STOPPING: terminal; late inputs change nothing.
+    (Role.STOPPING, PEER_SEEN): _M._ignore,
+    (Role.STOPPING, PEER_LOST): _M._ignore,
+    (Role.STOPPING, PEER_LEFT): _M._ignore,
+    (Role.STOPPING, LEASE_GRANTED): _M._give_back_lease,
+    (Role.STOPPING, LEASE_DENIED): _M._ignore,
+    (Role.STOPPING, LEASE_LOST): _M._ignore,
+    (Role.STOPPING, FENCED): _M._ignore,
+    (Role.STOPPING, LOCAL_FAULT): _M._ignore,
+    (Role.STOPPING, LOCAL_OK): _M._ignore,
+    (Role.STOPPING, STOP): _M._ignore,
+    (Role.STOPPING, TIMER): _M._ignore,
+}
