@@ -25,7 +25,8 @@ in /run/nonstop-lab/ so ``Lab.sweep_stale()`` / ``nonstop lab down`` remove labs
 """
 
 from nonstop.lab.faults import Fault
-from nonstop.lab.lab import Lab, LabError, LabHost
+from nonstop.lab.host import LabError, LabHost
+from nonstop.lab.lab import Lab
 from nonstop.lab.process import LabProcess
 from nonstop.lab.topology import Channel, HostSpec, Topology, demo_topology
 

@@ -209,6 +209,14 @@ def read_states(state_dir: Path | None = None) -> list[dict[str, Any]]:
     return out
 
 
+def read_state(prefix: str, state_dir: Path | None = None) -> dict[str, Any] | None:
+    try:
+        state = json.loads(state_path(prefix, state_dir).read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
 def remove_state(prefix: str, state_dir: Path | None = None) -> None:
     with contextlib.suppress(FileNotFoundError):
         state_path(prefix, state_dir).unlink()
