@@ -32,7 +32,7 @@ from nonstop import __version__
 from nonstop.agent.hooks import Hooks
 from nonstop.agent.link import AgentLinks
 from nonstop.agent.realtime import make_realtime
-from nonstop.common import Role
+from nonstop.common import RemoteProtocolError, Role
 from nonstop.config import AgentConfig
 from nonstop.failover import roles as R
 from nonstop.membership import (
@@ -117,7 +117,9 @@ class Agent:
             now=now,
         )
         self.witness = (
-            WitnessClient(key, node.group, node.id, self.incarnation) if cfg.witness else None
+            WitnessClient(key, node.group, node.id, self.incarnation, lease=cfg.lease)
+            if cfg.witness
+            else None
         )
         self.vips = VipManager(
             [
@@ -146,7 +148,6 @@ class Agent:
         self.role_since = now
         self.counters: collections.Counter[str] = collections.Counter()
         self.realtime_failed: list[str] = []
-        self.lease_until: float | None = None
         self._peer_addr = {(p.id, ch): a for p in cfg.peers for ch, a in p.addresses.items()}
         self._transports: dict[str, asyncio.DatagramTransport] = {}
         self._timer: asyncio.TimerHandle | None = None
@@ -244,9 +245,12 @@ class Agent:
         now = time.monotonic()
         if data[:4] == b"NSWT":
             if self.witness is not None:
-                reply = self.witness.receive(data, now)
+                try:
+                    reply = self.witness.receive(data, now)
+                except RemoteProtocolError as e:
+                    self.counters[f"witness_{e.counter}"] += 1
+                    return
                 if isinstance(reply, LeaseGranted):
-                    self.lease_until = reply.until
                     self.roles.lease_granted(reply.until, now)
                 elif isinstance(reply, LeaseDenied):
                     self.roles.lease_denied(reply.holder, now)
@@ -343,6 +347,8 @@ class Agent:
             if isinstance(ev, PeerJoined):
                 log.info("peer %s joined", ev.peer)
         elif isinstance(ev, PeerLost):
+            if ev.reason == "left":  # already handled as PeerLeft
+                return
             log.warning("peer %s lost: %s", ev.peer, ev.reason)
             r.peer_lost(ev.peer, ev.reason, now)
         elif isinstance(ev, PeerLeft):
@@ -354,7 +360,12 @@ class Agent:
         elif isinstance(ev, ChannelRecovered):
             log.info("channel recovered: %s heard again on %s", ev.peer, ev.channel)
         elif isinstance(ev, PeerRestarted):
-            log.info("peer %s restarted (incarnation %d -> %d)", ev.peer, ev.old, ev.new)
+            log.info(
+                "peer %s restarted (incarnation %d -> %d)",
+                ev.peer,
+                ev.old_incarnation,
+                ev.new_incarnation,
+            )
 
     def _act(self, act: object, now: float) -> None:
         if isinstance(act, R.AcquireVips):
@@ -374,7 +385,6 @@ class Agent:
                 self._send_witness(self.witness.request(now, want=True))
         elif isinstance(act, R.ReleaseLease):
             if self.witness is not None:
-                self.lease_until = None
                 self._send_witness(self.witness.request(now, want=False))
         elif isinstance(act, R.SendHeartbeatNow):
             self.membership.send_now()
@@ -433,8 +443,8 @@ class Agent:
             else {
                 "addresses": cfg.witness.addresses,
                 "lease_ms_left": None
-                if self.lease_until is None
-                else round(max(0.0, self.lease_until - now) * 1000, 1),
+                if self.roles.lease_until is None
+                else round(max(0.0, self.roles.lease_until - now) * 1000, 1),
             },
             "counters": {
                 **dict(self.membership.counters),

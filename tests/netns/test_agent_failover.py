@@ -1,0 +1,232 @@
+"""Real agents in network namespaces: the cluster core's "must show" list (issue 2).
+
+Every test builds its own lab (peer, node-a, node-b, witness on channels lan + hb), starts the
+agents and the witness as real processes, injects a fault, and checks what the peer can observe.
+Timing asserts are generous bounds that catch a broken design, not benchmarks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from nonstop.cluster import PORT, Cluster, ClusterSpec
+from nonstop.common import Role
+
+pytestmark = [pytest.mark.netns]
+
+VIP = "10.77.0.100"
+
+
+@pytest.fixture
+def make_cluster(demo_lab, request) -> Iterator:
+    made: list[Cluster] = []
+
+    def make(**kw) -> Cluster:
+        c = Cluster(demo_lab, ClusterSpec(**kw))
+        c.start()
+        c.wait_ready(timeout=20)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:  # shown by pytest only when the test failed
+        for n in (*c.spec.nodes, c.spec.witness):
+            if n:
+                with contextlib.suppress(OSError):
+                    request.node.add_report_section("call", f"log {n}", c.log_text(n)[-4000:])
+
+
+def promoted_at(c: Cluster, node: str, after: float) -> dict | None:
+    for h in c.history(node):
+        if h["new"] == "master" and h["at_monotonic"] >= after:
+            return h
+    return None
+
+
+def arp_answers(c: Cluster) -> dict[str, int]:
+    """Every MAC that answers an ARP request for the VIP from the peer, over 100 ms."""
+    r = c.lab.host("peer").sh(
+        f"{sys.executable} -m nonstop.bench.probes arp --vip {VIP} --ifname lan --arp-ms 100"
+    )
+    return json.loads(r.stdout.strip().splitlines()[-1])["arp"]
+
+
+class HolderWatch:
+    """Samples the VIP holders every few ms in a thread; records the most seen at once."""
+
+    def __init__(self, c: Cluster) -> None:
+        self.c, self.max_holders, self.samples = c, 0, 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.max_holders = max(self.max_holders, len(self.c.vip_holders()))
+            self.samples += 1
+
+    def __enter__(self) -> HolderWatch:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def test_sigkill_of_master_agent_moves_vip_at_once_and_fences(make_cluster):
+    c = make_cluster()
+    assert c.master() == "node-a"
+    mac_a, mac_b = c.lab.host("node-a").mac("lan"), c.lab.host("node-b").mac("lan")
+    assert set(arp_answers(c)) == {mac_a}
+    t0 = time.monotonic()
+    c.procs["node-a"].kill(signal.SIGKILL)
+    c.wait_role("node-b", "master", timeout=2)
+    h = promoted_at(c, "node-b", t0)
+    assert h is not None
+    # the agent link's EOF, not the dead interval (30 ms here), and well under a second
+    assert "EOF" in h["reason"] or "RST" in h["reason"], h["reason"]
+    assert h["at_monotonic"] - t0 < 1.0
+    # the guard fenced node-a: its VIP is gone and only node-b answers ARP for it
+    c.wait(lambda: c.vip_holders() == ["node-b"], 2, "node-a's VIP to be removed")
+    assert set(arp_answers(c)) == {mac_b}
+    assert c.lab.host("peer").ping(VIP)
+
+
+def test_one_channel_down_is_a_channel_fault_not_a_failover(make_cluster):
+    c = make_cluster()
+    before = len(c.history("node-a")), len(c.history("node-b"))
+    fault = c.lab.link_down("node-b", "hb")
+
+    def row(node: str, peer: str, ch: str) -> dict:
+        st = c.status(node)
+        assert st is not None
+        return next(r for r in st["stations"] if r["peer"] == peer and r["channel"] == ch)
+
+    c.wait(lambda: row("node-a", "node-b", "hb")["state"] == "down", 2, "hb to be down")
+    time.sleep(0.3)  # ten dead intervals
+    assert row("node-a", "node-b", "lan")["state"] == "up"
+    assert c.role("node-a") == "master" and c.role("node-b") == "backup"
+    assert (len(c.history("node-a")), len(c.history("node-b"))) == before
+    assert c.status("node-a")["counters"]["channel_faults"] >= 1
+    fault.heal()
+    c.wait(lambda: row("node-a", "node-b", "hb")["state"] == "up", 2, "hb to come back")
+
+
+def test_partition_between_nodes_with_witness_keeps_one_master(make_cluster):
+    c = make_cluster()
+    with HolderWatch(c) as w:
+        fault = c.lab.partition("node-a", "node-b")  # every channel; both still reach the peer
+        time.sleep(0.5)
+        assert c.role("node-a") == "master"
+        assert c.role("node-b") == "backup"  # the witness refused it the lease
+        assert c.vip_holders() == ["node-a"]
+        fault.heal()
+        time.sleep(0.2)
+    assert w.max_holders == 1 and w.samples > 10
+    assert c.role("node-a") == "master" and c.role("node-b") == "backup"
+
+
+def test_partition_without_witness_gives_two_masters_like_vrrp(make_cluster):
+    """The documented risk of running without a witness (README, "Without a witness")."""
+    c = make_cluster(witness=None)
+    fault = c.lab.partition("node-a", "node-b")
+    c.wait_role("node-b", "master", timeout=2)
+    assert sorted(c.vip_holders()) == ["node-a", "node-b"]
+    fault.heal()  # the lower priority steps down as soon as they hear each other
+    c.wait(lambda: c.vip_holders() == ["node-a"], 2, "node-b to step down after the heal")
+
+
+@pytest.mark.parametrize("preempt", [True, False])
+def test_old_master_returns_preemption_honoured(make_cluster, preempt):
+    c = make_cluster(preempt=preempt)
+    c.procs["node-a"].kill(signal.SIGKILL)
+    c.wait_role("node-b", "master", timeout=2)
+    with HolderWatch(c) as w:
+        c.start_agent("node-a")
+        if preempt:
+            c.wait_role("node-a", "master", timeout=10)
+            c.wait_role("node-b", "backup", timeout=2)
+        else:
+            c.wait_role("node-a", "backup", timeout=10)
+            time.sleep(0.3)
+            assert c.role("node-b") == "master"
+    assert w.max_holders == 1
+
+
+def test_sigstop_of_master_steps_down_never_two_masters(make_cluster):
+    c = make_cluster(preempt=False)
+    agent = c.procs["node-a"]
+    with HolderWatch(c) as w:
+        t0 = time.monotonic()
+        agent.stop()
+        time.sleep(5 * c.spec.interval_ms / 1000)
+        agent.cont()
+        c.wait_role("node-b", "master", timeout=2)
+        c.wait_role("node-a", "backup", timeout=2)
+        time.sleep(0.2)
+    assert w.max_holders == 1
+    assert c.vip_holders() == ["node-b"]
+    demoted = [h for h in c.history("node-a") if h["old"] == "master" and h["at_monotonic"] >= t0]
+    assert demoted, c.history("node-a")
+
+
+def test_graceful_stop_hands_over(make_cluster):
+    c = make_cluster()
+    t0 = time.monotonic()
+    c.procs["node-a"].terminate()
+    c.wait_role("node-b", "master", timeout=2)
+    h = promoted_at(c, "node-b", t0)
+    assert h is not None and h["at_monotonic"] - t0 < 1.0
+    assert c.procs["node-a"].wait(timeout=5) == 0
+    assert c.vip_holders() == ["node-b"]
+
+
+def test_forged_replayed_truncated_random_heartbeats_are_dropped(make_cluster):
+    c = make_cluster()
+    st0 = c.status("node-a")
+    inc_b = next(p["incarnation"] for p in st0["peers"] if p["id"] == "node-b")
+    with open(c.key_path) as f:
+        key = f.read().strip().encode()
+    # From the peer host, aim at node-a's heartbeat port on lan: a forged heartbeat (wrong key),
+    # a replayed one (right key, node-b's incarnation, an old sequence number), a heartbeat of
+    # another group, every truncation of a valid one, and random bytes.
+    script = f"""
+import os, socket, random
+from nonstop.membership import Heartbeat, encode_heartbeat, MsgType
+from nonstop.common import Role
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+dst = ({c.lab.host("node-a").addr("lan")!r}, {PORT})
+def hb(group=1, seq=1, role=Role.MASTER, prio=254):
+    return Heartbeat(type=MsgType.HEARTBEAT, group=group, node_id="node-b", channel="lan",
+                     incarnation={inc_b}, seq=seq, role=role, priority=prio, flags=0,
+                     sent_at=0, echo_seq=0, echo_delay_us=0)
+good = encode_heartbeat(hb(), {key!r})
+s.sendto(encode_heartbeat(hb(seq=10**9), b"x" * 32), dst)       # forged
+for _ in range(3): s.sendto(good, dst)                            # replayed (old seq)
+s.sendto(encode_heartbeat(hb(group=7, seq=10**9), {key!r}), dst)  # another group
+for i in range(len(good)): s.sendto(good[:i], dst)                # truncated
+rnd = random.Random(7)
+for _ in range(500): s.sendto(rnd.randbytes(rnd.randrange(0, 200)), dst)  # random
+"""
+    path = os.path.join(c.lab.workdir, "inject.py")
+    with open(path, "w") as f:
+        f.write(script)
+    c.lab.host("peer").sh(f"{sys.executable} {path}")
+    time.sleep(0.3)
+    st = c.status("node-a")
+    assert st is not None, "the agent died"
+    k0, k = st0["counters"], st["counters"]
+    for counter in ("bad_auth", "replay", "malformed", "wrong_group"):
+        assert k.get(counter, 0) > k0.get(counter, 0), counter
+    assert st["role"] == "master" and c.role("node-b") == "backup"
+    assert len(st["history"]) == len(st0["history"])
+    assert Role.MASTER  # the forged priority-254 MASTER changed nothing
