@@ -21,6 +21,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     add_format_option(p)
     p.set_defaults(func=run_agent)
 
+    f = sub.add_parser(
+        "fence", help="drop this node's VIPs now (for ExecStopPost, or by hand after a crash)"
+    )
+    f.add_argument("--config", required=True, help="the node's TOML config")
+    add_format_option(f)
+    f.set_defaults(func=run_fence)
+
     s = sub.add_parser("status", help="roles and the Active Stations Table of a running agent")
     where = s.add_mutually_exclusive_group(required=True)
     where.add_argument("--config", help="the agent's config (its unix socket is found from it)")
@@ -56,6 +63,37 @@ def run_agent(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"nonstop: agent failed: {e}", file=sys.stderr)
         return EXIT_START
+    return EXIT_OK
+
+
+def run_fence(args: argparse.Namespace) -> int:
+    """Remove every configured VIP from this node. Safe to run at any time on a node whose agent
+    is not running; on a running master it would take the service down, so it refuses then."""
+    from nonstop.config import load_agent_config
+    from nonstop.failover.vip import VipManager, VipSpec
+
+    cfg, _ = load_agent_config(args.config)
+    try:
+        st = fetch_status(socket_path=cfg.socket_path)
+    except (OSError, ValueError):
+        st = None
+    if st is not None and st["role"] == "master":
+        print(
+            "nonstop: the agent is running here as master; stop it (it hands over) instead",
+            file=sys.stderr,
+        )
+        return EXIT_FAIL
+    mgr = VipManager([VipSpec(address=v.address, interface=v.interface) for v in cfg.vips])
+    try:
+        before = set(mgr.held())
+        mgr.release()
+        removed = sorted(before - set(mgr.held()))
+    finally:
+        mgr.close()
+    if args.format == "json":
+        print(json.dumps({"removed": removed}))
+    else:
+        print(f"removed: {', '.join(removed) or 'nothing (no VIP was held)'}")
     return EXIT_OK
 
 

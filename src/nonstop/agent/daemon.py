@@ -25,8 +25,6 @@ import time
 from typing import Any
 
 from nonstop.failover.guard import GuardClient
-from nonstop.failover.vip import VipManager, VipSpec
-from nonstop.failover.witness import LeaseDenied, LeaseGranted, WitnessClient
 
 from nonstop import __version__
 from nonstop.agent.hooks import Hooks
@@ -35,6 +33,8 @@ from nonstop.agent.realtime import make_realtime
 from nonstop.common import RemoteProtocolError, Role
 from nonstop.config import AgentConfig
 from nonstop.failover import roles as R
+from nonstop.failover.vip import VipManager, VipSpec
+from nonstop.failover.witness import LeaseDenied, LeaseGranted, WitnessClient
 from nonstop.membership import (
     ChannelFaulted,
     ChannelRecovered,
