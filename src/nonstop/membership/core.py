@@ -342,7 +342,11 @@ class Membership:
             return self._drop("wrong_channel", channel, f"{peer.id!r} is not on this channel")
         if peer.incarnation is not None and hb.incarnation < peer.incarnation:
             return self._drop("replay", channel, f"{peer.id!r} incarnation {hb.incarnation} is old")
-        if hb.incarnation == peer.banned_incarnation and now < peer.banned_until:
+        if (
+            hb.incarnation == peer.banned_incarnation
+            and now < peer.banned_until
+            and hb.type is not MsgType.LEAVE  # the LEAVE copy on another channel is fine
+        ):
             return self._drop("stale", channel, f"{peer.id!r} incarnation {hb.incarnation} ended")
         verdict = link.window.check_and_update(hb.incarnation, hb.seq)
         if verdict == "duplicate":
