@@ -214,7 +214,7 @@ def test_all_channels_silent_peer_lost_exactly_at_dead_interval() -> None:
 
 
 def test_channels_failing_one_after_the_other() -> None:
-    link, _, b = pair()
+    link, _, _ = pair()
     t1 = link.now
     link.cut.add("hb")
     link.run_for(0.1)
@@ -303,7 +303,7 @@ def test_fast_restart_with_new_incarnation() -> None:
 
 
 def test_slow_restart_is_lost_then_restarted_and_joined() -> None:
-    link, _, b = pair()
+    link, _, _ = pair()
     link.remove("node-a")
     link.run_for(0.1)
     now = link.now
@@ -367,7 +367,7 @@ def test_k_plus_one_copies_survive_k_omissions() -> None:
 
 
 def test_one_copy_is_not_enough_against_the_same_omissions() -> None:
-    link, _, b = pair(copies=1)
+    link, _, _ = pair(copies=1)
     link.drop = lambda src, out, i: out.channel == "lan" and i % 4 != 0  # 3 of 4 lost
     start = link.now
     link.run_for(1.0)
