@@ -1,0 +1,230 @@
+"""The VIP adapter: add and remove virtual IPs with netlink, announce them on the link.
+
+Runs in the node's own network namespace (the agent is started there), so one plain
+``IPRoute(groups=0)`` is kept open for the life of the manager (no multicast groups: we never want
+the kernel's event stream queued on this socket).
+
+Announcements (``announce()``) are sent for every VIP, ``garp_count`` times, ``garp_interval``
+apart, the first one at once:
+
+- IPv4: a gratuitous ARP *request* (sender IP = target IP = VIP, sender MAC = ours, Ethernet
+  broadcast) from an AF_PACKET socket bound to the VIP's interface. Linux neighbours update an
+  existing entry on it regardless of arp locktime.
+- IPv6: an unsolicited Neighbor Advertisement (RFC 4861 section 7.2.6) to ff02::1 with the
+  override flag and the target link-layer address option, from a raw ICMPv6 socket with hop limit
+  255 (receivers drop NDP with any other hop limit); the kernel fills in the checksum.
+
+IPv6 VIPs are added with IFA_F_NODAD so they are usable at once (no tentative period).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import ipaddress
+import logging
+import socket
+import struct
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+log = logging.getLogger("nonstop.vip")
+
+IFA_F_NODAD = 0x02
+SIOCGIFHWADDR = 0x8927
+ETH_P_ARP = 0x0806
+ETH_P_IPV6 = 0x86DD
+ALL_NODES = "ff02::1"
+ND_NEIGHBOR_ADVERT = 136
+NA_FLAG_OVERRIDE = 0x20000000
+BROADCAST_MAC = b"\xff" * 6
+
+
+@dataclass(frozen=True, slots=True)
+class VipSpec:
+    address: str  # with prefix length: "10.77.0.100/24" or "fd77::100/64"
+    interface: str
+    garp_count: int = 3
+    garp_interval: float = 0.01
+
+    @property
+    def ip(self) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
+        return ipaddress.ip_interface(self.address)
+
+
+def read_mac(ifname: str) -> bytes:
+    """The interface's hardware address via SIOCGIFHWADDR (works right after setns())."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = struct.pack("16s16x", ifname.encode()[:15])
+        res = fcntl.ioctl(s.fileno(), SIOCGIFHWADDR, req)
+    return res[18:24]
+
+
+def garp_frame(mac: bytes, ip: ipaddress.IPv4Address) -> bytes:
+    """Ethernet + ARP request announcing ``ip`` at ``mac`` (sender IP = target IP)."""
+    eth = BROADCAST_MAC + mac + struct.pack("!H", ETH_P_ARP)
+    arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + mac + ip.packed + b"\x00" * 6 + ip.packed
+    return eth + arp
+
+
+def na_message(mac: bytes, ip: ipaddress.IPv6Address) -> bytes:
+    """ICMPv6 unsolicited Neighbor Advertisement (checksum left 0: the kernel computes it)."""
+    header = struct.pack("!BBHI", ND_NEIGHBOR_ADVERT, 0, 0, NA_FLAG_OVERRIDE)
+    option = struct.pack("!BB", 2, 1) + mac  # target link-layer address, 8 bytes
+    return header + ip.packed + option
+
+
+def _ignore_errnos(e: NetlinkError, codes: tuple[int, ...]) -> None:
+    if e.code not in codes:
+        raise e
+
+
+class VipManager:
+    def __init__(self, vips: list[VipSpec]) -> None:
+        self.specs = list(vips)
+        self._ipr: IPRoute | None = None
+        self._index: dict[str, int] = {}
+        self._sockets: dict[tuple[int, str, str], socket.socket] = {}
+
+    # -- netlink ----------------------------------------------------------------------------
+    @property
+    def ipr(self) -> IPRoute:
+        if self._ipr is None:
+            self._ipr = IPRoute(groups=0)
+        return self._ipr
+
+    def _ifindex(self, ifname: str) -> int:
+        idx = self._index.get(ifname)
+        if idx is None:
+            found = self.ipr.link_lookup(ifname=ifname)
+            if not found:
+                raise OSError(errno.ENODEV, f"no interface named {ifname!r}")
+            idx = self._index[ifname] = found[0]
+        return idx
+
+    def _addr(self, command: str, spec: VipSpec) -> None:
+        ip = spec.ip
+        kwargs = {
+            "index": self._ifindex(spec.interface),
+            "address": str(ip.ip),
+            "prefixlen": ip.network.prefixlen,
+        }
+        if command == "add" and ip.version == 6:
+            kwargs["flags"] = IFA_F_NODAD
+        self.ipr.addr(command, **kwargs)
+
+    def acquire(self) -> None:
+        """Add every VIP; one that is already there is fine."""
+        for spec in self.specs:
+            try:
+                self._addr("add", spec)
+            except NetlinkError as e:
+                _ignore_errnos(e, (errno.EEXIST,))
+
+    def release(self) -> None:
+        """Remove every VIP; one that is already gone is fine."""
+        for key in [k for k in self._sockets if k[0] == 6]:  # bound to the VIP: reopen later
+            self._sockets.pop(key).close()
+        for spec in self.specs:
+            try:
+                self._addr("del", spec)
+            except NetlinkError as e:
+                _ignore_errnos(e, (errno.ENOENT, errno.EADDRNOTAVAIL, errno.ENODEV))
+            except OSError as e:  # the interface itself is gone: so is the address
+                if e.errno != errno.ENODEV:
+                    raise
+
+    release_all_sync = release
+
+    def held(self) -> list[str]:
+        """The VIPs (as configured, with prefix) that are on their interface now."""
+        present: set[tuple[int, str, int]] = set()
+        for msg in self.ipr.get_addr():
+            present.add((msg["index"], msg.get("address"), msg["prefixlen"]))
+        out = []
+        for spec in self.specs:
+            ip = spec.ip
+            try:
+                idx = self._ifindex(spec.interface)
+            except OSError:
+                continue
+            if (idx, ip.ip.compressed, ip.network.prefixlen) in present:
+                out.append(spec.address)
+        return out
+
+    def close(self) -> None:
+        for s in self._sockets.values():
+            s.close()
+        self._sockets.clear()
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
+
+    # -- announcements ----------------------------------------------------------------------
+    def _socket(self, spec: VipSpec) -> socket.socket:
+        ip = spec.ip.ip
+        key = (ip.version, spec.interface, ip.compressed if ip.version == 6 else "")
+        s = self._sockets.get(key)
+        if s is not None:
+            return s
+        if ip.version == 4:
+            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP))
+            s.bind((spec.interface, ETH_P_ARP))
+        else:
+            idx = self._ifindex(spec.interface)
+            s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+            try:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, idx)
+                s.bind((ip.compressed, 0, 0, idx))  # source = the VIP (usable at once: NODAD)
+            except OSError:
+                s.close()
+                raise
+        s.setblocking(False)
+        self._sockets[key] = s
+        return s
+
+    def _frames(self) -> list[tuple[VipSpec, socket.socket, bytes, tuple[object, ...] | None]]:
+        out: list[tuple[VipSpec, socket.socket, bytes, tuple[object, ...] | None]] = []
+        macs: dict[str, bytes] = {}
+        for spec in self.specs:
+            ip = spec.ip.ip
+            try:
+                mac = macs.get(spec.interface) or macs.setdefault(
+                    spec.interface, read_mac(spec.interface)
+                )
+                sock = self._socket(spec)
+            except OSError as e:
+                log.warning("cannot announce %s on %s: %s", spec.address, spec.interface, e)
+                continue
+            if isinstance(ip, ipaddress.IPv4Address):
+                out.append((spec, sock, garp_frame(mac, ip), None))
+            else:
+                dest = (ALL_NODES, 0, 0, self._ifindex(spec.interface))
+                out.append((spec, sock, na_message(mac, ip), dest))
+        return out
+
+    async def announce(self) -> None:
+        """``garp_count`` announcements per VIP, ``garp_interval`` apart; the first at once."""
+        frames = self._frames()
+        if not frames:
+            return
+        rounds = max(spec.garp_count for spec, *_ in frames)
+        for n in range(rounds):
+            if n:
+                await asyncio.sleep(
+                    min(spec.garp_interval for spec, *_ in frames if spec.garp_count > n)
+                )
+            for spec, sock, frame, dest in frames:
+                if n >= spec.garp_count:
+                    continue
+                try:
+                    if dest is None:
+                        sock.send(frame)
+                    else:
+                        sock.sendto(frame, dest)
+                except OSError as e:  # ENOBUFS, interface down: the next round may pass
+                    log.warning("announce %s: %s", spec.address, e)
