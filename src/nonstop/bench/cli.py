@@ -1,0 +1,119 @@
+"""``nonstop bench``: benchmarks that compare nonstop with an established tool in the same lab.
+
+Sub-commands: ``failover`` (now); ``takeover`` and ``throughput`` later register here too.
+Results are JSON on stdout (and in ``--out``); progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from nonstop.cli import EXIT_FAIL, EXIT_OK, EXIT_USAGE, add_format_option
+
+
+def add_parser(subparsers: Any) -> None:
+    bench = subparsers.add_parser("bench", help="benchmarks against a baseline tool (JSON)")
+    sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    _add_failover(sub)
+
+
+def _add_failover(sub: Any) -> None:
+    p = sub.add_parser(
+        "failover",
+        help="failover time: nonstop vs keepalived (VRRPv3) in the same netns lab",
+        description="Kill the master (its agent process, or the whole node) N times and measure "
+        "how long the backup takes to hold the VIP and to answer the peer. See bench/README.md.",
+    )
+    p.add_argument("--runs", type=int, default=20, help="faults per tool (default 20; 0: soak only)")
+    p.add_argument("--interval-ms", type=int, default=10, help="heartbeat/advert interval (ms)")
+    p.add_argument("--fault", choices=("kill", "node"), default="kill",
+                   help="kill: SIGKILL the master's process; node: isolate the master's host")  # fmt: skip
+    p.add_argument("--baseline", choices=("keepalived", "none"), default="keepalived")
+    p.add_argument("--soak", type=float, default=0.0, metavar="SECONDS",
+                   help="after the runs, S seconds without faults under CPU hogs and 5%% loss "
+                   "on hb, counting false failovers")  # fmt: skip
+    p.add_argument("--witness", action=argparse.BooleanOptionalAction, default=True,
+                   help="run our agents with the witness (default on)")  # fmt: skip
+    p.add_argument("--no-ours", dest="ours", action="store_false",
+                   help="run the baseline only (checks the harness)")  # fmt: skip
+    p.add_argument("--out", help="also write the JSON to this file")
+    add_format_option(p)
+    p.set_defaults(func=cmd_failover, format="json")
+
+
+def cmd_failover(args: argparse.Namespace) -> int:
+    from nonstop.bench.failover import FailoverConfig, run_failover
+
+    if args.runs < 0 or args.interval_ms < 1 or args.soak < 0:
+        print("nonstop bench: --runs >= 0, --interval-ms >= 1, --soak >= 0", file=sys.stderr)
+        return EXIT_USAGE
+    if args.runs == 0 and args.soak == 0:
+        print("nonstop bench: nothing to do (--runs 0 and no --soak)", file=sys.stderr)
+        return EXIT_USAGE
+    if os.geteuid() != 0:
+        print("nonstop bench: needs root (network namespaces)", file=sys.stderr)
+        return EXIT_FAIL
+    cfg = FailoverConfig(
+        runs=args.runs,
+        interval_ms=args.interval_ms,
+        fault=args.fault,
+        baseline=None if args.baseline == "none" else args.baseline,
+        soak_s=args.soak,
+        witness=args.witness,
+        ours=args.ours,
+    )
+    tools = int(cfg.ours) + int(cfg.baseline is not None)
+    total = tools * (cfg.runs + int(cfg.soak_s))
+    result = _with_progress(total, lambda tick: run_failover(cfg, tick))
+    text = json.dumps(result, indent=1)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    if args.format == "json":
+        print(text)
+    else:
+        _pretty(result)
+    failed = (result.get("failed_runs") or 0) + ((result.get("baseline") or {}).get("failed_runs")
+                                                  or 0)  # fmt: skip
+    return EXIT_FAIL if failed and failed >= tools * max(cfg.runs, 1) else EXIT_OK
+
+
+def _with_progress(total: int, body: Any) -> Any:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    with Progress(
+        TextColumn("[bold]bench failover"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal,
+    ) as prog:  # fmt: skip
+        task = prog.add_task("runs", total=total)
+        return body(lambda: prog.advance(task))
+
+
+def _pretty(r: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"failover: fault={r['fault']} interval={r['interval_ms']} ms runs={r['runs']}")
+    for col in ("tool", "detect p50", "detect p99", "vip move p50", "vip move p99",
+                "false failovers", "dual masters", "failed"):  # fmt: skip
+        t.add_column(col)
+    rows = [("nonstop", r)]
+    if r.get("baseline"):
+        rows.append((r["baseline"]["tool"], r["baseline"]))
+    for name, d in rows:
+        t.add_row(
+            name, str(d["detect_ms"]["p50"]), str(d["detect_ms"]["p99"]),
+            str(d["vip_move_ms"]["p50"]), str(d["vip_move_ms"]["p99"]),
+            str(d["false_failovers"]), str(d["dual_masters"]), str(d.get("failed_runs")),
+        )  # fmt: skip
+    console = Console()
+    console.print(t)
+    if r.get("ratio_p50") is not None:
+        console.print(f"detect p50 ratio nonstop/keepalived: {r['ratio_p50']}")
