@@ -242,3 +242,26 @@ def test_config_from_agent_config() -> None:
     assert cfg.peers == {"node-b": ("lan", "hb"), "node-c": ("lan",)}
     assert (cfg.interval, cfg.dead_after, cfg.copies, cfg.replay_window) == (0.02, 4, 2, 64)
     assert cfg.dead_interval == pytest.approx(0.08)
+
+
+def test_link_closed_after_an_earlier_leave_still_quarantines_the_new_incarnation() -> None:
+    a, b = make("node-a"), make("node-b")
+    b.receive_datagram(ticks(a, 1)[0]["lan"], "lan", T0)
+    a.leave(T0 + 0.005)
+    b.receive_datagram(a.datagrams_to_send(T0 + 0.005)[0].data, "lan", T0 + 0.005)
+    a2 = make("node-a", incarnation=2)
+    beats = ticks(a2, 3, T0 + 0.1)
+    b.receive_datagram(beats[0]["lan"], "lan", T0 + 0.1)
+    b.link_closed("node-a", T0 + 0.101, "agent link closed")
+    events = []
+    while (ev := b.next_event()) is not None:
+        events.append(type(ev).__name__)
+    assert events == [
+        "PeerJoined",
+        "PeerLeft",
+        "PeerLost",
+        "PeerRestarted",
+        "PeerJoined",
+        "PeerLost",
+    ]
+    refused(b, beats[1]["lan"], "lan", "stale", T0 + 0.11)

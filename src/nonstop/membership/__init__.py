@@ -6,7 +6,7 @@ independent channels; k+1 copies of each datagram survive k omissions; the Activ
 A channel that goes silent while another still carries the peer is a *channel* fault, not a node
 failure: only when every channel is silent is the peer lost.
 
-Wire format (one UDP datagram, ~75 bytes with short names)::
+Wire format (one UDP datagram: 50 to 70 bytes with short names, 70 with a 64-bit incarnation)::
 
     b"NSHB" | version (1 byte, = 1) | msgpack array | tag (16 bytes)
 

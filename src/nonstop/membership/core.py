@@ -487,7 +487,8 @@ class Membership:
         if p is None:
             raise LocalProtocolError(f"no peer named {peer!r}")
         self._now = now
-        if p.incarnation is not None and p.banned_until != math.inf:
+        left = p.banned_incarnation == p.incarnation and p.banned_until == math.inf
+        if p.incarnation is not None and not left:
             p.banned_incarnation, p.banned_until = p.incarnation, now + self._dead
         if p.alive:
             self._lose(p, reason or "agent link closed")
