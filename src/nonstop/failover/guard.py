@@ -62,7 +62,7 @@ def _realtime(priority: int) -> str:
 
 class Guard:
     def __init__(self, sock: socket.socket) -> None:
-        from nonstop.failover.vip import VipManager  # imports pyroute2, once
+        from nonstop.failover.vip import VipManager
 
         self._manager_cls = VipManager
         self.sock = sock
@@ -100,7 +100,7 @@ class Guard:
             old = self.vips
             self.vips = self._manager_cls(specs)
             if old is not None:
-                self.vips._ipr, old._ipr = old._ipr, None  # keep the one netlink socket
+                self.vips._nl, old._nl = old._nl, None  # keep the one netlink socket
                 old.close()
             try:
                 for spec in specs:  # resolve now, so fencing is one netlink call per VIP
@@ -116,7 +116,7 @@ class Guard:
         policy = _realtime(priority)
         if self.vips is None:
             self.vips = self._manager_cls([])
-            _ = self.vips.ipr  # open the netlink socket before READY
+            _ = self.vips.nl  # open the netlink socket before READY
         self.send(f"READY {os.getpid()} {policy}")
         poller = select.poll()
         poller.register(self.sock.fileno(), select.POLLIN)

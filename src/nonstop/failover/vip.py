@@ -1,8 +1,9 @@
 """The VIP adapter: add and remove virtual IPs with netlink, announce them on the link.
 
-Runs in the node's own network namespace (the agent is started there), so one plain
-``IPRoute(groups=0)`` is kept open for the life of the manager (no multicast groups: we never want
-the kernel's event stream queued on this socket).
+Runs in the node's own network namespace (the agent is started there). One rtnetlink socket
+(:class:`nonstop.failover.netlink.AddrSocket`) is kept open for the life of the manager; it is
+synchronous and safe to call from inside a running asyncio loop, which pyroute2 0.9's sync
+IPRoute is not (see that module).
 
 Announcements (``announce()``) are sent for every VIP, ``garp_count`` times, ``garp_interval``
 apart, the first one at once:
@@ -20,6 +21,7 @@ IPv6 VIPs are added with IFA_F_NODAD so they are usable at once (no tentative pe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import ipaddress
@@ -28,12 +30,10 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from nonstop.failover.netlink import IFA_F_NODAD, AddrSocket
 
 log = logging.getLogger("nonstop.vip")
 
-IFA_F_NODAD = 0x02
 SIOCGIFHWADDR = 0x8927
 ETH_P_ARP = 0x0806
 ETH_P_IPV6 = 0x86DD
@@ -77,73 +77,56 @@ def na_message(mac: bytes, ip: ipaddress.IPv6Address) -> bytes:
     return header + ip.packed + option
 
 
-def _ignore_errnos(e: NetlinkError, codes: tuple[int, ...]) -> None:
-    if e.code not in codes:
-        raise e
-
-
 class VipManager:
     def __init__(self, vips: list[VipSpec]) -> None:
         self.specs = list(vips)
-        self._ipr: IPRoute | None = None
+        self._nl: AddrSocket | None = None
         self._index: dict[str, int] = {}
         self._sockets: dict[tuple[int, str, str], socket.socket] = {}
 
     # -- netlink ----------------------------------------------------------------------------
     @property
-    def ipr(self) -> IPRoute:
-        if self._ipr is None:
-            self._ipr = IPRoute(groups=0)
-        return self._ipr
+    def nl(self) -> AddrSocket:
+        if self._nl is None:
+            self._nl = AddrSocket()
+        return self._nl
 
     def _ifindex(self, ifname: str) -> int:
         idx = self._index.get(ifname)
         if idx is None:
-            found = self.ipr.link_lookup(ifname=ifname)
-            if not found:
-                raise OSError(errno.ENODEV, f"no interface named {ifname!r}")
-            idx = self._index[ifname] = found[0]
+            try:
+                idx = self._index[ifname] = socket.if_nametoindex(ifname)
+            except OSError as e:
+                raise OSError(errno.ENODEV, f"no interface named {ifname!r}") from e
         return idx
-
-    def _addr(self, command: str, spec: VipSpec) -> None:
-        ip = spec.ip
-        kwargs = {
-            "index": self._ifindex(spec.interface),
-            "address": str(ip.ip),
-            "prefixlen": ip.network.prefixlen,
-        }
-        if command == "add" and ip.version == 6:
-            kwargs["flags"] = IFA_F_NODAD
-        self.ipr.addr(command, **kwargs)
 
     def acquire(self) -> None:
         """Add every VIP; one that is already there is fine."""
         for spec in self.specs:
-            try:
-                self._addr("add", spec)
-            except NetlinkError as e:
-                _ignore_errnos(e, (errno.EEXIST,))
+            ip = spec.ip
+            flags = IFA_F_NODAD if ip.version == 6 else 0
+            with contextlib.suppress(FileExistsError):
+                self.nl.add(self._ifindex(spec.interface), str(ip.ip), ip.network.prefixlen, flags)
 
     def release(self) -> None:
-        """Remove every VIP; one that is already gone is fine."""
+        """Remove every VIP; one that is already gone (or whose interface is gone) is fine."""
         for key in [k for k in self._sockets if k[0] == 6]:  # bound to the VIP: reopen later
             self._sockets.pop(key).close()
         for spec in self.specs:
+            ip = spec.ip
             try:
-                self._addr("del", spec)
-            except NetlinkError as e:
-                _ignore_errnos(e, (errno.ENOENT, errno.EADDRNOTAVAIL, errno.ENODEV))
-            except OSError as e:  # the interface itself is gone: so is the address
-                if e.errno != errno.ENODEV:
+                self.nl.delete(self._ifindex(spec.interface), str(ip.ip), ip.network.prefixlen)
+            except OSError as e:
+                if e.errno not in (errno.ENOENT, errno.EADDRNOTAVAIL, errno.ENODEV):
                     raise
+                if e.errno == errno.ENODEV:
+                    self._index.pop(spec.interface, None)
 
     release_all_sync = release
 
     def held(self) -> list[str]:
         """The VIPs (as configured, with prefix) that are on their interface now."""
-        present: set[tuple[int, str, int]] = set()
-        for msg in self.ipr.get_addr():
-            present.add((msg["index"], msg.get("address"), msg["prefixlen"]))
+        present = {(a.index, a.address, a.prefixlen) for a in self.nl.dump()}
         out = []
         for spec in self.specs:
             ip = spec.ip
@@ -159,9 +142,9 @@ class VipManager:
         for s in self._sockets.values():
             s.close()
         self._sockets.clear()
-        if self._ipr is not None:
-            self._ipr.close()
-            self._ipr = None
+        if self._nl is not None:
+            self._nl.close()
+            self._nl = None
 
     # -- announcements ----------------------------------------------------------------------
     def _socket(self, spec: VipSpec) -> socket.socket:
