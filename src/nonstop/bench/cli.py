@@ -28,18 +28,37 @@ def _add_failover(sub: Any) -> None:
         description="Kill the master (its agent process, or the whole node) N times and measure "
         "how long the backup takes to hold the VIP and to answer the peer. See bench/README.md.",
     )
-    p.add_argument("--runs", type=int, default=20, help="faults per tool (default 20; 0: soak only)")
+    p.add_argument(
+        "--runs", type=int, default=20, help="faults per tool (default 20; 0: soak only)"
+    )
     p.add_argument("--interval-ms", type=int, default=10, help="heartbeat/advert interval (ms)")
-    p.add_argument("--fault", choices=("kill", "node"), default="kill",
-                   help="kill: SIGKILL the master's process; node: isolate the master's host")  # fmt: skip
+    p.add_argument(
+        "--fault",
+        choices=("kill", "node"),
+        default="kill",
+        help="kill: SIGKILL the master's process; node: isolate the master's host",
+    )
     p.add_argument("--baseline", choices=("keepalived", "none"), default="keepalived")
-    p.add_argument("--soak", type=float, default=0.0, metavar="SECONDS",
-                   help="after the runs, S seconds without faults under CPU hogs and 5%% loss "
-                   "on hb, counting false failovers")  # fmt: skip
-    p.add_argument("--witness", action=argparse.BooleanOptionalAction, default=True,
-                   help="run our agents with the witness (default on)")  # fmt: skip
-    p.add_argument("--no-ours", dest="ours", action="store_false",
-                   help="run the baseline only (checks the harness)")  # fmt: skip
+    p.add_argument(
+        "--soak",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="after the runs, S seconds without faults under CPU hogs and 5%% loss "
+        "on hb, counting false failovers",
+    )
+    p.add_argument(
+        "--witness",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run our agents with the witness (default on)",
+    )
+    p.add_argument(
+        "--no-ours",
+        dest="ours",
+        action="store_false",
+        help="run the baseline only (checks the harness)",
+    )
     p.add_argument("--out", help="also write the JSON to this file")
     add_format_option(p)
     p.set_defaults(func=cmd_failover, format="json")
@@ -78,8 +97,9 @@ def cmd_failover(args: argparse.Namespace) -> int:
         print(text)
     else:
         _pretty(result)
-    failed = (result.get("failed_runs") or 0) + ((result.get("baseline") or {}).get("failed_runs")
-                                                  or 0)  # fmt: skip
+    failed = (result.get("failed_runs") or 0) + (
+        (result.get("baseline") or {}).get("failed_runs") or 0
+    )
     return EXIT_FAIL if failed and failed >= tools * max(cfg.runs, 1) else EXIT_OK
 
 
@@ -89,9 +109,14 @@ def _with_progress(total: int, body: Any) -> Any:
 
     console = Console(stderr=True)
     with Progress(
-        TextColumn("[bold]bench failover"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal,
-    ) as prog:  # fmt: skip
+        TextColumn("[bold]bench failover"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    ) as prog:
         task = prog.add_task("runs", total=total)
         return body(lambda: prog.advance(task))
 
@@ -101,18 +126,31 @@ def _pretty(r: dict[str, Any]) -> None:
     from rich.table import Table
 
     t = Table(title=f"failover: fault={r['fault']} interval={r['interval_ms']} ms runs={r['runs']}")
-    for col in ("tool", "detect p50", "detect p99", "vip move p50", "vip move p99",
-                "false failovers", "dual masters", "failed"):  # fmt: skip
+    for col in (
+        "tool",
+        "detect p50",
+        "detect p99",
+        "vip move p50",
+        "vip move p99",
+        "false failovers",
+        "dual masters",
+        "failed",
+    ):
         t.add_column(col)
     rows = [("nonstop", r)]
     if r.get("baseline"):
         rows.append((r["baseline"]["tool"], r["baseline"]))
     for name, d in rows:
         t.add_row(
-            name, str(d["detect_ms"]["p50"]), str(d["detect_ms"]["p99"]),
-            str(d["vip_move_ms"]["p50"]), str(d["vip_move_ms"]["p99"]),
-            str(d["false_failovers"]), str(d["dual_masters"]), str(d.get("failed_runs")),
-        )  # fmt: skip
+            name,
+            str(d["detect_ms"]["p50"]),
+            str(d["detect_ms"]["p99"]),
+            str(d["vip_move_ms"]["p50"]),
+            str(d["vip_move_ms"]["p99"]),
+            str(d["false_failovers"]),
+            str(d["dual_masters"]),
+            str(d.get("failed_runs")),
+        )
     console = Console()
     console.print(t)
     if r.get("ratio_p50") is not None:

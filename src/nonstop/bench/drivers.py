@@ -45,6 +45,7 @@ class Driver(Protocol):
     def promotion_time(self, node: str, after: float) -> float | None: ...
     def master_changes(self, since: float, until: float) -> int | None: ...
     def describe(self) -> dict[str, Any]: ...
+    def debug(self) -> str: ...
     def stop(self) -> None: ...
 
 
@@ -75,6 +76,9 @@ class KeepalivedDriver:
 
     def master_changes(self, since: float, until: float) -> int | None:
         return None  # counted from the VIP add events of the netlink monitors
+
+    def debug(self) -> str:
+        return "\n".join(f"--- {n}\n{self.group.log_text(n)[-1500:]}" for n in NODES)
 
     def describe(self) -> dict[str, Any]:
         with contextlib.suppress(OSError):
@@ -136,6 +140,9 @@ class NonstopDriver:
                     n += since <= at <= until
         return n
 
+    def debug(self) -> str:
+        return "\n".join(f"--- {n}\n{self.cluster.log_text(n)[-1500:]}" for n in NODES)
+
     def describe(self) -> dict[str, Any]:
         s = self.cluster.spec
         return {
@@ -178,6 +185,8 @@ def wait_settled(driver: Driver, lab: Lab, *, stable_s: float, timeout: float) -
         elif since is not None and now - since >= stable_s:
             return m
         if now > end:
-            raise TimeoutError(f"{driver.name}: group not settled after {timeout:.0f} s: "
-                               f"roles {driver.roles()}, VIP on {vip_holders(lab)}")
+            raise TimeoutError(
+                f"{driver.name}: group not settled after {timeout:.0f} s: "
+                f"roles {driver.roles()}, VIP on {vip_holders(lab)}\n{driver.debug()}"
+            )
         time.sleep(0.02)

@@ -60,7 +60,9 @@ def nearest_rank(values: list[float], q: float) -> float | None:
 
 
 def summary(values: list[float]) -> dict[str, float | int | None]:
-    r = (lambda x: None if x is None else round(x, 3))
+    def r(x: float | None) -> float | None:
+        return None if x is None else round(x, 3)
+
     return {
         "n": len(values),
         "p50": r(nearest_rank(values, 50)),
@@ -141,7 +143,8 @@ class ToolBench:
     def vip_events(self, node: str, since: float, until: float = math.inf) -> list[dict[str, Any]]:
         self.mon[node].poll()
         return [
-            e for e in self.mon[node].items
+            e
+            for e in self.mon[node].items
             if e["ev"] in ("add", "del") and e.get("addr") == VIP_IP and since < e["t"] <= until
         ]
 
@@ -157,10 +160,21 @@ class ToolBench:
         max_s = 3.0 + 100 * self.cfg.interval_ms / 1000
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             prober = peer.run(
-                _probe_argv("probe", "--vip", VIP_IP, "--port", str(ECHO_PORT),
-                            "--ifname", peer.ifname("lan"), "--max-s", f"{max_s:.1f}"),
-                stdout=out, stderr=err, name=f"prober-{self.driver.name}-{i}",
-            )  # fmt: skip
+                _probe_argv(
+                    "probe",
+                    "--vip",
+                    VIP_IP,
+                    "--port",
+                    str(ECHO_PORT),
+                    "--ifname",
+                    peer.ifname("lan"),
+                    "--max-s",
+                    f"{max_s:.1f}",
+                ),
+                stdout=out,
+                stderr=err,
+                name=f"prober-{self.driver.name}-{i}",
+            )
         fault = None
         try:
             _wait_for(lambda: b"ready" in err_path.read_bytes(), 5, "the prober's first replies")
@@ -174,8 +188,9 @@ class ToolBench:
             sample["quiet_changes"] = self.vip_adds(t_quiet, t_fault)
             add = _wait_for(
                 lambda: [e for e in self.vip_events(backup, t_fault) if e["ev"] == "add"],
-                5, f"the VIP on {backup}",
-            )[0]  # fmt: skip
+                5,
+                f"the VIP on {backup}",
+            )[0]
             sample["detect_ms"] = (add["t"] - t_fault) * 1000
             promo = self.driver.promotion_time(backup, t_fault - 1.0)
             if promo is not None:
@@ -214,8 +229,9 @@ class ToolBench:
     def run_all(self) -> dict[str, Any]:
         self.driver.start()
         self.start_probes()
-        master = wait_settled(self.driver, self.lab, stable_s=self.stable_s,
-                              timeout=self.cfg.settle_timeout_s)  # fmt: skip
+        master = wait_settled(
+            self.driver, self.lab, stable_s=self.stable_s, timeout=self.cfg.settle_timeout_s
+        )
         samples: list[dict[str, Any]] = []
         for i in range(self.cfg.runs):
             try:
@@ -224,8 +240,9 @@ class ToolBench:
                 s = {"run": i, "master": master, "error": f"{type(e).__name__}: {e}"}
             samples.append(s)
             self.tick()
-            master = wait_settled(self.driver, self.lab, stable_s=self.stable_s,
-                                  timeout=self.cfg.settle_timeout_s)  # fmt: skip
+            master = wait_settled(
+                self.driver, self.lab, stable_s=self.stable_s, timeout=self.cfg.settle_timeout_s
+            )
             s["next_master"] = master
         soak = self.soak(self.cfg.soak_s) if self.cfg.soak_s > 0 else None
         return self.report(samples, soak)
@@ -260,7 +277,9 @@ class ToolBench:
         detect = [s["detect_ms"] for s in ok]
         move = [s["vip_move_ms"] for s in ok if s.get("vip_move_ms") is not None]
         promo = [s["promotion_ms"] for s in ok if "promotion_ms" in s]
-        agree = [abs(s["promotion_minus_detect_ms"]) for s in ok if "promotion_minus_detect_ms" in s]
+        agree = [
+            abs(s["promotion_minus_detect_ms"]) for s in ok if "promotion_minus_detect_ms" in s
+        ]
         quiet = sum(s.get("quiet_changes", 0) for s in samples)
         out: dict[str, Any] = {
             "tool": self.driver.name,
@@ -271,9 +290,11 @@ class ToolBench:
             "failed_runs": len(samples) - len(ok),
             "soak": soak,
             "config": self.driver.describe(),
-            "samples": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in s.items()}
-                        for s in samples],
-        }  # fmt: skip
+            "samples": [
+                {k: (round(v, 3) if isinstance(v, float) else v) for k, v in s.items()}
+                for s in samples
+            ],
+        }
         if promo:
             out["promotion_ms"] = summary(promo)
             out["promotion_vs_detect_max_abs_ms"] = round(max(agree), 3) if agree else None
@@ -308,9 +329,17 @@ def run_tool(name: str, cfg: FailoverConfig, tick: Callable[[], None]) -> dict[s
 
 
 def _empty(tool: str) -> dict[str, Any]:
-    return {"tool": tool, "detect_ms": summary([]), "vip_move_ms": summary([]),
-            "false_failovers": None, "dual_masters": None, "failed_runs": None, "soak": None,
-            "config": None, "samples": []}  # fmt: skip
+    return {
+        "tool": tool,
+        "detect_ms": summary([]),
+        "vip_move_ms": summary([]),
+        "false_failovers": None,
+        "dual_masters": None,
+        "failed_runs": None,
+        "soak": None,
+        "config": None,
+        "samples": [],
+    }
 
 
 def run_failover(cfg: FailoverConfig, tick: Callable[[], None] = lambda: None) -> dict[str, Any]:
@@ -345,9 +374,16 @@ def run_failover(cfg: FailoverConfig, tick: Callable[[], None] = lambda: None) -
     if base is not None:
         result["baseline"] = {
             k: base[k]
-            for k in ("tool", "detect_ms", "vip_move_ms", "false_failovers", "dual_masters",
-                      "failed_runs", "soak")
-        }  # fmt: skip
+            for k in (
+                "tool",
+                "detect_ms",
+                "vip_move_ms",
+                "false_failovers",
+                "dual_masters",
+                "failed_runs",
+                "soak",
+            )
+        }
         result["samples"]["keepalived"] = base["samples"]
         result["config"]["keepalived"] = base["config"]
         if p50_ours is not None and p50_base:

@@ -63,9 +63,7 @@ def render_config(lab: Lab, spec: KeepalivedSpec, node: str) -> str:
         f"    priority {spec.priorities.get(node, 100)}\n"
         f"    advert_int {advert}\n"
         f"    unicast_src_ip {host.addr(spec.channel)}\n"
-        "    unicast_peer {\n"
-        + "".join(f"        {p}\n" for p in peers)
-        + "    }\n"
+        "    unicast_peer {\n" + "".join(f"        {p}\n" for p in peers) + "    }\n"
         "    virtual_ipaddress {\n"
         f"        {spec.vip} dev {host.ifname(spec.channel)}\n"
         "    }\n"
@@ -96,9 +94,19 @@ class KeepalivedGroup:
     def argv(self, node: str) -> list[str]:
         p = self.paths[node]
         return [
-            "keepalived", "--dont-fork", "--log-console", "--log-detail", "--no-syslog",
-            "--vrrp", "--use-file", p["conf"], "--pid", p["pid"], "--vrrp_pid", p["vrrp_pid"],
-        ]  # fmt: skip
+            "keepalived",
+            "--dont-fork",
+            "--log-console",
+            "--log-detail",
+            "--no-syslog",
+            "--vrrp",
+            "--use-file",
+            p["conf"],
+            "--pid",
+            p["pid"],
+            "--vrrp_pid",
+            p["vrrp_pid"],
+        ]
 
     def start(self, node: str | None = None) -> None:
         for n in [node] if node else self.spec.nodes:

@@ -16,6 +16,7 @@ Modes:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import select
@@ -173,10 +174,8 @@ def probe(args: argparse.Namespace) -> int:
         if now >= next_send:
             seq += 1
             sent[seq] = now
-            try:
+            with contextlib.suppress(OSError):  # unreachable during the move: a lost probe
                 s.sendto(f"{seq}".encode(), dst)
-            except OSError:
-                pass  # no route / unreachable during the move: a lost probe
             next_send += interval
             if next_send < now:
                 next_send = now + interval
