@@ -86,17 +86,18 @@ class LabHost:
         return str(link.get("address"))
 
     def _index(self, channel: str) -> int:
-        idx = self.iproute().link_lookup(ifname=channel)
-        if not idx:
-            raise LabError(f"{self.ns} has no interface {channel}")
-        return int(idx[0])
+        try:
+            (link,) = self.iproute().link("get", ifname=channel)
+        except Exception as e:  # NetlinkError(19) when the interface is not there
+            raise LabError(f"{self.ns} has no interface {channel}: {e}") from None
+        return int(link["index"])
 
     # -- handles into the namespace -------------------------------------------------------------
 
     def iproute(self) -> IPRoute:
         """An IPRoute bound to this host's namespace, kept open until the lab goes down."""
         if self._ipr is None:
-            self._ipr = IPRoute(netns=self.ns, flags=0)
+            self._ipr = nsops.open_iproute(self.ns)
         return self._ipr
 
     def socket(

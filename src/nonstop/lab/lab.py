@@ -178,23 +178,22 @@ class Lab:
         nsops.set_sysctls(self.switch_ns, nsops.SWITCH_SYSCTLS)
         for h in self.hosts.values():
             nsops.set_sysctls(h.ns, nsops.HOST_SYSCTLS)
-        sw = self._sw = IPRoute(netns=self.switch_ns, flags=0)
-        sw.link("set", index=sw.link_lookup(ifname="lo")[0], state="up")
+        sw = self._sw = nsops.open_iproute(self.switch_ns)
+        sw.link("set", index=1, state="up")  # lo is always index 1
         bridges: dict[str, int] = {}
         for ch in topo.channels:
-            sw.link("add", ifname=ch, kind="bridge", br_mcast_snooping=0, br_forward_delay=0)
-            bridges[ch] = sw.link_lookup(ifname=ch)[0]
-            sw.link("set", index=bridges[ch], state="up")
+            sw.link(
+                "add", ifname=ch, kind="bridge", br_mcast_snooping=0, br_forward_delay=0, state="up"
+            )
+            bridges[ch] = sw.link("get", ifname=ch)[0]["index"]
         for h in self.hosts.values():
             for ch in h.channels:
                 port = topo.switch_port(h.name, ch)
                 peer = {"ifname": ch, "net_ns_fd": h.ns, "address": topo.mac(h.name, ch)}
-                sw.link("add", ifname=port, kind="veth", peer=peer)
-                idx = sw.link_lookup(ifname=port)[0]
-                sw.link("set", index=idx, master=bridges[ch], state="up")
+                sw.link("add", ifname=port, kind="veth", peer=peer, master=bridges[ch], state="up")
         for h in self.hosts.values():
             ipr = h.iproute()
-            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+            ipr.link("set", index=1, state="up")
             for ch in h.channels:
                 idx = h._index(ch)
                 net4, net6 = topo.channels[ch].v4, topo.channels[ch].v6
@@ -345,7 +344,7 @@ class Lab:
         if self._sw is None:
             raise LabError("the lab is not up")
         port = self.topology.switch_port(h.name, channel)
-        self._sw.link("set", index=self._sw.link_lookup(ifname=port)[0], state=state)
+        self._sw.link("set", ifname=port, state=state)
 
     def _track(self, fault: Fault) -> Fault:
         self.faults.append(fault)

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 
 CLONE_NEWNET = 0x40000000
@@ -60,10 +61,59 @@ def ns_exists(name: str) -> bool:
     return (NETNS_DIR / name).exists()
 
 
+MS_BIND, MS_REC, MS_SHARED = 4096, 16384, 1 << 20
+_rundir_ready = False
+
+
+def _prepare_rundir() -> None:
+    """Make /run/netns a shared mount point, as ``ip netns add`` does, so namespace bind mounts
+    propagate to every mount namespace."""
+    global _rundir_ready
+    if _rundir_ready:
+        return
+    NETNS_DIR.mkdir(parents=True, exist_ok=True)
+    d = bytes(NETNS_DIR)
+    if _libc.mount(b"", d, b"none", MS_SHARED | MS_REC, None) != 0:
+        if _libc.mount(d, d, b"none", MS_BIND | MS_REC, None) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mount --bind {NETNS_DIR}: {os.strerror(err)}")
+        if _libc.mount(b"", d, b"none", MS_SHARED | MS_REC, None) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mount --make-rshared {NETNS_DIR}: {os.strerror(err)}")
+    _rundir_ready = True
+
+
+def _create_here(path: bytes) -> None:
+    if _libc.unshare(CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
+    if _libc.mount(b"/proc/thread-self/ns/net", path, b"none", MS_BIND, None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {path!r}: {os.strerror(err)}")
+
+
 def create_ns(name: str) -> None:
-    if ns_exists(name):
-        raise FileExistsError(errno.EEXIST, "network namespace exists", name)
-    pr_netns.create(name)
+    """Create ``/run/netns/<name>``: a short-lived thread unshares its network namespace and
+    bind-mounts it there (no fork: ~0.3 ms instead of ~10 ms for pyroute2's netns.create)."""
+    _prepare_rundir()
+    path = NETNS_DIR / name
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0)  # EEXIST if taken
+    os.close(fd)
+    box: dict[str, BaseException] = {}
+
+    def body() -> None:
+        try:
+            _create_here(bytes(path))
+        except BaseException as e:
+            box["error"] = e
+
+    t = threading.Thread(target=body, name=f"netns-create-{name}", daemon=True)
+    t.start()
+    t.join()
+    if "error" in box:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise box["error"]
 
 
 def remove_ns(name: str) -> bool:
@@ -103,6 +153,16 @@ def in_netns(name: str, fn: Any, *args: Any) -> Any:
     if "error" in box:
         raise box["error"]
     return box.get("result")
+
+
+def _netlink_fd() -> int:
+    return socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 0).detach()  # NETLINK_ROUTE
+
+
+def open_iproute(ns: str) -> IPRoute:
+    """An IPRoute whose netlink socket lives in ``ns`` (~1 ms; ``IPRoute(netns=...)`` forks a
+    helper to make the socket and takes ~4 ms). Never creates a missing namespace."""
+    return IPRoute(fileno=in_netns(ns, _netlink_fd))
 
 
 def _write_sysctls(values: dict[str, str]) -> None:
