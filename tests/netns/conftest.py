@@ -34,7 +34,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     skip = pytest.mark.skip(reason=reason)
     for item in items:
-        if "netns" in item.keywords:
+        if item.get_closest_marker("netns") is not None:
             item.add_marker(skip)
 
 
@@ -46,6 +46,9 @@ def _sweep_stale_labs() -> None:
 
 @pytest.fixture
 def lab_factory() -> Iterator[Callable[..., Lab]]:
+    reason = _why_no_netns()
+    if reason is not None:  # also for tests that forgot the netns mark
+        pytest.skip(reason)
     labs: list[Lab] = []
 
     def make(topology: Topology, prefix: str | None = None, **kwargs: Any) -> Lab:
