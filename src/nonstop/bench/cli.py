@@ -48,6 +48,13 @@ def _add_failover(sub: Any) -> None:
         "on hb, counting false failovers",
     )
     p.add_argument(
+        "--soak-loss-channel",
+        choices=("hb", "lan"),
+        default="hb",
+        help="channel that loses 5%% of its packets during the soak (default hb; keepalived "
+        "only uses lan)",
+    )
+    p.add_argument(
         "--witness",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -82,6 +89,7 @@ def cmd_failover(args: argparse.Namespace) -> int:
         fault=args.fault,
         baseline=None if args.baseline == "none" else args.baseline,
         soak_s=args.soak,
+        soak_loss_channel=args.soak_loss_channel,
         witness=args.witness,
         ours=args.ours,
     )

@@ -41,6 +41,7 @@ class FailoverConfig:
     fault: str = "kill"  # kill | node
     baseline: str | None = "keepalived"
     soak_s: float = 0.0
+    soak_loss_channel: str = "hb"
     witness: bool = True
     ours: bool = True  # False: the baseline only (for checking the harness itself)
     settle_timeout_s: float = 20.0
@@ -249,7 +250,8 @@ class ToolBench:
 
     def soak(self, seconds: float) -> dict[str, Any]:
         hogs = [self.lab.cpu_hog(n, workers=1) for n in NODES]
-        faults = [self.lab.loss(n, "hb", 5) for n in NODES]
+        ch = self.cfg.soak_loss_channel
+        faults = [self.lab.loss(n, ch, 5) for n in NODES]
         t0 = time.monotonic()
         try:
             end = t0 + seconds
@@ -269,7 +271,7 @@ class ToolBench:
             "seconds": round(t1 - t0, 3),
             "master_changes": hist if hist is not None else vip_adds,
             "vip_add_events": vip_adds,
-            "load": "cpu_hog 1 worker on each node; 5 % inbound loss on hb of each node",
+            "load": f"cpu_hog 1 worker on each node; 5 % inbound loss on {ch} of each node",
         }
 
     def report(self, samples: list[dict[str, Any]], soak: dict[str, Any] | None) -> dict[str, Any]:
