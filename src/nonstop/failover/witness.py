@@ -41,14 +41,14 @@ from nonstop.common import RemoteProtocolError
 MAGIC = b"NSWT"
 NodeId = Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
 U32 = Annotated[int, msgspec.Meta(ge=0, le=0xFFFFFFFF)]
-U64 = Annotated[int, msgspec.Meta(ge=0, le=2**64 - 1)]
+U63 = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 
 
 class LeaseRequest(msgspec.Struct, array_like=True, frozen=True, tag=1):
     group: U32
     node_id: NodeId
-    incarnation: U64
-    seq: U64
+    incarnation: U63
+    seq: U63
     want: bool
     lease_ms: U32
 
@@ -56,8 +56,8 @@ class LeaseRequest(msgspec.Struct, array_like=True, frozen=True, tag=1):
 class LeaseReply(msgspec.Struct, array_like=True, frozen=True, tag=2):
     group: U32
     to: NodeId
-    echo_incarnation: U64
-    echo_seq: U64
+    echo_incarnation: U63
+    echo_seq: U63
     holder: Annotated[str, msgspec.Meta(max_length=32)]
     granted: bool
     lease_ms: U32
