@@ -24,8 +24,6 @@ import signal
 import time
 from typing import Any
 
-from nonstop.failover.guard import GuardClient
-
 from nonstop import __version__
 from nonstop.agent.hooks import Hooks
 from nonstop.agent.link import AgentLinks
@@ -33,6 +31,7 @@ from nonstop.agent.realtime import make_realtime
 from nonstop.common import RemoteProtocolError, Role
 from nonstop.config import AgentConfig
 from nonstop.failover import roles as R
+from nonstop.failover.guard import GuardClient
 from nonstop.failover.vip import VipManager, VipSpec
 from nonstop.failover.witness import LeaseDenied, LeaseGranted, WitnessClient
 from nonstop.membership import (
@@ -90,19 +89,7 @@ class Agent:
         now = time.monotonic()
         self.started = now
         self.membership = Membership(
-            MembershipConfig(
-                node_id=node.id,
-                group=node.group,
-                interval=hb.interval,
-                dead_after=hb.dead_after,
-                copies=hb.copies,
-                replay_window=hb.replay_window,
-                channels=tuple(c.name for c in cfg.channels),
-                peers={p.id: tuple(p.addresses) for p in cfg.peers},
-            ),
-            key=key,
-            incarnation=self.incarnation,
-            now=now,
+            MembershipConfig.from_agent_config(cfg), key=key, incarnation=self.incarnation, now=now
         )
         self.roles = R.RoleMachine(
             R.RoleConfig(
