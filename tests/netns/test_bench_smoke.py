@@ -57,7 +57,7 @@ def test_bench_failover_smoke(fault: str, tmp_path: Path) -> None:
     out = tmp_path / "result.json"
     argv = [sys.executable, "-m", "nonstop", "bench", "failover", "--runs", "2",
             "--interval-ms", "10", "--fault", fault, "--baseline", "keepalived",
-            "--format", "json", "--out", str(out)]  # fmt: skip
+            "--format", "json", "--out", str(out), "--no-witness"]  # fmt: skip
     if fault == "node":
         argv += ["--soak", "1"]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=110)

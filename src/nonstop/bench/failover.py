@@ -193,7 +193,7 @@ class ToolBench:
                 f"the VIP on {backup}",
             )[0]
             sample["detect_ms"] = (add["t"] - t_fault) * 1000
-            promo = self.driver.promotion_time(backup, t_fault - 1.0)
+            promo = self.driver.promotion_time(backup, t_fault)
             if promo is not None:
                 sample["promotion_ms"] = (promo - t_fault) * 1000
                 sample["promotion_minus_detect_ms"] = (promo - add["t"]) * 1000
