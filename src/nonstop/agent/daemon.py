@@ -88,21 +88,7 @@ class Agent:
         self.incarnation = next_incarnation(node.state_dir)
         now = time.monotonic()
         self.started = now
-        self.membership = Membership(
-            MembershipConfig.from_agent_config(cfg), key=key, incarnation=self.incarnation, now=now
-        )
-        self.roles = R.RoleMachine(
-            R.RoleConfig(
-                node_id=node.id,
-                priority=node.priority,
-                preempt=cfg.failover.preempt,
-                preempt_delay=cfg.failover.preempt_delay_ms / 1000,
-                interval=hb.interval,
-                dead_after=hb.dead_after,
-                witness=cfg.witness is not None,
-            ),
-            now=now,
-        )
+        self._make_cores(now)
         self.witness = (
             WitnessClient(key, node.group, node.id, self.incarnation, lease=cfg.lease)
             if cfg.witness
@@ -141,8 +127,31 @@ class Agent:
         self._next_feed = float("inf")
         self._stop = asyncio.Event()
         self._stopping = False
+        self._ready = False
         self._api: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def _make_cores(self, now: float) -> None:
+        """(Re)create the sans-IO cores with their clocks starting at ``now``. run() calls it
+        again once the sockets are open, so the INIT listening window really is spent listening
+        and not in start-up (imports, the guard, the API)."""
+        cfg, hb, node = self.cfg, self.cfg.heartbeat, self.cfg.node
+        self.membership = Membership(
+            MembershipConfig.from_agent_config(cfg), key=self._key, incarnation=self.incarnation,
+            now=now,
+        )  # fmt: skip
+        self.roles = R.RoleMachine(
+            R.RoleConfig(
+                node_id=node.id,
+                priority=node.priority,
+                preempt=cfg.failover.preempt,
+                preempt_delay=cfg.failover.preempt_delay_ms / 1000,
+                interval=hb.interval,
+                dead_after=hb.dead_after,
+                witness=cfg.witness is not None,
+            ),
+            now=now,
+        )
 
     # -- lifecycle ------------------------------------------------------------------------
     async def run(self) -> None:
@@ -179,7 +188,11 @@ class Agent:
             cfg.heartbeat.interval_ms,
             cfg.heartbeat.dead_after,
         )
-        self._pump(time.monotonic())
+        now = time.monotonic()
+        self._make_cores(now)
+        self.role_since = now
+        self._ready = True
+        self._pump(now)
         try:
             await self._stop.wait()
         finally:
@@ -229,6 +242,8 @@ class Agent:
 
     # -- inputs ---------------------------------------------------------------------------
     def datagram_received(self, data: bytes, channel: str) -> None:
+        if not self._ready:  # start-up: the cores are re-made when the loop begins
+            return
         now = time.monotonic()
         if data[:4] == b"NSWT":
             if self.witness is not None:
@@ -246,6 +261,8 @@ class Agent:
         self._pump(now)
 
     def _link_closed(self, peer: str, channel: str, reason: str) -> None:
+        if not self._ready:
+            return
         now = time.monotonic()
         self.counters["link_closed"] += 1
         self.membership.link_closed(peer, now, reason)
@@ -261,6 +278,7 @@ class Agent:
                 log.error("fence guard: %s", reason)
                 self.roles.fenced(f"fence guard dropped the VIPs: {reason}", now)
             elif notice == "EOF":
+                asyncio.get_running_loop().remove_reader(self.guard.fileno())
                 log.critical("fence guard exited: this node can no longer fence itself")
                 self.roles.local_fault("fence guard exited", now)
         self._pump(now)
