@@ -53,7 +53,6 @@ def _check_tool(d: dict, runs: int) -> None:
 
 @pytest.mark.parametrize("fault", ["kill", "node"])
 def test_bench_failover_smoke(fault: str, tmp_path: Path) -> None:
-    ns_before, labs_before = _namespaces(), {s["prefix"] for s in Lab.states()}
     out = tmp_path / "result.json"
     argv = [sys.executable, "-m", "nonstop", "bench", "failover", "--runs", "2",
             "--interval-ms", "10", "--fault", fault, "--baseline", "keepalived",
@@ -88,6 +87,9 @@ def test_bench_failover_smoke(fault: str, tmp_path: Path) -> None:
     else:
         assert result["soak"]["seconds"] >= 1 and base["soak"]["seconds"] >= 1
 
-    assert _namespaces() - ns_before == set(), "the benchmark left namespaces behind"
-    assert {s["prefix"] for s in Lab.states()} - labs_before == set()
+    prefixes = {result["config"][t]["lab_prefix"] for t in ("nonstop", "keepalived")}
+    assert len(prefixes) == 2
+    left = {n for n in _namespaces() if n.split("-")[0] in prefixes}
+    assert left == set(), "the benchmark left namespaces behind"
+    assert {s["prefix"] for s in Lab.states()} & prefixes == set()
     assert _keepalived_pids_in_labs() == []

@@ -325,7 +325,9 @@ def run_tool(name: str, cfg: FailoverConfig, tick: Callable[[], None]) -> dict[s
         else:
             driver = NonstopDriver(lab, interval_ms=cfg.interval_ms, witness=cfg.witness)
         try:
-            return ToolBench(lab, driver, cfg, tick).run_all()
+            out = ToolBench(lab, driver, cfg, tick).run_all()
+            out["config"]["lab_prefix"] = lab.prefix
+            return out
         finally:
             driver.stop()
 
