@@ -17,7 +17,8 @@ table is a bug in the caller and raises LocalProtocolError):
    lease expired: a master that still hears a peer keeps the VIP without the witness. If the
    witness says another node holds the lease it steps down at once (that node is promoting).
 4. Two masters (a healed partition): the lower (priority, node_id) steps down at once; the winner
-   re-announces the VIPs (Announce) each time a peer newly shows up as MASTER.
+   re-announces the VIPs (Announce) whenever a peer (re)appears or newly shows up as MASTER
+   (the loser may have stepped down before we heard it as MASTER, its GARPs still in caches).
 5. Preemption: a BACKUP whose priority is strictly higher than the live MASTER's, with
    preempt=True, sets FLAG_HANDOVER_REQUEST in its heartbeats once the condition held for
    preempt_delay. The MASTER, seeing a higher-priority BACKUP with that flag, releases the VIPs
@@ -34,7 +35,8 @@ table is a bug in the caller and raises LocalProtocolError):
    one-sentence reason, also kept in ``reason``.
 
 Pairs outside the table: lease_* and fenced while INIT (no lease was ever requested and no VIP
-held in INIT, so such an input means the caller wired something wrong).
+held in INIT, so such an input means the caller wired something wrong). lease_* inputs to a
+machine configured without a witness raise the same way.
 Known limit: a BACKUP waits for a better live candidate to promote; if that one cannot get the
 lease (it cannot reach the witness) nobody promotes until it is lost.
 """
@@ -62,6 +64,7 @@ LOCAL_FAULT = "local_fault"
 LOCAL_OK = "local_ok"
 STOP = "stop"
 TIMER = "timer"
+_LEASE_INPUTS = frozenset({"lease_granted", "lease_denied", "lease_lost"})
 INPUT_KINDS = (
     PEER_SEEN, PEER_LOST, PEER_LEFT, LEASE_GRANTED, LEASE_DENIED, LEASE_LOST,
     FENCED, LOCAL_FAULT, LOCAL_OK, STOP, TIMER,
@@ -245,20 +248,23 @@ class RoleMachine:
             raise LocalProtocolError(f"{kind} is not a valid input while {self.role}")
         if now < self._now:
             raise LocalProtocolError(f"time went backwards: {now} < {self._now}")
+        if kind in _LEASE_INPUTS and not self.config.witness:
+            raise LocalProtocolError(f"{kind} without a witness configured")
         self._now = now
         handler(self, now, *args)
 
     # ---- knowledge updates (shared by several handlers) -------------------------------------
 
     def _update_peer(self, now: float, peer: str, role: Role, priority: int, flags: int) -> bool:
-        """Record a peer's state; return True if it newly shows up as MASTER."""
+        """Record a peer's state; return True if it (re)appears, or newly shows up as MASTER:
+        either way it may have announced the VIPs while we could not hear it."""
         if peer == self.config.node_id:
             raise LocalProtocolError("peer_seen with our own node id")
         old = self.peers.get(peer)
         if old is not None and old.role == Role.MASTER and role != Role.MASTER:
             self._cause = f"master {peer} became {role}"
         self.peers[peer] = PeerView(role, priority, flags, now)
-        return role == Role.MASTER and (old is None or old.role != Role.MASTER)
+        return old is None or (role == Role.MASTER and old.role != Role.MASTER)
 
     def _forget_peer(self, peer: str, why: str) -> None:
         old = self.peers.pop(peer, None)
@@ -449,11 +455,13 @@ class RoleMachine:
     # ---- handlers (the values of TRANSITIONS) -----------------------------------------------
 
     def _on_peer_seen(self, now: float, peer: str, role: Role, prio: int, flags: int) -> None:
-        newly_master = self._update_peer(now, peer, role, prio, flags)
+        appeared = self._update_peer(now, peer, role, prio, flags)
         was_master = self.role == Role.MASTER
         self._evaluate(now)
-        if was_master and self.role == Role.MASTER and newly_master:
-            self.reason = f"stayed master over {peer} (priority {prio}) and re-announced"
+        if was_master and self.role == Role.MASTER and appeared:
+            self.reason = (
+                f"stayed master as {peer} ({role}, priority {prio}) appeared; re-announced"
+            )
             self._actions.append(Announce())
             self._actions.append(SendHeartbeatNow())
 

@@ -1,0 +1,413 @@
+"""RoleMachine scenarios, driven with explicit time (no sleeping).
+
+``Cluster`` joins real RoleMachines with a fake network (instant delivery, links that can be cut)
+and a real WitnessCore + WitnessClient per node. It plays the membership layer's part: heartbeats
+every interval (and at once on SendHeartbeatNow) become peer_seen, silence for dead_after
+intervals becomes peer_lost. It records who held the VIPs when.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from nonstop.common import LocalProtocolError, Role
+from nonstop.failover import roles as R
+from nonstop.failover.witness import LeaseDenied, LeaseGranted, WitnessClient, WitnessCore
+
+KEY = b"k" * 32
+INTERVAL, DEAD_AFTER = 0.010, 3
+LEASE = INTERVAL * DEAD_AFTER
+STEP = 0.001
+
+
+class Cluster:
+    def __init__(
+        self,
+        prios: dict[str, int],
+        *,
+        witness: bool = True,
+        preempt: bool = True,
+        preempt_delay: float = 0.0,
+        start: dict[str, float] | None = None,
+    ) -> None:
+        self.now = 0.0
+        self.prios = prios
+        self.witness_on = witness
+        self.cfg = {
+            n: R.RoleConfig(n, p, preempt, preempt_delay, INTERVAL, DEAD_AFTER, witness)
+            for n, p in prios.items()
+        }
+        self.start = start or {}
+        self.m: dict[str, R.RoleMachine] = {}
+        self.clients: dict[str, WitnessClient] = {}
+        self.witness = WitnessCore(KEY, LEASE, 0.0, grace=0.0)
+        self.cut: set[frozenset[str]] = set()  # pairs that cannot hear each other
+        self.cut_witness: set[str] = set()
+        self.dead: set[str] = set()  # crashed (stopped sending, no inputs)
+        self.heard: dict[tuple[str, str], float] = {}  # (rx, tx) -> last time
+        self.next_hb: dict[str, float] = {}
+        self.vip: dict[str, bool] = dict.fromkeys(prios, False)
+        self.log: list[tuple[float, str, str]] = []  # (now, node, what)
+        self.events: list[tuple[str, R.RoleChanged]] = []
+        self.announces: dict[str, int] = dict.fromkeys(prios, 0)
+        self.overlap = False  # two VIP holders that cannot hear each other, ever
+        self.max_holders = 0  # most live nodes holding the VIPs at one instant
+        self._boot()
+
+    # -- plumbing --------------------------------------------------------------------------
+    def _boot(self) -> None:
+        for n in self.prios:
+            if self.start.get(n, 0.0) <= self.now and n not in self.m:
+                self.m[n] = R.RoleMachine(self.cfg[n], now=self.now)
+                self.clients[n] = WitnessClient(KEY, 1, n, 1, lease=LEASE, margin=0.001)
+                self.next_hb[n] = self.now
+
+    def live(self) -> list[str]:
+        return [n for n in self.m if n not in self.dead]
+
+    def linked(self, a: str, b: str) -> bool:
+        return frozenset((a, b)) not in self.cut
+
+    def heartbeat(self, tx: str) -> None:
+        m = self.m[tx]
+        for rx in self.live():
+            if rx != tx and self.linked(rx, tx):
+                self.heard[(rx, tx)] = self.now
+                self.m[rx].peer_seen(tx, m.role, self.prios[tx], m.flags_for_heartbeat(), self.now)
+
+    def act(self, n: str, a: R.Action) -> None:
+        if isinstance(a, R.AcquireVips):
+            self.vip[n] = True
+            self.log.append((self.now, n, "acquire"))
+        elif isinstance(a, R.ReleaseVips):
+            self.vip[n] = False
+            self.log.append((self.now, n, "release"))
+        elif isinstance(a, R.Announce):
+            self.announces[n] += 1
+        elif isinstance(a, R.SendHeartbeatNow):
+            self.heartbeat(n)
+        elif isinstance(a, R.RequestLease | R.ReleaseLease):
+            data = self.clients[n].request(self.now, want=isinstance(a, R.RequestLease))
+            if n in self.cut_witness:
+                return
+            for _, reply in self.witness.receive(data, n, self.now):
+                got = self.clients[n].receive(reply, self.now)
+                if isinstance(got, LeaseGranted):
+                    self.m[n].lease_granted(got.until, self.now)
+                elif isinstance(got, LeaseDenied):
+                    self.m[n].lease_denied(got.holder, self.now)
+
+    def pump(self) -> None:
+        for _ in range(1000):
+            busy = False
+            for n in self.live():
+                while (a := self.m[n].next_action()) is not None:
+                    busy = True
+                    self.act(n, a)
+                while (e := self.m[n].next_event()) is not None:
+                    self.events.append((n, e))
+            if not busy:
+                break
+        holders = [n for n in self.live() if self.vip[n]]
+        self.max_holders = max(self.max_holders, len(holders))
+        for i, a in enumerate(holders):
+            for b in holders[i + 1 :]:
+                if not self.linked(a, b):
+                    self.overlap = True
+
+    def tick(self) -> None:
+        self.now = round(self.now + STEP, 9)
+        self._boot()
+        for n in self.live():
+            t = self.m[n].get_timer()
+            if t is not None and t <= self.now + 1e-12:
+                self.m[n].handle_timer(self.now)
+        self.pump()
+        for n in self.live():
+            if self.next_hb[n] <= self.now + 1e-12:
+                self.next_hb[n] = self.now + INTERVAL
+                self.heartbeat(n)
+        for (rx, tx), t in list(self.heard.items()):
+            if rx in self.dead:
+                continue
+            if self.now - t >= INTERVAL * DEAD_AFTER - 1e-9:
+                del self.heard[(rx, tx)]
+                silent = round((self.now - t) * 1000)
+                self.m[rx].peer_lost(tx, f"no heartbeat on lan for {silent} ms", self.now)
+        self.pump()
+
+    def run(self, seconds: float) -> None:
+        for _ in range(round(seconds / STEP)):
+            self.tick()
+
+    def until(self, cond, limit: float = 1.0) -> float:
+        start = self.now
+        while not cond():
+            assert self.now - start < limit, "condition not reached"
+            self.tick()
+        return self.now
+
+    def roles(self) -> dict[str, Role]:
+        return {n: self.m[n].role for n in self.m}
+
+    def kill(self, n: str) -> None:
+        self.dead.add(n)  # the VIP stays "held" on a dead node only in our log: it is dead
+        self.vip[n] = False
+
+    def partition(self, a: str, b: str) -> None:
+        self.cut.add(frozenset((a, b)))
+
+    def heal(self, a: str, b: str) -> None:
+        self.cut.discard(frozenset((a, b)))
+
+    def reasons(self, n: str) -> list[str]:
+        return [e.reason for who, e in self.events if who == n]
+
+
+M, B = Role.MASTER, Role.BACKUP
+
+
+# ---- startup ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("witness", [False, True])
+def test_startup_highest_priority_becomes_master(witness: bool) -> None:
+    c = Cluster({"node-a": 200, "node-b": 100}, witness=witness)
+    c.run(0.05)
+    assert c.roles() == {"node-a": M, "node-b": B}
+    assert c.vip == {"node-a": True, "node-b": False}
+    assert not c.overlap
+
+
+def test_startup_tie_broken_by_node_id() -> None:
+    c = Cluster({"node-a": 100, "node-b": 100}, witness=False)
+    c.run(0.05)
+    assert c.roles() == {"node-a": B, "node-b": M}
+
+
+def test_startup_decides_early_when_a_master_is_seen() -> None:
+    c = Cluster({"node-a": 200, "node-b": 100}, start={"node-b": 0.1}, preempt=False)
+    c.run(0.101)
+    assert c.roles()["node-b"] == B  # decided at its first heartbeat, not after 30 ms
+    assert "joined as backup: node-a is master" in c.reasons("node-b")[0]
+
+
+# ---- master lost -----------------------------------------------------------------------------
+
+
+def test_master_lost_backup_promotes_without_witness() -> None:
+    c = Cluster({"node-a": 200, "node-b": 100}, witness=False)
+    c.run(0.05)
+    c.kill("node-a")
+    t_kill = c.now
+    t = c.until(lambda: c.m["node-b"].role == M)
+    assert INTERVAL * (DEAD_AFTER - 1) <= t - t_kill <= INTERVAL * DEAD_AFTER + 2 * STEP
+    assert c.reasons("node-b")[-1].startswith("promoted: master node-a lost (no heartbeat on lan")
+
+
+def test_master_lost_backup_waits_for_the_witness_lease() -> None:
+    c = Cluster({"node-a": 200, "node-b": 100})
+    c.run(0.05)
+    c.kill("node-a")
+    last_grant = c.witness.leases[1].until  # a's lease at the witness
+    t = c.until(lambda: c.m["node-b"].role == M)
+    assert t >= last_grant  # denied while a's lease ran, granted after
+    assert c.witness.counters["denied"] >= 1
+    reason = c.reasons("node-b")[-1]
+    assert reason.startswith("promoted: master node-a lost (no heartbeat on lan for")
+    assert reason.endswith("and the witness granted the lease")
+
+
+def test_lease_denied_then_granted_direct_inputs() -> None:
+    cfg = R.RoleConfig("node-b", 100, True, 0.0, INTERVAL, DEAD_AFTER, True)
+    rm = R.RoleMachine(cfg, now=0.0)
+    rm.peer_seen("node-a", Role.MASTER, 200, R.FLAG_HOLDS_LEASE, 0.001)
+    assert rm.role == B
+    rm.peer_lost("node-a", "no heartbeat on lan, hb for 30 ms", 0.040)
+    acts = drain(rm)
+    assert R.RequestLease() in acts and rm.role == B
+    rm.lease_denied("node-a", 0.041)
+    assert rm.role == B and "denied" in rm.reason
+    assert rm.get_timer() == pytest.approx(0.050)
+    rm.handle_timer(0.050)
+    assert R.RequestLease() in drain(rm)  # retried on the next tick
+    rm.lease_granted(0.050 + LEASE - 0.001, 0.051)
+    assert rm.role == M
+    assert drain(rm)[:2] == [R.AcquireVips(), R.Announce()]
+    assert rm.reason == (
+        "promoted: master node-a lost (no heartbeat on lan, hb for 30 ms) and the witness "
+        "granted the lease"
+    )
+    assert rm.flags_for_heartbeat() & R.FLAG_HOLDS_LEASE
+
+
+def test_late_grant_after_master_came_back_is_released() -> None:
+    cfg = R.RoleConfig("node-b", 100, True, 0.0, INTERVAL, DEAD_AFTER, True)
+    rm = R.RoleMachine(cfg, now=0.0)
+    rm.peer_seen("node-a", Role.MASTER, 200, 0, 0.001)
+    rm.peer_lost("node-a", "silence", 0.040)
+    drain(rm)
+    rm.peer_seen("node-a", Role.MASTER, 200, 0, 0.042)
+    rm.lease_granted(0.07, 0.043)
+    assert rm.role == B and R.ReleaseLease() in drain(rm)
+
+
+# ---- partitions ------------------------------------------------------------------------------
+
+
+def test_master_loses_peer_but_keeps_lease_stays_master() -> None:
+    c = Cluster({"node-a": 200, "node-b": 100})
+    c.run(0.05)
+    c.partition("node-a", "node-b")
+    c.run(0.3)
+    assert c.roles() == {"node-a": M, "node-b": B}
+    assert c.vip == {"node-a": True, "node-b": False}
+    assert not c.overlap
+
+
+def test_master_hearing_peer_keeps_vip_without_witness() -> None:
+    c = Cluster({"node-a": 200, "node-b": 100})
+    c.run(0.05)
+    c.cut_witness.update({"node-a", "node-b"})
+    c.run(0.3)
+    assert c.roles() == {"node-a": M, "node-b": B}
+    assert not c.m["node-a"].flags_for_heartbeat() & R.FLAG_HOLDS_LEASE
+
+
+def test_master_loses_peer_and_witness_steps_down_before_backup_promotes() -> None:
+    c = Cluster({"node-a": 200, "node-b": 100})
+    c.run(0.05)
+    c.partition("node-a", "node-b")
+    c.cut_witness.add("node-a")
+    c.until(lambda: c.m["node-b"].role == M)
+    assert c.m["node-a"].role == B
+    (down,) = [t for t, n, w in c.log if n == "node-a" and w == "release"]
+    up = [t for t, n, w in c.log if n == "node-b" and w == "acquire"][-1]
+    assert down < up  # never two holders
+    assert not c.overlap
+    assert "demoted: no peer is heard and the witness lease expired" in c.reasons("node-a")[-1]
+
+
+def test_without_witness_partition_gives_two_masters_then_heals() -> None:
+    c = Cluster({"node-a": 200, "node-b": 100}, witness=False)
+    c.run(0.05)
+    c.partition("node-a", "node-b")
+    c.run(0.1)
+    assert c.roles() == {"node-a": M, "node-b": M}  # like VRRP: nothing can tell them apart
+    before = c.announces["node-a"]
+    c.heal("node-a", "node-b")
+    c.run(0.002)
+    assert c.roles() == {"node-a": M, "node-b": B}
+    assert c.announces["node-a"] == before + 1  # the winner re-announced, once
+    assert "is also master and wins" in c.reasons("node-b")[-1]
+    c.run(0.05)
+    assert c.announces["node-a"] == before + 1
+
+
+# ---- preemption ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("witness", [False, True])
+def test_preempt_hands_over_without_overlap(witness: bool) -> None:
+    c = Cluster({"node-a": 200, "node-b": 100}, witness=witness, start={"node-a": 0.1})
+    c.run(0.099)  # node-a boots at 0.1
+    assert c.roles() == {"node-b": M}
+    c.until(lambda: "node-a" in c.m and c.m["node-a"].role == M, limit=0.2)
+    assert c.m["node-b"].role == B
+    log = [(n, w) for _, n, w in c.log]
+    assert log[-2:] == [("node-b", "release"), ("node-a", "acquire")]
+    assert c.max_holders == 1
+    assert c.reasons("node-b")[-1].startswith("handed over: node-a (priority 200 > 100)")
+
+
+def test_preempt_off_never_takes_over() -> None:
+    c = Cluster({"node-a": 200, "node-b": 100}, start={"node-a": 0.1}, preempt=False)
+    c.run(0.5)
+    assert c.roles() == {"node-a": B, "node-b": M}
+    assert not c.m["node-a"].flags_for_heartbeat() & R.FLAG_HANDOVER_REQUEST
+
+
+def test_preempt_delay() -> None:
+    c = Cluster({"node-a": 200, "node-b": 100}, start={"node-a": 0.1}, preempt_delay=0.2)
+    c.run(0.25)
+    assert c.roles() == {"node-a": B, "node-b": M}
+    t = c.until(lambda: c.m["node-a"].role == M)
+    assert 0.3 <= t <= 0.33
+
+
+# ---- fenced, local fault, stop ---------------------------------------------------------------
+
+
+def test_fenced_master_becomes_backup_and_holds_off() -> None:
+    c = Cluster({"node-a": 200, "node-b": 100}, witness=False)
+    c.run(0.05)
+    c.m["node-a"].fenced("no FEED for 20 ms", c.now)
+    t_fenced = c.now
+    c.pump()
+    assert c.m["node-a"].role == B and not c.vip["node-a"]
+    assert c.reasons("node-a")[-1] == "fenced: no FEED for 20 ms"
+    # b waits for a (better candidate); a holds off for dead_after intervals, then promotes again
+    t = c.until(lambda: c.m["node-a"].role == M)
+    assert t - t_fenced >= INTERVAL * DEAD_AFTER
+    assert c.m["node-b"].role == B
+
+
+def test_local_fault_and_recovery() -> None:
+    c = Cluster({"node-a": 200, "node-b": 100})
+    c.run(0.05)
+    c.m["node-a"].local_fault("lan is down", c.now)
+    c.pump()
+    assert c.m["node-a"].role == Role.FAULT and not c.vip["node-a"]
+    c.until(lambda: c.m["node-b"].role == M)  # a released the lease: granted at once
+    c.m["node-a"].local_fault("lan is still down", c.now)  # repeated: no transition
+    c.run(0.05)
+    assert c.m["node-a"].role == Role.FAULT
+    c.m["node-a"].local_ok(c.now)
+    c.pump()
+    c.until(lambda: c.m["node-a"].role == M)  # back as backup, then preempts
+    assert c.m["node-b"].role == B
+    assert not c.overlap
+
+
+def test_graceful_stop_hands_over_at_once() -> None:
+    c = Cluster({"node-a": 200, "node-b": 100})
+    c.run(0.05)
+    c.m["node-a"].stop(c.now)
+    t_stop = c.now
+    c.pump()
+    assert c.m["node-a"].role == Role.STOPPING and not c.vip["node-a"]
+    t = c.until(lambda: c.m["node-b"].role == M)
+    assert t - t_stop <= STEP  # lease released, STOPPING heard: no detection delay
+    c.m["node-a"].stop(c.now)  # a second stop is harmless
+
+
+# ---- the table -------------------------------------------------------------------------------
+
+
+def drain(rm: R.RoleMachine) -> list[R.Action]:
+    out = []
+    while (a := rm.next_action()) is not None:
+        out.append(a)
+    return out
+
+
+def test_table_covers_every_pair_except_documented_ones() -> None:
+    missing = {(r, k) for r in Role for k in R.INPUT_KINDS} - set(R.TRANSITIONS)
+    assert missing == {
+        (Role.INIT, R.LEASE_GRANTED),
+        (Role.INIT, R.LEASE_DENIED),
+        (Role.INIT, R.LEASE_LOST),
+        (Role.INIT, R.FENCED),
+    }
+
+
+def test_pair_outside_table_raises_local_error() -> None:
+    rm = R.RoleMachine(R.RoleConfig("node-a", 100), now=0.0)
+    with pytest.raises(LocalProtocolError):
+        rm.lease_granted(1.0, 0.0)
+    with pytest.raises(LocalProtocolError):
+        rm.fenced("x", 0.0)
+    with pytest.raises(LocalProtocolError):
+        rm.peer_seen("node-a", Role.MASTER, 1, 0, 0.0)  # our own id
+    with pytest.raises(LocalProtocolError):
+        rm.handle_timer(-1.0)  # time went backwards
