@@ -24,16 +24,14 @@ class _Udp(asyncio.DatagramProtocol):
     def __init__(self, core: WitnessCore, out: _Out) -> None:
         self.core = core
         self.out = out
-        self.transport: asyncio.DatagramTransport | None = None
+        self.transport: Any = None  # the selector datagram transport (has sendto)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
         self.transport = transport
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         now = time.monotonic()
         for dst, reply in self.core.receive(data, addr, now):
-            assert self.transport is not None
             self.transport.sendto(reply, dst)
         while (ev := self.core.next_event()) is not None:
             self.out.event(ev)
