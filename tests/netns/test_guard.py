@@ -83,6 +83,7 @@ class Driver:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            start_new_session=True,  # its own process group, like an agent under a supervisor
         )
 
     def __call__(self, *cmd: object) -> dict:
@@ -193,6 +194,27 @@ def test_no_feed_fences_after_timeout(driver: Driver, lab: Lab) -> None:
 def test_sigkill_of_the_agent_fences_at_once(lab: Lab) -> None:
     """Arm, SIGKILL the process holding the client end: the VIP is gone within ~10 ms."""
     samples = []
+    # The observer (this thread) runs SCHED_FIFO above the guard while measuring, so the time
+    # we read is when the kernel emitted RTM_DELADDR, not when a busy CPU got round to us.
+    try:
+        old_policy, old_param = os.sched_getscheduler(0), os.sched_getparam(0)
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(70))
+    except OSError:
+        old_policy = None
+    try:
+        _measure_kills(lab, samples)
+    finally:
+        if old_policy is not None:
+            os.sched_setscheduler(0, old_policy, old_param)
+    med = statistics.median(samples)
+    print(
+        f"\nSIGKILL -> VIP removed by the guard: median {med * 1e3:.2f} ms, "
+        f"min {min(samples) * 1e3:.2f} ms, max {max(samples) * 1e3:.2f} ms (n=20)"
+    )
+    assert med < 0.010
+
+
+def _measure_kills(lab: Lab, samples: list[float]) -> None:
     for _ in range(20):
         d = Driver(lab)
         events = addr_events(lab)
@@ -213,9 +235,18 @@ def test_sigkill_of_the_agent_fences_at_once(lab: Lab) -> None:
         finally:
             d.kill()
             events.close()
-    med = statistics.median(samples)
-    print(
-        f"\nSIGKILL -> VIP removed by the guard: median {med * 1e3:.2f} ms, "
-        f"min {min(samples) * 1e3:.2f} ms, max {max(samples) * 1e3:.2f} ms (n=20)"
-    )
-    assert med < 0.010
+
+
+def test_sigkill_of_the_agents_process_group_still_fences(lab: Lab) -> None:
+    """kill -9 -PGID (a supervisor killing the group) must not take the guard down with it."""
+    d = Driver(lab)
+    events = addr_events(lab)
+    try:
+        d("spawn")
+        d("acquire")
+        d("arm", 1000)
+        os.killpg(d.p.pid, signal.SIGKILL)
+        assert wait_deladdr(events, 2.0) is not None
+    finally:
+        d.kill()
+        events.close()

@@ -6,7 +6,9 @@ host ``b`` is the neighbour whose cache must flip to a's MAC.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -100,6 +102,10 @@ def _capture_first(lab: Lab, ethertype: int, match: Callable[[bytes], bool]) -> 
     result: dict = {}
 
     def loop() -> None:
+        # SCHED_FIFO for this capture thread only: the receive time is then the arrival time,
+        # not when a busy CPU got round to us (it ends with the thread)
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(70))
         try:
             while True:
                 frame = s.recv(2048)
@@ -146,9 +152,9 @@ def test_announce_flips_neighbour_caches(lab: Lab) -> None:
         assert "t" in got4 and "t" in got6
         first4 = got4["t"] - res["t0"]
         first6 = got6["t"] - res["t0"]
-        # 3 frames 10 ms apart: the burst takes ~20 ms, the first frame is out at once (this
-        # first call also opens the sockets; test_garp_first_frame_latency measures warm calls)
-        assert first4 < 0.02 and first6 < 0.02, (first4, first6)
+        # 3 frames 10 ms apart: the burst takes ~20 ms, the first frame is out at once, also on
+        # this first (cold) call that opens the sockets
+        assert first4 < 0.005 and first6 < 0.005, (first4, first6)
         assert 0.015 < res["t1"] - res["t0"] < 0.2
         print(f"\nfirst GARP seen by b {first4 * 1e3:.3f} ms, first NA {first6 * 1e3:.3f} ms")
     finally:

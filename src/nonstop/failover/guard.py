@@ -19,8 +19,9 @@ Rules: while armed, a FEED (or a new ARM) restarts the timeout. When ``timeout_m
 without one, the guard deletes the VIPs with netlink, writes FENCED and is disarmed. On EOF (the
 agent exited or was SIGKILLed) an armed guard deletes the VIPs at once and exits; a disarmed one
 just exits. It sleeps in poll() with the deadline as timeout (no busy loop), runs SCHED_FIFO
-above the agent when allowed, and ignores SIGINT (a Ctrl-C of the terminal is the agent's
-business: the guard acts on the agent's EOF instead).
+above the agent when allowed, runs in its own session (a SIGKILL of the agent's whole process
+group leaves it alive to fence), and ignores SIGINT (a Ctrl-C is the agent's business: the
+guard acts on the agent's EOF instead).
 """
 
 from __future__ import annotations
@@ -139,6 +140,9 @@ class Guard:
             if not data:
                 if self.deadline is not None:
                     self.fence("the agent is gone (EOF on the guard socket)")
+                # Tearing down a locked address space takes ~10 ms: not at real-time priority.
+                with contextlib.suppress(OSError):
+                    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
                 return 0
             buf += data
             *lines, buf = buf.split(b"\n")
@@ -190,8 +194,14 @@ class GuardClient:
         cmd = [python, "-m", "nonstop.failover.guard", "--fd", str(theirs.fileno())]
         cmd += ["--rt-priority", str(rt_priority)]
         try:
+            # Own session: a kill of the agent's process group (kill -9 -PGID, a supervisor
+            # killing the group) must not take the guard with it; the guard exits on EOF anyway.
             proc = subprocess.Popen(
-                cmd, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env
+                cmd,
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
             )
         finally:
             theirs.close()
