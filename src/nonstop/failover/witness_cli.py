@@ -67,7 +67,7 @@ def _split(addr: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-async def serve(*, config: str, fmt: str = "pretty", max_lease: float = 3.0) -> int:
+async def serve(*, config: str, fmt: str = "pretty", max_lease: float = 1.0) -> int:
     from nonstop.config import load_witness_config
 
     cfg, key = load_witness_config(config)
@@ -110,6 +110,9 @@ async def serve(*, config: str, fmt: str = "pretty", max_lease: float = 3.0) -> 
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.max_lease_ms <= 0:
+        print("nonstop witness: --max-lease-ms must be > 0", file=sys.stderr)
+        return 2
     return asyncio.run(
         serve(config=args.config, fmt=args.format, max_lease=args.max_lease_ms / 1000)
     )
@@ -121,8 +124,8 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("witness", help="run the lease witness that breaks ties between nodes")
     p.add_argument("--config", required=True, help="witness TOML file")
     p.add_argument(
-        "--max-lease-ms", type=int, default=3000,
-        help="longest lease granted; also the start-up grace period (default 3000)",
+        "--max-lease-ms", type=int, default=1000,
+        help="longest lease granted; also the start-up grace period (default 1000)",
     )  # fmt: skip
     add_format_option(p)
     p.set_defaults(func=_run)
