@@ -205,13 +205,14 @@ from nonstop.membership import Heartbeat, encode_heartbeat, MsgType
 from nonstop.common import Role
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 dst = ({c.lab.host("node-a").addr("lan")!r}, {PORT})
-def hb(group=1, seq=1, role=Role.MASTER, prio=254):
+def hb(group=1, seq=1, role=Role.MASTER, prio=254, inc={inc_b}):
     return Heartbeat(type=MsgType.HEARTBEAT, group=group, node_id="node-b", channel="lan",
-                     incarnation={inc_b}, seq=seq, role=role, priority=prio, flags=0,
+                     incarnation=inc, seq=seq, role=role, priority=prio, flags=0,
                      sent_at=0, echo_seq=0, echo_delay_us=0)
 good = encode_heartbeat(hb(), {key!r})
 s.sendto(encode_heartbeat(hb(seq=10**9), b"x" * 32), dst)       # forged
-for _ in range(3): s.sendto(good, dst)                            # replayed (old seq)
+for _ in range(3): s.sendto(good, dst)                            # replayed (seen seq)
+s.sendto(encode_heartbeat(hb(inc={inc_b} - 1, seq=10**9), {key!r}), dst)  # replayed (old run)
 s.sendto(encode_heartbeat(hb(group=7, seq=10**9), {key!r}), dst)  # another group
 for i in range(len(good)): s.sendto(good[:i], dst)                # truncated
 rnd = random.Random(7)
@@ -225,7 +226,7 @@ for _ in range(500): s.sendto(rnd.randbytes(rnd.randrange(0, 200)), dst)  # rand
     st = c.status("node-a")
     assert st is not None, "the agent died"
     k0, k = st0["counters"], st["counters"]
-    for counter in ("bad_auth", "replay", "malformed", "wrong_group"):
+    for counter in ("bad_auth", "replay", "rx_duplicate", "malformed", "wrong_group"):
         assert k.get(counter, 0) > k0.get(counter, 0), counter
     assert st["role"] == "master" and c.role("node-b") == "backup"
     assert len(st["history"]) == len(st0["history"])
