@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import fcntl
 import json
+import os
 import select
 import socket
 import struct
@@ -249,8 +250,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+OBSERVER_PRIORITY = 80  # above the agents' and keepalived's real-time priority (50)
+
+
+def observe_promptly() -> None:
+    """Observers (address monitor, prober) run SCHED_FIFO above the tools under test, so a tool
+    that keeps the CPUs busy at real-time priority cannot delay the time stamps. Best effort."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(OBSERVER_PRIORITY))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.mode in ("addrmon", "probe"):
+        observe_promptly()
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
