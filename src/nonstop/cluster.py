@@ -197,10 +197,16 @@ class Cluster:
         return self.wait(lambda: self.role(name) == role, timeout, f"{name} to be {role}")
 
     def wait_ready(self, timeout: float = 10.0) -> str:
-        """Wait until exactly one master and every other node backup; return the master."""
+        """Wait until exactly one master and every other node backup; return the master. With
+        preemption on, the master must be the node of highest priority (the settled state)."""
+        want = None
+        if self.spec.preempt:
+            want = max(self.spec.nodes, key=lambda n: (self.spec.priorities.get(n, 100), n))
 
         def ready() -> bool:
             roles = [self.role(n) for n in self.spec.nodes]
+            if want is not None and self.role(want) != "master":
+                return False
             return roles.count("master") == 1 and roles.count("backup") == len(roles) - 1
 
         self.wait(ready, timeout, "one master and the rest backups", poll=0.02)

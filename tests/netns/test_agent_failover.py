@@ -164,19 +164,21 @@ def test_old_master_returns_preemption_honoured(make_cluster, preempt):
 
 def test_sigstop_of_master_steps_down_never_two_masters(make_cluster):
     c = make_cluster(preempt=False)
-    agent = c.procs["node-a"]
+    old = c.master()
+    new = next(n for n in c.spec.nodes if n != old)
+    agent = c.procs[old]
     with HolderWatch(c) as w:
         t0 = time.monotonic()
         agent.stop()
         time.sleep(5 * c.spec.interval_ms / 1000)
         agent.cont()
-        c.wait_role("node-b", "master", timeout=2)
-        c.wait_role("node-a", "backup", timeout=2)
+        c.wait_role(new, "master", timeout=2)
+        c.wait_role(old, "backup", timeout=2)
         time.sleep(0.2)
     assert w.max_holders == 1
-    assert c.vip_holders() == ["node-b"]
-    demoted = [h for h in c.history("node-a") if h["old"] == "master" and h["at_monotonic"] >= t0]
-    assert demoted, c.history("node-a")
+    assert c.vip_holders() == [new]
+    demoted = [h for h in c.history(old) if h["old"] == "master" and h["at_monotonic"] >= t0]
+    assert demoted, c.history(old)
 
 
 def test_graceful_stop_hands_over(make_cluster):
