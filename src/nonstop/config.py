@@ -67,7 +67,8 @@ class FailoverConfig(_Strict, kw_only=True):
     # The fence guard drops this node's VIPs when the agent has not ticked for this long
     # (0: derived, (dead_after - 1) * interval). Must stay under the dead interval.
     fence_timeout_ms: Ms = 0
-    realtime: bool = True  # SCHED_FIFO and mlockall, to keep ticking under CPU contention
+    realtime: bool = True  # SCHED_FIFO, to keep ticking under CPU contention
+    lock_memory: bool = False  # mlockall too (slows the agent's death, so its EOF, by ~10 ms)
     # Upper bound an operator accepts for detection + VIP move; checked against the timers.
     takeover_budget_ms: Ms = 0
 

@@ -128,6 +128,7 @@ class Agent:
         self._stop = asyncio.Event()
         self._stopping = False
         self._ready = False
+        self._link_dead: str | None = None
         self._api: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -149,6 +150,7 @@ class Agent:
                 interval=hb.interval,
                 dead_after=hb.dead_after,
                 witness=cfg.witness is not None,
+                lease=cfg.lease if cfg.witness is not None else 0.0,
             ),
             now=now,
         )
@@ -157,6 +159,8 @@ class Agent:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         cfg = self.cfg
+        # First, before any other socket: see VipManager.prepare (a prompt EOF when killed).
+        self.vips.prepare()
         # We are INIT: whatever a crashed predecessor left on this node is not ours to serve.
         self.vips.release()
         for ch in cfg.channels:
@@ -172,7 +176,7 @@ class Agent:
         self._api = AgentApi(self)
         await self._api.start()
         if cfg.failover.realtime:
-            self.realtime_failed = make_realtime()
+            self.realtime_failed = make_realtime(lock_memory=cfg.failover.lock_memory)
         if self._install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
@@ -265,8 +269,12 @@ class Agent:
             return
         now = time.monotonic()
         self.counters["link_closed"] += 1
-        self.membership.link_closed(peer, now, reason)
-        self._pump(now)
+        self._link_dead = peer  # the PeerLost this produces is a proof of death, not a silence
+        try:
+            self.membership.link_closed(peer, now, reason)
+            self._pump(now)
+        finally:
+            self._link_dead = None
 
     def _guard_readable(self) -> None:
         assert self.guard is not None
@@ -355,7 +363,7 @@ class Agent:
             if ev.reason == "left":  # already handled as PeerLeft
                 return
             log.warning("peer %s lost: %s", ev.peer, ev.reason)
-            r.peer_lost(ev.peer, ev.reason, now)
+            r.peer_lost(ev.peer, ev.reason, now, proven_dead=ev.peer == self._link_dead)
         elif isinstance(ev, PeerLeft):
             log.info("peer %s left (graceful stop)", ev.peer)
             r.peer_left(ev.peer, now)

@@ -130,6 +130,11 @@ class RoleConfig:
     interval: float = 0.1
     dead_after: int = 3
     witness: bool = False
+    lease: float = 0.0  # the witness lease we ask for (0: dead_after * interval)
+
+    @property
+    def lease_length(self) -> float:
+        return self.lease or self.dead_after * self.interval
 
     def __post_init__(self) -> None:
         if not self.node_id:
@@ -167,14 +172,21 @@ class RoleMachine:
         self._preempt_since: float | None = None
         self._handover = False
         self._hold_until: float | None = None
+        # Peers whose agent is proven dead, and, after promoting on such a proof, how long a
+        # master may wait for the lease the dead master's grant still blocks.
+        self._dead: set[str] = set()
+        self._proof_until: float | None = None
+        self._proven_master_lost = False
 
     # ---- public inputs ----------------------------------------------------------------------
 
     def peer_seen(self, peer: str, role: Role, priority: int, flags: int, now: float) -> None:
         self._dispatch(PEER_SEEN, now, peer, Role(role), priority, flags)
 
-    def peer_lost(self, peer: str, reason: str, now: float) -> None:
-        self._dispatch(PEER_LOST, now, peer, reason)
+    def peer_lost(self, peer: str, reason: str, now: float, *, proven_dead: bool = False) -> None:
+        """``proven_dead``: the peer's agent process is known to be gone (its agent link ended
+        with EOF/RST), so its fence guard has dropped its VIPs and it cannot act as master."""
+        self._dispatch(PEER_LOST, now, peer, reason, proven_dead)
 
     def peer_left(self, peer: str, now: float) -> None:
         self._dispatch(PEER_LEFT, now, peer)
@@ -263,6 +275,7 @@ class RoleMachine:
         old = self.peers.get(peer)
         if old is not None and old.role == Role.MASTER and role != Role.MASTER:
             self._cause = f"master {peer} became {role}"
+        self._dead.discard(peer)
         self.peers[peer] = PeerView(role, priority, flags, now)
         return old is None or (role == Role.MASTER and old.role != Role.MASTER)
 
@@ -301,6 +314,9 @@ class RoleMachine:
             self._next_request = None
         self.role, self.reason = new, reason
         self._want_lease = False
+        self._proven_master_lost = False
+        if new != Role.MASTER:
+            self._proof_until = None
         self._preempt_since, self._handover = None, False
         if new == Role.MASTER:
             self._actions.append(AcquireVips())
@@ -364,6 +380,7 @@ class RoleMachine:
             self._hold_until = None
         masters = self._masters()
         if masters:
+            self._proven_master_lost = False
             if self._want_lease:
                 self._want_lease, self._next_request = False, None
             if self._lease_until is not None:  # a vote we no longer need
@@ -408,6 +425,18 @@ class RoleMachine:
             self._change(
                 Role.MASTER, f"promoted: {self._cause} and the witness granted the lease", now
             )
+        elif self._proven_master_lost:
+            # The witness guards against a master that is alive but unheard. This one's agent
+            # is proven dead and its guard fenced its VIPs on that same EOF: promote now and
+            # take the lease over as master once the dead holder's grant runs out.
+            self._proof_until = now + self.config.lease_length + 2 * cfg.interval
+            self._change(
+                Role.MASTER,
+                f"promoted: {self._cause}; its agent is proven dead, so the lease is taken "
+                "over after promoting",
+                now,
+            )
+            self._next_request = now
         elif not self._want_lease or (self._next_request is not None and now >= self._next_request):
             self._want_lease = True
             self._next_request = now + cfg.interval
@@ -439,7 +468,14 @@ class RoleMachine:
                 )
                 self._evaluate_backup(now)
                 return
-        if cfg.witness and not self._lease_valid(now) and not self.peers:
+        if self._proof_until is not None and (self._lease_valid(now) or now >= self._proof_until):
+            self._proof_until = None
+        if (
+            cfg.witness
+            and not self._lease_valid(now)
+            and not self.peers
+            and self._proof_until is None
+        ):
             self._change(
                 Role.BACKUP,
                 "demoted: no peer is heard and the witness lease expired, so a backup may "
@@ -465,7 +501,12 @@ class RoleMachine:
             self._actions.append(Announce())
             self._actions.append(SendHeartbeatNow())
 
-    def _on_peer_lost(self, now: float, peer: str, reason: str) -> None:
+    def _on_peer_lost(self, now: float, peer: str, reason: str, proven_dead: bool) -> None:
+        old = self.peers.get(peer)
+        if proven_dead:
+            self._dead.add(peer)
+            if old is not None and old.role == Role.MASTER:
+                self._proven_master_lost = True
         self._forget_peer(peer, f"lost ({reason})")
         self._evaluate(now)
 
@@ -496,6 +537,9 @@ class RoleMachine:
         self.reason = f"{self._cause}; the witness denied the lease ({who} holds it), retrying"
 
     def _master_lease_denied(self, now: float, holder: str) -> None:
+        if holder in self._dead and self._proof_until is not None:
+            self.reason = f"master; waiting for dead {holder}'s lease to run out at the witness"
+            return
         if holder and holder != self.config.node_id:
             self._lease_until = None
             self._change(Role.BACKUP, f"demoted: the witness gave the lease to {holder}", now)

@@ -173,6 +173,21 @@ class VipManager:
         self._sockets[key] = s
         return s
 
+    def prepare(self) -> None:
+        """Open the AF_PACKET sockets of the IPv4 VIPs now. Call it before opening any socket
+        whose close must be prompt when the process dies: closing an AF_PACKET socket waits for an
+        RCU grace period (packet_release -> synchronize_net, several ms), and a dying process
+        releases its files last-opened first. Opened first, they are released last, so a
+        SIGKILLed agent's links send their FIN (the backup's instant crash detection) and its
+        guard sees EOF before that wait, not after it. (IPv6 sockets bind the VIP itself, so
+        they are opened when it is held; their close does not wait.)"""
+        for spec in self.specs:
+            if isinstance(spec.ip.ip, ipaddress.IPv4Address):
+                try:
+                    self._socket(spec)
+                except OSError as e:
+                    log.warning("cannot open the GARP socket on %s: %s", spec.interface, e)
+
     def _frames(self) -> list[tuple[VipSpec, socket.socket, bytes, tuple[object, ...] | None]]:
         out: list[tuple[VipSpec, socket.socket, bytes, tuple[object, ...] | None]] = []
         macs: dict[str, bytes] = {}
