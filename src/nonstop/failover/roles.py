@@ -45,12 +45,41 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from nonstop.common import LocalProtocolError, Role
+from nonstop.failover.actions import (
+    AcquireVips,
+    Action,
+    Announce,
+    PeerView,
+    ReleaseLease,
+    ReleaseVips,
+    RequestLease,
+    RoleChanged,
+    RoleConfig,
+    SendHeartbeatNow,
+)
+from nonstop.membership.wire import FLAG_HANDOVER_REQUEST, FLAG_WITNESS_LEASE
 
-FLAG_HOLDS_LEASE = 1
-FLAG_HANDOVER_REQUEST = 2
+__all__ = [
+    "FLAG_HANDOVER_REQUEST",
+    "FLAG_HOLDS_LEASE",
+    "INPUT_KINDS",
+    "TRANSITIONS",
+    "AcquireVips",
+    "Action",
+    "Announce",
+    "ReleaseLease",
+    "ReleaseVips",
+    "RequestLease",
+    "RoleChanged",
+    "RoleConfig",
+    "RoleMachine",
+    "SendHeartbeatNow",
+]
+
+# Flag bits of our heartbeats; the wire format owns them.
+FLAG_HOLDS_LEASE = FLAG_WITNESS_LEASE
 
 # Input kinds (the second half of a TRANSITIONS key).
 PEER_SEEN = "peer_seen"
@@ -69,86 +98,6 @@ INPUT_KINDS = (
     PEER_SEEN, PEER_LOST, PEER_LEFT, LEASE_GRANTED, LEASE_DENIED, LEASE_LOST,
     FENCED, LOCAL_FAULT, LOCAL_OK, STOP, TIMER,
 )  # fmt: skip
-
-
-# ---- actions (what the adapter must do) and events ------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class AcquireVips:
-    """Add every VIP to its interface."""
-
-
-@dataclass(frozen=True, slots=True)
-class ReleaseVips:
-    """Remove every VIP."""
-
-
-@dataclass(frozen=True, slots=True)
-class Announce:
-    """Send the gratuitous ARP / unsolicited NA burst for every VIP."""
-
-
-@dataclass(frozen=True, slots=True)
-class RequestLease:
-    """Send a lease request (want=True) to the witness."""
-
-
-@dataclass(frozen=True, slots=True)
-class ReleaseLease:
-    """Send a lease release (want=False) to the witness."""
-
-
-@dataclass(frozen=True, slots=True)
-class SendHeartbeatNow:
-    """Our role or flags changed: send a heartbeat now instead of waiting for the next tick."""
-
-
-Action = AcquireVips | ReleaseVips | Announce | RequestLease | ReleaseLease | SendHeartbeatNow
-
-
-@dataclass(frozen=True, slots=True)
-class RoleChanged:
-    old: Role
-    new: Role
-    reason: str
-    at: float
-
-    def __post_init__(self) -> None:
-        if self.old == self.new:
-            raise ValueError(f"RoleChanged from {self.old} to itself")
-        if not self.reason:
-            raise ValueError("RoleChanged needs a reason")
-
-
-@dataclass(frozen=True, slots=True)
-class RoleConfig:
-    node_id: str
-    priority: int
-    preempt: bool = True
-    preempt_delay: float = 0.0
-    interval: float = 0.1
-    dead_after: int = 3
-    witness: bool = False
-    lease: float = 0.0  # the witness lease we ask for (0: dead_after * interval)
-
-    @property
-    def lease_length(self) -> float:
-        return self.lease or self.dead_after * self.interval
-
-    def __post_init__(self) -> None:
-        if not self.node_id:
-            raise ValueError("node_id must not be empty")
-        if self.interval <= 0 or self.dead_after < 1 or self.preempt_delay < 0:
-            raise ValueError("interval > 0, dead_after >= 1 and preempt_delay >= 0 are required")
-
-
-@dataclass(slots=True)
-class PeerView:
-    role: Role
-    priority: int
-    flags: int
-    seen_at: float
 
 
 def _ms(seconds: float) -> str:
