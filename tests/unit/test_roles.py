@@ -241,6 +241,47 @@ def test_lease_denied_then_granted_direct_inputs() -> None:
     assert rm.flags_for_heartbeat() & R.FLAG_HOLDS_LEASE
 
 
+def test_proven_dead_master_is_replaced_without_waiting_for_its_lease() -> None:
+    """The agent link's EOF proves the master's agent died (its guard fenced the VIPs): the
+    backup promotes at once and takes the lease over once the dead holder's grant runs out."""
+    cfg = R.RoleConfig("node-b", 100, True, 0.0, INTERVAL, DEAD_AFTER, True)
+    rm = R.RoleMachine(cfg, now=0.0)
+    rm.peer_seen("node-a", Role.MASTER, 200, R.FLAG_HOLDS_LEASE, 0.001)
+    rm.peer_lost("node-a", "agent link closed (EOF)", 0.005, proven_dead=True)
+    assert rm.role == M
+    acts = drain(rm)
+    assert R.AcquireVips() in acts and R.Announce() in acts
+    assert "proven dead" in rm.reason
+    rm.handle_timer(rm.get_timer())
+    assert R.RequestLease() in drain(rm)  # asks at once, as master
+    rm.lease_denied("node-a", 0.006)  # the dead holder's grant still runs: not a demotion
+    assert rm.role == M and "dead node-a" in rm.reason
+    rm.lease_granted(0.036 + LEASE, 0.036)
+    assert rm.role == M and rm.flags_for_heartbeat() & R.FLAG_HOLDS_LEASE
+
+
+def test_proven_dead_master_without_a_lease_in_time_steps_down() -> None:
+    cfg = R.RoleConfig("node-b", 100, True, 0.0, INTERVAL, DEAD_AFTER, True)
+    rm = R.RoleMachine(cfg, now=0.0)
+    rm.peer_seen("node-a", Role.MASTER, 200, R.FLAG_HOLDS_LEASE, 0.001)
+    rm.peer_lost("node-a", "agent link closed (EOF)", 0.005, proven_dead=True)
+    assert rm.role == M
+    t = 0.005
+    while rm.role == M and t < 1.0:  # the witness never answers
+        t = rm.get_timer()
+        rm.handle_timer(t)
+    assert rm.role == B and t <= 0.005 + LEASE + 3 * INTERVAL
+    assert R.ReleaseVips() in drain(rm)
+
+
+def test_silence_alone_is_no_proof_of_death() -> None:
+    cfg = R.RoleConfig("node-b", 100, True, 0.0, INTERVAL, DEAD_AFTER, True)
+    rm = R.RoleMachine(cfg, now=0.0)
+    rm.peer_seen("node-a", Role.MASTER, 200, R.FLAG_HOLDS_LEASE, 0.001)
+    rm.peer_lost("node-a", "no heartbeat on lan, hb for 30 ms", 0.031)
+    assert rm.role == B and R.RequestLease() in drain(rm)
+
+
 def test_late_grant_after_master_came_back_is_released() -> None:
     cfg = R.RoleConfig("node-b", 100, True, 0.0, INTERVAL, DEAD_AFTER, True)
     rm = R.RoleMachine(cfg, now=0.0)
