@@ -218,8 +218,23 @@ class ToolBench:
         sample["vip_move_ms"] = None if first_new is None else (first_new[2] - t_fault) * 1000
         if first_new is not None and first_new[1] is not None:
             sample["vip_move_sent_ms"] = (first_new[1] - t_fault) * 1000
-        late_old = [r for r in after if r[3] == old and first_new and r[2] > first_new[2]]
+        # The peer reached two masters if a probe it SENT after the first one that reached the new
+        # master still reached the old one. (A reply to an earlier probe can arrive after the new
+        # master's first reply when the old node is busy: that is a late reply, not a second
+        # master.)
+        late_old = [
+            r
+            for r in after
+            if r[3] == old
+            and first_new
+            and r[1] is not None
+            and first_new[1] is not None
+            and r[1] > first_new[1]
+        ]
         sample["old_replies_after_move"] = len(late_old)
+        sample["old_replies_received_after_move"] = sum(
+            1 for r in after if r[3] == old and first_new and r[2] > first_new[2]
+        )
         sample["probes_sent"] = result["sent"]
         sample["probes_lost"] = result["sent"] - len({r[0] for r in result["replies"]})
         macs = {self.lab.host(n).mac("lan"): n for n in NODES}
