@@ -21,9 +21,9 @@ test-unit: setup
 test-netns: setup
 	$(PY) -m pytest -q tests/netns
 
+# nonstop vs keepalived, 10 ms interval: 20 kills, 20 node deaths, a 60 s soak; JSON in bench/results/
 bench: setup
-	$(NONSTOP) bench failover --runs 20 --interval-ms 10 --fault kill --baseline keepalived --format json
-	$(NONSTOP) bench failover --runs 20 --interval-ms 10 --fault node --baseline keepalived --format json
+	NONSTOP=$(NONSTOP) bench/run.sh 20 60
 
 lint: setup
 	$(PY) -m ruff check src tests bench
