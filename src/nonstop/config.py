@@ -41,6 +41,9 @@ class HeartbeatConfig(_Strict, kw_only=True):
     copies: Annotated[int, msgspec.Meta(ge=1, le=8)] = 1
     port: Port = 7780
     replay_window: Annotated[int, msgspec.Meta(ge=8, le=4096)] = 256
+    # Lower the ARP/NDP retransmit time of the channel interfaces to the interval, so a healed
+    # link carries heartbeats again at once (see nonstop.agent.neigh).
+    tune_neighbours: bool = True
 
     @property
     def interval(self) -> float:

@@ -121,6 +121,7 @@ class Agent:
         self.role_since = now
         self.counters: collections.Counter[str] = collections.Counter()
         self.realtime_failed: list[str] = []
+        self.neigh_tuned: list[str] = []
         self._peer_addr = {(p.id, ch): a for p in cfg.peers for ch, a in p.addresses.items()}
         self._transports: dict[str, asyncio.DatagramTransport] = {}
         self._timer: asyncio.TimerHandle | None = None
@@ -168,6 +169,11 @@ class Agent:
                 lambda ch=ch.name: _Udp(self, ch), local_addr=(ch.address, cfg.heartbeat.port)
             )
             self._transports[ch.name] = transport
+        if cfg.heartbeat.tune_neighbours:
+            from nonstop.agent.neigh import interfaces_of, tune_retrans
+
+            ifaces = interfaces_of([c.address for c in cfg.channels])
+            self.neigh_tuned = tune_retrans(set(ifaces.values()), cfg.heartbeat.interval_ms)
         self.guard = GuardClient.spawn()
         loop.add_reader(self.guard.fileno(), self._guard_readable)
         await self.links.start()
@@ -467,6 +473,7 @@ class Agent:
                 "hook_failures": self.hooks.failures,
             },
             "realtime": {"requested": cfg.failover.realtime, "failed": self.realtime_failed},
+            "neighbours_tuned": self.neigh_tuned,
             "history": list(self.history),
         }
 

@@ -43,6 +43,7 @@ class Driver(Protocol):
     def kill(self, node: str) -> float: ...
     def restart(self, node: str) -> None: ...
     def promotion_time(self, node: str, after: float) -> float | None: ...
+    def promotion_reason(self, node: str, after: float) -> str | None: ...
     def master_changes(self, since: float, until: float) -> int | None: ...
     def describe(self) -> dict[str, Any]: ...
     def debug(self) -> str: ...
@@ -73,6 +74,9 @@ class KeepalivedDriver:
 
     def promotion_time(self, node: str, after: float) -> float | None:
         return None  # keepalived logs wall-clock time only; the netlink monitor is the measure
+
+    def promotion_reason(self, node: str, after: float) -> str | None:
+        return None
 
     def master_changes(self, since: float, until: float) -> int | None:
         return None  # counted from the VIP add events of the netlink monitors
@@ -129,6 +133,13 @@ class NonstopDriver:
             at = entry.get("at_monotonic")
             if entry.get("new") == "master" and isinstance(at, int | float) and at > after:
                 return float(at)
+        return None
+
+    def promotion_reason(self, node: str, after: float) -> str | None:
+        for entry in self.cluster.history(node):
+            at = entry.get("at_monotonic")
+            if entry.get("new") == "master" and isinstance(at, int | float) and at > after:
+                return str(entry.get("reason"))
         return None
 
     def master_changes(self, since: float, until: float) -> int | None:

@@ -197,6 +197,7 @@ class ToolBench:
             if promo is not None:
                 sample["promotion_ms"] = (promo - t_fault) * 1000
                 sample["promotion_minus_detect_ms"] = (promo - add["t"]) * 1000
+                sample["promotion_reason"] = self.driver.promotion_reason(backup, t_fault)
             prober.wait(timeout=max_s + 5)
             result = json.loads(out_path.read_text())
             self._judge_probe(sample, result, t_fault, master, backup)
