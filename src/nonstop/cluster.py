@@ -133,9 +133,17 @@ class Cluster:
         w = self.spec.witness
         if w:
             self.procs[w] = self.lab.host(w).run(
-                [sys.executable, "-m", "nonstop", "witness", "--config", self.config_paths[w],
-                 # the longest lease it grants, also its grace period after a restart
-                 "--max-lease-ms", str(max(100, 2 * self.spec.interval_ms * self.spec.dead_after))],
+                [
+                    sys.executable,
+                    "-m",
+                    "nonstop",
+                    "witness",
+                    "--config",
+                    self.config_paths[w],
+                    # the longest lease it grants, also its grace period after a restart
+                    "--max-lease-ms",
+                    str(max(100, 2 * self.spec.interval_ms * self.spec.dead_after)),
+                ],
                 stdout=self._log(w),
                 stderr=None,
                 name="witness",

@@ -233,3 +233,88 @@ for _ in range(500): s.sendto(rnd.randbytes(rnd.randrange(0, 200)), dst)  # rand
     assert st["role"] == "master" and c.role("node-b") == "backup"
     assert len(st["history"]) == len(st0["history"])
     assert Role.MASTER  # the forged priority-254 MASTER changed nothing
+
+
+def test_rest_api_status_cli_metrics_and_hooks(make_cluster, demo_lab):
+    hook_log = os.path.join(demo_lab.workdir, "hooks.log")
+    hook = os.path.join(demo_lab.workdir, "hook.sh")
+    with open(hook, "w") as f:
+        f.write(f'#!/bin/sh\necho "$1 $2 old=$NONSTOP_OLD_ROLE" >> {hook_log}\n')
+    os.chmod(hook, 0o755)
+    c = make_cluster(hooks={"master": hook, "backup": hook})
+    peer = c.lab.host("peer")
+    a, b = c.lab.host("node-a").addr("lan"), c.lab.host("node-b").addr("lan")
+    # load balancers on the peer see 200 on the master and 503 elsewhere
+    code = (
+        "import sys, urllib.request, urllib.error\n"
+        "def get(u):\n"
+        "    try: return urllib.request.urlopen(u, timeout=2).status\n"
+        "    except urllib.error.HTTPError as e: return e.code\n"
+        f"print(*(get(f'http://{{h}}:8780/{{p}}') for h in ({a!r}, {b!r}) "
+        "for p in ('master', 'backup', 'health')))\n"
+    )
+    out = peer.sh([sys.executable, "-c", code]).stdout.split()
+    assert out == ["200", "503", "200", "503", "200", "200"], out
+    metrics = peer.sh(
+        [
+            sys.executable,
+            "-c",
+            f"import urllib.request; print(urllib.request.urlopen("
+            f"'http://{a}:8780/metrics', timeout=2).read().decode())",
+        ]
+    ).stdout
+    assert 'nonstop_role{node="node-a",role="master"} 1.0' in metrics
+    assert 'nonstop_channel_up{channel="hb",peer="node-b"} 1.0' in metrics
+    assert "nonstop_events_total" in metrics
+    # the CLI, as an operator runs it, in both formats
+    r = c.lab.host("node-a").sh(
+        [
+            sys.executable,
+            "-m",
+            "nonstop",
+            "status",
+            "--socket",
+            c.socket_path("node-a"),
+            "--format",
+            "json",
+        ]
+    )
+    st = json.loads(r.stdout)
+    assert st["role"] == "master" and {row["channel"] for row in st["stations"]} == {"lan", "hb"}
+    r = c.lab.host("node-a").sh(
+        [sys.executable, "-m", "nonstop", "status", "--socket", c.socket_path("node-a")]
+    )
+    assert "Active Stations Table" in r.stdout and "node-b" in r.stdout
+
+    # hooks: each role change ran the hook with the new role and the node
+    def hooks_ran() -> str:
+        if not os.path.exists(hook_log):
+            return ""
+        with open(hook_log) as f:
+            return f.read()
+
+    c.wait(
+        lambda: "master node-a" in hooks_ran(),
+        3,
+        "the master hook",
+    )
+    c.procs["node-a"].kill(signal.SIGKILL)
+    c.wait(lambda: "master node-b old=backup" in hooks_ran(), 3, "node-b's hook")
+
+
+def test_ipv6_vip_moves_with_unsolicited_na(make_cluster):
+    c = make_cluster(vip6="fd77::100/64")
+    peer = c.lab.host("peer")
+    assert peer.ping("fd77::100")
+
+    def neigh_mac() -> str | None:
+        out = peer.sh("ip -6 -j neigh show fd77::100", check=False).stdout
+        entries = json.loads(out or "[]")
+        return entries[0].get("lladdr") if entries else None
+
+    assert neigh_mac() == c.lab.host("node-a").mac("lan")
+    c.procs["node-a"].kill(signal.SIGKILL)
+    c.wait_role("node-b", "master", timeout=2)
+    # the unsolicited NA flips the peer's entry without it asking
+    c.wait(lambda: neigh_mac() == c.lab.host("node-b").mac("lan"), 2, "the NA to reach the peer")
+    assert peer.ping("fd77::100")

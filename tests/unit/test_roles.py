@@ -452,3 +452,15 @@ def test_pair_outside_table_raises_local_error() -> None:
         rm.peer_seen("node-a", Role.MASTER, 1, 0, 0.0)  # our own id
     with pytest.raises(LocalProtocolError):
         rm.handle_timer(-1.0)  # time went backwards
+
+
+def test_denied_backup_asks_again_when_the_holders_lease_runs_out() -> None:
+    cfg = R.RoleConfig("node-b", 100, True, 0.0, INTERVAL, DEAD_AFTER, True)
+    rm = R.RoleMachine(cfg, now=0.0)
+    rm.peer_seen("node-a", Role.MASTER, 200, R.FLAG_HOLDS_LEASE, 0.001)
+    rm.peer_lost("node-a", "no heartbeat on lan, hb for 30 ms", 0.040)
+    assert R.RequestLease() in drain(rm)
+    rm.lease_denied("node-a", 0.041, 0.002)  # a's lease ends in 2 ms at the witness
+    assert rm.get_timer() == pytest.approx(0.0435)  # not the next tick at 0.050
+    rm.handle_timer(rm.get_timer())
+    assert R.RequestLease() in drain(rm)

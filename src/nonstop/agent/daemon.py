@@ -265,7 +265,7 @@ class Agent:
                 if isinstance(reply, LeaseGranted):
                     self.roles.lease_granted(reply.until, now)
                 elif isinstance(reply, LeaseDenied):
-                    self.roles.lease_denied(reply.holder, now)
+                    self.roles.lease_denied(reply.holder, now, reply.remaining)
         else:
             self.membership.receive_datagram(data, channel, now)
         self._pump(now)

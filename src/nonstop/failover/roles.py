@@ -143,8 +143,10 @@ class RoleMachine:
     def lease_granted(self, until: float, now: float) -> None:
         self._dispatch(LEASE_GRANTED, now, until)
 
-    def lease_denied(self, holder: str, now: float) -> None:
-        self._dispatch(LEASE_DENIED, now, holder)
+    def lease_denied(self, holder: str, now: float, retry_in: float = 0.0) -> None:
+        """``retry_in``: the holder's lease runs out in that long (the witness says); a backup
+        asks again right then instead of on its next tick."""
+        self._dispatch(LEASE_DENIED, now, holder, retry_in)
 
     def lease_lost(self, reason: str, now: float) -> None:
         self._dispatch(LEASE_LOST, now, reason)
@@ -481,11 +483,14 @@ class RoleMachine:
             self._lease_until = until
         self._evaluate_master(now)
 
-    def _backup_lease_denied(self, now: float, holder: str) -> None:
+    def _backup_lease_denied(self, now: float, holder: str, retry_in: float = 0.0) -> None:
+        if self._want_lease and retry_in > 0 and self._next_request is not None:
+            # half a millisecond past the expiry: our request must arrive after it
+            self._next_request = min(self._next_request, now + retry_in + 0.0005)
         who = holder or "nobody yet (the witness is in its start-up grace period)"
         self.reason = f"{self._cause}; the witness denied the lease ({who} holds it), retrying"
 
-    def _master_lease_denied(self, now: float, holder: str) -> None:
+    def _master_lease_denied(self, now: float, holder: str, retry_in: float = 0.0) -> None:
         if holder in self._dead and self._proof_until is not None:
             self.reason = f"master; waiting for dead {holder}'s lease to run out at the witness"
             return

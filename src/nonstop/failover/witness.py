@@ -95,9 +95,11 @@ class LeaseGranted:
 
 @dataclass(frozen=True, slots=True)
 class LeaseDenied:
-    """Client side: ``holder`` holds the lease ("" while the witness is in its grace period)."""
+    """Client side: ``holder`` holds the lease ("" while the witness is in its grace period) for
+    ``remaining`` more seconds as the witness saw it (0 if unknown): when to ask again."""
 
     holder: str
+    remaining: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,4 +279,4 @@ class WitnessClient:
             lease = msg.lease_ms / 1000
             margin = lease * 0.05 if self.margin is None else self.margin
             return LeaseGranted(until=sent + lease - margin)
-        return LeaseDenied(holder=msg.holder)
+        return LeaseDenied(holder=msg.holder, remaining=msg.lease_ms / 1000)
