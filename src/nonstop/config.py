@@ -159,6 +159,14 @@ def _decode(path: str, raw: bytes, kind: type[msgspec.Struct]) -> msgspec.Struct
         raise ConfigError(path, field, m.group("msg")) from e
 
 
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ConfigError(path, "<file>", e.strerror or str(e)) from e
+
+
 def _resolve(path: str, value: str) -> str:
     return value if os.path.isabs(value) else os.path.join(os.path.dirname(path), value)
 
@@ -254,12 +262,7 @@ def load_agent_config(path: str) -> tuple[AgentConfig, bytes]:
     """Load, check and return an agent config and its shared key."""
     from nonstop.auth import load_key
 
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise ConfigError(path, "<file>", e.strerror or str(e)) from e
-    cfg = _decode(path, raw, AgentConfig)
+    cfg = _decode(path, _read(path), AgentConfig)
     assert isinstance(cfg, AgentConfig)
     check_agent_config(path, cfg)
     key_path = _resolve(path, cfg.node.key_file)
@@ -273,12 +276,7 @@ def load_agent_config(path: str) -> tuple[AgentConfig, bytes]:
 def load_witness_config(path: str) -> tuple[WitnessConfig, bytes]:
     from nonstop.auth import load_key
 
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise ConfigError(path, "<file>", e.strerror or str(e)) from e
-    cfg = _decode(path, raw, WitnessConfig)
+    cfg = _decode(path, _read(path), WitnessConfig)
     assert isinstance(cfg, WitnessConfig)
     for i, item in enumerate(cfg.witness.listen):
         host, _, port = item.rpartition(":")

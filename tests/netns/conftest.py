@@ -66,3 +66,18 @@ def lab_factory() -> Iterator[Callable[..., Lab]]:
 @pytest.fixture
 def demo_lab(lab_factory: Callable[..., Lab]) -> Lab:
     return lab_factory(demo_topology())
+
+
+def pair_topology(source: str = "<pair>") -> Topology:
+    """Two hosts, a (.11) and b (.12), on one channel lan: 10.77.0.0/24 and fd77::/64."""
+    topo = Topology(source=source)
+    topo.channel("lan", v4="10.77.0.0/24", v6="fd77::/64")
+    topo.host("a", channels={"lan": 11})
+    topo.host("b", channels={"lan": 12})
+    return topo
+
+
+@pytest.fixture
+def lab(lab_factory: Callable[..., Lab]) -> Lab:
+    """The pair topology, up; a test module may define its own ``lab`` instead."""
+    return lab_factory(pair_topology())

@@ -15,11 +15,11 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
-from nonstop.lab import Lab, Topology
+from nonstop.lab import Lab
 
 pytestmark = pytest.mark.netns
 
@@ -63,17 +63,6 @@ for line in sys.stdin:
 """
 
 
-def two_hosts() -> Topology:
-    topo = Topology(source="<test_guard>")
-    topo.channel("lan", v4="10.77.0.0/24")
-    topo.host("a", channels={"lan": 11})
-    topo.host("b", channels={"lan": 12})
-    return topo
-
-
-@pytest.fixture
-def lab(lab_factory: Callable[..., Lab]) -> Lab:
-    return lab_factory(two_hosts())
 
 
 class Driver:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import pytest
 
-from nonstop.lab import Lab, Topology
+from nonstop.lab import Lab
 
 pytestmark = pytest.mark.netns
 
@@ -29,17 +29,6 @@ VIP6 = "fd77::100"
 FAKE_MAC = "02:77:ee:ee:ee:01"
 
 
-def two_hosts() -> Topology:
-    topo = Topology(source="<test_vip>")
-    topo.channel("lan", v4="10.77.0.0/24", v6="fd77::/64")
-    topo.host("a", channels={"lan": 11})
-    topo.host("b", channels={"lan": 12})
-    return topo
-
-
-@pytest.fixture
-def lab(lab_factory: Callable[..., Lab]) -> Lab:
-    return lab_factory(two_hosts())
 
 
 def run_in(lab: Lab, host: str, body: str) -> dict:
