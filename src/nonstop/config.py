@@ -86,7 +86,7 @@ class VipConfig(_Strict, kw_only=True):
 class WitnessRef(_Strict, kw_only=True):
     addresses: dict[str, str]  # channel name -> the witness's address on it
     port: Port = 7790
-    lease_ms: PositiveMs = 0  # 0: derived, dead_after * interval
+    lease_ms: PositiveMs = 0  # 0: derived, (dead_after - 1) * interval
 
 
 class ApiConfig(_Strict, kw_only=True):
@@ -122,8 +122,12 @@ class AgentConfig(_Strict, kw_only=True):
 
     @property
     def lease(self) -> float:
+        """The witness lease a master keeps renewed every interval. Default: one interval less
+        than the dead interval, so that when a backup detects the master's silence the master's
+        last lease has already run out at the witness and the backup is granted at once."""
         assert self.witness is not None
-        ms = self.witness.lease_ms or self.heartbeat.dead_after * self.heartbeat.interval_ms
+        hb = self.heartbeat
+        ms = self.witness.lease_ms or (hb.dead_after - 1) * hb.interval_ms
         return ms / 1000
 
     @property
