@@ -27,7 +27,11 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_START = 0, 1, 2, 3
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nonstop", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="nonstop",
+        description="Keeps network services on the air when a process, a link or a node dies.",
+        epilog="Every command that prints state takes --format json. See README.md.",
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for mod in _COMMANDS:
