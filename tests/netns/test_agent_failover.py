@@ -179,6 +179,11 @@ def test_sigstop_of_master_steps_down_never_two_masters(make_cluster):
     assert c.vip_holders() == [new]
     demoted = [h for h in c.history(old) if h["old"] == "master" and h["at_monotonic"] >= t0]
     assert demoted, c.history(old)
+    # the woken master did not re-announce: the peer's traffic goes to the new master only
+    new_mac = c.lab.host(new).mac("lan")
+    assert set(arp_answers(c)) == {new_mac}
+    neigh = c.lab.host("peer").sh(f"ip -j neigh show {VIP}", check=False).stdout
+    assert new_mac in neigh, neigh
 
 
 def test_graceful_stop_hands_over(make_cluster):

@@ -126,6 +126,7 @@ class Agent:
         self._transports: dict[str, asyncio.DatagramTransport] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._next_feed = float("inf")
+        self._last_feed: float | None = None  # when the guard was last fed (armed: master)
         self._stop = asyncio.Event()
         self._stopping = False
         self._ready = False
@@ -251,10 +252,30 @@ class Agent:
         log.info("agent %s stopped", self.cfg.node.id)
 
     # -- inputs ---------------------------------------------------------------------------
+    def _check_stall(self, now: float) -> None:
+        """Run first on every input. A master whose loop was stalled (SIGSTOP, a hang) past the
+        fence timeout has been fenced by its guard, whether or not the FENCED notice was read
+        yet: act on that before anything else, or a queued heartbeat could make it "win" against
+        the new master and re-announce a VIP it no longer holds."""
+        if self.roles.role != Role.MASTER or self._last_feed is None:
+            return
+        stalled = now - self._last_feed
+        # a little under the guard's own timeout: never believe we hold a VIP it has dropped
+        if stalled > 0.75 * self.cfg.fence_timeout:
+            self.counters["stalls"] += 1
+            self._last_feed = None
+            reason = (
+                f"the agent stalled for {stalled * 1000:.0f} ms (fence timeout "
+                f"{self.cfg.fence_timeout * 1000:.0f} ms)"
+            )
+            log.error("%s: stepping down, the guard drops or has dropped the VIPs", reason)
+            self.roles.fenced(reason, now)
+
     def datagram_received(self, data: bytes, channel: str) -> None:
         if not self._ready:  # start-up: the cores are re-made when the loop begins
             return
         now = time.monotonic()
+        self._check_stall(now)
         if data[:4] == b"NSWT":
             if self.witness is not None:
                 try:
@@ -274,6 +295,7 @@ class Agent:
         if not self._ready:
             return
         now = time.monotonic()
+        self._check_stall(now)
         self.counters["link_closed"] += 1
         self._link_dead = peer  # the PeerLost this produces is a proof of death, not a silence
         try:
@@ -300,6 +322,7 @@ class Agent:
     def _on_timer(self) -> None:
         self._timer = None
         now = time.monotonic()
+        self._check_stall(now)
         self.membership.handle_timer(now)
         self.roles.handle_timer(now)
         self._pump(now)
@@ -324,6 +347,7 @@ class Agent:
         self._send_heartbeats(now)
         if self.guard is not None and self.roles.role == Role.MASTER and now >= self._next_feed:
             self.guard.feed()
+            self._last_feed = now
             self._next_feed = now + self.cfg.heartbeat.interval / 2
         self._arm_timer()
 
@@ -390,6 +414,7 @@ class Agent:
         if isinstance(act, R.AcquireVips):
             if self.guard is not None:  # armed first: a kill right after the add is fenced
                 self.guard.arm(self.cfg.fence_timeout, self.vips.specs)
+                self._last_feed = now
                 self._next_feed = now + self.cfg.heartbeat.interval / 2
             self.vips.acquire()
         elif isinstance(act, R.ReleaseVips):
@@ -397,6 +422,7 @@ class Agent:
             if self.guard is not None:
                 self.guard.disarm()
             self._next_feed = float("inf")
+            self._last_feed = None
         elif isinstance(act, R.Announce):
             self._spawn(self.vips.announce())
         elif isinstance(act, R.RequestLease):
