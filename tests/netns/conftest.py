@@ -81,3 +81,12 @@ def pair_topology(source: str = "<pair>") -> Topology:
 def lab(lab_factory: Callable[..., Lab]) -> Lab:
     """The pair topology, up; a test module may define its own ``lab`` instead."""
     return lab_factory(pair_topology())
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Keep each phase's report on the item, so fixtures can tell in teardown that the test
+    failed (and print the agents' logs)."""
+    outcome = yield
+    rep = outcome.get_result()  # type: ignore[attr-defined]
+    setattr(item, f"rep_{rep.when}", rep)

@@ -38,11 +38,13 @@ def make_cluster(demo_lab, request) -> Iterator:
         return c
 
     yield make
-    for c in made:  # shown by pytest only when the test failed
-        for n in (*c.spec.nodes, c.spec.witness):
-            if n:
-                with contextlib.suppress(OSError):
-                    request.node.add_report_section("call", f"log {n}", c.log_text(n)[-4000:])
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:  # pytest shows this teardown output with the failure
+        for c in made:
+            for n in (*c.spec.nodes, c.spec.witness):
+                if n:
+                    with contextlib.suppress(OSError):
+                        print(f"----- log of {n}\n{c.log_text(n)[-4000:]}")
 
 
 def promoted_at(c: Cluster, node: str, after: float) -> dict | None:
@@ -182,6 +184,7 @@ def test_sigstop_of_master_steps_down_never_two_masters(make_cluster):
     # the woken master did not re-announce: the peer's traffic goes to the new master only
     new_mac = c.lab.host(new).mac("lan")
     assert set(arp_answers(c)) == {new_mac}
+    assert c.lab.host("peer").ping(VIP)
     neigh = c.lab.host("peer").sh(f"ip -j neigh show {VIP}", check=False).stdout
     assert new_mac in neigh, neigh
 

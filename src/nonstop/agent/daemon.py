@@ -283,6 +283,7 @@ class Agent:
                 except RemoteProtocolError as e:
                     self.counters[f"witness_{e.counter}"] += 1
                     return
+                log.debug("witness: %s", reply)
                 if isinstance(reply, LeaseGranted):
                     self.roles.lease_granted(reply.until, now)
                 elif isinstance(reply, LeaseDenied):
@@ -426,9 +427,11 @@ class Agent:
         elif isinstance(act, R.Announce):
             self._spawn(self.vips.announce())
         elif isinstance(act, R.RequestLease):
+            log.debug("asking the witness for the lease (%s)", self.roles.reason)
             if self.witness is not None:
                 self._send_witness(self.witness.request(now, want=True))
         elif isinstance(act, R.ReleaseLease):
+            log.debug("releasing the witness lease (%s, %s)", self.roles.role, self.roles.reason)
             if self.witness is not None:
                 self._send_witness(self.witness.request(now, want=False))
         elif isinstance(act, R.SendHeartbeatNow):

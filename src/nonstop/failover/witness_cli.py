@@ -67,7 +67,9 @@ def _split(addr: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-async def serve(*, config: str, fmt: str = "pretty", max_lease: float = 1.0) -> int:
+async def serve(
+    *, config: str, fmt: str = "pretty", max_lease: float = 1.0, realtime: bool = True
+) -> int:
     from nonstop.config import load_witness_config
 
     cfg, key = load_witness_config(config)
@@ -87,6 +89,13 @@ async def serve(*, config: str, fmt: str = "pretty", max_lease: float = 1.0) -> 
             t.close()
         print(f"nonstop witness: cannot listen on {item}: {e.strerror}", file=sys.stderr)
         return EXIT_START
+    # The witness answers on a takeover's critical path (a backup waits for its grant, a master's
+    # lease lapses if its renewals go unanswered): like the agents, it runs SCHED_FIFO.
+    rt_failed = []
+    if realtime:
+        from nonstop.agent.realtime import make_realtime
+
+        rt_failed = make_realtime()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -95,7 +104,7 @@ async def serve(*, config: str, fmt: str = "pretty", max_lease: float = 1.0) -> 
         f"{cfg.witness.id} listening on {', '.join(cfg.witness.listen)} (pid {os.getpid()}, "
         f"max lease {max_lease * 1000:.0f} ms, grants start after {max_lease * 1000:.0f} ms)",
         id=cfg.witness.id, listen=list(cfg.witness.listen), pid=os.getpid(),
-        max_lease_ms=round(max_lease * 1000),
+        max_lease_ms=round(max_lease * 1000), realtime_failed=rt_failed,
     )  # fmt: skip
     try:
         await stop.wait()
@@ -114,7 +123,12 @@ def _run(args: argparse.Namespace) -> int:
         print("nonstop witness: --max-lease-ms must be > 0", file=sys.stderr)
         return 2
     return asyncio.run(
-        serve(config=args.config, fmt=args.format, max_lease=args.max_lease_ms / 1000)
+        serve(
+            config=args.config,
+            fmt=args.format,
+            max_lease=args.max_lease_ms / 1000,
+            realtime=not args.no_realtime,
+        )
     )
 
 
@@ -127,5 +141,8 @@ def add_parser(sub: Any) -> None:
         "--max-lease-ms", type=int, default=1000,
         help="longest lease granted; also the start-up grace period (default 1000)",
     )  # fmt: skip
+    p.add_argument(
+        "--no-realtime", action="store_true", help="do not run at real-time priority (SCHED_FIFO)"
+    )
     add_format_option(p)
     p.set_defaults(func=_run)
