@@ -396,3 +396,27 @@ def test_peer_view_of_unknown_and_never_heard() -> None:
     assert [(r.state, r.last_heard, r.rtt_ms, r.loss) for r in rows] == [
         ("unknown", None, None, None)
     ] * 2
+
+
+def test_rtt_ignores_heartbeats_that_sat_in_a_queue() -> None:
+    """During an outage the kernel queues heartbeats (e.g. waiting for ARP) and delivers them
+    when the link comes back: their echoes were measured long before they arrived and must not
+    become RTT samples."""
+    link, _, b = pair()
+    link.delay = 0.001
+    link.run_for(1.0)
+    # The outage starts just after b's last heartbeat reached a and before a answered it, so
+    # a's first echo of it is one of the queued heartbeats.
+    last_b = max(t for t, src, _ in link.sent if src == "node-b")
+    link.run_until(last_b + INTERVAL + 0.0015)  # its next one, 1 ms in flight, then 0.5 ms
+    end = link.now + 0.3
+    link.drop = lambda src, out, i: src == "node-b"  # b's heartbeats are lost meanwhile
+    while link.now < end - 0.01:
+        link.delay = end - link.now  # a's sit in a queue until the link comes back at `end`
+        link.run_for(0.01)
+    link.drop, link.delay = None, 0.001
+    worst = 0.0
+    for _ in range(50):  # watch b's table while the queued heartbeats arrive
+        link.run_for(0.01)
+        worst = max(worst, *(r.rtt_ms or 0.0 for r in b.table(link.now)))
+    assert worst < 3.0  # the true RTT is 2 ms; a queued echo would have added up to 300 ms

@@ -165,9 +165,12 @@ class _Link:
 
     __slots__ = (
         "deadline",
+        "echo_at",
+        "echo_top",
         "incarnation",
         "last_echo",
         "last_heard",
+        "min_transit",
         "name",
         "rtt",
         "rx_bits",
@@ -193,6 +196,13 @@ class _Link:
         self.rx_top_at = 0.0
         self.rx_bits = 0  # bit i: seq rx_top - i received
         self.last_echo = 0
+        # smallest (arrival - sender's sent_at) seen: the clock offset plus the fastest transit.
+        # A datagram well above it sat in a queue (e.g. the ARP queue during an outage).
+        self.min_transit: float | None = None
+        # what we echo back: the highest seq that arrived on time (not a queued straggler, whose
+        # echo would make the peer's RTT sample include the time it sat in the queue)
+        self.echo_top = 0
+        self.echo_at = 0.0
 
 
 @dataclass(slots=True)
@@ -295,9 +305,9 @@ class Membership:
             for pid in self._on_channel[ch]:
                 link = self._peers[pid].links[ch]
                 echo_seq = echo_delay = 0
-                if kind is MsgType.HEARTBEAT and link.rx_top:
-                    echo_seq = link.rx_top
-                    echo_delay = min(max(0, round((now - link.rx_top_at) * 1e6)), U32_MAX)
+                if kind is MsgType.HEARTBEAT and link.echo_top:
+                    echo_seq = link.echo_top
+                    echo_delay = min(max(0, round((now - link.echo_at) * 1e6)), U32_MAX)
                 hb = Heartbeat(
                     type=kind,
                     group=cfg.group,
@@ -426,9 +436,18 @@ class Membership:
             link.rx_top, link.rx_top_at = hb.seq, now
         elif link.rx_top - hb.seq < width:
             link.rx_bits |= 1 << (link.rx_top - hb.seq)
+        transit = now - hb.sent_at / 1e6  # sender's clock: only differences are meaningful
+        if link.min_transit is None or transit < link.min_transit:
+            link.min_transit = transit
+        # A heartbeat delayed in flight (queued while the link was down, delivered after the
+        # heal) carries an echo delay measured long before it arrived: no RTT sample from it,
+        # and we do not echo it back either.
+        stale = transit - link.min_transit > self.config.interval
+        if not stale and hb.seq > link.echo_top:
+            link.echo_top, link.echo_at = hb.seq, now
         if hb.echo_seq > link.last_echo:
             link.last_echo = hb.echo_seq
-            sent = self._sent.get(hb.echo_seq)
+            sent = None if stale else self._sent.get(hb.echo_seq)
             if sent is not None:
                 sample = now - sent - hb.echo_delay_us / 1e6
                 if sample >= 0:
