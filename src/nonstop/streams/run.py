@@ -1,0 +1,167 @@
+"""asyncio server and client of the stream checker (``python -m nonstop.streams``).
+
+Each connection carries two streams: the client's (direction 0) and the server's (direction 1),
+``--rate`` messages of ``--size`` bytes per second each. When the client's ``--duration`` is up it
+sends a zero-length trailer and shuts its side down; the server answers with its own trailer and
+closes. So every message of both streams is accounted for, the last ones included.
+Both sides write a JSON report: per direction, messages, bytes, lost, duplicated, corrupted, and
+the longest silence of each connection (the interruption a fault caused).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import socket
+import time
+from typing import Any
+
+from nonstop.streams.check import HEADER, StreamError, StreamVerifier, make_message
+
+CLIENT, SERVER = 0, 1
+
+
+def _pcts(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p99": None, "max": None}
+    v = sorted(values)
+
+    def rank(q: float) -> float:
+        return v[max(0, min(len(v) - 1, -(-int(q * len(v) * 100) // 100) - 1))]
+
+    return {"p50": round(rank(0.50), 3), "p99": round(rank(0.99), 3), "max": round(v[-1], 3)}
+
+
+def summarize(verifiers: list[StreamVerifier], errors: dict[str, int]) -> dict[str, Any]:
+    reps = [v.report for v in verifiers]
+    return {
+        "connections": len(verifiers),
+        "messages": sum(r.messages for r in reps),
+        "bytes": sum(r.bytes for r in reps),
+        "lost": sum(r.lost for r in reps),
+        "duplicated": sum(r.duplicated for r in reps),
+        "corrupted": sum(r.corrupted for r in reps),
+        "max_gap_ms": _pcts([r.max_gap * 1000 for r in reps]),
+        "errors": dict(errors),
+    }
+
+
+async def _pace(writer: asyncio.StreamWriter, direction: int, conn: int, rate: float,
+                size: int, stop: asyncio.Event) -> int:  # fmt: skip
+    """Send messages at ``rate`` per second until ``stop``; then the trailer. Returns the count."""
+    seq, start = 0, time.monotonic()
+    while not stop.is_set():
+        writer.write(make_message(direction, conn, seq, size))
+        seq += 1
+        await writer.drain()
+        delay = start + seq / rate - time.monotonic()
+        if delay > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+    writer.write(make_message(direction, conn, seq, 0))  # the trailer: its seq is the count
+    await writer.drain()
+    return seq
+
+
+async def _read_into(reader: asyncio.StreamReader, verifier: StreamVerifier) -> bool:
+    """Read until EOF; True if the stream ended with its trailer (a zero-length message)."""
+    while True:
+        data = await reader.read(65536)
+        if not data:
+            return verifier.pending == 0 and verifier.report.messages > 0 and verifier.last_len == 0
+        verifier.feed(data, time.monotonic())
+
+
+class Server:
+    def __init__(self, *, rate: float, size: int) -> None:
+        self.rate, self.size = rate, size
+        self.verifiers: list[StreamVerifier] = []
+        self.errors: dict[str, int] = {}
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        stop = asyncio.Event()
+        try:
+            head = await reader.readexactly(HEADER.size)
+            conn = HEADER.unpack(head)[2]
+            v = StreamVerifier(CLIENT, conn)
+            self.verifiers.append(v)
+            v.feed(head, time.monotonic())
+            sender = asyncio.create_task(_pace(writer, SERVER, conn, self.rate, self.size, stop))
+            try:
+                complete = await _read_into(reader, v)
+                if not complete:
+                    self._count("eof_without_trailer")
+            finally:
+                stop.set()
+                await sender
+            writer.close()
+        except (ConnectionError, OSError, asyncio.IncompleteReadError, StreamError) as e:
+            stop.set()
+            self._count(type(e).__name__)
+            writer.transport.abort()
+
+    def _count(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+
+
+async def serve(host: str, port: int, *, rate: float, size: int, report: str | None) -> None:
+    srv = Server(rate=rate, size=size)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_IP, 15, 1)  # IP_FREEBIND: the VIP may not be ours yet
+    sock.bind((host, port))
+    sock.listen(4096)
+    server = await asyncio.start_server(srv.handle, sock=sock)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with server:
+        await stop.wait()
+    if report:
+        with open(report, "w") as f:
+            json.dump(summarize(srv.verifiers, srv.errors), f)
+
+
+async def client(host: str, port: int, *, conns: int, duration: float, rate: float, size: int,
+                 connect_timeout: float = 5.0) -> dict[str, Any]:  # fmt: skip
+    verifiers: list[StreamVerifier] = []
+    errors: dict[str, int] = {}
+    kept = 0
+
+    async def one(conn: int) -> None:
+        nonlocal kept
+        v = StreamVerifier(SERVER, conn)
+        verifiers.append(v)
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port), connect_timeout
+            )
+        except (OSError, TimeoutError) as e:
+            errors[f"connect_{type(e).__name__}"] = errors.get(f"connect_{type(e).__name__}", 0) + 1
+            return
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.call_later(duration, stop.set)
+        try:
+            sender = asyncio.create_task(_pace(writer, CLIENT, conn, rate, size, stop))
+            await sender
+            writer.write_eof()
+            complete = await asyncio.wait_for(_read_into(reader, v), duration + 30)
+            if complete:
+                kept += 1
+            else:
+                errors["eof_without_trailer"] = errors.get("eof_without_trailer", 0) + 1
+        except (ConnectionError, OSError, TimeoutError, StreamError) as e:
+            kind = type(e).__name__
+            errors[kind] = errors.get(kind, 0) + 1
+        finally:
+            writer.transport.abort()
+
+    await asyncio.gather(*(one(i) for i in range(conns)))
+    out = summarize(verifiers, errors)
+    out["kept"] = kept
+    out["resets"] = errors.get("ConnectionResetError", 0)
+    return out
