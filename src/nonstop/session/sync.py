@@ -1,0 +1,510 @@
+"""The sans-IO session-sync core: the master's SyncSender and the backup's SyncReceiver.
+
+No sockets, no clocks: every entry point takes ``now`` (seconds, ``time.monotonic()``).
+
+Rules, all in one place:
+
+- The sender keeps a mirror of what the backup must hold, per connection (:class:`ConnState`),
+  and applies every record to it as it queues it; the receiver applies the same records with the
+  same code (``_apply``), in batch order, so after delivery both hold the same state.
+- Records are queued in call order and sealed into a batch when ``max_batch`` records are queued,
+  when the next one would not fit in ``max_datagram``, or ``max_delay`` after the first one.
+- Delivery is reliable and in order: batches carry (incarnation, seq); the receiver applies them in
+  seq order, buffers ones that arrive early, and ACKs the highest seq applied. The sender
+  retransmits a batch every ``rto`` until it is acknowledged, and keeps at most ``window`` batches
+  in flight so the receiver's ReplayWindow never discards a legitimate one as too old.
+- A RESET batch (the first of an incarnation and of every resync) tells the receiver to drop all
+  it holds: the batches that follow rebuild every connection (FULL, UPDATE, COMMIT, DATA). A
+  receiver without a base (it just started) ACKs with NEED_RESYNC and the sender resyncs, unless
+  a RESET is already on its way.
+- ``confirmed(conn_id)`` is (rcv end, snd end) as of the last batch the backup acknowledged: the
+  master may ACK the peer up to rcv end and no further. It is forgotten at a resync, and never
+  ahead of what the receiver ACKed.
+- Stream positions are TCP sequence numbers, compared mod 2**32 (``seq_diff``). Received bytes are
+  trimmed at the service's committed read position, sent bytes at the peer's snd_una: both sides
+  hold exactly what a restore needs. Positions only move forward: the sender refuses a commit or
+  an update that moves one back (LocalProtocolError).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+from nonstop.auth import MIN_KEY_LEN, ReplayWindow
+from nonstop.common import LocalProtocolError, RemoteProtocolError
+from nonstop.session.wire import (
+    DATA_LEN,
+    OVERHEAD,
+    Ack,
+    Batch,
+    Close,
+    CloseReason,
+    Commit,
+    Data,
+    Direction,
+    FullRecord,
+    Record,
+    Update,
+    decode,
+    encode_ack,
+    encode_batch,
+    record_size,
+)
+
+log = logging.getLogger("nonstop.session")
+
+SEQ_MOD = 1 << 32
+LOG_EVERY = 1000
+
+
+def seq_add(a: int, n: int) -> int:
+    return (a + n) % SEQ_MOD
+
+
+def seq_diff(a: int, b: int) -> int:
+    """``a - b`` as a signed distance mod 2**32, in [-2**31, 2**31)."""
+    return (a - b + (1 << 31)) % SEQ_MOD - (1 << 31)
+
+
+def seq_lt(a: int, b: int) -> bool:
+    return seq_diff(a, b) < 0
+
+
+@dataclass(frozen=True, slots=True)
+class ConnState:
+    """Everything to restore one connection, as the backup holds it.
+
+    ``rcv_data`` starts at ``rcv_start`` (the committed read position, or FULL's rcv_seq): bytes
+    received from the peer that the service has not committed, in order, no gap, no duplicate.
+    ``snd_data`` starts at ``snd_start`` (the peer's snd_una): bytes the service wrote that the
+    peer has not acknowledged. ``commit`` is the service's last checkpoint, if any.
+    """
+
+    full: FullRecord
+    rcv_start: int
+    rcv_data: bytes
+    snd_start: int
+    snd_data: bytes
+    rcv_nxt: int
+    snd_una: int
+    snd_nxt: int
+    snd_wnd: int
+    rcv_wnd: int
+    commit: Commit | None
+
+    @property
+    def rcv_end(self) -> int:
+        return seq_add(self.rcv_start, len(self.rcv_data))
+
+    @property
+    def snd_end(self) -> int:
+        return seq_add(self.snd_start, len(self.snd_data))
+
+
+class _Conn:
+    __slots__ = ("commit", "full", "rcv_data", "rcv_nxt", "rcv_start", "rcv_wnd", "snd_data",
+                 "snd_nxt", "snd_start", "snd_una", "snd_wnd")
+
+    def __init__(self, full: FullRecord) -> None:
+        self.full = full
+        self.rcv_start = self.rcv_nxt = full.rcv_seq
+        self.snd_start = self.snd_una = self.snd_nxt = full.snd_seq
+        self.rcv_data = bytearray()
+        self.snd_data = bytearray()
+        self.snd_wnd, self.rcv_wnd = full.snd_wnd, full.rcv_wnd
+        self.commit: Commit | None = None
+
+    def end(self, d: Direction) -> int:
+        if d is Direction.RCV:
+            return seq_add(self.rcv_start, len(self.rcv_data))
+        return seq_add(self.snd_start, len(self.snd_data))
+
+    def ends(self) -> tuple[int, int]:
+        return self.end(Direction.RCV), self.end(Direction.SND)
+
+    def trim(self, d: Direction, pos: int) -> None:
+        buf, start = (self.rcv_data, self.rcv_start) if d is Direction.RCV else (
+            self.snd_data, self.snd_start)
+        n = seq_diff(pos, start)
+        if n <= 0:
+            return
+        del buf[:n]  # all of it if pos is past the end: the start moves to pos
+        if d is Direction.RCV:
+            self.rcv_start = pos
+        else:
+            self.snd_start = pos
+
+    def append(self, d: Direction, seq: int, payload: bytes) -> bool:
+        """Add stream bytes at ``seq``; drop what is already held. False if it leaves a gap."""
+        buf = self.rcv_data if d is Direction.RCV else self.snd_data
+        off = seq_diff(seq, self.end(d))
+        if off > 0:
+            return False
+        if -off < len(payload):
+            buf += payload[-off:]
+        return True
+
+    def snapshot(self) -> ConnState:
+        return ConnState(self.full, self.rcv_start, bytes(self.rcv_data), self.snd_start,
+                         bytes(self.snd_data), self.rcv_nxt, self.snd_una, self.snd_nxt,
+                         self.snd_wnd, self.rcv_wnd, self.commit)
+
+
+def _apply(conns: dict[int, _Conn], rec: Record) -> str | None:
+    """Apply one record. Returns the name of a drop counter if it could not be applied."""
+    if isinstance(rec, FullRecord):
+        conns[rec.conn_id] = _Conn(rec)
+        return None
+    c = conns.get(rec.conn_id)
+    if c is None:
+        return "unknown_conn"
+    if isinstance(rec, Data):
+        return None if c.append(rec.direction, rec.seq, rec.payload) else "data_gap"
+    if isinstance(rec, Update):
+        c.rcv_nxt, c.snd_una, c.snd_nxt = rec.rcv_nxt, rec.snd_una, rec.snd_nxt
+        c.snd_wnd, c.rcv_wnd = rec.snd_wnd, rec.rcv_wnd
+        c.trim(Direction.SND, rec.snd_una)
+    elif isinstance(rec, Commit):
+        c.commit = rec
+        c.trim(Direction.RCV, rec.rpos)
+    else:
+        del conns[rec.conn_id]
+    return None
+
+
+class _Counted:
+    counters: dict[str, int]
+
+    def _drop(self, counter: str, reason: str) -> None:
+        n = self.counters.get(counter, 0) + 1
+        self.counters[counter] = n
+        if n == 1 or n % LOG_EVERY == 0:
+            log.warning("session sync: dropped (%s, %d so far): %s", counter, n, reason)
+
+
+@dataclass(slots=True)
+class _Sent:
+    seq: int
+    data: bytes
+    # conn id -> (the mirror's conn object, (rcv end, snd end)) after this batch; None: closed
+    marks: dict[int, tuple[_Conn, tuple[int, int]] | None]
+    sent_at: float = 0.0
+
+
+SENDER_COUNTERS = ("tx", "batches", "records", "retransmits", "resyncs", "rx_ack", "malformed",
+                   "bad_version", "bad_auth", "stale", "wrong_kind", "bogus_ack", "data_held")
+
+
+class SyncSender(_Counted):
+    """The master's side. Feed it socket events; send what ``datagrams_to_send`` returns."""
+
+    def __init__(self, key: bytes, *, incarnation: int, max_batch: int = 64,
+                 max_delay: float = 0.001, now: float, rto: float = 0.02,
+                 max_datagram: int = 1472, window: int = 256) -> None:
+        if len(key) < MIN_KEY_LEN:
+            raise ValueError(f"key must be at least {MIN_KEY_LEN} bytes")
+        if max_batch < 1 or max_delay < 0 or rto <= 0 or window < 1:
+            raise ValueError("max_batch, window >= 1; max_delay >= 0; rto > 0")
+        if max_datagram < OVERHEAD + DATA_LEN + 1 + 79:
+            raise ValueError(f"max_datagram {max_datagram} cannot hold a FULL record")
+        self._key, self.incarnation = key, incarnation
+        self.max_batch, self.max_delay, self.rto = max_batch, max_delay, rto
+        self.max_datagram, self.window = max_datagram, window
+        self._conns: dict[int, _Conn] = {}
+        self._held: dict[tuple[int, Direction], dict[int, bytes]] = {}  # data past a gap
+        self._pending: list[Record] = []
+        self._pending_size = 0
+        self._pending_since = now
+        self._marks: dict[int, tuple[_Conn, tuple[int, int]] | None] = {}
+        self._next_seq = 1
+        self._reset_next = True  # the first batch of an incarnation is a RESET
+        self._reset_seq = 0  # seq of the latest RESET batch (0: not sealed yet)
+        self._sealed: deque[_Sent] = deque()  # sealed, waiting for room in the window
+        self._inflight: dict[int, _Sent] = {}  # sent, not acknowledged, by seq (ordered)
+        self._outbox: list[bytes] = []
+        self._confirmed: dict[int, tuple[int, int]] = {}
+        self._ack_from = (-1, -1)  # (backup incarnation, ack seq) of the last ACK accepted
+        self.counters: dict[str, int] = dict.fromkeys(SENDER_COUNTERS, 0)
+
+    # -- what the session manager feeds in ---------------------------------------------------
+    def open(self, conn_id: int, full: FullRecord, now: float) -> None:
+        if conn_id != full.conn_id or conn_id in self._conns:
+            raise LocalProtocolError(f"conn {conn_id} is already open or does not match {full}")
+        self._enqueue(full, now)
+
+    def data(self, conn_id: int, direction: Direction, seq: int, payload: bytes,
+             now: float) -> None:
+        """Stream bytes at ``seq``: RCV received from the peer, SND written by the service.
+
+        Overlaps with what is held are dropped; bytes past a gap wait until the gap is filled.
+        """
+        c = self._conn(conn_id)
+        direction = Direction(direction)
+        if seq_diff(seq, c.end(direction)) > 0:
+            held = self._held.setdefault((conn_id, direction), {})
+            if len(payload) > len(held.get(seq, b"")):
+                held[seq] = bytes(payload)
+            self.counters["data_held"] += 1
+            return
+        self._feed(conn_id, direction, seq, payload, now)
+        self._drain(conn_id, direction, now)
+
+    def update(self, conn_id: int, *, rcv_nxt: int, snd_una: int, snd_nxt: int, snd_wnd: int,
+               rcv_wnd: int, now: float) -> None:
+        c = self._conn(conn_id)
+        if seq_lt(snd_una, c.snd_start):
+            raise LocalProtocolError(f"conn {conn_id}: snd_una {snd_una} moved back")
+        self._enqueue(Update(conn_id, rcv_nxt, snd_una, snd_nxt, snd_wnd, rcv_wnd), now)
+        self._drain(conn_id, Direction.SND, now)
+
+    def commit(self, conn_id: int, rpos: int, wpos: int, state: bytes, now: float) -> None:
+        c = self._conn(conn_id)
+        if seq_lt(rpos, c.rcv_start):
+            raise LocalProtocolError(f"conn {conn_id}: committed read position {rpos} moved back")
+        self._enqueue(Commit(conn_id, rpos, wpos, bytes(state)), now)
+        self._drain(conn_id, Direction.RCV, now)
+
+    def close(self, conn_id: int, reason: CloseReason, now: float) -> None:
+        self._conn(conn_id)
+        self._enqueue(Close(conn_id, CloseReason(reason)), now)
+        for d in Direction:
+            self._held.pop((conn_id, d), None)
+        self._confirmed.pop(conn_id, None)
+
+    def resync(self, now: float) -> None:
+        """Start over: a RESET batch, then every connection's whole state (a backup rejoined)."""
+        self.counters["resyncs"] += 1
+        self._pending, self._pending_size, self._marks = [], 0, {}
+        self._sealed.clear()
+        self._inflight.clear()
+        self._confirmed.clear()
+        self._reset_next = True
+        for conn_id, c in list(self._conns.items()):
+            state = c.snapshot()
+            self._enqueue(state.full, now)
+            self._enqueue(Update(conn_id, state.rcv_nxt, state.snd_una, state.snd_nxt,
+                                 state.snd_wnd, state.rcv_wnd), now)
+            if state.commit is not None:
+                self._enqueue(state.commit, now)
+            self._feed(conn_id, Direction.RCV, state.rcv_start, state.rcv_data, now)
+            self._feed(conn_id, Direction.SND, state.snd_start, state.snd_data, now)
+        if not self._pending:  # nothing open: an empty RESET still clears the backup
+            self._seal(now)
+
+    # -- what the backup tells us ------------------------------------------------------------
+    def receive_ack(self, data: bytes, now: float) -> None:
+        try:
+            ack = decode(data, self._key)
+        except RemoteProtocolError as e:
+            self._drop(e.counter, e.reason)
+            return
+        if not isinstance(ack, Ack):
+            self._drop("wrong_kind", "a batch where an ACK was expected")
+            return
+        if ack.master_incarnation != self.incarnation or (ack.incarnation, ack.seq) <= \
+                self._ack_from:
+            self._drop("stale", f"ACK {ack.incarnation}/{ack.seq} is old or for another master")
+            return
+        if ack.applied >= self._next_seq:
+            self._drop("bogus_ack", f"ACK of batch {ack.applied} never sent")
+            return
+        self._ack_from = (ack.incarnation, ack.seq)
+        self.counters["rx_ack"] += 1
+        if ack.need_resync:
+            if not self._reset_pending():
+                self.resync(now)
+            return
+        if ack.applied < self._reset_seq:
+            return  # from before our latest RESET
+        for seq in [s for s in self._inflight if s <= ack.applied]:
+            for conn_id, mark in self._inflight.pop(seq).marks.items():
+                if mark is None:
+                    self._confirmed.pop(conn_id, None)
+                elif self._conns.get(conn_id) is mark[0]:  # not a later conn with the same id
+                    self._confirmed[conn_id] = mark[1]
+
+    def confirmed(self, conn_id: int) -> tuple[int, int] | None:
+        """(rcv end, snd end) the backup holds for ``conn_id``; None if it holds nothing yet.
+
+        The master must not ACK the peer past rcv end (nor, if it can, transmit past snd end).
+        """
+        return self._confirmed.get(conn_id)
+
+    def connections(self) -> dict[int, ConnState]:
+        """The sender's mirror: what the backup will hold once everything is acknowledged."""
+        return {k: c.snapshot() for k, c in self._conns.items()}
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight) + len(self._sealed) + bool(self._pending)
+
+    # -- timers and output -------------------------------------------------------------------
+    def get_timer(self) -> float | None:
+        times = [s.sent_at + self.rto for s in self._inflight.values()]
+        if self._pending:
+            times.append(self._pending_since + self.max_delay)
+        return min(times, default=None)
+
+    def handle_timer(self, now: float) -> None:
+        if self._pending and now >= self._pending_since + self.max_delay:
+            self._seal(now)
+        for sent in self._inflight.values():
+            if now >= sent.sent_at + self.rto:
+                sent.sent_at = now
+                self._outbox.append(sent.data)
+                self.counters["retransmits"] += 1
+        self._transmit(now)
+
+    def datagrams_to_send(self, now: float) -> list[bytes]:
+        self.handle_timer(now)
+        out, self._outbox = self._outbox, []
+        self.counters["tx"] += len(out)
+        return out
+
+    # -- internals ---------------------------------------------------------------------------
+    def _conn(self, conn_id: int) -> _Conn:
+        c = self._conns.get(conn_id)
+        if c is None:
+            raise LocalProtocolError(f"conn {conn_id} is not open")
+        return c
+
+    def _reset_pending(self) -> bool:
+        return self._reset_next or self._reset_seq in self._inflight or any(
+            s.seq == self._reset_seq for s in self._sealed)
+
+    def _feed(self, conn_id: int, d: Direction, seq: int, payload: bytes, now: float) -> None:
+        c = self._conns[conn_id]
+        skip = -seq_diff(seq, c.end(d))
+        view = memoryview(payload)[max(skip, 0):]
+        seq = seq_add(seq, max(skip, 0))
+        room = self.max_datagram - OVERHEAD - DATA_LEN
+        for i in range(0, len(view), room):
+            self._enqueue(Data(conn_id, d, seq_add(seq, i), bytes(view[i : i + room])), now)
+
+    def _drain(self, conn_id: int, d: Direction, now: float) -> None:
+        held = self._held.get((conn_id, d))
+        while held:
+            end = self._conns[conn_id].end(d)
+            ready = [s for s in held if seq_diff(s, end) <= 0]
+            if not ready:
+                return
+            for s in ready:
+                self._feed(conn_id, d, s, held.pop(s), now)
+
+    def _enqueue(self, rec: Record, now: float) -> None:
+        size = record_size(rec)
+        if self._pending and self._pending_size + size + OVERHEAD > self.max_datagram:
+            self._seal(now)
+        if not self._pending:
+            self._pending_since = now
+        problem = _apply(self._conns, rec)
+        if problem is not None:
+            raise LocalProtocolError(f"{rec!r} does not apply: {problem}")
+        c = self._conns.get(rec.conn_id)
+        self._marks[rec.conn_id] = None if c is None else (c, c.ends())
+        self._pending.append(rec)
+        self._pending_size += size
+        if len(self._pending) >= self.max_batch:
+            self._seal(now)
+
+    def _seal(self, now: float) -> None:
+        seq = self._next_seq
+        self._next_seq += 1
+        batch = Batch(self.incarnation, seq, tuple(self._pending), self._reset_next)
+        if self._reset_next:
+            self._reset_seq, self._reset_next = seq, False
+        self._sealed.append(_Sent(seq, encode_batch(self._key, batch), self._marks))
+        self.counters["batches"] += 1
+        self.counters["records"] += len(self._pending)
+        self._pending, self._pending_size, self._marks = [], 0, {}
+        self._transmit(now)
+
+    def _transmit(self, now: float) -> None:
+        while self._sealed:
+            oldest = next(iter(self._inflight), self._sealed[0].seq)
+            if self._sealed[0].seq - oldest >= self.window:
+                return
+            sent = self._sealed.popleft()
+            sent.sent_at = now
+            self._inflight[sent.seq] = sent
+            self._outbox.append(sent.data)
+
+
+RECEIVER_COUNTERS = ("rx_batch", "applied", "duplicate", "malformed", "bad_version", "bad_auth",
+                     "stale", "wrong_kind", "buffer_full", "no_base", "unknown_conn", "data_gap")
+
+
+class SyncReceiver(_Counted):
+    """The backup's side. ``receive`` returns the ACK datagrams to send back to the master."""
+
+    def __init__(self, key: bytes, *, now: float, incarnation: int, window: int = 256) -> None:
+        if len(key) < MIN_KEY_LEN:
+            raise ValueError(f"key must be at least {MIN_KEY_LEN} bytes")
+        self._key, self.incarnation, self.window = key, incarnation, window
+        self._conns: dict[int, _Conn] = {}
+        self._replay = ReplayWindow(window)
+        self._master_inc = -1
+        self._next: int | None = None  # next batch seq to apply; None: no base yet
+        self._early: dict[int, Batch] = {}
+        self._ack_seq = 0
+        self.last_rx: float | None = None
+        self.counters: dict[str, int] = dict.fromkeys(RECEIVER_COUNTERS, 0)
+        del now  # nothing is timed on this side yet; kept for symmetry with the sender
+
+    def receive(self, data: bytes, now: float) -> list[bytes]:
+        try:
+            b = decode(data, self._key)
+        except RemoteProtocolError as e:
+            self._drop(e.counter, e.reason)
+            return []
+        if not isinstance(b, Batch):
+            self._drop("wrong_kind", "an ACK where a batch was expected")
+            return []
+        if b.incarnation < self._master_inc:
+            self._drop("stale", f"batch of old master incarnation {b.incarnation}")
+            return []
+        if b.incarnation > self._master_inc:
+            self._master_inc, self._next, self._early = b.incarnation, None, {}
+        if (self._next is not None and b.seq < self._next) or b.seq in self._early:
+            self.counters["duplicate"] += 1
+            return [self._ack()]
+        if len(self._early) >= self.window and not b.reset:
+            self._drop("buffer_full", f"batch {b.seq} arrived too early")
+            return [self._ack()]
+        verdict = self._replay.check_and_update(b.incarnation, b.seq)
+        if verdict != "new":
+            self._drop("stale" if verdict == "old" else "duplicate", f"batch {b.seq}: {verdict}")
+            return [self._ack()]
+        self.counters["rx_batch"] += 1
+        self.last_rx = now
+        if b.reset:
+            self._conns.clear()
+            self._next = b.seq
+            self._early = {s: e for s, e in self._early.items() if s > b.seq}
+        self._early[b.seq] = b
+        if self._next is None:
+            self.counters["no_base"] += 1
+        while self._next is not None and self._next in self._early:
+            for rec in self._early.pop(self._next).records:
+                problem = _apply(self._conns, rec)
+                if problem is not None:
+                    self._drop(problem, f"{type(rec).__name__} for conn {rec.conn_id}")
+            self.counters["applied"] += 1
+            self._next += 1
+        return [self._ack()]
+
+    def _ack(self) -> bytes:
+        self._ack_seq += 1
+        applied = 0 if self._next is None else self._next - 1
+        return encode_ack(self._key, Ack(self.incarnation, self._ack_seq, max(self._master_inc, 0),
+                                         applied, self._next is None))
+
+    @property
+    def applied(self) -> int:
+        """Highest batch seq applied in order in the current master incarnation (0: none)."""
+        return 0 if self._next is None else self._next - 1
+
+    def connections(self) -> dict[int, ConnState]:
+        return {k: c.snapshot() for k, c in self._conns.items()}

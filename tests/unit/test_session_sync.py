@@ -1,0 +1,384 @@
+"""Session sync: sender and receiver over a fake lossy, reordering link, checked against a model.
+
+The model is the test's own: per connection, the two byte streams, which of their bytes the master
+was told about (coverage), the committed read position and the peer's snd_una. After any run of
+operations and once the link is quiet, the backup must hold exactly what the model says.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from nonstop.common import LocalProtocolError
+from nonstop.session.sync import (
+    ConnState,
+    SyncReceiver,
+    SyncSender,
+    seq_add,
+    seq_diff,
+    seq_lt,
+)
+from nonstop.session.wire import CloseReason, Commit, Direction, FullRecord
+
+KEY = bytes(range(32))
+M = 2**32
+
+
+class FakeLink:
+    """One direction of a datagram link: loses, duplicates and reorders (random delay)."""
+
+    def __init__(self, rng: random.Random, loss: float, dup: float, max_delay: float) -> None:
+        self.rng, self.loss, self.dup, self.max_delay = rng, loss, dup, max_delay
+        self.queue: list[tuple[float, int, bytes]] = []
+        self.n = 0
+
+    def send(self, data: bytes, now: float) -> None:
+        for _ in range(1 + (self.rng.random() < self.dup)):
+            if self.rng.random() >= self.loss:
+                self.n += 1
+                self.queue.append((now + self.rng.uniform(0, self.max_delay), self.n, data))
+
+    def deliver(self, now: float) -> list[bytes]:
+        due = sorted(x for x in self.queue if x[0] <= now)
+        self.queue = [x for x in self.queue if x[0] > now]
+        return [d for _, _, d in due]
+
+
+def test_seq_helpers_wrap() -> None:
+    assert seq_add(M - 1, 2) == 1
+    assert seq_diff(1, M - 1) == 2 and seq_diff(M - 1, 1) == -2
+    assert seq_lt(M - 10, 5) and not seq_lt(5, M - 10)
+    assert seq_diff(0, 2**31) == -(2**31)
+
+
+def full(conn_id: int, isn_s: int, isn_r: int) -> FullRecord:
+    return FullRecord(
+        conn_id=conn_id, family=4, local_addr="10.77.0.10", local_port=8080,
+        peer_addr="10.77.1.2", peer_port=40000 + conn_id, snd_seq=isn_s, rcv_seq=isn_r, mss=1448,
+        snd_wscale=7, rcv_wscale=7, wscale=True, sack=True, timestamps=True, ts_val=12345,
+        snd_wl1=isn_r, snd_wnd=65535, max_window=65535, rcv_wnd=65535, rcv_wup=isn_r,
+    )
+
+
+class ModelConn:
+    def __init__(self, rng: random.Random, conn_id: int, near_wrap: bool) -> None:
+        base = M - rng.randrange(1, 3000) if near_wrap else rng.randrange(M)
+        self.full = full(conn_id, base, seq_add(base, rng.randrange(0, 5000) - 2500))
+        self.isn = {Direction.RCV: self.full.rcv_seq, Direction.SND: self.full.snd_seq}
+        self.stream = {d: rng.randbytes(rng.randrange(0, 6000)) for d in Direction}
+        self.covered = {d: bytearray(len(self.stream[d])) for d in Direction}
+        self.start = dict.fromkeys(Direction, 0)  # committed read offset / snd_una offset
+        self.upd = (self.full.rcv_seq, self.full.snd_seq, self.full.snd_seq, 65535, 65535)
+        self.commit: Commit | None = None
+
+    def end(self, d: Direction) -> int:
+        i = self.start[d]
+        while i < len(self.stream[d]) and self.covered[d][i]:
+            i += 1
+        return i
+
+    def expected(self) -> ConnState:
+        r, s = Direction.RCV, Direction.SND
+        return ConnState(
+            self.full, seq_add(self.isn[r], self.start[r]),
+            self.stream[r][self.start[r] : self.end(r)], seq_add(self.isn[s], self.start[s]),
+            self.stream[s][self.start[s] : self.end(s)], *self.upd, self.commit,
+        )
+
+
+class Harness:
+    def __init__(self, seed: int, *, loss: float = 0.2, max_batch: int = 16) -> None:
+        self.rng = rng = random.Random(seed)
+        self.now = 100.0
+        self.tx = SyncSender(KEY, incarnation=7, max_batch=max_batch, max_delay=0.001,
+                             now=self.now, rto=0.01, max_datagram=rng.choice([300, 1472]))
+        self.rx_inc = 1
+        self.rx = SyncReceiver(KEY, now=self.now, incarnation=self.rx_inc)
+        self.ab = FakeLink(rng, loss, 0.1, 0.005)
+        self.ba = FakeLink(rng, loss, 0.1, 0.005)
+        self.model: dict[int, ModelConn] = {}
+        self.next_id = 1
+        # conn -> highest (rcv, snd) offsets the receiver held when it emitted any ACK
+        self.acked_max: dict[int, tuple[int, int]] = {}
+
+    def step(self, dt: float = 0.001) -> None:
+        self.now += dt
+        for d in self.tx.datagrams_to_send(self.now):
+            self.ab.send(d, self.now)
+        for d in self.ab.deliver(self.now):
+            acks = self.rx.receive(d, self.now)
+            if acks:
+                self._note_acked()
+            for a in acks:
+                self.ba.send(a, self.now)
+        for a in self.ba.deliver(self.now):
+            self.tx.receive_ack(a, self.now)
+        self.check_confirmed()
+
+    def _off(self, m: ModelConn, d: Direction, seq: int) -> int:
+        return seq_diff(seq, m.isn[d])
+
+    def _note_acked(self) -> None:
+        for cid, st in self.rx.connections().items():
+            m = self.model.get(cid)
+            if m is None:
+                continue
+            r = self._off(m, Direction.RCV, st.rcv_end)
+            s = self._off(m, Direction.SND, st.snd_end)
+            old = self.acked_max.get(cid, (-1, -1))
+            self.acked_max[cid] = (max(old[0], r), max(old[1], s))
+
+    def check_confirmed(self) -> None:
+        for cid, m in self.model.items():
+            c = self.tx.confirmed(cid)
+            if c is None:
+                continue
+            top = self.acked_max[cid]
+            assert self._off(m, Direction.RCV, c[0]) <= top[0]
+            assert self._off(m, Direction.SND, c[1]) <= top[1]
+
+    def quiesce(self) -> None:
+        for _ in range(5000):
+            self.step()
+            if not self.tx.in_flight and not self.ab.queue and not self.ba.queue:
+                return
+        raise AssertionError("the link never went quiet")
+
+    # -- operations --------------------------------------------------------------------------
+    def op_open(self) -> None:
+        cid, self.next_id = self.next_id, self.next_id + 1
+        m = self.model[cid] = ModelConn(self.rng, cid, self.rng.random() < 0.7)
+        self.tx.open(cid, m.full, self.now)
+
+    def op_data(self, m: ModelConn) -> None:
+        d = self.rng.choice(list(Direction))
+        n = len(m.stream[d])
+        if not n:
+            return
+        end = m.end(d)
+        a = max(0, min(n - 1, end + self.rng.randrange(-300, 400)))  # overlap, in order, or gap
+        b = min(n, a + self.rng.randrange(1, 2500))
+        m.covered[d][a:b] = b"\1" * (b - a)
+        self.tx.data(m.full.conn_id, d, seq_add(m.isn[d], a), m.stream[d][a:b], self.now)
+
+    def op_commit(self, m: ModelConn) -> None:
+        r = Direction.RCV
+        pos = self.rng.randint(m.start[r], min(len(m.stream[r]), m.end(r) + 100))
+        m.start[r] = pos
+        m.commit = Commit(m.full.conn_id, seq_add(m.isn[r], pos),
+                          seq_add(m.isn[Direction.SND], self.rng.randrange(5000)),
+                          self.rng.randbytes(self.rng.randrange(256)))
+        self.tx.commit(m.full.conn_id, m.commit.rpos, m.commit.wpos, m.commit.state, self.now)
+
+    def op_update(self, m: ModelConn) -> None:
+        s = Direction.SND
+        una = self.rng.randint(m.start[s], min(len(m.stream[s]), m.end(s) + 100))
+        m.start[s] = una
+        m.upd = (seq_add(m.isn[Direction.RCV], m.end(Direction.RCV)), seq_add(m.isn[s], una),
+                 seq_add(m.isn[s], m.end(s)), self.rng.randrange(M), self.rng.randrange(M))
+        self.tx.update(m.full.conn_id, rcv_nxt=m.upd[0], snd_una=m.upd[1], snd_nxt=m.upd[2],
+                       snd_wnd=m.upd[3], rcv_wnd=m.upd[4], now=self.now)
+
+    def op_close(self, m: ModelConn) -> None:
+        del self.model[m.full.conn_id]
+        self.tx.close(m.full.conn_id, self.rng.choice(list(CloseReason)), self.now)
+
+    def op_restart_backup(self) -> None:
+        self.rx_inc += 1
+        self.rx = SyncReceiver(KEY, now=self.now, incarnation=self.rx_inc)
+        if self.rng.random() < 0.5:
+            self.tx.resync(self.now)  # the agent saw the backup rejoin; else NEED_RESYNC does it
+
+    def run(self, n_ops: int) -> None:
+        for _ in range(n_ops):
+            x = self.rng.random()
+            conns = list(self.model.values())
+            if x < 0.1 or not conns:
+                self.op_open()
+            elif x < 0.5:
+                self.op_data(self.rng.choice(conns))
+            elif x < 0.62:
+                self.op_commit(self.rng.choice(conns))
+            elif x < 0.74:
+                self.op_update(self.rng.choice(conns))
+            elif x < 0.78:
+                self.op_close(self.rng.choice(conns))
+            elif x < 0.8:
+                self.tx.resync(self.now)
+            elif x < 0.82:
+                self.op_restart_backup()
+            for _ in range(self.rng.randrange(3)):
+                self.step()
+        if self.model:  # any traffic lets a restarted backup ask for a resync
+            self.op_update(next(iter(self.model.values())))
+        self.quiesce()
+
+    def check_converged(self) -> None:
+        want = {cid: m.expected() for cid, m in self.model.items()}
+        assert self.tx.connections() == want
+        assert self.rx.connections() == want
+        for cid, st in want.items():
+            assert self.tx.confirmed(cid) == (st.rcv_end, st.snd_end)
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_randomized_runs_converge_to_the_model(seed: int) -> None:
+    h = Harness(seed, loss=[0.0, 0.1, 0.3][seed % 3], max_batch=[1, 16, 64][seed // 3 % 3])
+    h.run(120)
+    h.check_converged()
+    assert h.rx.counters["data_gap"] == 0 and h.rx.counters["unknown_conn"] == 0
+    assert h.rx.counters["bad_auth"] == 0 and h.rx.counters["malformed"] == 0
+
+
+def test_perfect_link_batches_and_confirms() -> None:
+    h = Harness(1, loss=0.0, max_batch=4)
+    h.ab.dup = h.ba.dup = 0.0
+    for _ in range(3):
+        h.op_open()
+    assert h.tx.confirmed(1) is None  # nothing confirmed before the backup ACKs
+    h.quiesce()
+    h.check_converged()
+    assert h.tx.counters["retransmits"] == 0 and h.rx.counters["duplicate"] == 0
+    m = h.model[1]
+    assert h.tx.confirmed(1) == (m.full.rcv_seq, m.full.snd_seq)
+
+
+def test_wraparound_data_and_commit_across_2_32() -> None:
+    tx = SyncSender(KEY, incarnation=1, now=0.0)
+    rx = SyncReceiver(KEY, now=0.0, incarnation=1)
+    isn = M - 3
+    tx.open(5, full(5, isn, isn), 0.0)
+    tx.data(5, Direction.RCV, isn, b"abcdefgh", 0.0)  # crosses 2**32 after 3 bytes
+    tx.data(5, Direction.RCV, 0, b"defghXYZ", 0.0)  # overlaps "defgh" (seq 0 is "d")
+    tx.commit(5, 2, 0, b"st", 0.0)  # the service read up to 'e' (seq 2 after the wrap)
+    tx.data(5, Direction.SND, isn, b"0123456789", 0.0)
+    tx.update(5, rcv_nxt=8, snd_una=seq_add(isn, 4), snd_nxt=7, snd_wnd=1, rcv_wnd=2, now=0.0)
+    for d in tx.datagrams_to_send(1.0):
+        for a in rx.receive(d, 1.0):
+            tx.receive_ack(a, 1.0)
+    st = rx.connections()[5]
+    assert (st.rcv_start, st.rcv_data) == (2, b"fghXYZ")
+    assert (st.snd_start, st.snd_data) == (M - 3 + 4 - M, b"456789")
+    assert st.rcv_end == 8 and tx.confirmed(5) == (8, 7)
+    assert st.commit == Commit(5, 2, 0, b"st")
+
+
+def test_data_past_a_gap_waits_for_the_gap() -> None:
+    tx = SyncSender(KEY, incarnation=1, now=0.0)
+    tx.open(1, full(1, 100, 200), 0.0)
+    tx.data(1, Direction.RCV, 205, b"fgh", 0.0)
+    assert tx.connections()[1].rcv_data == b"" and tx.counters["data_held"] == 1
+    tx.data(1, Direction.RCV, 200, b"abcde", 0.0)
+    assert tx.connections()[1].rcv_data == b"abcdefgh"
+    tx.data(1, Direction.SND, 110, b"zz", 0.0)  # a gap, then the peer ACKs past it
+    tx.update(1, rcv_nxt=208, snd_una=110, snd_nxt=112, snd_wnd=1, rcv_wnd=1, now=0.0)
+    assert tx.connections()[1].snd_data == b"zz"
+
+
+def test_sender_refuses_misuse() -> None:
+    tx = SyncSender(KEY, incarnation=1, now=0.0)
+    with pytest.raises(LocalProtocolError):
+        tx.data(9, Direction.RCV, 0, b"x", 0.0)
+    tx.open(1, full(1, 100, 200), 0.0)
+    with pytest.raises(LocalProtocolError):
+        tx.open(1, full(1, 100, 200), 0.0)
+    tx.commit(1, 250, 0, b"", 0.0)
+    with pytest.raises(LocalProtocolError):
+        tx.commit(1, 240, 0, b"", 0.0)
+    with pytest.raises(LocalProtocolError):
+        tx.commit(1, 260, 0, b"x" * 256, 0.0)
+
+
+def test_timer_flushes_a_partial_batch_after_max_delay() -> None:
+    tx = SyncSender(KEY, incarnation=1, now=0.0, max_batch=64, max_delay=0.002, rto=0.05)
+    tx.open(1, full(1, 1, 1), 10.0)
+    assert tx.get_timer() == pytest.approx(10.002)
+    assert tx.datagrams_to_send(10.001) == []
+    (first,) = tx.datagrams_to_send(10.002)
+    t = tx.get_timer()
+    assert t == pytest.approx(10.052)  # retransmission
+    assert tx.datagrams_to_send(t - 1e-6) == []
+    assert tx.datagrams_to_send(t) == [first]
+    assert tx.counters["retransmits"] == 1
+
+
+def test_full_batch_goes_at_once_and_window_limits_flight() -> None:
+    tx = SyncSender(KEY, incarnation=1, now=0.0, max_batch=2, window=3)
+    for i in range(1, 9):
+        tx.open(i, full(i, i, i), 0.0)
+    assert len(tx.datagrams_to_send(0.0)) == 3  # 4 batches sealed, 3 may fly
+    rx = SyncReceiver(KEY, now=0.0, incarnation=1)
+    acks = [a for d in tx.datagrams_to_send(0.0) for a in rx.receive(d, 0.0)]
+    assert acks == []
+
+
+def test_forged_and_replayed_batches_change_nothing() -> None:
+    h = Harness(3, loss=0.0)
+    h.op_open()
+    sent = h.tx.datagrams_to_send(h.now + 1)
+    for d in sent:
+        h.rx.receive(d, h.now)
+    before = h.rx.connections()
+    evil = SyncSender(b"another key, 32 bytes long......", incarnation=99, now=0.0)
+    evil.open(1, full(1, 0, 0), 0.0)
+    for d in [*evil.datagrams_to_send(1.0), *sent, b"", b"NSSY", bytes(100)]:
+        h.rx.receive(d, h.now)
+    assert h.rx.connections() == before
+    assert h.rx.counters["bad_auth"] == 1 and h.rx.counters["duplicate"] == len(sent)
+    assert h.rx.counters["malformed"] == 3
+
+
+def test_restarted_backup_asks_for_a_resync() -> None:
+    h = Harness(4, loss=0.0)
+    h.ab.dup = h.ba.dup = 0.0
+    h.op_open()
+    h.op_data(h.model[1])
+    h.quiesce()
+    h.rx = SyncReceiver(KEY, now=h.now, incarnation=2)  # state lost; the agent did not tell
+    h.op_commit(h.model[1])
+    h.quiesce()
+    assert h.tx.counters["resyncs"] == 1
+    h.check_converged()
+
+
+def test_a_new_master_incarnation_resets_the_backup() -> None:
+    h = Harness(5, loss=0.0)
+    h.op_open()
+    h.quiesce()
+    h.tx = SyncSender(KEY, incarnation=8, now=h.now)  # the master restarted with no connections
+    h.model.clear()
+    h.tx.resync(h.now)
+    h.quiesce()
+    assert h.rx.connections() == {}
+    old = SyncSender(KEY, incarnation=7, now=h.now)
+    old.open(3, full(3, 0, 0), h.now)
+    for d in old.datagrams_to_send(h.now + 1):
+        assert h.rx.receive(d, h.now) == []
+    assert h.rx.counters["stale"] == 1 and h.rx.connections() == {}
+
+
+def test_acks_from_elsewhere_are_counted_not_trusted() -> None:
+    tx = SyncSender(KEY, incarnation=1, now=0.0)
+    tx.open(1, full(1, 0, 0), 0.0)
+    tx.datagrams_to_send(1.0)
+    rx = SyncReceiver(KEY, now=0.0, incarnation=1)
+    other = SyncSender(KEY, incarnation=2, now=0.0)
+    other.open(1, full(1, 0, 0), 0.0)
+    (ack,) = rx.receive(other.datagrams_to_send(1.0)[0], 1.0)  # an ACK for another master
+    tx.receive_ack(ack, 1.0)
+    tx.receive_ack(b"garbage", 1.0)
+    assert tx.counters["stale"] == 1 and tx.counters["malformed"] == 1
+    assert tx.confirmed(1) is None
+
+
+def test_close_is_applied_and_confirmed_dropped() -> None:
+    h = Harness(6, loss=0.0)
+    h.op_open()
+    h.op_open()
+    h.quiesce()
+    h.op_close(h.model[1])
+    h.quiesce()
+    h.check_converged()
+    assert 1 not in h.rx.connections() and h.tx.confirmed(1) is None
