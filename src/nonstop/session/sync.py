@@ -194,7 +194,8 @@ class _Sent:
 
 
 SENDER_COUNTERS = ("tx", "batches", "records", "retransmits", "resyncs", "rx_ack", "malformed",
-                   "bad_version", "bad_auth", "stale", "wrong_kind", "bogus_ack", "data_held")
+                   "bad_version", "bad_auth", "stale", "ack_reordered", "wrong_kind", "bogus_ack",
+                   "data_held")
 
 
 class SyncSender(_Counted):
@@ -303,9 +304,11 @@ class SyncSender(_Counted):
         if not isinstance(ack, Ack):
             self._drop("wrong_kind", "a batch where an ACK was expected")
             return
-        if ack.master_incarnation != self.incarnation or (ack.incarnation, ack.seq) <= \
-                self._ack_from:
-            self._drop("stale", f"ACK {ack.incarnation}/{ack.seq} is old or for another master")
+        if ack.master_incarnation != self.incarnation:
+            self._drop("stale", f"ACK for master incarnation {ack.master_incarnation}")
+            return
+        if (ack.incarnation, ack.seq) <= self._ack_from:
+            self.counters["ack_reordered"] += 1  # an older ACK overtaken by a newer one: normal
             return
         if ack.applied >= self._next_seq:
             self._drop("bogus_ack", f"ACK of batch {ack.applied} never sent")
