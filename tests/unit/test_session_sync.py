@@ -304,6 +304,13 @@ def test_timer_flushes_a_partial_batch_after_max_delay() -> None:
     assert tx.counters["retransmits"] == 1
 
 
+def test_a_batch_not_yet_handed_out_is_not_retransmitted_twice() -> None:
+    tx = SyncSender(KEY, incarnation=1, now=0.0, max_batch=1, rto=0.02)
+    tx.open(1, full(1, 1, 1), 0.0)  # sealed and queued at 0.0, handed out only at 1.0
+    assert len(tx.datagrams_to_send(1.0)) == 1
+    assert tx.get_timer() == pytest.approx(1.02) and tx.counters["retransmits"] == 0
+
+
 def test_full_batch_goes_at_once_and_window_limits_flight() -> None:
     tx = SyncSender(KEY, incarnation=1, now=0.0, max_batch=2, window=3)
     for i in range(1, 9):

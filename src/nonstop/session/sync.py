@@ -190,7 +190,8 @@ class _Sent:
     data: bytes
     # conn id -> (the mirror's conn object, (rcv end, snd end)) after this batch; None: closed
     marks: dict[int, tuple[_Conn, tuple[int, int]] | None]
-    sent_at: float = 0.0
+    sent_at: float = 0.0  # when it was last handed out (or queued, while ``queued``)
+    queued: bool = False  # in the outbox, not yet handed out by datagrams_to_send
 
 
 SENDER_COUNTERS = ("tx", "batches", "records", "retransmits", "resyncs", "rx_ack", "malformed",
@@ -224,7 +225,7 @@ class SyncSender(_Counted):
         self._reset_seq = 0  # seq of the latest RESET batch (0: not sealed yet)
         self._sealed: deque[_Sent] = deque()  # sealed, waiting for room in the window
         self._inflight: dict[int, _Sent] = {}  # sent, not acknowledged, by seq (ordered)
-        self._outbox: list[bytes] = []
+        self._outbox: list[_Sent] = []
         self._confirmed: dict[int, tuple[int, int]] = {}
         self._ack_from = (-1, -1)  # (backup incarnation, ack seq) of the last ACK accepted
         self.counters: dict[str, int] = dict.fromkeys(SENDER_COUNTERS, 0)
@@ -280,6 +281,7 @@ class SyncSender(_Counted):
         self._pending, self._pending_size, self._marks = [], 0, {}
         self._sealed.clear()
         self._inflight.clear()
+        self._outbox.clear()
         self._confirmed.clear()
         self._reset_next = True
         for conn_id, c in list(self._conns.items()):
@@ -345,7 +347,7 @@ class SyncSender(_Counted):
 
     # -- timers and output -------------------------------------------------------------------
     def get_timer(self) -> float | None:
-        times = [s.sent_at + self.rto for s in self._inflight.values()]
+        times = [s.sent_at if s.queued else s.sent_at + self.rto for s in self._inflight.values()]
         if self._pending:
             times.append(self._pending_since + self.max_delay)
         return min(times, default=None)
@@ -354,17 +356,19 @@ class SyncSender(_Counted):
         if self._pending and now >= self._pending_since + self.max_delay:
             self._seal(now)
         for sent in self._inflight.values():
-            if now >= sent.sent_at + self.rto:
-                sent.sent_at = now
-                self._outbox.append(sent.data)
+            if not sent.queued and now >= sent.sent_at + self.rto:
+                sent.sent_at, sent.queued = now, True
+                self._outbox.append(sent)
                 self.counters["retransmits"] += 1
         self._transmit(now)
 
     def datagrams_to_send(self, now: float) -> list[bytes]:
         self.handle_timer(now)
         out, self._outbox = self._outbox, []
+        for sent in out:
+            sent.sent_at, sent.queued = now, False
         self.counters["tx"] += len(out)
-        return out
+        return [sent.data for sent in out]
 
     # -- internals ---------------------------------------------------------------------------
     def _conn(self, conn_id: int) -> _Conn:
@@ -430,9 +434,9 @@ class SyncSender(_Counted):
             if self._sealed[0].seq - oldest >= self.window:
                 return
             sent = self._sealed.popleft()
-            sent.sent_at = now
+            sent.sent_at, sent.queued = now, True
             self._inflight[sent.seq] = sent
-            self._outbox.append(sent.data)
+            self._outbox.append(sent)
 
 
 RECEIVER_COUNTERS = ("rx_batch", "applied", "duplicate", "malformed", "bad_version", "bad_auth",
