@@ -36,6 +36,7 @@ from nonstop.auth import MIN_KEY_LEN, ReplayWindow
 from nonstop.common import LocalProtocolError, RemoteProtocolError
 from nonstop.session.wire import (
     DATA_LEN,
+    FULL_LEN,
     OVERHEAD,
     Ack,
     Batch,
@@ -209,7 +210,7 @@ class SyncSender(_Counted):
             raise ValueError(f"key must be at least {MIN_KEY_LEN} bytes")
         if max_batch < 1 or max_delay < 0 or rto <= 0 or window < 1:
             raise ValueError("max_batch, window >= 1; max_delay >= 0; rto > 0")
-        if max_datagram < OVERHEAD + DATA_LEN + 1 + 79:
+        if max_datagram < OVERHEAD + max(FULL_LEN, DATA_LEN + 1):
             raise ValueError(f"max_datagram {max_datagram} cannot hold a FULL record")
         self._key, self.incarnation = key, incarnation
         self.max_batch, self.max_delay, self.rto = max_batch, max_delay, rto
