@@ -1,0 +1,324 @@
+"""TCP_REPAIR dump and restore of established TCP connections (Linux only).
+
+``dump(sock)`` reads everything needed to rebuild a connection: the 4-tuple, the sequence numbers
+of both queues, the negotiated options, the TCP timestamp, the window and the bytes of both queues.
+``restore(state)`` builds a socket that the kernel treats as the same established connection: no
+SYN is sent, the peer sees at most a window probe. CRIU's libsoccr (soccr/soccr.c) is the reference
+for the steps; the order below is the one verified on this machine kind (shared/DESIGN.md):
+
+restore: repair on; IP(V6)_TRANSPARENT (bind the VIP before this node owns it); TCP_QUEUE_SEQ
+of the send and receive queues; bind; connect (no SYN in repair mode); TCP_REPAIR_OPTIONS;
+TCP_TIMESTAMP (saved + elapsed); refill the receive queue and the sent-but-unacknowledged part of
+the send queue; TCP_REPAIR_WINDOW; repair off (one window probe); SO_REUSEADDR; then the
+never-sent tail of the send queue is sent normally, so it really goes out.
+
+Sequence numbers are unsigned 32-bit: the kernel hands them back through a signed int.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import socket
+import struct
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+__all__ = [
+    "RepairError",
+    "TcpState",
+    "close_silently",
+    "dump",
+    "dump_many",
+    "restore",
+    "restore_many",
+]
+
+# linux/tcp.h
+TCP_REPAIR = 19
+TCP_REPAIR_QUEUE = 20
+TCP_QUEUE_SEQ = 21
+TCP_REPAIR_OPTIONS = 22
+TCP_TIMESTAMP = 24
+TCP_REPAIR_WINDOW = 29
+TCP_RECV_QUEUE = 1
+TCP_SEND_QUEUE = 2
+TCPOPT_MSS = 2
+TCPOPT_WINDOW = 3
+TCPOPT_SACK_PERM = 4
+TCPOPT_TIMESTAMP = 8
+TCPI_OPT_TIMESTAMPS = 1
+TCPI_OPT_SACK = 2
+TCPI_OPT_WSCALE = 4
+TCP_ESTABLISHED = 1
+# linux/in.h, linux/in6.h
+IP_TRANSPARENT = 19
+IPV6_TRANSPARENT = 75
+# asm-generic/ioctls.h, linux/sockios.h
+SIOCINQ = 0x541B
+SIOCOUTQ = 0x5411
+SIOCOUTQNSD = 0x894B
+
+_TCP = socket.IPPROTO_TCP
+_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
+_WINDOW = struct.Struct("5I")
+_U32 = struct.Struct("I")
+_I32 = struct.Struct("i")
+_ZERO4 = bytes(4)
+_SEQ_MASK = 0xFFFFFFFF
+_NONBLOCK = socket.SOCK_NONBLOCK
+_SO_SNDBUFFORCE = 32
+_SO_RCVBUFFORCE = 33
+# queues up to these sizes fit in a new socket's default buffers (net.ipv4.tcp_wmem/tcp_rmem
+# defaults are 16 KiB and 128 KiB); larger ones get buffers set explicitly (this stops the
+# kernel's autotuning of that buffer for the restored socket, as it does for any SO_*BUF)
+_SNDBUF_DEFAULT = 8 << 10
+_RCVBUF_DEFAULT = 32 << 10
+
+
+class RepairError(OSError):
+    """A TCP_REPAIR step failed; ``step`` names it (``str()`` starts with it)."""
+
+    def __init__(self, step: str, cause: BaseException | str) -> None:
+        errno = cause.errno if isinstance(cause, OSError) else None
+        super().__init__(errno, f"{step}: {cause}")
+        self.step = step
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+@dataclass(frozen=True, slots=True)
+class TcpState:
+    """Everything needed to rebuild one established TCP connection.
+
+    ``src:sport`` is the local end (the VIP), ``dst:dport`` the peer. ``snd_seq`` and ``rcv_seq``
+    are TCP_QUEUE_SEQ of the send and receive queues as dumped: the sequence number just past the
+    last byte queued for sending (write_seq) and just past the last byte received (rcv_nxt).
+    ``send_queue`` holds the unacknowledged and unsent bytes, its last ``unsent_len`` bytes never
+    sent; ``recv_queue`` the bytes received and not yet read. ``window`` is TCP_REPAIR_WINDOW
+    (snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup). ``dumped_at`` is time.monotonic().
+    """
+
+    family: int
+    src: str
+    sport: int
+    dst: str
+    dport: int
+    snd_seq: int
+    rcv_seq: int
+    mss: int
+    snd_wscale: int
+    rcv_wscale: int
+    sack: bool
+    timestamps: bool
+    ts_val: int | None
+    window: tuple[int, int, int, int, int] | None
+    send_queue: bytes
+    recv_queue: bytes
+    unsent_len: int
+    dumped_at: float
+
+
+def _ioctl_int(fd: int, req: int) -> int:
+    return _I32.unpack(fcntl.ioctl(fd, req, _ZERO4))[0]
+
+
+def _peek(sock: socket.socket, n: int) -> bytes:
+    if n == 0:
+        return b""
+    data = sock.recv(n, _PEEK)
+    if len(data) != n:  # recv peeks across skbs; a short read means the queue changed under us
+        raise RepairError("peek queue", f"read {len(data)} of {n} bytes")
+    return data
+
+
+def _dump_one(sock: socket.socket, keep_repair: bool, now: float) -> TcpState:
+    so = sock.setsockopt
+    go = sock.getsockopt
+    step = "repair on"
+    try:
+        so(_TCP, TCP_REPAIR, 1)
+        try:
+            step = "TCP_INFO"
+            info = go(_TCP, socket.TCP_INFO, 8)
+            if info[0] != TCP_ESTABLISHED:
+                raise RepairError(step, f"connection is in TCP state {info[0]}, not ESTABLISHED")
+            opts = info[5]
+            fd = sock.fileno()
+            step = "SIOCOUTQ"
+            outq = _ioctl_int(fd, SIOCOUTQ)
+            step = "SIOCOUTQNSD"
+            unsent = _ioctl_int(fd, SIOCOUTQNSD) if outq else 0
+            step = "SIOCINQ"
+            inq = _ioctl_int(fd, SIOCINQ)
+            step = "send queue"
+            so(_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+            snd_seq = go(_TCP, TCP_QUEUE_SEQ) & _SEQ_MASK
+            send_q = _peek(sock, outq)
+            step = "recv queue"
+            so(_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
+            rcv_seq = go(_TCP, TCP_QUEUE_SEQ) & _SEQ_MASK
+            recv_q = _peek(sock, inq)
+            step = "TCP_MAXSEG"
+            mss = go(_TCP, socket.TCP_MAXSEG)  # mss_clamp (the peer's MSS) in repair mode
+            ts = opts & TCPI_OPT_TIMESTAMPS
+            step = "TCP_TIMESTAMP"
+            ts_val = go(_TCP, TCP_TIMESTAMP) & _SEQ_MASK if ts else None
+            step = "TCP_REPAIR_WINDOW"
+            window = _WINDOW.unpack(go(_TCP, TCP_REPAIR_WINDOW, 20))
+            step = "addresses"
+            local = sock.getsockname()
+            peer = sock.getpeername()
+        except BaseException:
+            if not keep_repair:
+                so(_TCP, TCP_REPAIR, 0)
+            raise
+        if not keep_repair:
+            step = "repair off"
+            so(_TCP, TCP_REPAIR_QUEUE, 0)
+            so(_TCP, TCP_REPAIR, 0)
+    except RepairError:
+        raise
+    except OSError as e:
+        raise RepairError(step, e) from e
+    wscale = opts & TCPI_OPT_WSCALE
+    return TcpState(
+        sock.family, local[0], local[1], peer[0], peer[1], snd_seq, rcv_seq, mss,
+        info[6] & 0xF if wscale else 0, info[6] >> 4 if wscale else 0,
+        bool(opts & TCPI_OPT_SACK), bool(ts), ts_val, window, send_q, recv_q,
+        unsent, now,
+    )  # fmt: skip
+
+
+def dump(sock: socket.socket, *, keep_repair: bool = False) -> TcpState:
+    """Read an established connection's state. The socket goes into repair mode and leaves it
+    again unless ``keep_repair`` (then closing it sends nothing to the peer)."""
+    return _dump_one(sock, keep_repair, time.monotonic())
+
+
+def dump_many(socks: Iterable[socket.socket], *, keep_repair: bool = False) -> list[TcpState]:
+    """``dump`` for many sockets, with one clock read for the batch."""
+    now = time.monotonic()
+    return [_dump_one(s, keep_repair, now) for s in socks]
+
+
+def close_silently(sock: socket.socket) -> None:
+    """Close without a FIN or RST reaching the peer: a socket closed in repair mode is dropped."""
+    try:
+        sock.setsockopt(_TCP, TCP_REPAIR, 1)
+    except OSError as e:
+        sock.close()
+        raise RepairError("repair on (close_silently)", e) from e
+    sock.close()
+
+
+def _force_buf(sock: socket.socket, force_opt: int, opt: int, size: int) -> None:
+    if size == 0:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, force_opt, size)  # beyond wmem_max/rmem_max: needs root
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, opt, size)
+
+
+def _fill(sock: socket.socket, data: bytes | memoryview, flags: int = 0) -> None:
+    view = memoryview(data)
+    while view:
+        n = sock.send(view, flags)
+        view = view[n:]
+
+
+def _restore_one(state: TcpState, freebind: bool, with_queues: bool, now: float) -> socket.socket:
+    fam = state.family
+    send_q = state.send_queue if with_queues else b""
+    recv_q = state.recv_queue if with_queues else b""
+    # with queues to refill, non-blocking: a full buffer is an error (EAGAIN), never a hang
+    sock = socket.socket(fam, socket.SOCK_STREAM | (_NONBLOCK if send_q or recv_q else 0))
+    so = sock.setsockopt
+    step = "repair on"
+    try:
+        so(_TCP, TCP_REPAIR, 1)
+        if len(send_q) > _SNDBUF_DEFAULT or len(recv_q) > _RCVBUF_DEFAULT:
+            step = "socket buffers"  # room for the queues plus per-skb overhead
+            _force_buf(sock, _SO_SNDBUFFORCE, socket.SO_SNDBUF, 2 * len(send_q))
+            _force_buf(sock, _SO_RCVBUFFORCE, socket.SO_RCVBUF, 2 * len(recv_q))
+        if freebind:
+            step = "IP_TRANSPARENT"
+            if fam == socket.AF_INET6:
+                so(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+            else:
+                so(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
+        step = "send queue seq"
+        so(_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+        so(_TCP, TCP_QUEUE_SEQ, _U32.pack((state.snd_seq - len(send_q)) & _SEQ_MASK))
+        step = "recv queue seq"
+        so(_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
+        so(_TCP, TCP_QUEUE_SEQ, _U32.pack((state.rcv_seq - len(recv_q)) & _SEQ_MASK))
+        step = "bind"
+        sock.bind((state.src, state.sport))
+        step = "connect"
+        sock.connect((state.dst, state.dport))
+        step = "TCP_REPAIR_OPTIONS"
+        opts = [TCPOPT_MSS, state.mss]
+        if state.snd_wscale or state.rcv_wscale:
+            opts += (TCPOPT_WINDOW, state.snd_wscale | (state.rcv_wscale << 16))
+        if state.sack:
+            opts += (TCPOPT_SACK_PERM, 0)
+        if state.timestamps:
+            opts += (TCPOPT_TIMESTAMP, 0)
+        so(_TCP, TCP_REPAIR_OPTIONS, struct.pack(f"{len(opts)}I", *opts))
+        if state.timestamps and state.ts_val is not None:
+            step = "TCP_TIMESTAMP"
+            elapsed_ms = max(0, int((now - state.dumped_at) * 1000))
+            so(_TCP, TCP_TIMESTAMP, _U32.pack((state.ts_val + elapsed_ms) & _SEQ_MASK))
+        if recv_q:
+            step = "refill recv queue"  # still TCP_RECV_QUEUE
+            _fill(sock, recv_q)
+        sent = len(send_q) - state.unsent_len if send_q else 0
+        if sent > 0:
+            step = "refill send queue"
+            so(_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+            _fill(sock, memoryview(send_q)[:sent])
+        if state.window is not None:
+            step = "TCP_REPAIR_WINDOW"
+            so(_TCP, TCP_REPAIR_WINDOW, _WINDOW.pack(*state.window))
+        step = "repair off"
+        so(_TCP, TCP_REPAIR, 0)
+        step = "SO_REUSEADDR"  # in repair mode it would undo the forced reuse and break bind
+        so(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if send_q and state.unsent_len:
+            step = "send unsent tail"
+            _fill(sock, memoryview(send_q)[len(send_q) - state.unsent_len :])
+        if send_q or recv_q:
+            sock.setblocking(True)
+    except BaseException as e:
+        sock.close()  # in repair mode if it failed before repair off: nothing reaches the peer
+        if isinstance(e, OSError):
+            raise RepairError(step, e) from e
+        raise
+    return sock
+
+
+def restore(state: TcpState, *, freebind: bool = True, with_queues: bool = True) -> socket.socket:
+    """A connected, established socket with ``state``'s 4-tuple, sequence numbers and queues, out
+    of repair mode. ``freebind`` sets IP(V6)_TRANSPARENT so the local address need not be
+    configured yet (add the VIP after restoring: no RST can escape meanwhile)."""
+    return _restore_one(state, freebind, with_queues, time.monotonic())
+
+
+def restore_many(
+    states: Iterable[TcpState], *, freebind: bool = True, with_queues: bool = True
+) -> list[socket.socket]:
+    """``restore`` for many states, with one clock read for the batch. On a failure the sockets
+    restored so far are closed silently and the RepairError propagates."""
+    now = time.monotonic()
+    out: list[socket.socket] = []
+    try:
+        for st in states:
+            out.append(_restore_one(st, freebind, with_queues, now))
+    except BaseException:
+        for s in out:
+            close_silently(s)
+        raise
+    return out
