@@ -232,7 +232,7 @@ def test_takeover_one_connection(lab: Lab, fam: int, order: str) -> None:
 
     # the same peer socket carries on both ways; every byte exactly once, in order
     pump = Pump(peer=p, srv=nsrv)
-    pump.rx["peer"] = bytearray(down[: 100_000])  # what the peer read before the takeover
+    pump.rx["peer"] = bytearray(down[:100_000])  # what the peer read before the takeover
     pump.tx = {"peer": up[up_off : up_off + 200_000], "srv": down[down_off : down_off + 200_000]}
     pump.run({"peer": down_off + 200_000, "srv": 3000 + 200_000})
     assert bytes(pump.rx["peer"]) == down[: down_off + 200_000]

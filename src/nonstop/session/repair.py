@@ -73,7 +73,7 @@ _SO_RCVBUFFORCE = 33
 # defaults are 16 KiB and 128 KiB); larger ones get buffers set explicitly (this stops the
 # kernel's autotuning of that buffer for the restored socket, as it does for any SO_*BUF)
 _SNDBUF_DEFAULT = 8 << 10
-_RCVBUF_DEFAULT = 32 << 10
+_RCVBUF_DEFAULT = 48 << 10
 
 
 class RepairError(OSError):
@@ -213,6 +213,15 @@ def close_silently(sock: socket.socket) -> None:
     sock.close()
 
 
+def _ts_later(ts_val: int, elapsed: float) -> int:
+    """TCP_TIMESTAMP ``elapsed`` seconds after it read ``ts_val``. Since Linux 6.7 the low bit is a
+    flag, not part of the clock: set, the connection uses microsecond timestamps. Keep the flag
+    and advance in the connection's unit."""
+    usec = ts_val & 1
+    ticks = max(0, int(elapsed * (1_000_000 if usec else 1000)))
+    return (((ts_val + ticks) & ~1) | usec) & _SEQ_MASK
+
+
 def _force_buf(sock: socket.socket, force_opt: int, opt: int, size: int) -> None:
     if size == 0:
         return
@@ -239,10 +248,15 @@ def _restore_one(state: TcpState, freebind: bool, with_queues: bool, now: float)
     step = "repair on"
     try:
         so(_TCP, TCP_REPAIR, 1)
-        if len(send_q) > _SNDBUF_DEFAULT or len(recv_q) > _RCVBUF_DEFAULT:
-            step = "socket buffers"  # room for the queues plus per-skb overhead
-            _force_buf(sock, _SO_SNDBUFFORCE, socket.SO_SNDBUF, 2 * len(send_q))
-            _force_buf(sock, _SO_RCVBUFFORCE, socket.SO_RCVBUF, 2 * len(recv_q))
+        # room for the queues, and for the receive window already promised to the peer, plus
+        # per-skb overhead (the kernel doubles the value again)
+        rcv_need = len(recv_q) + (state.window[3] if state.window is not None else 0)
+        if len(send_q) > _SNDBUF_DEFAULT or rcv_need > _RCVBUF_DEFAULT:
+            step = "socket buffers"
+            if len(send_q) > _SNDBUF_DEFAULT:
+                _force_buf(sock, _SO_SNDBUFFORCE, socket.SO_SNDBUF, 2 * len(send_q))
+            if rcv_need > _RCVBUF_DEFAULT:
+                _force_buf(sock, _SO_RCVBUFFORCE, socket.SO_RCVBUF, 2 * rcv_need)
         if freebind:
             step = "IP_TRANSPARENT"
             if fam == socket.AF_INET6:
@@ -255,6 +269,10 @@ def _restore_one(state: TcpState, freebind: bool, with_queues: bool, now: float)
         step = "recv queue seq"
         so(_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
         so(_TCP, TCP_QUEUE_SEQ, _U32.pack((state.rcv_seq - len(recv_q)) & _SEQ_MASK))
+        # the peer's MSS as TCP_MAXSEG before connect: connect sizes segments from it
+        # (TCP_REPAIR_OPTIONS alone sets the clamp too late, leaving 536-byte segments)
+        step = "TCP_MAXSEG"
+        so(_TCP, socket.TCP_MAXSEG, state.mss)
         step = "bind"
         sock.bind((state.src, state.sport))
         step = "connect"
@@ -270,8 +288,7 @@ def _restore_one(state: TcpState, freebind: bool, with_queues: bool, now: float)
         so(_TCP, TCP_REPAIR_OPTIONS, struct.pack(f"{len(opts)}I", *opts))
         if state.timestamps and state.ts_val is not None:
             step = "TCP_TIMESTAMP"
-            elapsed_ms = max(0, int((now - state.dumped_at) * 1000))
-            so(_TCP, TCP_TIMESTAMP, _U32.pack((state.ts_val + elapsed_ms) & _SEQ_MASK))
+            so(_TCP, TCP_TIMESTAMP, _U32.pack(_ts_later(state.ts_val, now - state.dumped_at)))
         if recv_q:
             step = "refill recv queue"  # still TCP_RECV_QUEUE
             _fill(sock, recv_q)
