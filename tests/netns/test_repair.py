@@ -23,8 +23,16 @@ import pytest
 
 from nonstop.lab import Lab, LabHost, Topology
 from nonstop.lab.nsops import in_netns
-from nonstop.session import TcpState, close_silently, dump, dump_many, restore, restore_many
-from nonstop.session.repair import SIOCINQ, _ioctl_int
+from nonstop.session import (
+    RepairError,
+    TcpState,
+    close_silently,
+    dump,
+    dump_many,
+    restore,
+    restore_many,
+)
+from nonstop.session.repair import SIOCINQ, _ioctl_int, _ts_later
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(60)]
 
@@ -256,10 +264,17 @@ def test_restore_error_names_the_step(lab: Lab) -> None:
     srv, _ = listener.accept()
     state = dump(srv)
     # the 4-tuple is still in use on a: connect in repair mode refuses it
-    with pytest.raises(OSError) as info:
+    with pytest.raises(RepairError) as info:
         in_netns(a.ns, restore, state)
-    assert info.value.errno == errno.EADDRNOTAVAIL or "connect" in str(info.value)
-    assert str(info.value).startswith(("bind", "connect"))
+    assert info.value.step == "connect" and info.value.errno == errno.EADDRNOTAVAIL
+    assert str(info.value).startswith("connect: ")
+    # a listening socket cannot enter repair mode
+    with pytest.raises(RepairError) as info:
+        dump(listener)
+    assert info.value.step == "repair on" and info.value.errno == errno.EPERM
+    # the original connection still works after dump() left repair mode
+    srv.sendall(b"still here")
+    assert p.recv(100) == b"still here"
     srv.close()
     listener.close()
     p.close()
@@ -332,3 +347,10 @@ def test_takeover_many_connections(lab: Lab, capsys: pytest.CaptureFixture[str])
         )
     for s in (*peers, *nsrvs):
         s.close()
+
+
+def test_timestamp_advance_keeps_the_usec_flag() -> None:
+    assert _ts_later(1000, 0.0105) == 1010  # ms clock: +10 ms, low bit stays 0
+    assert _ts_later(1001, 0.0105) == 11501  # usec clock (flag set): +10500 us, flag kept
+    assert _ts_later(0xFFFFFFF0, 0.1) == 0x54  # wraps at 2**32
+    assert _ts_later(1000, -5.0) == 1000  # a clock from elsewhere never goes back
