@@ -262,7 +262,9 @@ def test_restore_error_names_the_step(lab: Lab) -> None:
     p = lab.host("peer").socket(socket.AF_INET)
     p.connect((VIP[4], PORT))
     srv, _ = listener.accept()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     state = dump(srv)
+    assert srv.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) == 1  # repair off clears it
     # the 4-tuple is still in use on a: connect in repair mode refuses it
     with pytest.raises(RepairError) as info:
         in_netns(a.ns, restore, state)

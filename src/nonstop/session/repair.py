@@ -138,6 +138,8 @@ def _dump_one(sock: socket.socket, keep_repair: bool, now: float) -> TcpState:
     go = sock.getsockopt
     step = "repair on"
     try:
+        # leaving repair mode clears SO_REUSEADDR (sk_reuse); remember it to put it back
+        reuse = 0 if keep_repair else go(socket.SOL_SOCKET, socket.SO_REUSEADDR)
         so(_TCP, TCP_REPAIR, 1)
         try:
             step = "TCP_INFO"
@@ -175,9 +177,10 @@ def _dump_one(sock: socket.socket, keep_repair: bool, now: float) -> TcpState:
                 so(_TCP, TCP_REPAIR, 0)
             raise
         if not keep_repair:
-            step = "repair off"
-            so(_TCP, TCP_REPAIR_QUEUE, 0)
+            step = "repair off"  # the queue selector only matters in repair mode: left as is
             so(_TCP, TCP_REPAIR, 0)
+            if reuse:
+                so(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     except RepairError:
         raise
     except OSError as e:
@@ -211,6 +214,21 @@ def close_silently(sock: socket.socket) -> None:
         sock.close()
         raise RepairError("repair on (close_silently)", e) from e
     sock.close()
+
+
+_OPTS_CACHE: dict[tuple[int, int, int, bool, bool], bytes] = {}
+
+
+def _repair_options(mss: int, snd_wscale: int, rcv_wscale: int, sack: bool, ts: bool) -> bytes:
+    """struct tcp_repair_opt[] for TCP_REPAIR_OPTIONS (few distinct values: cached by caller)."""
+    opts = [TCPOPT_MSS, mss]
+    if snd_wscale or rcv_wscale:
+        opts += (TCPOPT_WINDOW, snd_wscale | (rcv_wscale << 16))
+    if sack:
+        opts += (TCPOPT_SACK_PERM, 0)
+    if ts:
+        opts += (TCPOPT_TIMESTAMP, 0)
+    return struct.pack(f"{len(opts)}I", *opts)
 
 
 def _ts_later(ts_val: int, elapsed: float) -> int:
@@ -278,14 +296,11 @@ def _restore_one(state: TcpState, freebind: bool, with_queues: bool, now: float)
         step = "connect"
         sock.connect((state.dst, state.dport))
         step = "TCP_REPAIR_OPTIONS"
-        opts = [TCPOPT_MSS, state.mss]
-        if state.snd_wscale or state.rcv_wscale:
-            opts += (TCPOPT_WINDOW, state.snd_wscale | (state.rcv_wscale << 16))
-        if state.sack:
-            opts += (TCPOPT_SACK_PERM, 0)
-        if state.timestamps:
-            opts += (TCPOPT_TIMESTAMP, 0)
-        so(_TCP, TCP_REPAIR_OPTIONS, struct.pack(f"{len(opts)}I", *opts))
+        key = (state.mss, state.snd_wscale, state.rcv_wscale, state.sack, state.timestamps)
+        opts = _OPTS_CACHE.get(key)
+        if opts is None:
+            opts = _OPTS_CACHE[key] = _repair_options(*key)
+        so(_TCP, TCP_REPAIR_OPTIONS, opts)
         if state.timestamps and state.ts_val is not None:
             step = "TCP_TIMESTAMP"
             so(_TCP, TCP_TIMESTAMP, _U32.pack(_ts_later(state.ts_val, now - state.dumped_at)))
