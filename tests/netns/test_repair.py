@@ -356,3 +356,55 @@ def test_timestamp_advance_keeps_the_usec_flag() -> None:
     assert _ts_later(1001, 0.0105) == 11501  # usec clock (flag set): +10500 us, flag kept
     assert _ts_later(0xFFFFFFF0, 0.1) == 0x54  # wraps at 2**32
     assert _ts_later(1000, -5.0) == 1000  # a clock from elsewhere never goes back
+
+
+# -- recovery of bytes in flight at the takeover --------------------------------------------------
+
+
+@pytest.mark.parametrize("fam", [4, 6])
+@pytest.mark.parametrize("chain", ["INPUT", "OUTPUT"])
+def test_in_flight_bytes_recover_at_once(
+    lab: Lab, fam: int, chain: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """a sends 10,000 bytes (within the initial congestion window) while the peer drops what a
+    sends (INPUT: the bytes are lost in flight) or what it sends to the VIP (OUTPUT: the peer has
+    the bytes, a never saw the ACKs). After the move to b the peer has every byte at once: no
+    ~1 s tail-loss probe, no 3 s retransmit timer, and no ACK beyond snd_nxt stalling b."""
+    peer, a, b = lab.host("peer"), lab.host("a"), lab.host("b")
+    data = os.urandom(10_000)
+    vip(a, fam, "add")
+    listener = a.socket(FAM[fam])
+    listener.bind((VIP[fam], PORT))
+    listener.listen(1)
+    p = peer.socket(FAM[fam])
+    p.connect((VIP[fam], PORT))
+    srv, _ = listener.accept()
+    listener.close()
+    tables = "iptables" if fam == 4 else "ip6tables"
+    rule = f"{chain} {'-s' if chain == 'INPUT' else '-d'} {VIP[fam]} -p tcp -j DROP"
+    peer.sh(f"{tables} -I {rule}")
+    try:
+        srv.sendall(data)
+        time.sleep(0.02)  # let it leave
+        vip(a, fam, "del")
+        state = dump(srv, keep_repair=True)
+        close_silently(srv)
+    finally:
+        peer.sh(f"{tables} -D {rule}")
+    assert state.send_queue == data and state.unsent_len == 0, "want all 10,000 bytes unacked"
+    vip(b, fam, "add")
+    point_peer_at(lab, fam, "b")
+    t0 = time.monotonic()
+    nsrv = in_netns(b.ns, restore, state)
+    pump = Pump(peer=p, srv=nsrv)
+    pump.run({"peer": len(data)})
+    took = time.monotonic() - t0
+    assert bytes(pump.rx["peer"]) == data
+    nsrv.sendall(b"more")  # and the connection carries on
+    p.setblocking(True)
+    assert p.recv(10) == b"more"
+    with capsys.disabled():
+        print(f"\nlost={chain == 'INPUT'} v{fam}: all bytes {took * 1e3:.1f} ms after restore")
+    assert took < 0.5
+    p.close()
+    nsrv.close()

@@ -12,6 +12,13 @@ TCP_TIMESTAMP (saved + elapsed); refill the receive queue and the sent-but-unack
 the send queue; TCP_REPAIR_WINDOW; repair off (one window probe); SO_REUSEADDR; then the
 never-sent tail of the send queue is sent normally, so it really goes out.
 
+``resend`` (default): when the unacknowledged bytes fit in the initial congestion window (10
+segments) they are not refilled in repair mode but sent normally with the tail, as if never sent
+(snd_nxt = snd_una at repair off): bytes lost in flight reach the peer at once instead of after a
+~1 s tail-loss probe and a 3 s retransmit timer (no RTT estimate on a restored socket); bytes the
+peer already had are dropped there as duplicates. Larger flights stay in flight: an ACK beyond
+snd_nxt would be dropped and stall the connection for good. See docs/tcp-repair.md.
+
 Sequence numbers are unsigned 32-bit: the kernel hands them back through a signed int.
 """
 
@@ -73,6 +80,8 @@ _SO_RCVBUFFORCE = 33
 # defaults are 16 KiB and 128 KiB); larger ones get buffers set explicitly (this stops the
 # kernel's autotuning of that buffer for the restored socket, as it does for any SO_*BUF)
 _SNDBUF_DEFAULT = 8 << 10
+_INIT_CWND = 10  # TCP_INIT_CWND (include/net/tcp.h), unless a route sets initcwnd
+_TS_OPT_LEN = 12  # the timestamps option, aligned: taken from every segment's payload
 _RCVBUF_DEFAULT = 48 << 10
 
 
@@ -256,7 +265,17 @@ def _fill(sock: socket.socket, data: bytes | memoryview, flags: int = 0) -> None
         view = view[n:]
 
 
-def _restore_one(state: TcpState, freebind: bool, with_queues: bool, now: float) -> socket.socket:
+def _resend_limit(state: TcpState) -> int:
+    """Most unacknowledged bytes that are safe to resend as new data: what the restored socket's
+    initial congestion window sends at once. The peer may already hold all of them (its ACKs lost
+    in the takeover); an ACK beyond snd_nxt is dropped by the kernel, so snd_nxt must reach the
+    old one in the first flight or the connection stalls for good."""
+    return _INIT_CWND * (state.mss - (_TS_OPT_LEN if state.timestamps else 0))
+
+
+def _restore_one(
+    state: TcpState, freebind: bool, with_queues: bool, resend: bool, now: float
+) -> socket.socket:
     fam = state.family
     send_q = state.send_queue if with_queues else b""
     recv_q = state.recv_queue if with_queues else b""
@@ -308,6 +327,8 @@ def _restore_one(state: TcpState, freebind: bool, with_queues: bool, now: float)
             step = "refill recv queue"  # still TCP_RECV_QUEUE
             _fill(sock, recv_q)
         sent = len(send_q) - state.unsent_len if send_q else 0
+        if resend and 0 < sent <= _resend_limit(state):
+            sent = 0  # the unacknowledged part counts as never sent: snd_nxt = snd_una
         if sent > 0:
             step = "refill send queue"
             so(_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
@@ -319,9 +340,15 @@ def _restore_one(state: TcpState, freebind: bool, with_queues: bool, now: float)
         so(_TCP, TCP_REPAIR, 0)
         step = "SO_REUSEADDR"  # in repair mode it would undo the forced reuse and break bind
         so(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if send_q and state.unsent_len:
+        if len(send_q) > sent:
             step = "send unsent tail"
-            _fill(sock, memoryview(send_q)[len(send_q) - state.unsent_len :])
+            if sent == 0 < len(send_q) - state.unsent_len:
+                # no Nagle hold-back: the whole resent part must leave now, up to the old snd_nxt
+                so(_TCP, socket.TCP_NODELAY, 1)
+                _fill(sock, memoryview(send_q))
+                so(_TCP, socket.TCP_NODELAY, 0)
+            else:
+                _fill(sock, memoryview(send_q)[sent:])
         if send_q or recv_q:
             sock.setblocking(True)
     except BaseException as e:
@@ -332,15 +359,22 @@ def _restore_one(state: TcpState, freebind: bool, with_queues: bool, now: float)
     return sock
 
 
-def restore(state: TcpState, *, freebind: bool = True, with_queues: bool = True) -> socket.socket:
+def restore(
+    state: TcpState, *, freebind: bool = True, with_queues: bool = True, resend: bool = True
+) -> socket.socket:
     """A connected, established socket with ``state``'s 4-tuple, sequence numbers and queues, out
     of repair mode. ``freebind`` sets IP(V6)_TRANSPARENT so the local address need not be
-    configured yet (add the VIP after restoring: no RST can escape meanwhile)."""
-    return _restore_one(state, freebind, with_queues, time.monotonic())
+    configured yet (add the VIP after restoring: no RST can escape meanwhile). ``resend`` sends
+    an unacknowledged part of up to 10 segments again at once (module docstring)."""
+    return _restore_one(state, freebind, with_queues, resend, time.monotonic())
 
 
 def restore_many(
-    states: Iterable[TcpState], *, freebind: bool = True, with_queues: bool = True
+    states: Iterable[TcpState],
+    *,
+    freebind: bool = True,
+    with_queues: bool = True,
+    resend: bool = True,
 ) -> list[socket.socket]:
     """``restore`` for many states, with one clock read for the batch. On a failure the sockets
     restored so far are closed silently and the RepairError propagates."""
@@ -348,7 +382,7 @@ def restore_many(
     out: list[socket.socket] = []
     try:
         for st in states:
-            out.append(_restore_one(st, freebind, with_queues, now))
+            out.append(_restore_one(st, freebind, with_queues, resend, now))
     except BaseException:
         for s in out:
             close_silently(s)
