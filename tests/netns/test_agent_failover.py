@@ -326,3 +326,23 @@ def test_ipv6_vip_moves_with_unsolicited_na(make_cluster):
     # the unsolicited NA flips the peer's entry without it asking
     c.wait(lambda: neigh_mac() == c.lab.host("node-b").mac("lan"), 2, "the NA to reach the peer")
     assert peer.ping("fd77::100")
+
+
+def test_fence_command_after_agent_and_guard_both_died(make_cluster):
+    """The case `nonstop fence` (systemd ExecStopPost) exists for: agent and guard killed
+    together leave the VIP; the command removes it, and refuses on a running master."""
+    c = make_cluster(witness=None)
+    a = c.lab.host("node-a")
+    fence = [sys.executable, "-m", "nonstop", "fence", "--config", c.config_paths["node-a"]]
+    r = a.sh([*fence, "--format", "json"], check=False)
+    assert r.returncode != 0 and "master" in r.stderr  # refuses while the agent is master
+    agent = c.procs["node-a"]
+    guard = int(open(f"/proc/{agent.pid}/task/{agent.pid}/children").read().split()[0])  # noqa: SIM115
+    agent.stop()  # so it cannot react to its guard's death
+    os.kill(guard, signal.SIGKILL)
+    agent.kill(signal.SIGKILL)
+    c.wait_role("node-b", "master", timeout=2)
+    assert sorted(c.vip_holders()) == ["node-a", "node-b"]  # the flaw the command is for
+    out = json.loads(a.sh([*fence, "--format", "json"]).stdout)
+    assert out == {"removed": [c.spec.vip]}
+    assert c.vip_holders() == ["node-b"]
