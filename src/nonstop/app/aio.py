@@ -1,0 +1,96 @@
+"""The prefixed socket API, asyncio flavour: the same positions and channel as ``api``, over
+non-blocking sockets with ``loop.add_reader`` / ``loop.sock_*``.
+
+Channel messages to the agent (REGISTER, COMMIT, CLOSE) are small sends on a local unix socket and
+are written synchronously (they block only if the agent stops reading); adoption runs in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from nonstop.app.api import AgentLink, ConnCore, open_listener, register
+from nonstop.app.channel import CommitRecord
+
+
+async def _readable(sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+    loop.add_reader(sock, lambda: fut.done() or fut.set_result(None))
+    try:
+        await fut
+    finally:
+        loop.remove_reader(sock)
+
+
+class AsyncNsConn(ConnCore):
+    """A protected TCP connection (asyncio)."""
+
+    def __init__(self, sock: socket.socket, conn_id: int, agent: AgentLink | None,
+                 record: CommitRecord | None = None) -> None:
+        sock.setblocking(False)
+        super().__init__(sock, conn_id, agent, record)
+
+    async def ns_recv(self, n: int) -> bytes:
+        """Up to ``n`` new bytes (peeked, kept in the kernel until commit); b"" at EOF."""
+        while True:
+            self._set_lowat()  # poll() honours SO_RCVLOWAT: readable once a new byte is queued
+            try:
+                data = self.sock.recv(self.delivered - self.read_pos + n, socket.MSG_PEEK)
+            except BlockingIOError:
+                await _readable(self.sock)
+                continue
+            new = self._take_peek(data)
+            if new is not None:
+                return new
+            await _readable(self.sock)
+
+    async def ns_send(self, data: bytes) -> None:
+        await asyncio.get_running_loop().sock_sendall(self.sock, data)
+        self.write_pos += len(data)
+
+    async def commit(self, state: bytes = b"", *, upto: int | None = None) -> None:
+        """Report the commit to the agent, then consume the input up to ``upto`` (default: all
+        delivered). The bytes are in the queue already, so this never waits on the network."""
+        upto = self._commit_target(upto)
+        self._report(upto, state)
+        self._consume(upto - self.read_pos)
+
+    async def ns_close(self) -> None:
+        self._close()
+
+    def getpeername(self) -> tuple[str, int]:
+        host, port = self.sock.getpeername()[:2]
+        return (host, port)
+
+
+class AsyncNsListener:
+    def __init__(self, sock: socket.socket, agent: AgentLink | None) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.agent = agent
+        self.port: int = sock.getsockname()[1]
+
+
+    async def ns_accept(self) -> AsyncNsConn:
+        sock, _ = await asyncio.get_running_loop().sock_accept(self.sock)
+        return AsyncNsConn(sock, register(self.agent, sock), self.agent)
+
+    async def adopted(self) -> list[tuple[AsyncNsConn, CommitRecord]]:
+        if self.agent is None:
+            return []
+        got = await asyncio.to_thread(self.agent.adopt, self.port)
+        return [(AsyncNsConn(s, a.conn_id, self.agent, a.record), a.record) for a, s in got]
+
+    def close(self) -> None:
+        self.sock.close()
+        if self.agent is not None:
+            self.agent.close()
+
+
+async def ns_listen(addr: str, port: int, *, agent: str | None = None,
+                    backlog: int = 128) -> AsyncNsListener:
+    """asyncio twin of ``api.ns_listen``."""
+    link = await asyncio.to_thread(AgentLink, agent) if agent is not None else None
+    return AsyncNsListener(open_listener(addr, port, backlog), link)

@@ -1,0 +1,226 @@
+"""The prefixed socket API, blocking flavour (see the package docstring for the design)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import threading
+
+from nonstop.app.channel import (
+    Adopt,
+    AdoptDone,
+    AdoptRequest,
+    Close,
+    Commit,
+    CommitRecord,
+    FrameDecoder,
+    Hello,
+    Register,
+    recv_msgs,
+    send_msg,
+)
+from nonstop.common import LocalProtocolError, RemoteProtocolError
+
+# TCP states (include/net/tcp_states.h) in which the peer has sent its FIN or the socket is gone.
+_PEER_DONE = {6, 7, 8, 9, 11}  # TIME_WAIT, CLOSE, CLOSE_WAIT, LAST_ACK, CLOSING
+
+
+def _addr(sa: tuple) -> tuple[str, int]:
+    return (str(sa[0]), int(sa[1]))
+
+
+def peer_closed(sock: socket.socket) -> bool:
+    """True once the peer's FIN arrived (or the connection is gone): TCP_INFO's state byte."""
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0] in _PEER_DONE
+
+
+class AgentLink:
+    """The library's end of the channel to the agent (blocking, thread safe sends)."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(path)
+        self._lock = threading.Lock()
+        self._dec = FrameDecoder()
+        self.send(Hello(os.getpid()))
+
+    def send(self, msg, fd: int | None = None) -> None:
+        with self._lock:
+            send_msg(self.sock, msg, fd)
+
+    def adopt(self, port: int) -> list[tuple[Adopt, socket.socket]]:
+        """Ask for the orphans on ``port``; block until the agent's ADOPT_DONE."""
+        self.send(AdoptRequest(port))
+        out: list[tuple[Adopt, socket.socket]] = []
+        while True:
+            msgs = recv_msgs(self.sock, self._dec)
+            if msgs is None:
+                raise RemoteProtocolError("agent closed the channel during adoption")
+            for msg, fds in msgs:
+                if isinstance(msg, Adopt):
+                    out.append((msg, socket.socket(fileno=fds[0])))
+                elif isinstance(msg, AdoptDone):
+                    return out
+                else:
+                    for fd in fds:
+                        os.close(fd)
+                    raise RemoteProtocolError(f"unexpected {type(msg).__name__} from the agent")
+
+    def close(self) -> None:
+        self._dec.close()
+        self.sock.close()
+
+
+class ConnCore:
+    """Position bookkeeping shared by the sync and asyncio connections.
+
+    ``read_pos``: bytes consumed from the kernel (= committed) since the connection opened;
+    ``delivered``: bytes handed to the app by ns_recv (>= read_pos; the rest is only peeked);
+    ``write_pos``: bytes sent since the connection opened.
+    """
+
+    def __init__(self, sock: socket.socket, conn_id: int, agent: AgentLink | None,
+                 record: CommitRecord | None = None) -> None:
+        record = record or CommitRecord()
+        self.sock = sock
+        self.conn_id = conn_id
+        self.agent = agent
+        self.read_pos = record.read_pos
+        self.delivered = record.read_pos
+        self.write_pos = record.write_pos
+        self.closed = False
+        self._lowat = 1
+
+    def _set_lowat(self) -> None:
+        want = self.delivered - self.read_pos + 1
+        if want != self._lowat:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
+            self._lowat = want
+
+    def _take_peek(self, data: bytes) -> bytes | None:
+        """New bytes from a peek of the whole queue; b"" on EOF; None: nothing new yet."""
+        pending = self.delivered - self.read_pos
+        if len(data) > pending:
+            new = data[pending:]
+            self.delivered += len(new)
+            return new
+        if not data and pending == 0:
+            return b""
+        return b"" if peer_closed(self.sock) else None
+
+    def _commit_target(self, upto: int | None) -> int:
+        upto = self.delivered if upto is None else upto
+        if not self.read_pos <= upto <= self.delivered:
+            raise LocalProtocolError(
+                f"commit upto {upto} outside [{self.read_pos}, {self.delivered}]")
+        return upto
+
+    def _report(self, upto: int, state: bytes) -> None:
+        # The agent learns the commit before the bytes leave the kernel queue: if we die in
+        # between, the agent discards them (AgentEndpoint._trim), so none is delivered twice.
+        if self.agent is not None:
+            self.agent.send(Commit(self.conn_id, upto, self.write_pos, bytes(state)))
+
+    def _consume(self, count: int) -> None:
+        while count > 0:
+            got = self.sock.recv(min(count, 1 << 20), socket.MSG_DONTWAIT)
+            if not got:
+                raise LocalProtocolError("peeked bytes vanished from the receive queue")
+            count -= len(got)
+            self.read_pos += len(got)
+
+    def _close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.agent is not None:
+            self.agent.send(Close(self.conn_id, deliberate=True))
+        self.sock.close()
+
+
+class NsConn(ConnCore):
+    """A protected TCP connection (blocking)."""
+
+    def ns_recv(self, n: int) -> bytes:
+        """Up to ``n`` bytes after those already delivered; b"" at EOF. Bytes stay in the kernel
+        receive queue (read with MSG_PEEK) until commit() consumes them."""
+        while True:
+            self._set_lowat()
+            data = self.sock.recv(self.delivered - self.read_pos + n, socket.MSG_PEEK)
+            new = self._take_peek(data)
+            if new is not None:
+                return new
+
+    def ns_send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+        self.write_pos += len(data)
+
+    def commit(self, state: bytes = b"", *, upto: int | None = None) -> None:
+        """Tell the agent the app has processed the input up to ``upto`` (absolute read position;
+        default: all delivered) and holds ``state`` (<= 255 bytes); then consume those bytes."""
+        upto = self._commit_target(upto)
+        self._report(upto, state)
+        self._consume(upto - self.read_pos)
+
+    def ns_close(self) -> None:
+        """Deliberate close: the agent drops its duplicate, the peer sees a FIN."""
+        self._close()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def getpeername(self) -> tuple[str, int]:
+        return _addr(self.sock.getpeername())
+
+
+def open_listener(addr: str, port: int, backlog: int) -> socket.socket:
+    family, type_, proto, _, sa = socket.getaddrinfo(
+        addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, type_, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(sa)
+    sock.listen(backlog)
+    return sock
+
+
+def register(agent: AgentLink | None, sock: socket.socket) -> int:
+    conn_id = secrets.randbits(63)
+    if agent is not None:
+        msg = Register(conn_id, _addr(sock.getsockname()), _addr(sock.getpeername()))
+        agent.send(msg, sock.fileno())
+    return conn_id
+
+
+class NsListener:
+    """A listening socket whose accepted connections the agent protects."""
+
+    def __init__(self, sock: socket.socket, agent: AgentLink | None) -> None:
+        self.sock = sock
+        self.agent = agent
+        self.port: int = sock.getsockname()[1]
+
+
+    def ns_accept(self) -> NsConn:
+        sock, _ = self.sock.accept()
+        return NsConn(sock, register(self.agent, sock), self.agent)
+
+    def adopted(self) -> list[tuple[NsConn, CommitRecord]]:
+        """Connections the agent hands over (after a failover or a restart) with their last
+        commit; their receive queues start at ``record.read_pos``. Empty without an agent."""
+        if self.agent is None:
+            return []
+        return [(NsConn(s, a.conn_id, self.agent, a.record), a.record)
+                for a, s in self.agent.adopt(self.port)]
+
+    def close(self) -> None:
+        self.sock.close()
+        if self.agent is not None:
+            self.agent.close()
+
+
+def ns_listen(addr: str, port: int, *, agent: str | None = None, backlog: int = 128) -> NsListener:
+    """Listen on ``addr:port``; ``agent`` is the agent's unix socket path (None: no agent,
+    plain sockets, commit only consumes)."""
+    return NsListener(open_listener(addr, port, backlog),
+                      AgentLink(agent) if agent is not None else None)

@@ -1,0 +1,394 @@
+"""The wire between the app library and the node agent: a unix stream socket.
+
+A frame is ``length u32 | nfds u8 | msgpack body`` (big endian; ``length`` counts the body).
+``nfds`` is the number of file descriptors passed with the frame via SCM_RIGHTS. On a unix stream
+socket the kernel attaches the fds to the first byte of the sendmsg() that carried them, so by the
+time a frame's last byte is read its fds have arrived; the decoder keeps received fds in a FIFO and
+hands each frame the ``nfds`` oldest ones. REGISTER and ADOPT carry exactly one fd, every other
+message none.
+
+Messages (msgspec tagged structs):
+
+- library -> agent: HELLO(pid), REGISTER(conn_id, local, remote) + fd, COMMIT(conn_id, read_pos,
+  write_pos, state <= 255 bytes), CLOSE(conn_id, deliberate), ADOPT_REQUEST(port);
+- agent -> library: ADOPT(conn_id, local, remote, record) + fd, ADOPT_DONE(count).
+
+``FrameDecoder`` trusts nothing and raises RemoteProtocolError only. ``AgentEndpoint`` is the
+agent side: it accepts library connections, keeps a duplicate of every registered socket (so a
+crashing service never closes a connection in the kernel) and the last commit of each, closes a
+connection for real on a deliberate CLOSE, and hands orphaned connections back (``adopt_all``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import socket
+import struct
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Annotated
+
+import msgspec
+
+from nonstop.common import LocalProtocolError, RemoteProtocolError
+
+STATE_MAX = 255
+MAX_BODY = 4096
+_HEAD = struct.Struct("!IB")
+HEAD_LEN = _HEAD.size
+_TCP_INFO_BYTES_RECEIVED = 128  # offset of tcpi_bytes_received (u64) in struct tcp_info
+_TCP_INFO_LEN = 136
+_FIN_RECEIVED = {6, 8, 9, 11}  # TIME_WAIT, CLOSE_WAIT, LAST_ACK, CLOSING
+
+U63 = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+Host = Annotated[str, msgspec.Meta(max_length=64)]
+State = Annotated[bytes, msgspec.Meta(max_length=STATE_MAX)]
+
+
+class CommitRecord(msgspec.Struct, frozen=True):
+    """What the app last committed on a connection: byte counts since the connection opened."""
+
+    read_pos: U63 = 0
+    write_pos: U63 = 0
+    state: State = b""
+
+
+class Hello(msgspec.Struct, frozen=True, tag="hello"):
+    pid: U63
+
+
+class Register(msgspec.Struct, frozen=True, tag="register"):
+    conn_id: U63
+    local: tuple[Host, Port]
+    remote: tuple[Host, Port]
+
+
+class Commit(msgspec.Struct, frozen=True, tag="commit"):
+    conn_id: U63
+    read_pos: U63
+    write_pos: U63
+    state: State = b""
+
+
+class Close(msgspec.Struct, frozen=True, tag="close"):
+    conn_id: U63
+    deliberate: bool = True
+
+
+class AdoptRequest(msgspec.Struct, frozen=True, tag="adopt_request"):
+    port: Port  # hand back the orphans whose local port is this one (0: all)
+
+
+class Adopt(msgspec.Struct, frozen=True, tag="adopt"):
+    conn_id: U63
+    local: tuple[Host, Port]
+    remote: tuple[Host, Port]
+    record: CommitRecord
+
+
+class AdoptDone(msgspec.Struct, frozen=True, tag="adopt_done"):
+    count: U63
+
+
+Message = Hello | Register | Commit | Close | AdoptRequest | Adopt | AdoptDone
+Received = tuple[Message, list[int]]
+_FDS = {Register: 1, Adopt: 1}
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode(msg: Message) -> bytes:
+    body = _encoder.encode(msg)
+    if len(body) > MAX_BODY:
+        raise LocalProtocolError(f"channel message too long: {len(body)} bytes")
+    return _HEAD.pack(len(body), _FDS.get(type(msg), 0)) + body
+
+
+def send_msg(sock: socket.socket, msg: Message, fd: int | None = None) -> None:
+    """Send one frame (blocking), with ``fd`` passed via SCM_RIGHTS when the message needs it."""
+    frame = encode(msg)
+    if fd is None:
+        sock.sendall(frame)
+        return
+    sent = socket.send_fds(sock, [frame], [fd])
+    if sent < len(frame):
+        sock.sendall(frame[sent:])
+
+
+class FrameDecoder:
+    """Bytes and fds in, (message, fds) out. Raises RemoteProtocolError on anything malformed."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._fds: deque[int] = deque()
+
+    def feed(self, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> list[Received]:
+        self._buf += data
+        self._fds.extend(fds)
+        out: list[Received] = []
+        try:
+            while len(self._buf) >= HEAD_LEN:
+                length, nfds = _HEAD.unpack_from(self._buf)
+                if length > MAX_BODY:
+                    raise RemoteProtocolError(f"channel frame of {length} bytes")
+                if len(self._buf) < HEAD_LEN + length:
+                    break
+                body = bytes(self._buf[HEAD_LEN : HEAD_LEN + length])
+                del self._buf[: HEAD_LEN + length]
+                try:
+                    msg = _decoder.decode(body)
+                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                    raise RemoteProtocolError(f"bad channel message: {exc}") from None
+                if nfds != _FDS.get(type(msg), 0):
+                    raise RemoteProtocolError(f"{type(msg).__name__} with {nfds} fds")
+                if len(self._fds) < nfds:
+                    raise RemoteProtocolError(f"{type(msg).__name__}: its fd did not arrive")
+                out.append((msg, [self._fds.popleft() for _ in range(nfds)]))
+        except RemoteProtocolError:
+            for _, got in out:
+                for fd in got:
+                    os.close(fd)
+            self.close()
+            raise
+        return out
+
+    def close(self) -> None:
+        """Close every fd received but not handed out."""
+        while self._fds:
+            with contextlib.suppress(OSError):
+                os.close(self._fds.popleft())
+        self._buf.clear()
+
+
+def recv_msgs(sock: socket.socket, dec: FrameDecoder) -> list[Received] | None:
+    """One recvmsg() into ``dec``; None on EOF."""
+    data, fds, _flags, _addr = socket.recv_fds(sock, 65536, 8)
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        return None
+    return dec.feed(data, fds)
+
+
+def kernel_read_pos(sock: socket.socket) -> int:
+    """Bytes the application side has read from ``sock`` since it opened (received - queued)."""
+    import fcntl
+    import termios
+
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+    (received,) = struct.unpack_from("=Q", info, _TCP_INFO_BYTES_RECEIVED)
+    if info[0] in _FIN_RECEIVED:
+        received -= 1  # the peer's FIN takes one sequence number and is counted
+    inq = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+    return received - inq
+
+
+# -- the agent side ------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class HeldConn:
+    """A protected connection the agent keeps a duplicate of."""
+
+    conn_id: int
+    sock: socket.socket
+    local: tuple[str, int]
+    remote: tuple[str, int]
+    record: CommitRecord = field(default_factory=CommitRecord)
+    owner: EndpointClient | None = None
+    registered: bool = False  # a local service registered it (True) or add() restored it
+
+
+@dataclass(eq=False, slots=True)
+class EndpointClient:
+    """One library connection (one service process) to the agent."""
+
+    sock: socket.socket
+    decoder: FrameDecoder = field(default_factory=FrameDecoder)
+    pid: int = 0
+
+
+class AgentEndpoint:
+    """The agent's end of the channel. Drive it with ``step(timeout)`` (selectors) or ``attach()``
+    (asyncio add_reader); ``handle(client, msg, fds)`` is the decision logic and does no reads.
+
+    Counters: ``counters["malformed"]`` etc. A malformed client is dropped; its connections stay
+    held (orphans) for the next service to adopt.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(64)
+        self.listener.setblocking(False)
+        self.clients: list[EndpointClient] = []
+        self.conns: dict[int, HeldConn] = {}
+        self.counters: dict[str, int] = {}
+        self._sel: selectors.BaseSelector | None = None
+
+    # -- I/O adapters --
+    def accept(self) -> EndpointClient | None:
+        try:
+            sock, _ = self.listener.accept()
+        except BlockingIOError:
+            return None
+        sock.setblocking(True)  # reads happen only when readable; sends are small
+        client = EndpointClient(sock)
+        self.clients.append(client)
+        if self._sel is not None:
+            self._sel.register(sock, selectors.EVENT_READ, client)
+        return client
+
+    def readable(self, client: EndpointClient) -> None:
+        """Read what ``client`` sent and act on it; drop the client on EOF or garbage."""
+        try:
+            msgs = recv_msgs(client.sock, client.decoder)
+        except RemoteProtocolError as exc:
+            self._count(exc.counter)
+            self.drop(client)
+            return
+        except OSError:
+            msgs = None
+        if msgs is None:
+            self.drop(client)
+            return
+        for i, (msg, fds) in enumerate(msgs):
+            try:
+                self.handle(client, msg, fds)
+            except RemoteProtocolError as exc:
+                self._count(exc.counter)
+                for _, rest in msgs[i + 1 :]:
+                    for fd in rest:
+                        os.close(fd)
+                self.drop(client)
+                return
+
+    def step(self, timeout: float | None) -> None:
+        """Wait up to ``timeout`` for the listener or a client and serve what is ready."""
+        if self._sel is None:
+            self._sel = selectors.DefaultSelector()
+            self._sel.register(self.listener, selectors.EVENT_READ, None)
+            for c in self.clients:
+                self._sel.register(c.sock, selectors.EVENT_READ, c)
+        for key, _ in self._sel.select(timeout):
+            if key.data is None:
+                self.accept()
+            elif key.data in self.clients:
+                self.readable(key.data)
+
+    def attach(self, loop) -> None:  # loop: asyncio.AbstractEventLoop
+        """Serve from an asyncio loop with add_reader callbacks."""
+
+        def on_accept() -> None:
+            client = self.accept()
+            if client is not None:
+                loop.add_reader(client.sock, self.readable, client)
+
+        self._on_drop = loop.remove_reader
+        loop.add_reader(self.listener, on_accept)
+
+    # -- the logic --
+    def handle(self, client: EndpointClient, msg: Message, fds: list[int]) -> None:
+        match msg:
+            case Hello(pid=pid):
+                client.pid = pid
+            case Register(conn_id=cid, local=local, remote=remote):
+                sock = socket.socket(fileno=fds[0])
+                if sock.type != socket.SOCK_STREAM or cid in self.conns:
+                    sock.close()
+                    raise RemoteProtocolError(f"bad REGISTER of conn {cid}")
+                self.conns[cid] = HeldConn(
+                    cid, sock, tuple(local), tuple(remote), owner=client, registered=True
+                )
+            case Commit(conn_id=cid):
+                held = self._owned(client, cid)
+                held.record = CommitRecord(msg.read_pos, msg.write_pos, msg.state)
+            case Close(conn_id=cid, deliberate=deliberate):
+                held = self._owned(client, cid)
+                if deliberate:
+                    del self.conns[cid]
+                    held.sock.close()
+                else:
+                    held.owner = None
+            case AdoptRequest(port=port):
+                self.adopt_all(client, port=port)
+            case _:
+                raise RemoteProtocolError(f"{type(msg).__name__} is agent -> library only")
+
+    def add(self, conn_id: int, sock: socket.socket, record: CommitRecord) -> None:
+        """Hold a connection restored elsewhere (e.g. by TCP_REPAIR after a failover) as an orphan.
+        Its receive queue must start at ``record.read_pos``."""
+        local, remote = sock.getsockname()[:2], sock.getpeername()[:2]
+        self.conns[conn_id] = HeldConn(conn_id, sock, local, remote, record)
+
+    def adopt_all(self, client: EndpointClient, *, port: int = 0) -> int:
+        """Hand every orphan (owner gone) on local ``port`` (0: any) to ``client``; then
+        ADOPT_DONE. Bytes a crashed owner consumed after its COMMIT went out are discarded first,
+        so the queue starts exactly at the committed read position."""
+        n = 0
+        for held in list(self.conns.values()):
+            if held.owner is not None or (port and held.local[1] != port):
+                continue
+            self._trim(held)
+            send_msg(client.sock, Adopt(held.conn_id, held.local, held.remote, held.record),
+                     held.sock.fileno())
+            held.owner = client
+            n += 1
+        send_msg(client.sock, AdoptDone(n))
+        return n
+
+    def drop(self, client: EndpointClient) -> None:
+        """Forget a library connection; its connections become orphans (still held)."""
+        if client in self.clients:
+            self.clients.remove(client)
+        if self._sel is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(client.sock)
+        on_drop = getattr(self, "_on_drop", None)
+        if on_drop is not None:
+            on_drop(client.sock)
+        client.decoder.close()
+        client.sock.close()
+        for held in self.conns.values():
+            if held.owner is client:
+                held.owner = None
+
+    def close(self) -> None:
+        for c in list(self.clients):
+            self.drop(c)
+        for held in self.conns.values():
+            held.sock.close()
+        self.conns.clear()
+        self.listener.close()
+        if self._sel is not None:
+            self._sel.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def _owned(self, client: EndpointClient, cid: int) -> HeldConn:
+        held = self.conns.get(cid)
+        if held is None or held.owner is not client:
+            raise RemoteProtocolError(f"conn {cid} is not this client's", counter="unknown_conn")
+        return held
+
+    def _trim(self, held: HeldConn) -> None:
+        if not held.registered:
+            return
+        try:
+            lag = held.record.read_pos - kernel_read_pos(held.sock)
+        except OSError:
+            return
+        while lag > 0:
+            got = held.sock.recv(min(lag, 65536), socket.MSG_DONTWAIT)
+            if not got:
+                break
+            lag -= len(got)
+
+    def _count(self, name: str) -> None:
+        self.counters[name] = self.counters.get(name, 0) + 1
