@@ -140,7 +140,7 @@ class FrameDecoder:
                 del self._buf[: HEAD_LEN + length]
                 try:
                     msg = _decoder.decode(body)
-                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                except (msgspec.MsgspecError, ValueError) as exc:  # UnicodeDecodeError too
                     raise RemoteProtocolError(f"bad channel message: {exc}") from None
                 if nfds != _FDS.get(type(msg), 0):
                     raise RemoteProtocolError(f"{type(msg).__name__} with {nfds} fds")
