@@ -1,0 +1,203 @@
+"""The ACK clamp (nonstop.session.nfq) on real TCP in a lab: a server on ``a`` behind the clamp, a
+client on ``b`` streaming to it.
+
+The clamp holds the ACK at the client's ISN + N: the client's acknowledged bytes stop at N while
+the server's kernel already holds more; raising the limit lets the stream finish, every byte once.
+The iptables rules go away on close, also when the body raised. A bulk stream is timed with and
+without the queue in the same run (printed, not asserted: a benchmark figure).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from nonstop.lab import Lab
+from nonstop.session.nfq import COMMENT, AckClamp, FourTuple
+from nonstop.session.repair import dump
+from nonstop.session.segment import seq_add
+
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
+
+A, B = "10.77.0.11", "10.77.0.12"
+PORT = 7100
+QUEUE = 3
+
+
+def tcp_info(sock: socket.socket) -> tuple[int, int]:
+    """(tcpi_unacked segments, tcpi_bytes_acked) of a socket."""
+    raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232)
+    return struct.unpack_from("I", raw, 24)[0], struct.unpack_from("Q", raw, 120)[0]
+
+
+def rules(lab: Lab) -> str:
+    return lab.host("a").sh("iptables -w -S").stdout
+
+
+class Reader(threading.Thread):
+    """Reads a socket to EOF: count and sha256."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(daemon=True)
+        self.sock, self.count, self.sha = sock, 0, hashlib.sha256()
+
+    def run(self) -> None:
+        buf = bytearray(1 << 16)
+        while k := self.sock.recv_into(buf):
+            self.sha.update(buf[:k])
+            self.count += k
+
+
+def wait_stable(fn: Any, period: float = 0.3, timeout: float = 10.0) -> Any:
+    """fn()'s value once it stayed the same for ``period`` seconds."""
+    deadline = time.monotonic() + timeout
+    last, since = fn(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+        now = fn()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= period:
+            return now
+    raise AssertionError(f"never stable: {last}")
+
+
+def test_clamp_holds_the_ack_then_the_stream_finishes(lab: Lab) -> None:
+    a, b = lab.host("a"), lab.host("b")
+    before = rules(lab)
+    n_held = 100_000
+    data = random.Random(7).randbytes(4 << 20)
+    limit: dict[str, int | None] = {"ack": None}
+    asked: list[FourTuple] = []
+
+    def lim(t: FourTuple) -> int | None:
+        if not asked:
+            asked.append(t)
+        return limit["ack"]
+
+    with AckClamp(QUEUE, vip=A, port=PORT, family=4, limit=lim, netns=a.ns) as clamp:
+        assert f"{COMMENT}:q{QUEUE}" in rules(lab)
+        with a.socket() as srv, b.socket() as cli:
+            srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            srv.bind((A, PORT))
+            srv.listen(1)
+            cli.connect((A, PORT))
+            conn, _ = srv.accept()
+            with conn:
+                base = dump(cli).snd_seq  # the client's ISN + 1: nothing sent yet
+                acked0 = tcp_info(cli)[1]
+                limit["ack"] = seq_add(base, n_held)
+                reader = Reader(conn)
+                reader.start()
+
+                def write() -> None:
+                    cli.sendall(data)
+                    cli.shutdown(socket.SHUT_WR)
+
+                writer = threading.Thread(target=write, daemon=True)
+                writer.start()
+                _, held = wait_stable(lambda: tcp_info(cli))
+                print(
+                    f"held: client bytes_acked {held - acked0}, server kernel delivered "
+                    f"{reader.count}, clamped {clamp.stats.clamped}"
+                )
+                assert held - acked0 == n_held
+                assert reader.count > n_held  # the server's kernel has more: only the ACK lies
+                assert clamp.stats.clamped > 0 and clamp.stats.dropped == 0
+                assert asked[0][:2] == (A, PORT) and asked[0][2] == B
+
+                limit["ack"] = None
+                conn.sendall(b"x")  # a segment with the true ACK, no need to wait for an RTO
+                writer.join(timeout=30)
+                reader.join(timeout=30)
+                assert not writer.is_alive() and not reader.is_alive()
+                assert reader.count == len(data)
+                assert reader.sha.digest() == hashlib.sha256(data).digest()
+                assert wait_stable(lambda: tcp_info(cli))[1] - acked0 >= len(data)
+        assert clamp.error is None
+    assert rules(lab) == before
+
+
+def test_rules_removed_when_the_body_raises(lab: Lab) -> None:
+    a = lab.host("a")
+    root_before = subprocess.run(["iptables", "-w", "-S"], capture_output=True, text=True).stdout
+    before = rules(lab)
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        AckClamp(QUEUE, vip=A, port=PORT, limit=lambda t: 0, netns=a.ns),
+    ):
+        assert f"{COMMENT}:q{QUEUE}" in rules(lab)
+        raise RuntimeError("boom")
+    assert COMMENT not in rules(lab) and rules(lab) == before
+    root_after = subprocess.run(["iptables", "-w", "-S"], capture_output=True, text=True).stdout
+    assert root_after == root_before  # the root namespace never saw a rule
+
+
+BULK = r"""
+import socket, sys, time
+mode, host, port, secs = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+if mode.endswith("server"):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((host, port)); s.listen(1)
+    print("ready", flush=True)
+    c, _ = s.accept()
+else:
+    c = socket.create_connection((host, port))
+if mode.startswith("send"):
+    buf = bytes(1 << 20); end = time.monotonic() + secs
+    while time.monotonic() < end:
+        c.sendall(buf)
+    c.close()
+else:
+    buf = bytearray(1 << 20); n = 0; t0 = None
+    while k := c.recv_into(buf):
+        if t0 is None:
+            t0 = time.perf_counter()
+        n += k
+    print(n, time.perf_counter() - t0, flush=True)
+"""
+
+
+def bulk(lab: Lab, direction: str, secs: float = 1.5) -> float:
+    """Gbit/s of one stream: 'b->a' (a serves, receives: a sends only ACKs) or 'a->b' (a serves,
+    sends the data: GSO segments through the queue)."""
+    a, b = lab.host("a"), lab.host("b")
+    server_mode, client_mode = (
+        ("recv-server", "send") if direction == "b->a" else ("send-server", "recv")
+    )
+    args = [A, str(PORT), str(secs)]
+    server = a.run(
+        [sys.executable, "-c", BULK, server_mode, *args], stdout=subprocess.PIPE, name="bulk"
+    )
+    assert server.popen.stdout is not None
+    assert server.popen.stdout.readline().strip() == b"ready"
+    out = b.sh([sys.executable, "-c", BULK, client_mode, *args], timeout=secs + 30).stdout
+    if direction == "b->a":
+        out = server.popen.stdout.readline().decode()
+    server.wait(timeout=30)
+    n, dt = out.split()
+    return int(n) * 8 / float(dt) / 1e9
+
+
+def test_throughput_through_the_queue(lab: Lab) -> None:
+    a = lab.host("a")
+    figures: dict[str, float] = {}
+    for direction in ("b->a", "a->b"):
+        figures[f"{direction} plain"] = bulk(lab, direction)
+        with AckClamp(QUEUE, vip=A, port=PORT, limit=lambda t: None, netns=a.ns) as clamp:
+            figures[f"{direction} nfqueue pass-through"] = bulk(lab, direction)
+        assert clamp.stats.seen > 0 and clamp.error is None
+        figures[f"{direction} segments queued"] = clamp.stats.seen
+        figures[f"{direction} overflows"] = clamp.stats.overflows
+    for k, v in figures.items():
+        print(f"{k}: {v:.2f}" if isinstance(v, float) else f"{k}: {v}")
