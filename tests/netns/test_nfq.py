@@ -24,7 +24,7 @@ import pytest
 from nonstop.lab import Lab
 from nonstop.session.nfq import COMMENT, AckClamp, FourTuple
 from nonstop.session.repair import dump
-from nonstop.session.segment import seq_add
+from nonstop.session.segment import SEQ_MOD, SYN, Segment, seq_add
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
 
@@ -142,6 +142,49 @@ def test_rules_removed_when_the_body_raises(lab: Lab) -> None:
     assert root_after == root_before  # the root namespace never saw a rule
 
 
+def test_capture_sees_every_inbound_byte(lab: Lab) -> None:
+    """capture() gets the peer's segments: reassembled by sequence number they are the stream."""
+    a, b = lab.host("a"), lab.host("b")
+    data = random.Random(8).randbytes(2 << 20)
+    segs: list[tuple[int, bytes]] = []
+    syns: list[Segment] = []
+
+    def capture(seg: Segment, payload: bytes) -> None:
+        if seg.flags & SYN:
+            syns.append(seg)
+        if payload:
+            segs.append((seg.seq, payload))
+
+    clamp = AckClamp(QUEUE, vip=A, port=PORT, limit=lambda t: None, capture=capture, netns=a.ns)
+    with clamp, a.socket() as srv, b.socket() as cli:
+        assert "--dport 7100" in rules(lab) and f"{COMMENT}:q{QUEUE}" in rules(lab)
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind((A, PORT))
+        srv.listen(1)
+        cli.connect((A, PORT))
+        conn, _ = srv.accept()
+        with conn:
+            reader = Reader(conn)
+            reader.start()
+            cli.sendall(data)
+            cli.shutdown(socket.SHUT_WR)
+            reader.join(timeout=30)
+            assert reader.count == len(data)
+    assert COMMENT not in rules(lab)
+    assert clamp.error is None and clamp.stats.captured > 0
+    (syn,) = syns
+    assert syn.options.mss and syn.options.sack_permitted and syn.options.timestamps
+    isn1 = seq_add(syn.seq, 1)
+    stream = bytearray(len(data))
+    have = bytearray(len(data))  # 1 where a byte was captured
+    for seq, payload in segs:
+        off = (seq - isn1) % SEQ_MOD
+        stream[off : off + len(payload)] = payload
+        have[off : off + len(payload)] = b"\1" * len(payload)
+    assert have == b"\1" * len(data) and stream == data
+    print(f"captured {len(segs)} data segments for {len(data)} bytes")
+
+
 BULK = r"""
 import socket, sys, time
 mode, host, port, secs = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
@@ -199,5 +242,11 @@ def test_throughput_through_the_queue(lab: Lab) -> None:
         assert clamp.stats.seen > 0 and clamp.error is None
         figures[f"{direction} segments queued"] = clamp.stats.seen
         figures[f"{direction} overflows"] = clamp.stats.overflows
+        with AckClamp(
+            QUEUE, vip=A, port=PORT, limit=lambda t: None, capture=lambda s, p: None, netns=a.ns
+        ) as clamp:
+            figures[f"{direction} nfqueue pass-through + capture"] = bulk(lab, direction)
+        assert clamp.stats.captured > 0 and clamp.error is None
+        figures[f"{direction} overflows with capture"] = clamp.stats.overflows
     for k, v in figures.items():
         print(f"{k}: {v:.2f}" if isinstance(v, float) else f"{k}: {v}")

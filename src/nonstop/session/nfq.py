@@ -8,6 +8,10 @@ unchanged. The rule:
     iptables -I OUTPUT -p tcp -s VIP --sport PORT -m comment --comment nonstop-ackclamp:q<N>
              -j NFQUEUE --queue-num N --queue-bypass
 
+With ``capture=``, the peer's segments to VIP:port pass through the same queue (an INPUT rule
+with ``-d VIP --dport PORT``): ``capture(segment, payload)`` sees each one before TCP does (the
+DATA(RCV) for the backup, the SYN options for the FULL record) and the segment is accepted as is.
+
 ``--queue-bypass``: while no listener is bound the segments pass unclamped (the agent died; the
 service keeps working, without the takeover guarantee). Segments the clamp cannot parse, and
 truncated copies, are dropped and counted: TCP sends them again, and nothing unclamped escapes.
@@ -26,6 +30,7 @@ netlink receive buffer; an ENOBUFS overflow is counted and the loop resets and c
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import os
 import socket
 import subprocess
@@ -37,10 +42,11 @@ from typing import Any
 import fnfqueue
 
 from nonstop.common import LocalProtocolError, RemoteProtocolError
-from nonstop.session.segment import clamp_ack, parse
+from nonstop.session.segment import Segment, clamp_ack, parse
 
 FourTuple = tuple[str, int, str, int]  # (VIP, port, peer address, peer port) of an outgoing segment
 Limit = Callable[[FourTuple], int | None]
+Capture = Callable[[Segment, bytes], None]
 
 COMMENT = "nonstop-ackclamp"
 CLONE_NEWNET = 0x40000000
@@ -57,7 +63,8 @@ class ClampStats:
     clamped: int = 0  # ACK or SACK rewritten, checksum recomputed
     dropped: int = 0  # malformed or truncated: dropped so nothing unclamped escapes
     overflows: int = 0  # ENOBUFS on the netlink socket (the kernel dropped segments)
-    errors: int = 0  # limit() raised: segment dropped, error kept in AckClamp.error
+    captured: int = 0  # inbound segments handed to capture()
+    errors: int = 0  # limit() or capture() raised: segment dropped, error kept in AckClamp.error
 
 
 def _iptables(family: int) -> str:
@@ -118,6 +125,7 @@ class AckClamp:
         port: int,
         family: int = 4,
         limit: Limit,
+        capture: Capture | None = None,
         netns: str | None = None,
         rcvbuf: int = 64 << 20,
         maxlen: int = 4096,
@@ -125,10 +133,11 @@ class AckClamp:
         if family not in (4, 6):
             raise LocalProtocolError(f"family must be 4 or 6, not {family}")
         self.queue_num = queue_num
-        self.vip = vip
+        self.vip = str(ipaddress.ip_address(vip))  # the form parse() gives
         self.port = port
         self.family = family
         self.limit = limit
+        self.capture = capture
         self.rcvbuf = rcvbuf
         self.maxlen = maxlen
         self.stats = ClampStats()
@@ -136,14 +145,14 @@ class AckClamp:
         self._ns_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self._conn: fnfqueue.Connection | None = None
         self._thread: threading.Thread | None = None
-        self._rule_in = False
+        self._chains: list[str] = []  # chains our rule is in
         self._error: BaseException | None = None
 
-    @property
-    def rule(self) -> list[str]:
-        """The iptables rule spec (without -I/-D OUTPUT)."""
+    def rule(self, chain: str = "OUTPUT") -> list[str]:
+        """The iptables rule spec for ``chain`` (OUTPUT: our segments, INPUT: the peer's)."""
+        match = ["-s", self.vip, "--sport"] if chain == "OUTPUT" else ["-d", self.vip, "--dport"]
         return [
-            "-p", "tcp", "-s", self.vip, "--sport", str(self.port),
+            "-p", "tcp", *match, str(self.port),
             "-m", "comment", "--comment", f"{COMMENT}:q{self.queue_num}",
             "-j", "NFQUEUE", "--queue-num", str(self.queue_num), "--queue-bypass",
         ]  # fmt: skip
@@ -168,8 +177,9 @@ class AckClamp:
                 target=self._loop, name=f"nonstop-ackclamp-q{self.queue_num}", daemon=True
             )
             self._thread.start()
-            _in_ns(self._ns_fd, self._iptables, "-I", "OUTPUT")
-            self._rule_in = True
+            for chain in ("OUTPUT", "INPUT") if self.capture is not None else ("OUTPUT",):
+                _in_ns(self._ns_fd, self._iptables, "-I", chain)
+                self._chains.append(chain)
         except BaseException:
             self.close()
             raise
@@ -177,9 +187,8 @@ class AckClamp:
     def close(self) -> None:
         """Remove the rule, unbind, stop the thread. Safe to call twice and after a failed open."""
         try:
-            if self._rule_in:
-                self._rule_in = False
-                _in_ns(self._ns_fd, self._iptables, "-D", "OUTPUT")
+            while self._chains:
+                _in_ns(self._ns_fd, self._iptables, "-D", self._chains.pop())
         finally:
             conn, self._conn = self._conn, None
             if conn is not None:
@@ -199,7 +208,7 @@ class AckClamp:
     # -- inside the namespace -------------------------------------------------------------------
 
     def _iptables(self, op: str, chain: str) -> None:
-        argv = [_iptables(self.family), "-w", op, chain, *self.rule]
+        argv = [_iptables(self.family), "-w", op, chain, *self.rule(chain)]
         res = subprocess.run(argv, capture_output=True, text=True)
         if res.returncode != 0:
             raise OSError(f"{' '.join(argv)}: {res.stderr.strip()}")
@@ -244,6 +253,11 @@ class AckClamp:
             # A truncated copy fails parse (IP length beyond the bytes). fnfqueue's own
             # Packet.truncated is always True (it compares a cdata pointer with `is`).
             seg = parse(buf)
+            if seg.dport == self.port and seg.dst == self.vip:  # inbound: capture only
+                self._capture(seg, buf)
+                pkt.accept()
+                st.passed += 1
+                return
             try:
                 limit = self.limit(seg.four_tuple)
             except Exception as e:  # a bug in the caller's limit: fail closed, keep going
@@ -262,3 +276,13 @@ class AckClamp:
             return
         pkt.accept()
         st.passed += 1
+
+    def _capture(self, seg: Segment, buf: bytearray) -> None:
+        if self.capture is None:
+            return
+        try:
+            self.capture(seg, bytes(buf[seg.payload_offset :]))
+            self.stats.captured += 1
+        except Exception as e:  # the segment still goes in: the ACK clamp keeps us safe
+            self.stats.errors += 1
+            self._error = e
