@@ -39,8 +39,8 @@ def tcp_info(sock: socket.socket) -> tuple[int, int]:
     return struct.unpack_from("I", raw, 24)[0], struct.unpack_from("Q", raw, 120)[0]
 
 
-def rules(lab: Lab) -> str:
-    return lab.host("a").sh("iptables -w -S").stdout
+def rules(lab: Lab, family: int = 4) -> str:
+    return lab.host("a").sh(f"{'iptables' if family == 4 else 'ip6tables'} -w -S").stdout
 
 
 class Reader(threading.Thread):
@@ -71,9 +71,13 @@ def wait_stable(fn: Any, period: float = 0.3, timeout: float = 10.0) -> Any:
     raise AssertionError(f"never stable: {last}")
 
 
-def test_clamp_holds_the_ack_then_the_stream_finishes(lab: Lab) -> None:
+@pytest.mark.parametrize("family", [4, 6])
+def test_clamp_holds_the_ack_then_the_stream_finishes(lab: Lab, family: int) -> None:
     a, b = lab.host("a"), lab.host("b")
-    before = rules(lab)
+    fam = socket.AF_INET if family == 4 else socket.AF_INET6
+    va = A if family == 4 else a.addr6("lan")
+    vb = B if family == 4 else b.addr6("lan")
+    before = rules(lab, family)
     n_held = 100_000
     data = random.Random(7).randbytes(4 << 20)
     limit: dict[str, int | None] = {"ack": None}
@@ -84,13 +88,13 @@ def test_clamp_holds_the_ack_then_the_stream_finishes(lab: Lab) -> None:
             asked.append(t)
         return limit["ack"]
 
-    with AckClamp(QUEUE, vip=A, port=PORT, family=4, limit=lim, netns=a.ns) as clamp:
-        assert f"{COMMENT}:q{QUEUE}" in rules(lab)
-        with a.socket() as srv, b.socket() as cli:
+    with AckClamp(QUEUE, vip=va, port=PORT, family=family, limit=lim, netns=a.ns) as clamp:
+        assert f"{COMMENT}:q{QUEUE}" in rules(lab, family)
+        with a.socket(fam) as srv, b.socket(fam) as cli:
             srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            srv.bind((A, PORT))
+            srv.bind((va, PORT))
             srv.listen(1)
-            cli.connect((A, PORT))
+            cli.connect((va, PORT))
             conn, _ = srv.accept()
             with conn:
                 base = dump(cli).snd_seq  # the client's ISN + 1: nothing sent yet
@@ -113,7 +117,7 @@ def test_clamp_holds_the_ack_then_the_stream_finishes(lab: Lab) -> None:
                 assert held - acked0 == n_held
                 assert reader.count > n_held  # the server's kernel has more: only the ACK lies
                 assert clamp.stats.clamped > 0 and clamp.stats.dropped == 0
-                assert asked[0][:2] == (A, PORT) and asked[0][2] == B
+                assert asked[0][:2] == (va, PORT) and asked[0][2] == vb
 
                 limit["ack"] = None
                 conn.sendall(b"x")  # a segment with the true ACK, no need to wait for an RTO
@@ -124,7 +128,7 @@ def test_clamp_holds_the_ack_then_the_stream_finishes(lab: Lab) -> None:
                 assert reader.sha.digest() == hashlib.sha256(data).digest()
                 assert wait_stable(lambda: tcp_info(cli))[1] - acked0 >= len(data)
         assert clamp.error is None
-    assert rules(lab) == before
+    assert rules(lab, family) == before
 
 
 def test_rules_removed_when_the_body_raises(lab: Lab) -> None:
