@@ -10,6 +10,7 @@ without the queue in the same run (printed, not asserted: a benchmark figure).
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import socket
 import struct
@@ -22,7 +23,7 @@ from typing import Any
 import pytest
 
 from nonstop.lab import Lab
-from nonstop.session.nfq import COMMENT, AckClamp, FourTuple
+from nonstop.session.nfq import COMMENT, AckClamp, FourTuple, remove_rules
 from nonstop.session.repair import dump
 from nonstop.session.segment import SEQ_MOD, SYN, Segment, seq_add
 
@@ -254,3 +255,20 @@ def test_throughput_through_the_queue(lab: Lab) -> None:
         figures[f"{direction} overflows with capture"] = clamp.stats.overflows
     for k, v in figures.items():
         print(f"{k}: {v:.2f}" if isinstance(v, float) else f"{k}: {v}")
+
+
+def test_remove_rules_sweeps_leftovers(lab: Lab) -> None:
+    """A crashed agent's rules (found by their comment) are deleted; other rules stay."""
+    a = lab.host("a")
+    clamp = AckClamp(QUEUE, vip=A, port=PORT, limit=lambda t: None, netns=a.ns)
+    a.sh(["iptables", "-w", "-I", "OUTPUT", *clamp.rule("OUTPUT")])
+    a.sh(["iptables", "-w", "-I", "INPUT", *clamp.rule("INPUT")])
+    a.sh("iptables -w -I OUTPUT -p udp --dport 9 -j ACCEPT")
+    clamp.close()  # never opened: only releases its namespace handle
+    fd = os.open(f"/run/netns/{a.ns}", os.O_RDONLY)
+    try:
+        assert remove_rules(4, netns_fd=fd) == 2
+        assert remove_rules(4, netns_fd=fd) == 0
+    finally:
+        os.close(fd)
+    assert COMMENT not in rules(lab) and "--dport 9" in rules(lab)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import os
+import shlex
 import socket
 import subprocess
 import threading
@@ -102,7 +103,7 @@ def remove_rules(family: int = 4, *, netns_fd: int | None = None) -> int:
         n = 0
         for line in out.stdout.splitlines():
             if line.startswith("-A ") and COMMENT in line:
-                spec = line.split()[1:]
+                spec = shlex.split(line)[1:]  # -S quotes the comment
                 subprocess.run([ipt, "-w", "-D", *spec], capture_output=True, check=True)
                 n += 1
         return n
