@@ -1,0 +1,446 @@
+"""The session manager, standalone: the master's MasterSession and the backup's BackupSession.
+
+``MasterSession`` sits on the master's packet path for VIP:port (an :class:`AckClamp` with inbound
+capture, plus a hook on the outbound segments the clamp already queues) and feeds a
+:class:`SyncSender`:
+
+- FULL when the SYN-ACK leaves: the peer's options from its SYN (MSS, wscale, SACK, timestamps,
+  IRS), ours from the SYN-ACK (ISS, wscale, TSval);
+- DATA(RCV) from every inbound payload (the sender drops what it already holds), DATA(SND) from
+  every outbound payload;
+- UPDATE when the peer's ACK or window moves (snd_una trims DATA(SND) on the backup);
+- COMMIT from the service (``commit(four_tuple, read_pos, write_pos)``, byte counts since the
+  connection opened), held back until DATA(SND) up to ``write_pos`` is queued, so the backup
+  never holds a commit whose written bytes it lacks.
+
+The clamp's limit is ``SyncSender.confirmed(conn)[0]`` (the backup holds the peer's bytes up to
+there), IRS+1 until the first confirmation, None for segments of unknown connections. Batches go
+to the backup over UDP at once (``max_delay`` 0: one batch per segment seen) from the verdict
+thread; a second thread reads the backup's ACKs and retransmits.
+
+``BackupSession`` feeds a :class:`SyncReceiver` from UDP. ``promote()`` restores every connection
+with ``repair.restore_many`` (call it before the VIP is added) from the last COMMIT: the receive
+queue holds the peer's bytes after the committed read position, the send queue the written bytes
+up to the committed write position that the peer has not acknowledged. Bytes the dead service
+wrote after its last commit are dropped: the restarted service produces them again from the
+uncommitted input (exact for a deterministic service such as an echo; a general service needs the
+master to hold transmission past the backup's snd end, not done yet).
+
+TCP timestamps: the restored clock is the SYN-ACK's TSval advanced by the time since the backup
+first saw the FULL record, plus ``ts_margin`` (a TSval ahead of the real clock is harmless to the
+peer's PAWS check; one behind it gets our segments dropped).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import select
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+import fnfqueue
+
+from nonstop.common import RemoteProtocolError
+from nonstop.session.nfq import AckClamp, FourTuple
+from nonstop.session.repair import TcpState, restore_many
+from nonstop.session.segment import ACK, FIN, RST, SYN, Segment, parse
+from nonstop.session.sync import ConnState, SyncReceiver, SyncSender, seq_add, seq_diff, seq_lt
+from nonstop.session.wire import CloseReason, Direction, FullRecord
+
+__all__ = ["BackupSession", "MasterSession", "RestoredConn"]
+
+_U32 = 0xFFFF_FFFF
+
+
+@dataclass(slots=True)
+class _Tracked:
+    """What the master knows of one connection beyond the sender's mirror."""
+
+    conn_id: int
+    full: FullRecord
+    snd_nxt: int
+    snd_una: int
+    snd_wnd: int
+    rcv_wnd: int
+    fins: int = 0  # FIN seen: 1 inbound, 2 outbound
+    pending_commit: tuple[int, int, bytes] | None = None  # (rpos, wpos, state) as sequence numbers
+
+
+@dataclass(slots=True)
+class _Syn:
+    irs: int
+    options: object  # TcpOptions of the peer's SYN
+    window: int
+
+
+class _SessionClamp(AckClamp):
+    """AckClamp that also shows every outbound segment to ``outbound(segment, payload)`` before
+    its verdict (the clamp queues them anyway)."""
+
+    def __init__(self, *args: object, outbound: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.outbound = outbound
+
+    def _verdict(self, pkt: fnfqueue.Packet) -> None:
+        try:
+            buf = bytes(pkt.payload)
+            seg = parse(buf)
+        except RemoteProtocolError:
+            seg = None  # the clamp drops and counts it
+        if seg is not None and seg.sport == self.port and seg.src == self.vip:
+            try:
+                self.outbound(seg, buf[seg.payload_offset :])  # type: ignore[operator]
+            except Exception as e:  # the segment is still clamped: the backup may lag, not lie
+                self.stats.errors += 1
+                self._error = e
+        super()._verdict(pkt)
+
+
+class MasterSession:
+    """Sync VIP:port's connections to the backup at ``backup`` (host, UDP port)."""
+
+    def __init__(
+        self,
+        vip: str,
+        port: int,
+        key: bytes,
+        *,
+        backup: tuple[str, int],
+        queue_num: int = 5,
+        family: int = 4,
+        incarnation: int | None = None,
+        sync_bind: tuple[str, int] = ("", 0),
+        rto: float = 0.02,
+    ) -> None:
+        self.vip, self.port, self.family, self.backup = vip, port, family, backup
+        now = time.monotonic()
+        inc = incarnation if incarnation is not None else time.time_ns() // 1000
+        self.sender = SyncSender(key, incarnation=inc, max_delay=0.0, now=now, rto=rto)
+        self._lock = threading.Lock()
+        self._conns: dict[FourTuple, _Tracked] = {}
+        self._syns: dict[FourTuple, _Syn] = {}
+        self._ids = itertools.count(1)
+        fam = socket.AF_INET if family == 4 else socket.AF_INET6
+        self._udp = socket.socket(fam, socket.SOCK_DGRAM)
+        self._udp.bind(sync_bind)
+        self._clamp = _SessionClamp(
+            queue_num,
+            vip=vip,
+            port=port,
+            family=family,
+            limit=self._limit,
+            capture=self._inbound,
+            outbound=self._outbound,
+        )
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle --
+    def open(self) -> MasterSession:
+        self._thread = threading.Thread(target=self._ack_loop, name="nonstop-sync-tx", daemon=True)
+        self._thread.start()
+        self._clamp.open()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        try:
+            self._clamp.close()
+        finally:
+            if self._thread is not None:
+                self._thread.join(timeout=5)
+            self._udp.close()
+
+    def __enter__(self) -> MasterSession:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def clamp(self) -> AckClamp:
+        return self._clamp
+
+    # -- the service's commits --
+    def commit(
+        self, four_tuple: FourTuple, read_pos: int, write_pos: int, state: bytes = b""
+    ) -> None:
+        """The service processed ``read_pos`` bytes of input and wrote ``write_pos`` bytes on the
+        connection ``four_tuple`` = (VIP, port, peer, peer port), counted since it opened."""
+        with self._lock:
+            t = self._conns.get(four_tuple)
+            if t is None:
+                raise KeyError(f"no connection {four_tuple}")
+            t.pending_commit = (
+                seq_add(t.full.rcv_seq, read_pos),
+                seq_add(t.full.snd_seq, write_pos),
+                bytes(state),
+            )
+            self._try_commit(t, time.monotonic())
+            self._flush(time.monotonic())
+
+    def _try_commit(self, t: _Tracked, now: float) -> None:
+        if t.pending_commit is None:
+            return
+        rpos, wpos, state = t.pending_commit
+        if seq_lt(t.snd_nxt, wpos):  # written bytes not seen leaving yet: wait for them
+            return
+        t.pending_commit = None
+        self.sender.commit(t.conn_id, rpos, wpos, state, now)
+
+    # -- the packet path (verdict thread) --
+    def _limit(self, ft: FourTuple) -> int | None:
+        t = self._conns.get(ft)
+        if t is None:
+            return None
+        conf = self.sender.confirmed(t.conn_id)
+        return t.full.rcv_seq if conf is None else conf[0]
+
+    def _inbound(self, seg: Segment, payload: bytes) -> None:
+        ft = (seg.dst, seg.dport, seg.src, seg.sport)
+        now = time.monotonic()
+        with self._lock:
+            if seg.flags & SYN and not seg.flags & ACK:
+                self._syns[ft] = _Syn(seg.seq, seg.options, seg.window)
+                return
+            t = self._conns.get(ft)
+            if t is None:
+                return
+            if seg.flags & RST:
+                self._close(ft, t, CloseReason.RESET, now)
+                return
+            if payload:
+                self.sender.data(t.conn_id, Direction.RCV, seg.seq, payload, now)
+            if seg.flags & FIN:
+                t.fins |= 1
+            if seg.flags & ACK:
+                wnd = seg.window << t.full.snd_wscale
+                if (
+                    not seq_lt(seg.ack, t.snd_una)
+                    and seq_diff(seg.ack, t.snd_nxt) <= 0
+                    and (seg.ack != t.snd_una or wnd != t.snd_wnd)
+                ):
+                    t.snd_una, t.snd_wnd = seg.ack, wnd
+                    self.sender.update(
+                        t.conn_id,
+                        rcv_nxt=self._rcv_end(t),
+                        snd_una=t.snd_una,
+                        snd_nxt=t.snd_nxt,
+                        snd_wnd=wnd & _U32,
+                        rcv_wnd=t.rcv_wnd & _U32,
+                        now=now,
+                    )
+            self._flush(now)
+
+    def _outbound(self, seg: Segment, payload: bytes) -> None:
+        ft = seg.four_tuple
+        now = time.monotonic()
+        with self._lock:
+            if seg.flags & SYN:
+                syn = self._syns.pop(ft, None)
+                if syn is not None and ft not in self._conns:
+                    self._open(ft, seg, syn, now)
+                return
+            t = self._conns.get(ft)
+            if t is None:
+                return
+            if seg.flags & RST:
+                self._close(ft, t, CloseReason.RESET, now)
+                return
+            t.rcv_wnd = seg.window << t.full.rcv_wscale
+            if payload:
+                self.sender.data(t.conn_id, Direction.SND, seg.seq, payload, now)
+                end = seq_add(seg.seq, len(payload))
+                if seq_lt(t.snd_nxt, end):
+                    t.snd_nxt = end
+                self._try_commit(t, now)
+            if seg.flags & FIN:
+                t.fins |= 2
+            self._flush(now)
+
+    def _open(self, ft: FourTuple, synack: Segment, syn: _Syn, now: float) -> None:
+        po, mo = syn.options, synack.options
+        wscale = po.wscale is not None and mo.wscale is not None  # type: ignore[attr-defined]
+        ts = po.timestamps is not None and mo.timestamps is not None  # type: ignore[attr-defined]
+        full = FullRecord(
+            conn_id=next(self._ids), family=self.family, local_addr=ft[0], local_port=ft[1],
+            peer_addr=ft[2], peer_port=ft[3], snd_seq=seq_add(synack.seq, 1),
+            rcv_seq=seq_add(syn.irs, 1), mss=po.mss or 536,  # type: ignore[attr-defined]
+            snd_wscale=po.wscale if wscale else 0,  # type: ignore[attr-defined]
+            rcv_wscale=mo.wscale if wscale else 0, wscale=wscale,
+            sack=po.sack_permitted and mo.sack_permitted,  # type: ignore[attr-defined]
+            timestamps=ts, ts_val=mo.timestamps[0] if ts else 0,
+            snd_wl1=seq_add(syn.irs, 1), snd_wnd=syn.window, max_window=syn.window,
+            rcv_wnd=synack.window, rcv_wup=seq_add(syn.irs, 1),
+        )  # fmt: skip
+        self._conns[ft] = _Tracked(
+            full.conn_id, full, full.snd_seq, full.snd_seq, syn.window, synack.window
+        )
+        self.sender.open(full.conn_id, full, now)
+
+    def _close(self, ft: FourTuple, t: _Tracked, reason: CloseReason, now: float) -> None:
+        del self._conns[ft]
+        self.sender.close(t.conn_id, reason, now)
+
+    def _rcv_end(self, t: _Tracked) -> int:
+        return self.sender._conns[t.conn_id].end(Direction.RCV)  # the mirror: same package
+
+    def _flush(self, now: float) -> None:
+        for d in self.sender.datagrams_to_send(now):
+            with contextlib.suppress(OSError):  # lost: retransmitted after rto
+                self._udp.sendto(d, self.backup)
+
+    # -- the backup's ACKs, retransmission --
+    def _ack_loop(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                timer = self.sender.get_timer()
+            wait = 0.05 if timer is None else min(0.05, max(0.0, timer - time.monotonic()))
+            ready, _, _ = select.select([self._udp], [], [], wait)
+            now = time.monotonic()
+            if ready:
+                try:
+                    data = self._udp.recv(2048)
+                except OSError:
+                    if self._stop.is_set():
+                        return
+                    continue
+                with self._lock:
+                    self.sender.receive_ack(data, now)
+            with self._lock:
+                self._flush(now)
+
+
+@dataclass(slots=True)
+class RestoredConn:
+    """One connection restored on promotion: ``sock`` reads on from ``read_pos`` and writes on
+    from ``write_pos`` (bytes since the connection opened, as last committed)."""
+
+    conn_id: int
+    sock: socket.socket
+    read_pos: int
+    write_pos: int
+    state: bytes
+    resent: int  # written bytes the peer had not acknowledged, put back in the send queue
+    pending: int  # peer bytes after the committed read position, put back in the recv queue
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class BackupSession:
+    """Receive the master's sync on ``bind`` (UDP); ``promote()`` restores the connections."""
+
+    def __init__(
+        self,
+        key: bytes,
+        *,
+        bind: tuple[str, int],
+        family: int = 4,
+        incarnation: int | None = None,
+        ts_margin: float = 0.05,
+    ) -> None:
+        inc = incarnation if incarnation is not None else time.time_ns() // 1000
+        self.receiver = SyncReceiver(key, now=time.monotonic(), incarnation=inc)
+        self.ts_margin = ts_margin
+        self._udp = socket.socket(
+            socket.AF_INET if family == 4 else socket.AF_INET6, socket.SOCK_DGRAM
+        )
+        self._udp.bind(bind)
+        self._lock = threading.Lock()
+        self._seen: dict[int, tuple[FullRecord, float]] = {}  # conn id -> (FULL, first seen)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="nonstop-sync-rx", daemon=True)
+
+    def open(self) -> BackupSession:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._udp.close()
+
+    def __enter__(self) -> BackupSession:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self._udp.getsockname()[:2]
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            ready, _, _ = select.select([self._udp], [], [], 0.05)
+            if not ready:
+                continue
+            try:
+                data, src = self._udp.recvfrom(65536)
+            except OSError:
+                continue
+            now = time.monotonic()
+            with self._lock:
+                acks = self.receiver.receive(data, now)
+                for cid, cs in self.receiver.connections().items() if acks else ():
+                    seen = self._seen.get(cid)
+                    if seen is None or seen[0] is not cs.full:
+                        self._seen[cid] = (cs.full, now)
+            for a in acks:
+                with contextlib.suppress(OSError):
+                    self._udp.sendto(a, src)
+
+    def connections(self) -> dict[int, ConnState]:
+        with self._lock:
+            return self.receiver.connections()
+
+    def states(self) -> list[tuple[ConnState, TcpState]]:
+        """What ``promote`` would restore: each connection's sync state and its TcpState."""
+        with self._lock:
+            conns = self.receiver.connections()
+            seen = dict(self._seen)
+        out = []
+        for cid, cs in conns.items():
+            first = seen.get(cid)
+            out.append((cs, self._tcp_state(cs, first[1] if first else time.monotonic())))
+        return out
+
+    def _tcp_state(self, cs: ConnState, seen_at: float) -> TcpState:
+        f = cs.full
+        rpos, wpos = (cs.commit.rpos, cs.commit.wpos) if cs.commit else (f.rcv_seq, f.snd_seq)
+        del rpos  # the receiver already trimmed rcv_data at the commit's read position
+        n = seq_diff(wpos, cs.snd_start)
+        if n >= 0:
+            send_q = cs.snd_data[:n]
+            snd_seq = seq_add(cs.snd_start, len(send_q))
+        else:  # the peer acknowledged bytes past the commit: the service writes them again
+            send_q, snd_seq = b"", wpos
+        rcv_seq = cs.rcv_end
+        snd_wnd = cs.snd_wnd or f.snd_wnd
+        rcv_wnd = cs.rcv_wnd or f.rcv_wnd
+        window = (rcv_seq, snd_wnd, max(snd_wnd, f.max_window), rcv_wnd, rcv_seq)
+        return TcpState(
+            socket.AF_INET if f.family == 4 else socket.AF_INET6, f.local_addr, f.local_port,
+            f.peer_addr, f.peer_port, snd_seq, rcv_seq, f.mss, f.snd_wscale, f.rcv_wscale,
+            f.sack, f.timestamps, (f.ts_val & ~1) & _U32 if f.timestamps else None, window,
+            bytes(send_q), bytes(cs.rcv_data), 0, seen_at - self.ts_margin,
+        )  # fmt: skip
+
+    def promote(self) -> list[RestoredConn]:
+        """Stop receiving and restore every connection (before the VIP is added)."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+        pairs = self.states()
+        socks = restore_many([st for _, st in pairs])
+        out = []
+        for (cs, st), sock in zip(pairs, socks, strict=True):
+            f = cs.full
+            commit = cs.commit
+            rpos = commit.rpos if commit else f.rcv_seq
+            out.append(RestoredConn(
+                f.conn_id, sock, seq_diff(rpos, f.rcv_seq) % (1 << 32),
+                seq_diff(st.snd_seq, f.snd_seq) % (1 << 32), commit.state if commit else b"",
+                len(st.send_queue), len(st.recv_queue)))  # fmt: skip
+        return out

@@ -1,0 +1,145 @@
+"""The first end-to-end TCP session takeover (nonstop.session.manager), standalone.
+
+Hosts peer (.10), a (.11) and b (.12) on lan; VIP 10.77.0.100 on a. On a: an echo service that
+commits after each echo, behind a MasterSession (ACK clamp + capture, sync to b). On b: a
+BackupSession. The peer streams numbered lines on one connection (paced, so some are always in
+flight) and checks the echo stream. Mid-stream a dies: its link goes down (nothing it sends
+escapes any more: its kernel would FIN or RST the dead service's socket), the service and the
+session are SIGKILLed, the VIP is deleted. b promotes: restores the connection, adds the VIP,
+sends gratuitous ARPs, echoes on the restored socket. The peer's connection carries on: every line
+is echoed exactly once and in order, then EOF; no reset. The interruption is printed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from nonstop.lab import Lab, LabProcess, Topology
+
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(90)]
+
+VIP, PORT, SYNC_PORT = "10.77.0.100", 7300, 7301
+B = "10.77.0.12"
+NODE = str(Path(__file__).with_name("takeover_node.py"))
+LINES, KILL_AT, PACE = 3000, 1000, 0.001
+
+
+def line(i: int) -> bytes:
+    return f"{i:08d} {'x' * 50}\n".encode()
+
+
+def wait_for(proc: LabProcess, text: str, timeout: float = 15.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = proc.output()
+        if text in out:
+            return out
+        assert proc.alive, f"{proc.name} died:\n{out}"
+        time.sleep(0.02)
+    raise AssertionError(f"{proc.name}: no {text!r} in:\n{proc.output()}")
+
+
+@pytest.fixture
+def lab(lab_factory: Callable[..., Lab]) -> Lab:
+    topo = Topology(source="<takeover>")
+    topo.channel("lan", v4="10.77.0.0/24")
+    topo.host("peer", channels={"lan": 10})
+    topo.host("a", channels={"lan": 11})
+    topo.host("b", channels={"lan": 12})
+    return lab_factory(topo)
+
+
+def test_takeover_keeps_the_connection(lab: Lab) -> None:
+    peer, a, b = lab.host("peer"), lab.host("a"), lab.host("b")
+    key = os.urandom(32).hex()
+    a.sh(f"ip addr add {VIP}/24 dev lan")
+    env = {"PYTHONUNBUFFERED": "1"}
+    backup = b.run(
+        [sys.executable, NODE, "backup", f"{VIP}/24", "lan", B, SYNC_PORT, key],
+        name="backup",
+        env=env,
+    )
+    wait_for(backup, "READY")
+    master = a.run(
+        [sys.executable, NODE, "master", VIP, PORT, B, SYNC_PORT, key], name="master", env=env
+    )
+    wait_for(master, "READY")
+
+    sock = peer.socket()
+    sock.settimeout(20)
+    sock.connect((VIP, PORT))
+    arrivals: list[float] = []
+    errors: list[BaseException] = []
+    extra = bytearray()
+
+    def read() -> None:
+        buf = bytearray()
+        i = 0
+        try:
+            while i < LINES:
+                data = sock.recv(65536)
+                if not data:
+                    raise AssertionError(f"EOF after {i} lines")
+                buf += data
+                while i < LINES and len(buf) >= len(line(i)):
+                    n = len(line(i))
+                    got = bytes(buf[:n])
+                    assert got == line(i), f"line {i}: got {got!r}"
+                    del buf[:n]
+                    arrivals.append(time.monotonic())
+                    i += 1
+            extra.extend(buf)
+            while data := sock.recv(65536):  # after our FIN: nothing more but EOF
+                extra.extend(data)
+        except BaseException as e:
+            errors.append(e)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    killed_at = 0.0
+    for i in range(LINES):
+        if i == KILL_AT:
+            # a dies: nothing it sends escapes, its processes are killed, its VIP removed
+            a.sh("ip link set lan down")
+            killed_at = time.monotonic()
+            master.kill(signal.SIGKILL)
+            master.reap()
+            a.sh(f"ip addr del {VIP}/24 dev lan")
+            backup.send_signal(signal.SIGUSR1)
+        sock.sendall(line(i))
+        time.sleep(PACE)
+    sock.shutdown(1)
+    reader.join(timeout=60)
+    sock.close()
+    out = backup.output()
+    print(out)
+    assert not reader.is_alive(), f"the reader hung after {len(arrivals)} lines"
+    assert not errors, f"{errors[0]!r} after {len(arrivals)} lines\n{master.output()}"
+    assert len(arrivals) == LINES
+    assert bytes(extra) == b"", f"echoed more than sent: {bytes(extra[:80])!r}"
+    assert "PROMOTED conns=1 " in out
+    stats = [ln for ln in master.output().splitlines() if ln.startswith("STATS")][-1]
+    print("master before the kill:", stats)
+    fields = dict(kv.split("=") for kv in stats.split()[1:])
+    assert int(fields["clamped"]) > 0 and int(fields["captured"]) > 0
+    assert fields["dropped"] == fields["errors"] == "0"
+    before = [t for t in arrivals if t <= killed_at]
+    after = [t for t in arrivals if t > killed_at]
+    assert before and after
+    gap = after[0] - before[-1]
+    worst = max(y - x for x, y in itertools.pairwise(arrivals))
+    print(
+        f"takeover: {len(before)} lines echoed before the kill, {len(after)} after; "
+        f"interruption (last echo before the kill -> first after) {gap * 1e3:.1f} ms, "
+        f"largest gap between echoes {worst * 1e3:.1f} ms"
+    )
+    wait_for(backup, "EOF")
