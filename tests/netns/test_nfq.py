@@ -190,6 +190,64 @@ def test_capture_sees_every_inbound_byte(lab: Lab) -> None:
     print(f"captured {len(segs)} data segments for {len(data)} bytes")
 
 
+def test_capture_out_sees_every_outbound_segment_before_the_clamp(lab: Lab) -> None:
+    """capture_out() gets the server's segments with the ACK the kernel wrote (the wire carries
+    the clamped one); its payloads reassemble to the stream; a hook that raises is counted and
+    the segment still goes out."""
+    a, b = lab.host("a"), lab.host("b")
+    data = random.Random(9).randbytes(1 << 20)
+    segs: list[tuple[int, bytes]] = []
+    synacks: list[Segment] = []
+    acks: list[int] = []
+
+    def capture_out(seg: Segment, payload: bytes) -> None:
+        if seg.flags & SYN:
+            synacks.append(seg)
+            return
+        acks.append(seg.ack)
+        if payload:
+            segs.append((seg.seq, payload))
+            if len(segs) == 3:
+                raise RuntimeError("hook bug")  # after recording: the segment still goes out
+
+    def lim(t: FourTuple) -> int | None:  # hold the client's ACK at its ISN + 1
+        return synacks[0].ack if synacks else None
+
+    clamp = AckClamp(QUEUE, vip=A, port=PORT, limit=lim, capture_out=capture_out, netns=a.ns)
+    with clamp, a.socket() as srv, b.socket() as cli:
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind((A, PORT))
+        srv.listen(1)
+        cli.connect((A, PORT))
+        conn, _ = srv.accept()
+        with conn:
+            acked0 = tcp_info(cli)[1]
+            cli.sendall(b"hello")
+            assert conn.recv(5) == b"hello"
+            reader = Reader(cli)
+            reader.start()
+            conn.sendall(data)
+            conn.shutdown(socket.SHUT_WR)
+            reader.join(timeout=30)
+            assert reader.count == len(data)
+            assert reader.sha.digest() == hashlib.sha256(data).digest()
+            assert tcp_info(cli)[1] == acked0  # the wire carried the clamped ACK only
+    assert COMMENT not in rules(lab)
+    (synack,) = synacks
+    assert synack.options.mss and synack.options.timestamps
+    assert seq_add(synack.ack, 5) in acks  # capture_out saw the kernel's ACK
+    assert clamp.stats.clamped > 0 and clamp.stats.captured_out >= len(segs) - 1
+    assert clamp.stats.errors == 1 and isinstance(clamp.error, RuntimeError)
+    isn1 = seq_add(synack.seq, 1)
+    stream = bytearray(len(data))
+    have = bytearray(len(data))
+    for seq, payload in segs:
+        off = (seq - isn1) % SEQ_MOD
+        stream[off : off + len(payload)] = payload
+        have[off : off + len(payload)] = b"\1" * len(payload)
+    assert have == b"\1" * len(data) and stream == data
+
+
 BULK = r"""
 import socket, sys, time
 mode, host, port, secs = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])

@@ -277,6 +277,29 @@ def test_data_past_a_gap_waits_for_the_gap() -> None:
     assert tx.connections()[1].snd_data == b"zz"
 
 
+def test_stream_end_is_the_mirror_end_without_gaps() -> None:
+    tx = SyncSender(KEY, incarnation=1, now=0.0)
+    with pytest.raises(LocalProtocolError):
+        tx.stream_end(1, Direction.RCV)
+    isn = M - 2
+    tx.open(1, full(1, 100, isn), 0.0)
+    assert tx.stream_end(1, Direction.RCV) == isn and tx.stream_end(1, Direction.SND) == 100
+    tx.data(1, Direction.RCV, isn, b"abcd", 0.0)  # wraps past 2**32
+    assert tx.stream_end(1, Direction.RCV) == 2
+    tx.data(1, Direction.RCV, 5, b"zz", 0.0)  # past a gap: held, not counted
+    assert tx.stream_end(1, Direction.RCV) == 2
+    tx.data(1, Direction.RCV, 2, b"efg", 0.0)  # fills the gap: the held bytes join
+    assert tx.stream_end(1, Direction.RCV) == 7
+    tx.commit(1, 6, 100, b"", 0.0)  # trimming the front does not move the end
+    assert tx.stream_end(1, Direction.RCV) == 7 == tx.connections()[1].rcv_end
+    tx.data(1, Direction.SND, 100, b"0123", 0.0)
+    tx.update(1, rcv_nxt=7, snd_una=106, snd_nxt=104, snd_wnd=1, rcv_wnd=1, now=0.0)
+    assert tx.stream_end(1, Direction.SND) == 106  # acked past the end: the start moved there
+    tx.close(1, CloseReason.CLOSED, 0.0)
+    with pytest.raises(LocalProtocolError):
+        tx.stream_end(1, Direction.SND)
+
+
 def test_sender_refuses_misuse() -> None:
     tx = SyncSender(KEY, incarnation=1, now=0.0)
     with pytest.raises(LocalProtocolError):

@@ -1,7 +1,7 @@
 """The session manager, standalone: the master's MasterSession and the backup's BackupSession.
 
 ``MasterSession`` sits on the master's packet path for VIP:port (an :class:`AckClamp` with inbound
-capture, plus a hook on the outbound segments the clamp already queues) and feeds a
+capture and ``capture_out`` on the outbound segments the clamp already queues) and feeds a
 :class:`SyncSender`:
 
 - FULL when the SYN-ACK leaves: the peer's options from its SYN (MSS, wscale, SACK, timestamps,
@@ -41,12 +41,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import fnfqueue
-
-from nonstop.common import RemoteProtocolError
 from nonstop.session.nfq import AckClamp, FourTuple
 from nonstop.session.repair import TcpState, restore_many
-from nonstop.session.segment import ACK, FIN, RST, SYN, Segment, parse
+from nonstop.session.segment import ACK, FIN, RST, SYN, Segment
 from nonstop.session.sync import ConnState, SyncReceiver, SyncSender, seq_add, seq_diff, seq_lt
 from nonstop.session.wire import CloseReason, Direction, FullRecord
 
@@ -76,29 +73,6 @@ class _Syn:
     window: int
 
 
-class _SessionClamp(AckClamp):
-    """AckClamp that also shows every outbound segment to ``outbound(segment, payload)`` before
-    its verdict (the clamp queues them anyway)."""
-
-    def __init__(self, *args: object, outbound: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.outbound = outbound
-
-    def _verdict(self, pkt: fnfqueue.Packet) -> None:
-        try:
-            buf = bytes(pkt.payload)
-            seg = parse(buf)
-        except RemoteProtocolError:
-            seg = None  # the clamp drops and counts it
-        if seg is not None and seg.sport == self.port and seg.src == self.vip:
-            try:
-                self.outbound(seg, buf[seg.payload_offset :])  # type: ignore[operator]
-            except Exception as e:  # the segment is still clamped: the backup may lag, not lie
-                self.stats.errors += 1
-                self._error = e
-        super()._verdict(pkt)
-
-
 class MasterSession:
     """Sync VIP:port's connections to the backup at ``backup`` (host, UDP port)."""
 
@@ -126,14 +100,14 @@ class MasterSession:
         fam = socket.AF_INET if family == 4 else socket.AF_INET6
         self._udp = socket.socket(fam, socket.SOCK_DGRAM)
         self._udp.bind(sync_bind)
-        self._clamp = _SessionClamp(
+        self._clamp = AckClamp(
             queue_num,
             vip=vip,
             port=port,
             family=family,
             limit=self._limit,
             capture=self._inbound,
-            outbound=self._outbound,
+            capture_out=self._outbound,
         )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -286,7 +260,7 @@ class MasterSession:
         self.sender.close(t.conn_id, reason, now)
 
     def _rcv_end(self, t: _Tracked) -> int:
-        return self.sender._conns[t.conn_id].end(Direction.RCV)  # the mirror: same package
+        return self.sender.stream_end(t.conn_id, Direction.RCV)
 
     def _flush(self, now: float) -> None:
         for d in self.sender.datagrams_to_send(now):

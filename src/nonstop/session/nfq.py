@@ -11,6 +11,10 @@ unchanged. The rule:
 With ``capture=``, the peer's segments to VIP:port pass through the same queue (an INPUT rule
 with ``-d VIP --dport PORT``): ``capture(segment, payload)`` sees each one before TCP does (the
 DATA(RCV) for the backup, the SYN options for the FULL record) and the segment is accepted as is.
+With ``capture_out=``, ``capture_out(segment, payload)`` sees every outgoing segment of VIP:port
+(the OUTPUT rule queues them anyway) before it is clamped, with its ACK as the kernel wrote it:
+the SYN-ACK's options, DATA(SND), the service's windows. An exception in either hook is counted
+(``stats.errors``, ``error``) and the segment goes on: the clamp keeps it safe, the backup may lag.
 
 ``--queue-bypass``: while no listener is bound the segments pass unclamped (the agent died; the
 service keeps working, without the takeover guarantee). Segments the clamp cannot parse, and
@@ -65,7 +69,9 @@ class ClampStats:
     dropped: int = 0  # malformed or truncated: dropped so nothing unclamped escapes
     overflows: int = 0  # ENOBUFS on the netlink socket (the kernel dropped segments)
     captured: int = 0  # inbound segments handed to capture()
-    errors: int = 0  # limit() or capture() raised: segment dropped, error kept in AckClamp.error
+    captured_out: int = 0  # outbound segments handed to capture_out()
+    errors: int = 0  # limit() raised (segment dropped) or a capture hook raised (segment goes
+    # on); the error is kept in AckClamp.error
 
 
 def _iptables(family: int) -> str:
@@ -127,6 +133,7 @@ class AckClamp:
         family: int = 4,
         limit: Limit,
         capture: Capture | None = None,
+        capture_out: Capture | None = None,
         netns: str | None = None,
         rcvbuf: int = 64 << 20,
         maxlen: int = 4096,
@@ -139,6 +146,7 @@ class AckClamp:
         self.family = family
         self.limit = limit
         self.capture = capture
+        self.capture_out = capture_out
         self.rcvbuf = rcvbuf
         self.maxlen = maxlen
         self.stats = ClampStats()
@@ -203,7 +211,8 @@ class AckClamp:
 
     @property
     def error(self) -> BaseException | None:
-        """The last error of the verdict thread: what stopped it, or what limit() raised."""
+        """The last error of the verdict thread: what stopped it, or what limit(), capture() or
+        capture_out() raised (also counted in ``stats.errors``)."""
         return self._error
 
     # -- inside the namespace -------------------------------------------------------------------
@@ -255,10 +264,11 @@ class AckClamp:
             # Packet.truncated is always True (it compares a cdata pointer with `is`).
             seg = parse(buf)
             if seg.dport == self.port and seg.dst == self.vip:  # inbound: capture only
-                self._capture(seg, buf)
+                self._capture(seg, buf, inbound=True)
                 pkt.accept()
                 st.passed += 1
                 return
+            self._capture(seg, buf, inbound=False)  # as the kernel wrote it, before the clamp
             try:
                 limit = self.limit(seg.four_tuple)
             except Exception as e:  # a bug in the caller's limit: fail closed, keep going
@@ -278,12 +288,16 @@ class AckClamp:
         pkt.accept()
         st.passed += 1
 
-    def _capture(self, seg: Segment, buf: bytearray) -> None:
-        if self.capture is None:
+    def _capture(self, seg: Segment, buf: bytearray, *, inbound: bool) -> None:
+        hook = self.capture if inbound else self.capture_out
+        if hook is None:
             return
         try:
-            self.capture(seg, bytes(buf[seg.payload_offset :]))
-            self.stats.captured += 1
-        except Exception as e:  # the segment still goes in: the ACK clamp keeps us safe
+            hook(seg, bytes(buf[seg.payload_offset :]))
+            if inbound:
+                self.stats.captured += 1
+            else:
+                self.stats.captured_out += 1
+        except Exception as e:  # the segment still goes on: the ACK clamp keeps us safe
             self.stats.errors += 1
             self._error = e

@@ -338,6 +338,13 @@ class SyncSender(_Counted):
         """
         return self._confirmed.get(conn_id)
 
+    def stream_end(self, conn_id: int, direction: Direction) -> int:
+        """The sequence number after the last byte the mirror holds of ``conn_id``'s stream in
+        ``direction`` (RCV: from the peer, SND: from the service), without a gap: what the backup
+        will hold once everything queued is acknowledged. Bytes held past a gap do not count.
+        O(1), unlike ``connections()``. LocalProtocolError if the connection is not open."""
+        return self._conn(conn_id).end(Direction(direction))
+
     def connections(self) -> dict[int, ConnState]:
         """The sender's mirror: what the backup will hold once everything is acknowledged."""
         return {k: c.snapshot() for k, c in self._conns.items()}
