@@ -325,6 +325,9 @@ class BackupSession:
         self._lock = threading.Lock()
         self._seen: dict[int, tuple[FullRecord, float]] = {}  # conn id -> (FULL, first seen)
         self._stop = threading.Event()
+        # the receive thread sleeps in select() on the UDP socket and this pair: one byte on
+        # _wake_w wakes it at once when promote() or close() stops it
+        self._wake_r, self._wake_w = socket.socketpair()
         self._thread = threading.Thread(target=self._loop, name="nonstop-sync-rx", daemon=True)
 
     def open(self) -> BackupSession:
@@ -332,9 +335,19 @@ class BackupSession:
         return self
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+        self._halt()
         self._udp.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _halt(self) -> None:
+        """Stop the receive thread and wait for it (prompt: it is woken, not polled)."""
+        if not self._stop.is_set():
+            self._stop.set()
+            with contextlib.suppress(OSError):
+                self._wake_w.send(b"\0")
+        if self._thread.ident is not None:
+            self._thread.join(timeout=5)
 
     def __enter__(self) -> BackupSession:
         return self.open()
@@ -348,9 +361,9 @@ class BackupSession:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            ready, _, _ = select.select([self._udp], [], [], 0.05)
-            if not ready:
-                continue
+            ready, _, _ = select.select([self._udp, self._wake_r], [], [])
+            if self._udp not in ready:
+                continue  # woken: the loop condition sees the stop
             try:
                 data, src = self._udp.recvfrom(65536)
             except OSError:
@@ -404,8 +417,7 @@ class BackupSession:
 
     def promote(self) -> list[RestoredConn]:
         """Stop receiving and restore every connection (before the VIP is added)."""
-        self._stop.set()
-        self._thread.join(timeout=5)
+        self._halt()
         pairs = self.states()
         socks = restore_many([st for _, st in pairs])
         out = []
