@@ -1,7 +1,9 @@
 """A node of the takeover test (tests/netns/test_takeover.py), run inside a lab host.
 
 ``master VIP PORT BACKUP_HOST SYNC_PORT KEYHEX``: an echo service on VIP:PORT (reads, echoes,
-commits after each echo) behind a MasterSession that syncs to the backup.
+commits after each echo) behind a MasterSession that syncs to the backup. On SIGUSR2 the service
+stalls: it stops reading and committing (after the echo it is in, if any) and prints
+``STALLED done=N``, its last commit; the kernel keeps receiving the peer's bytes.
 ``backup VIP/LEN IFACE SYNC_BIND SYNC_PORT KEYHEX``: a BackupSession; on SIGUSR1 it promotes:
 restores every connection, adds the VIP, announces it, echoes on the restored sockets.
 Progress lines go to stdout (the lab's log file), flushed.
@@ -30,6 +32,8 @@ def master(vip: str, port: int, backup: str, sync_port: int, key: bytes) -> None
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind((vip, port))
     srv.listen(8)
+    stall = threading.Event()
+    signal.signal(signal.SIGUSR2, lambda *_: stall.set())
     say("READY")
 
     def report() -> None:
@@ -48,10 +52,13 @@ def master(vip: str, port: int, backup: str, sync_port: int, key: bytes) -> None
     def serve(conn: socket.socket) -> None:
         ft = (*conn.getsockname()[:2], *conn.getpeername()[:2])
         done = 0
-        while data := conn.recv(65536):
+        while not stall.is_set() and (data := conn.recv(65536)):
             conn.sendall(data)
             done += len(data)
             session.commit(ft, done, done)  # type: ignore[arg-type]
+        if stall.is_set():
+            say(f"STALLED done={done}")
+            threading.Event().wait()  # until SIGKILL: neither reads nor commits any more
 
     while True:
         conn, _ = srv.accept()

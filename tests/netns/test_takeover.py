@@ -8,13 +8,22 @@ escapes any more: its kernel would FIN or RST the dead service's socket), the se
 session are SIGKILLed, the VIP is deleted. b promotes: restores the connection, adds the VIP,
 sends gratuitous ARPs, echoes on the restored socket. The peer's connection carries on: every line
 is echoed exactly once and in order, then EOF; no reset. The interruption is printed.
+
+The second case tests the ACK clamp's safety: the service on a stalls (stops reading and
+committing) STALL_LINES lines before the kill, so a's kernel receives, and the peer sees ACKed,
+bytes the service never committed. b must restore exactly those bytes into its receive queue
+(read position = the stalled service's last commit) and the peer must never have been ACKed past
+what b holds.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import re
 import signal
+import socket
+import struct
 import sys
 import threading
 import time
@@ -31,10 +40,17 @@ VIP, PORT, SYNC_PORT = "10.77.0.100", 7300, 7301
 B = "10.77.0.12"
 NODE = str(Path(__file__).with_name("takeover_node.py"))
 LINES, KILL_AT, PACE = 3000, 1000, 0.001
+STALL_LINES = 100
 
 
 def line(i: int) -> bytes:
     return f"{i:08d} {'x' * 50}\n".encode()
+
+
+def bytes_acked(sock: socket.socket) -> int:
+    """tcpi_bytes_acked of a socket."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232)
+    return struct.unpack_from("Q", info, 120)[0]
 
 
 def wait_for(proc: LabProcess, text: str, timeout: float = 15.0) -> str:
@@ -59,6 +75,31 @@ def lab(lab_factory: Callable[..., Lab]) -> Lab:
 
 
 def test_takeover_keeps_the_connection(lab: Lab) -> None:
+    takeover(lab, stall_at=None)
+
+
+def test_takeover_restores_what_a_stalled_service_never_committed(lab: Lab) -> None:
+    res = takeover(lab, stall_at=KILL_AT - STALL_LINES)
+    done = int(re.search(r"STALLED done=(\d+)", res["master"]).group(1))  # type: ignore[union-attr]
+    rm = re.search(r"RESTORED conn=1 read_pos=(\d+) write_pos=(\d+) resent=\d+ pending=(\d+)",
+                   res["backup"])  # fmt: skip
+    assert rm is not None, res["backup"]
+    read_pos, write_pos, pending = map(int, rm.groups())
+    assert read_pos == write_pos == done  # restored from the stalled service's last commit
+    sent = KILL_AT * len(line(0))
+    assert done < sent and pending > 0
+    held = read_pos + pending  # what b holds of the peer's stream
+    assert held <= sent
+    acked = int(res["acked"])
+    print(
+        f"stall: service committed {done} B, peer had sent {sent} B and was ACKed {acked} B; "
+        f"b put {pending} B back into the receive queue"
+    )
+    assert acked <= held  # the clamp: nothing ACKed that b cannot deliver
+    assert acked > done  # a's kernel did take (and ACK) bytes the service never committed
+
+
+def takeover(lab: Lab, *, stall_at: int | None) -> dict[str, object]:
     peer, a, b = lab.host("peer"), lab.host("a"), lab.host("b")
     key = os.urandom(32).hex()
     a.sh(f"ip addr add {VIP}/24 dev lan")
@@ -77,6 +118,8 @@ def test_takeover_keeps_the_connection(lab: Lab) -> None:
     sock = peer.socket()
     sock.settimeout(20)
     sock.connect((VIP, PORT))
+    acked0 = bytes_acked(sock)
+    acked = -1
     arrivals: list[float] = []
     errors: list[BaseException] = []
     extra = bytearray()
@@ -107,10 +150,13 @@ def test_takeover_keeps_the_connection(lab: Lab) -> None:
     reader.start()
     killed_at = 0.0
     for i in range(LINES):
+        if i == stall_at:
+            master.send_signal(signal.SIGUSR2)
         if i == KILL_AT:
             # a dies: nothing it sends escapes, its processes are killed, its VIP removed
             a.sh("ip link set lan down")
             killed_at = time.monotonic()
+            acked = bytes_acked(sock) - acked0  # no ACK from a can arrive any more
             master.kill(signal.SIGKILL)
             master.reap()
             a.sh(f"ip addr del {VIP}/24 dev lan")
@@ -140,6 +186,8 @@ def test_takeover_keeps_the_connection(lab: Lab) -> None:
     print(
         f"takeover: {len(before)} lines echoed before the kill, {len(after)} after; "
         f"interruption (last echo before the kill -> first after) {gap * 1e3:.1f} ms, "
+        f"kill -> first echo after {(after[0] - killed_at) * 1e3:.1f} ms, "
         f"largest gap between echoes {worst * 1e3:.1f} ms"
     )
     wait_for(backup, "EOF")
+    return {"master": master.output(), "backup": backup.output(), "acked": acked}
