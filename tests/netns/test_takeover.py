@@ -28,17 +28,17 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
+from nonstop.bench import takeover as scenario
 from nonstop.lab import Lab, LabProcess, Topology
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(90)]
 
 VIP, PORT, SYNC_PORT = "10.77.0.100", 7300, 7301
 B = "10.77.0.12"
-NODE = str(Path(__file__).with_name("takeover_node.py"))
+NODE = ["-m", "nonstop.bench.takeover_node"]  # the node script, shared with the benchmark
 LINES, KILL_AT, PACE = 3000, 1000, 0.001
 STALL_LINES = 100
 
@@ -99,19 +99,35 @@ def test_takeover_restores_what_a_stalled_service_never_committed(lab: Lab) -> N
     assert acked > done  # a's kernel did take (and ACK) bytes the service never committed
 
 
+def test_takeover_keeps_64_concurrent_connections(lab: Lab) -> None:
+    """64 connections stream at once; a dies mid-stream; b takes every one of them over."""
+    n = 64
+    r = scenario.run(lab, n)
+    print({k: v for k, v in r.items() if not k.endswith("log") and k != "master_stats"})
+    summary = f"{r['broken']}\nbackup: {r['backup_log_tail']}\nmaster: {r['master_log']}"
+    assert r["restored"] == n, summary
+    assert r["resets"] == 0, summary
+    assert r["bytes_lost"] == 0 and r["bytes_duplicated"] == 0, summary
+    assert r["kept"] == n, summary
+    assert r["interruption_ms"]["n"] == n  # every connection echoed lines before and after
+    fields = r["master_stats"]
+    assert int(fields["captured"]) > 0
+    assert fields["dropped"] == fields["errors"] == "0"
+
+
 def takeover(lab: Lab, *, stall_at: int | None) -> dict[str, object]:
     peer, a, b = lab.host("peer"), lab.host("a"), lab.host("b")
     key = os.urandom(32).hex()
     a.sh(f"ip addr add {VIP}/24 dev lan")
     env = {"PYTHONUNBUFFERED": "1"}
     backup = b.run(
-        [sys.executable, NODE, "backup", f"{VIP}/24", "lan", B, SYNC_PORT, key],
+        [sys.executable, *NODE, "backup", f"{VIP}/24", "lan", B, SYNC_PORT, key],
         name="backup",
         env=env,
     )
     wait_for(backup, "READY")
     master = a.run(
-        [sys.executable, NODE, "master", VIP, PORT, B, SYNC_PORT, key], name="master", env=env
+        [sys.executable, *NODE, "master", VIP, PORT, B, SYNC_PORT, key], name="master", env=env
     )
     wait_for(master, "READY")
 

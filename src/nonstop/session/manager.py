@@ -50,6 +50,8 @@ from nonstop.session.wire import CloseReason, Direction, FullRecord
 __all__ = ["BackupSession", "MasterSession", "RestoredConn"]
 
 _U32 = 0xFFFF_FFFF
+_POLL = 0.002  # the sync thread's longest sleep (s)
+_SCAN = 0.005  # the backup looks for new connections at most this often (s)
 
 
 @dataclass(slots=True)
@@ -87,12 +89,13 @@ class MasterSession:
         family: int = 4,
         incarnation: int | None = None,
         sync_bind: tuple[str, int] = ("", 0),
-        rto: float = 0.02,
+        rto: float = 0.05,
+        max_delay: float = 0.001,
     ) -> None:
         self.vip, self.port, self.family, self.backup = vip, port, family, backup
         now = time.monotonic()
         inc = incarnation if incarnation is not None else time.time_ns() // 1000
-        self.sender = SyncSender(key, incarnation=inc, max_delay=0.0, now=now, rto=rto)
+        self.sender = SyncSender(key, incarnation=inc, max_delay=max_delay, now=now, rto=rto)
         self._lock = threading.Lock()
         self._conns: dict[FourTuple, _Tracked] = {}
         self._syns: dict[FourTuple, _Syn] = {}
@@ -111,6 +114,7 @@ class MasterSession:
         )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.tx_bytes = 0  # sync datagram bytes handed to the socket (retransmissions included)
 
     # -- lifecycle --
     def open(self) -> MasterSession:
@@ -266,13 +270,16 @@ class MasterSession:
         for d in self.sender.datagrams_to_send(now):
             with contextlib.suppress(OSError):  # lost: retransmitted after rto
                 self._udp.sendto(d, self.backup)
+                self.tx_bytes += len(d)
 
     # -- the backup's ACKs, retransmission --
     def _ack_loop(self) -> None:
         while not self._stop.is_set():
             with self._lock:
                 timer = self.sender.get_timer()
-            wait = 0.05 if timer is None else min(0.05, max(0.0, timer - time.monotonic()))
+            # the verdict thread queues records without waking this one: poll often enough that
+            # a partial batch leaves within ~max_delay + _POLL
+            wait = _POLL if timer is None else min(_POLL, max(0.0, timer - time.monotonic()))
             ready, _, _ = select.select([self._udp], [], [], wait)
             now = time.monotonic()
             if ready:
@@ -324,6 +331,8 @@ class BackupSession:
         self._udp.bind(bind)
         self._lock = threading.Lock()
         self._seen: dict[int, tuple[FullRecord, float]] = {}  # conn id -> (FULL, first seen)
+        self._scanned = time.monotonic()  # the last _scan (or the start)
+        self._dirty = False  # batches applied since the last _scan
         self._stop = threading.Event()
         # the receive thread sleeps in select() on the UDP socket and this pair: one byte on
         # _wake_w wakes it at once when promote() or close() stops it
@@ -371,13 +380,23 @@ class BackupSession:
             now = time.monotonic()
             with self._lock:
                 acks = self.receiver.receive(data, now)
-                for cid, cs in self.receiver.connections().items() if acks else ():
-                    seen = self._seen.get(cid)
-                    if seen is None or seen[0] is not cs.full:
-                        self._seen[cid] = (cs.full, now)
+                if acks:
+                    self._dirty = True
+                if self._dirty and now - self._scanned >= _SCAN:
+                    self._scan(now)
             for a in acks:
                 with contextlib.suppress(OSError):
                     self._udp.sendto(a, src)
+
+    def _scan(self, now: float) -> None:
+        """Note new FULL records. A snapshot of every connection per batch costs O(connections)
+        per batch, so this runs at most every _SCAN; a FULL found now arrived after the previous
+        scan, and that earlier time is kept (the restored TSval runs ahead, never behind)."""
+        for cid, cs in self.receiver.connections().items():
+            seen = self._seen.get(cid)
+            if seen is None or seen[0] is not cs.full:
+                self._seen[cid] = (cs.full, self._scanned)
+        self._scanned, self._dirty = now, False
 
     def connections(self) -> dict[int, ConnState]:
         with self._lock:
@@ -386,6 +405,8 @@ class BackupSession:
     def states(self) -> list[tuple[ConnState, TcpState]]:
         """What ``promote`` would restore: each connection's sync state and its TcpState."""
         with self._lock:
+            if self._dirty:
+                self._scan(time.monotonic())
             conns = self.receiver.connections()
             seen = dict(self._seen)
         out = []

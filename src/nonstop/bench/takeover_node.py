@@ -1,4 +1,5 @@
-"""A node of the takeover test (tests/netns/test_takeover.py), run inside a lab host.
+"""A node of the takeover scenario (tests/netns/test_takeover.py, ``nonstop bench takeover``), run
+inside a lab host as ``python -m nonstop.bench.takeover_node``.
 
 ``master VIP PORT BACKUP_HOST SYNC_PORT KEYHEX``: an echo service on VIP:PORT (reads, echoes,
 commits after each echo) behind a MasterSession that syncs to the backup. On SIGUSR2 the service
@@ -31,7 +32,7 @@ def master(vip: str, port: int, backup: str, sync_port: int, key: bytes) -> None
     srv = socket.socket()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind((vip, port))
-    srv.listen(8)
+    srv.listen(1024)
     stall = threading.Event()
     signal.signal(signal.SIGUSR2, lambda *_: stall.set())
     say("READY")
@@ -44,7 +45,8 @@ def master(vip: str, port: int, backup: str, sync_port: int, key: bytes) -> None
             say(
                 f"STATS seen={st.seen} clamped={st.clamped} captured={st.captured} "
                 f"dropped={st.dropped} errors={st.errors} batches={c['batches']} "
-                f"records={c['records']} retransmits={c['retransmits']} rx_ack={c['rx_ack']}"
+                f"records={c['records']} retransmits={c['retransmits']} rx_ack={c['rx_ack']} "
+                f"tx_bytes={session.tx_bytes}"
             )
 
     threading.Thread(target=report, daemon=True).start()
