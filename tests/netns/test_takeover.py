@@ -32,7 +32,7 @@ from collections.abc import Callable
 import pytest
 
 from nonstop.bench import takeover as scenario
-from nonstop.lab import Lab, LabProcess, Topology
+from nonstop.lab import Lab, Topology
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(90)]
 
@@ -51,17 +51,6 @@ def bytes_acked(sock: socket.socket) -> int:
     """tcpi_bytes_acked of a socket."""
     info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232)
     return struct.unpack_from("Q", info, 120)[0]
-
-
-def wait_for(proc: LabProcess, text: str, timeout: float = 15.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        out = proc.output()
-        if text in out:
-            return out
-        assert proc.alive, f"{proc.name} died:\n{out}"
-        time.sleep(0.02)
-    raise AssertionError(f"{proc.name}: no {text!r} in:\n{proc.output()}")
 
 
 @pytest.fixture
@@ -125,11 +114,11 @@ def takeover(lab: Lab, *, stall_at: int | None) -> dict[str, object]:
         name="backup",
         env=env,
     )
-    wait_for(backup, "READY")
+    scenario.wait_for(backup, "READY")
     master = a.run(
         [sys.executable, *NODE, "master", VIP, PORT, B, SYNC_PORT, key], name="master", env=env
     )
-    wait_for(master, "READY")
+    scenario.wait_for(master, "READY")
 
     sock = peer.socket()
     sock.settimeout(20)
@@ -205,5 +194,5 @@ def takeover(lab: Lab, *, stall_at: int | None) -> dict[str, object]:
         f"kill -> first echo after {(after[0] - killed_at) * 1e3:.1f} ms, "
         f"largest gap between echoes {worst * 1e3:.1f} ms"
     )
-    wait_for(backup, "EOF")
+    scenario.wait_for(backup, "EOF")
     return {"master": master.output(), "backup": backup.output(), "acked": acked}

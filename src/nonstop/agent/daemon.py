@@ -130,7 +130,6 @@ class Agent:
         self._stop = asyncio.Event()
         self._stopping = False
         self._ready = False
-        self._link_dead: str | None = None
         self._api: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -298,12 +297,8 @@ class Agent:
         now = time.monotonic()
         self._check_stall(now)
         self.counters["link_closed"] += 1
-        self._link_dead = peer  # the PeerLost this produces is a proof of death, not a silence
-        try:
-            self.membership.link_closed(peer, now, reason)
-            self._pump(now)
-        finally:
-            self._link_dead = None
+        self.membership.link_closed(peer, now, reason)
+        self._pump(now)
 
     def _guard_readable(self) -> None:
         assert self.guard is not None
@@ -394,7 +389,7 @@ class Agent:
             if ev.reason == "left":  # already handled as PeerLeft
                 return
             log.warning("peer %s lost: %s", ev.peer, ev.reason)
-            r.peer_lost(ev.peer, ev.reason, now, proven_dead=ev.peer == self._link_dead)
+            r.peer_lost(ev.peer, ev.reason, now, proven_dead=ev.proven_dead)
         elif isinstance(ev, PeerLeft):
             log.info("peer %s left (graceful stop)", ev.peer)
             r.peer_left(ev.peer, now)

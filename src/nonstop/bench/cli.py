@@ -60,14 +60,7 @@ def cmd_takeover(args: argparse.Namespace) -> int:
 
     results = _with_progress(len(counts), body, label="bench takeover")
     out: dict[str, Any] = {"bench": "takeover", "runs": results}
-    text = json.dumps(out if len(results) > 1 else results[0], indent=1)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    if args.format == "json":
-        print(text)
-    else:
+    if _emit(out if len(results) > 1 else results[0], args):
         for r in results:
             i = r["interruption_ms"]
             print(
@@ -155,6 +148,17 @@ def cmd_failover(args: argparse.Namespace) -> int:
     tools = int(cfg.ours) + int(cfg.baseline is not None)
     total = tools * (cfg.runs + int(cfg.soak_s))
     result = _with_progress(total, lambda tick: run_failover(cfg, tick))
+    if _emit(result, args):
+        _pretty(result)
+    failed = (result.get("failed_runs") or 0) + (
+        (result.get("baseline") or {}).get("failed_runs") or 0
+    )
+    return EXIT_FAIL if failed and failed >= tools * max(cfg.runs, 1) else EXIT_OK
+
+
+def _emit(result: Any, args: argparse.Namespace) -> bool:
+    """Write the JSON to ``--out`` if given and print it with ``--format json``; return True
+    when the caller should print its pretty form instead."""
     text = json.dumps(result, indent=1)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -162,12 +166,8 @@ def cmd_failover(args: argparse.Namespace) -> int:
             f.write(text + "\n")
     if args.format == "json":
         print(text)
-    else:
-        _pretty(result)
-    failed = (result.get("failed_runs") or 0) + (
-        (result.get("baseline") or {}).get("failed_runs") or 0
-    )
-    return EXIT_FAIL if failed and failed >= tools * max(cfg.runs, 1) else EXIT_OK
+        return False
+    return True
 
 
 def _with_progress(total: int, body: Any, label: str = "bench failover") -> Any:

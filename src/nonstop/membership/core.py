@@ -510,13 +510,13 @@ class Membership:
         if p.incarnation is not None and not left:
             p.banned_incarnation, p.banned_until = p.incarnation, now + self._dead
         if p.alive:
-            self._lose(p, reason or "agent link closed")
+            self._lose(p, reason or "agent link closed", proven_dead=True)
 
-    def _lose(self, peer: _Peer, reason: str) -> None:
+    def _lose(self, peer: _Peer, reason: str, *, proven_dead: bool = False) -> None:
         peer.alive = False
         for link in peer.links.values():
             link.state, link.deadline = DOWN, None
-        self._events.append(PeerLost(peer.id, reason))
+        self._events.append(PeerLost(peer.id, reason, proven_dead))
 
     # -- reading ---------------------------------------------------------------------------------
 

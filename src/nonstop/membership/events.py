@@ -5,7 +5,7 @@ Frozen, slotted, named in the past tense, checked when built (they are only buil
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nonstop.common import Role
 
@@ -58,6 +58,9 @@ class PeerLost:
 
     peer: str
     reason: str
+    # True when the peer's agent link ended (EOF/RST): its agent process is proven dead, not
+    # merely unheard, so its fence guard has dropped its VIPs.
+    proven_dead: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.reason:
