@@ -7,9 +7,13 @@ cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
-# iproute2: ip/tc/bridge; iptables: partitions, loss (statistic); keepalived: the failover baseline;
-# procps/psmisc: ps, pkill for the lab; stress-ng is not needed (the lab's CPU hog is Python).
-APT_PKGS=(iproute2 iptables keepalived procps psmisc)
+# iproute2: ip/tc/bridge; iptables: partitions, loss (statistic), NFQUEUE; procps/psmisc: ps, pkill
+# for the lab (its CPU hog is Python). The real peers and baselines the tests and benchmarks start:
+# keepalived (failover), bird2 + frr (BGP peers), etcd-server/-client (the etcd store), nginx-light +
+# haproxy (virtual server), podman + runc (containers). tcpdump and conntrack: lab diagnostics.
+# Services these packages would start are not started (the tests start their own, in namespaces).
+APT_PKGS=(iproute2 iptables keepalived procps psmisc bird2 frr etcd-server etcd-client
+          nginx-light haproxy podman runc tcpdump conntrack)
 
 need_apt() {
   local missing=()
