@@ -21,6 +21,10 @@ _COMMANDS = (
     "nonstop.lab.cli",
     "nonstop.bench.cli",
     "nonstop.demo",
+    "nonstop.bgp.cli",  # nonstop bgp summary|routes|speaker
+    "nonstop.vs.cli",  # nonstop vs ...
+    "nonstop.store.cli",  # nonstop groups ... (store-backed groups)
+    "nonstop.app.cli",  # nonstop service ... (supervisor)
 )
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_START = 0, 1, 2, 3

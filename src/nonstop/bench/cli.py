@@ -1,15 +1,19 @@
 """``nonstop bench``: benchmarks that compare nonstop with an established tool in the same lab.
 
-Sub-commands: ``failover`` (now); ``takeover`` and ``throughput`` later register here too.
-Results are JSON on stdout (and in ``--out``); progress goes to stderr.
+Sub-commands: ``failover`` and ``takeover`` here; every other benchmark lives in a module
+``nonstop/bench/<name>_cli.py`` with ``add_parser(sub)``, found and registered at start (so a new
+benchmark touches no shared file). Results are JSON on stdout (and in ``--out``); progress goes to
+stderr. ``emit()`` and ``with_progress()`` are the helpers every benchmark uses for both.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from nonstop.cli import EXIT_FAIL, EXIT_OK, EXIT_USAGE, add_format_option
@@ -20,6 +24,13 @@ def add_parser(subparsers: Any) -> None:
     sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     _add_failover(sub)
     _add_takeover(sub)
+    for name in _plugin_modules():
+        importlib.import_module(name).add_parser(sub)
+
+
+def _plugin_modules() -> list[str]:
+    here = Path(__file__).parent
+    return sorted(f"nonstop.bench.{p.stem}" for p in here.glob("*_cli.py"))
 
 
 def _add_takeover(sub: Any) -> None:
@@ -58,9 +69,9 @@ def cmd_takeover(args: argparse.Namespace) -> int:
             tick()
         return results
 
-    results = _with_progress(len(counts), body, label="bench takeover")
+    results = with_progress(len(counts), body, label="bench takeover")
     out: dict[str, Any] = {"bench": "takeover", "runs": results}
-    if _emit(out if len(results) > 1 else results[0], args):
+    if emit(out if len(results) > 1 else results[0], args):
         for r in results:
             i = r["interruption_ms"]
             print(
@@ -147,8 +158,8 @@ def cmd_failover(args: argparse.Namespace) -> int:
     )
     tools = int(cfg.ours) + int(cfg.baseline is not None)
     total = tools * (cfg.runs + int(cfg.soak_s))
-    result = _with_progress(total, lambda tick: run_failover(cfg, tick))
-    if _emit(result, args):
+    result = with_progress(total, lambda tick: run_failover(cfg, tick))
+    if emit(result, args):
         _pretty(result)
     failed = (result.get("failed_runs") or 0) + (
         (result.get("baseline") or {}).get("failed_runs") or 0
@@ -156,7 +167,7 @@ def cmd_failover(args: argparse.Namespace) -> int:
     return EXIT_FAIL if failed and failed >= tools * max(cfg.runs, 1) else EXIT_OK
 
 
-def _emit(result: Any, args: argparse.Namespace) -> bool:
+def emit(result: Any, args: argparse.Namespace) -> bool:
     """Write the JSON to ``--out`` if given and print it with ``--format json``; return True
     when the caller should print its pretty form instead."""
     text = json.dumps(result, indent=1)
@@ -170,7 +181,7 @@ def _emit(result: Any, args: argparse.Namespace) -> bool:
     return True
 
 
-def _with_progress(total: int, body: Any, label: str = "bench failover") -> Any:
+def with_progress(total: int, body: Any, label: str = "bench failover") -> Any:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
