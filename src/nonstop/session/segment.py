@@ -86,6 +86,20 @@ class Segment:
         return (self.src, self.sport, self.dst, self.dport)
 
 
+_ADDRS: dict[bytes, str] = {}  # packed address -> text (ipaddress's form): parse is per packet
+
+
+def addr_str(packed: bytes) -> str:
+    """The text form of a packed IPv4 (4 bytes) or IPv6 (16 bytes) address, as ``ipaddress``
+    writes it; cached (a few thousand entries at most), since the hot path sees the same few."""
+    s = _ADDRS.get(packed)
+    if s is None:
+        if len(_ADDRS) >= 4096:
+            _ADDRS.clear()
+        s = _ADDRS[packed] = str(ipaddress.ip_address(packed))
+    return s
+
+
 def _bad(reason: str) -> RemoteProtocolError:
     return RemoteProtocolError(f"tcp segment: {reason}", counter="malformed_segment")
 
@@ -107,9 +121,7 @@ def _ip_layer(buf: bytes | bytearray | memoryview) -> tuple[int, str, str, int, 
             raise _bad("IPv4 fragment")
         if buf[9] != IPPROTO_TCP:
             raise _bad(f"IPv4 protocol {buf[9]} is not TCP")
-        src = str(ipaddress.IPv4Address(bytes(buf[12:16])))
-        dst = str(ipaddress.IPv4Address(bytes(buf[16:20])))
-        return 4, src, dst, ihl, total
+        return 4, addr_str(bytes(buf[12:16])), addr_str(bytes(buf[16:20])), ihl, total
     if version == 6:
         if n < 40:
             raise _bad("short IPv6 header")
@@ -124,9 +136,7 @@ def _ip_layer(buf: bytes | bytearray | memoryview) -> tuple[int, str, str, int, 
             nxt, off = buf[off], off + (buf[off + 1] + 1) * 8
         if nxt != IPPROTO_TCP:
             raise _bad(f"IPv6 next header {nxt} is not TCP")
-        src = str(ipaddress.IPv6Address(bytes(buf[8:24])))
-        dst = str(ipaddress.IPv6Address(bytes(buf[24:40])))
-        return 6, src, dst, off, end
+        return 6, addr_str(bytes(buf[8:24])), addr_str(bytes(buf[24:40])), off, end
     raise _bad(f"IP version {version}")
 
 
