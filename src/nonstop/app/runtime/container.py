@@ -1,0 +1,269 @@
+"""PodmanRuntime and DockerRuntime: one code path over the engines' shared CLI.
+
+An instance is ``<engine> run -d --name NAME ...``; its exit status comes from ``<engine> wait``
+(a child process per instance, so nothing polls); signals go through ``<engine> kill --signal``.
+Before a launch and after an exit the container is removed (``rm -f``), so a crashed supervisor
+never leaves one behind for long, and ``cleanup()`` removes it on stop.
+
+Podman on this machine kind needs ``--runtime runc`` (crun fails) and ulimits within the host's
+hard limits (nofile 20000; the default nproc is refused). Docker takes the same run flags
+(``--runtime runc`` is its default runtime's name); its engine does not run here.
+
+``ensure_python_image()`` builds ``localhost/nonstop-python:3.11`` when it is missing: a rootfs
+with this interpreter (same path as on the host), its standard library without tests, msgspec,
+and the shared libraries they link against, imported with ``podman import`` (no registry needed).
+Code is bind-mounted, not baked in, so the image is built once and cached by name;
+``remove_python_image()`` deletes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tarfile
+import tempfile
+
+from nonstop.app.runtime import ExitStatus, LaunchError
+from nonstop.app.runtime.spec import ServiceConfig
+
+PYTHON_IMAGE = "localhost/nonstop-python:3.11"
+STATE_MOUNT = "/state"
+
+
+class ContainerInstance:
+    def __init__(self, rt: ContainerRuntime, name: str, pid: int | None) -> None:
+        self._rt, self.name, self.pid = rt, name, pid
+        self._waiter: asyncio.subprocess.Process | None = None
+        self.status: ExitStatus | None = None
+
+    async def wait(self) -> ExitStatus:
+        self._waiter = await asyncio.create_subprocess_exec(
+            *self._rt.base, "wait", self.name,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, _ = await self._waiter.communicate()
+        text = out.decode().strip()
+        if self._waiter.returncode != 0 or not text.lstrip("-").isdigit():
+            # Gone before we could wait (removed by hand): report it as killed.
+            self.status = ExitStatus(None, 9)
+        else:
+            self.status = ExitStatus.from_container_code(int(text))
+        await self._rt.remove(self.name)
+        return self.status
+
+    async def signal(self, signum: int) -> None:
+        if self.status is None:
+            await self._rt.engine("kill", "--signal", str(signum), self.name, check=False)
+
+
+class ContainerRuntime:
+    name = "container"
+    binary = "podman"
+
+    def __init__(self, binary: str | None = None) -> None:
+        self.binary = binary or self.binary
+
+    @property
+    def base(self) -> list[str]:
+        return [self.binary]
+
+    def run_args(self, svc: ServiceConfig, log_dir: str = "") -> list[str]:
+        c = svc.container
+        assert c is not None
+        args = ["run", "-d", "--name", svc.container_name, "--network", c.network]
+        args += ["--ulimit", f"nofile={c.nofile}:{c.nofile}"]
+        args += ["--ulimit", f"nproc={c.nproc}:{c.nproc}", "--stop-signal", svc.stop_signal]
+        if log_dir:
+            args += ["--log-driver", "k8s-file"]
+            args += ["--log-opt", f"path={os.path.join(log_dir, svc.name + '.log')}"]
+        env = dict(svc.env, NONSTOP_SERVICE=svc.name)
+        if svc.state_volume:
+            args += ["-v", f"{svc.state_volume}:{STATE_MOUNT}:rw"]
+            env["NONSTOP_STATE_DIR"] = STATE_MOUNT
+        for v in c.volumes:
+            args += ["-v", v]
+        for k, v in env.items():
+            args += ["-e", f"{k}={v}"]
+        if svc.user:
+            args += ["--user", svc.user]
+        if svc.cwd and svc.cwd != os.getcwd():
+            args += ["--workdir", svc.cwd]
+        return [*args, *c.extra_args, c.image, *svc.command]
+
+    async def engine(self, *args: str, check: bool = True) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            *self.base, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        out, err = await proc.communicate()
+        if check and proc.returncode != 0:
+            msg = err.decode(errors="replace").strip().splitlines()[-1:] or [""]
+            raise LaunchError(f"{self.binary} {args[0]}: exit {proc.returncode}: {msg[0][:200]}")
+        return out.decode().strip()
+
+    async def remove(self, name: str) -> None:
+        await self.engine("rm", "-f", "-t", "0", name, check=False)
+
+    async def launch(self, svc: ServiceConfig, log_dir: str) -> ContainerInstance:
+        if shutil.which(self.binary) is None:
+            raise LaunchError(f"{self.binary} is not installed")
+        if svc.state_volume:
+            os.makedirs(svc.state_volume, exist_ok=True)
+        await self.remove(svc.container_name)
+        os.makedirs(log_dir, exist_ok=True)
+        await self.engine(*self.run_args(svc, log_dir))
+        try:
+            fmt = "{{.State.Pid}}"
+            pid = int(await self.engine("inspect", "--format", fmt, svc.container_name))
+        except (LaunchError, ValueError):
+            pid = None  # already gone: wait() reports how it ended
+        return ContainerInstance(self, svc.container_name, pid or None)
+
+    async def cleanup(self, svc: ServiceConfig) -> None:
+        await self.remove(svc.container_name)
+
+
+class PodmanRuntime(ContainerRuntime):
+    name = "podman"
+    binary = "podman"
+
+    def __init__(self, binary: str | None = None, oci_runtime: str = "runc") -> None:
+        super().__init__(binary)
+        self.oci_runtime = oci_runtime
+
+    @property
+    def base(self) -> list[str]:
+        # --runtime is a global flag for podman, recorded with the container
+        return [self.binary, "--runtime", self.oci_runtime]
+
+    def run_args(self, svc: ServiceConfig, log_dir: str = "") -> list[str]:
+        if svc.container is not None:
+            self.oci_runtime = svc.container.oci_runtime
+        return super().run_args(svc, log_dir)
+
+
+class DockerRuntime(ContainerRuntime):
+    name = "docker"
+    binary = "docker"
+
+    def run_args(self, svc: ServiceConfig, log_dir: str = "") -> list[str]:
+        args = super().run_args(svc, log_dir)
+        assert svc.container is not None
+        return [args[0], "--runtime", svc.container.oci_runtime, *args[1:]]
+
+
+def docker_unavailable() -> str | None:
+    """Why docker cannot run containers here (None if it can)."""
+    if shutil.which("docker") is None:
+        return "the docker client is not installed"
+    r = subprocess.run(["docker", "info"], capture_output=True, text=True, timeout=20)
+    if r.returncode != 0:
+        return "the docker engine does not run on this machine (docker info: " + (
+            (r.stderr.strip().splitlines() or ["no answer"])[-1][:120] + ")"
+        )
+    return None
+
+
+def podman_unavailable() -> str | None:
+    if shutil.which("podman") is None or shutil.which("runc") is None:
+        return "podman and runc are needed (scripts/setup.sh installs them)"
+    r = subprocess.run(["podman", "--runtime", "runc", "info"], capture_output=True, timeout=60)
+    return None if r.returncode == 0 else "podman info failed: " + r.stderr.decode()[-200:]
+
+
+# ---- the local base image ----
+def _libs(paths: list[str]) -> set[str]:
+    found: set[str] = set()
+    for p in paths:
+        r = subprocess.run(["ldd", p], capture_output=True, text=True)
+        for line in r.stdout.splitlines():
+            parts = line.split()
+            for tok in parts:
+                if tok.startswith("/") and os.path.exists(tok):
+                    found.add(tok)
+    return found
+
+
+def _python_files() -> tuple[list[str], str]:
+    """Files of this interpreter a service needs, and the interpreter's path."""
+    exe = os.path.realpath(sys._base_executable)  # the venv's base python
+    stdlib = sysconfig.get_paths()["stdlib"]
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    libpython = glob.glob(os.path.join(libdir, "libpython3*.so*"))
+    import msgspec
+
+    msgspec_dir = os.path.dirname(msgspec.__file__)
+    sos = [exe, *libpython, *glob.glob(os.path.join(stdlib, "lib-dynload", "*.so"))]
+    sos += glob.glob(os.path.join(msgspec_dir, "*.so"))
+    return list(dict.fromkeys([exe, *libpython, stdlib, msgspec_dir, *sorted(_libs(sos))])), exe
+
+
+_SKIP = {"test", "site-packages", "idlelib", "tkinter", "ensurepip", "lib2to3", "turtledemo"}
+
+
+def build_rootfs_tar(dest: str) -> str:
+    """Write the rootfs tarball; returns the interpreter path inside it (same as the host's)."""
+    files, exe = _python_files()
+    stdlib = sysconfig.get_paths()["stdlib"]
+    import msgspec
+
+    msgspec_dir = os.path.dirname(msgspec.__file__)
+
+    def skip(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        rel = os.path.relpath("/" + info.name, stdlib)
+        top = rel.split(os.sep)[0]
+        if not rel.startswith("..") and (top in _SKIP or top.startswith("config-")):
+            return None
+        return info
+
+    with tarfile.open(dest, "w") as tar:
+        for d in ("tmp", "state", "usr/bin", "etc"):
+            ti = tarfile.TarInfo(d)
+            ti.type, ti.mode = tarfile.DIRTYPE, 0o1777 if d == "tmp" else 0o755
+            tar.addfile(ti)
+        for f in files:
+            if f == msgspec_dir:
+                arc = os.path.join(stdlib, "site-packages", "msgspec").lstrip("/")
+                tar.add(f, arcname=arc)
+            elif os.path.isdir(f):
+                tar.add(f, arcname=f.lstrip("/"), filter=skip)
+            else:  # shared libraries: follow symlinks (ld-linux is one)
+                tar.add(os.path.realpath(f), arcname=f.lstrip("/"))
+        link = tarfile.TarInfo("usr/bin/python3")
+        link.type, link.linkname = tarfile.SYMTYPE, exe
+        tar.addfile(link)
+        passwd = b"root:x:0:0:root:/root:/nonexistent\nnobody:x:65534:65534::/:/nonexistent\n"
+        ti = tarfile.TarInfo("etc/passwd")
+        ti.size = len(passwd)
+        import io
+
+        tar.addfile(ti, io.BytesIO(passwd))
+    return exe
+
+
+def ensure_python_image(name: str = PYTHON_IMAGE, *, rebuild: bool = False) -> str:
+    """Build the base image once (about 2 s, ~90 MB); later calls find it by name."""
+    exists = subprocess.run(["podman", "image", "exists", name]).returncode == 0
+    if exists and not rebuild:
+        return name
+    with tempfile.TemporaryDirectory(prefix="nonstop-rootfs-") as tmp:
+        tar = os.path.join(tmp, "rootfs.tar")
+        build_rootfs_tar(tar)
+        r = subprocess.run(
+            ["podman", "import", "-q", "--change", "CMD=/usr/bin/python3", tar, name],
+            capture_output=True,
+            text=True,
+        )
+        if r.returncode != 0:
+            raise LaunchError(f"podman import failed: {r.stderr.strip()[-300:]}")
+    return name
+
+
+def remove_python_image(name: str = PYTHON_IMAGE) -> None:
+    with contextlib.suppress(OSError):
+        subprocess.run(["podman", "rmi", "-f", name], capture_output=True)
