@@ -1,0 +1,184 @@
+"""Replication journal: a hot standby fed the master's inputs holds the same session and RIB.
+
+The speaker is deterministic, so the journal records its inputs, not its state: each record is
+``kind (u8) | peer index (u16) | now (f64) | payload length (u32) | payload``.
+
+    kind  input                      payload
+    1     start(now)                 -
+    2     connection_made            local address (text)
+    3     connection_lost            -
+    4     receive_data               whole messages only (the stream at a message boundary)
+    5     timer(now) that fired      -
+    6     data_to_send (the master took bytes for the socket)   byte count (u32)
+    7     stop                       -
+    8     originate                  "prefix med communities"
+    9     withdraw_originated        prefix
+    10    set_policy                 direction NUL policy JSON
+    11    refresh                    -
+
+Records of kind 4 carry only complete messages: bytes of a partial message stay with the master
+until the message completes, so ``rx_position`` on both sides is always a message boundary (the
+session layer acknowledges to the peer no further than that). Kind 6 says how many of the bytes
+the speaker produced were handed to the kernel: what the standby produced beyond it was never
+written and is sent after :meth:`Standby.resume`.
+
+``Standby.resume(now)`` continues every Established session without an OPEN: the hold timer
+restarts at ``now`` (the peer's KEEPALIVEs during the outage are retransmitted by TCP after the
+connection move), and a KEEPALIVE goes out at once, so the peer's hold timer restarts too.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msgspec
+
+from nonstop.bgp.config import SpeakerConfig
+from nonstop.bgp.fsm import State
+from nonstop.bgp.policy import PolicyConfig
+from nonstop.bgp.speaker import Speaker
+from nonstop.bgp.wire import KEEPALIVE_BYTES
+from nonstop.common import LocalProtocolError, RemoteProtocolError
+
+_HDR = struct.Struct("!BHdI")
+START, CONNECTED, LOST, RX, TIMER, TX, STOP, ORIGINATE, WITHDRAW, POLICY, REFRESH = range(1, 12)
+
+
+def encode_record(kind: int, peer: int, now: float, payload: bytes = b"") -> bytes:
+    return _HDR.pack(kind, peer, now, len(payload)) + payload
+
+
+def decode_record(rec: bytes) -> tuple[int, int, float, bytes]:
+    if len(rec) < _HDR.size:
+        raise RemoteProtocolError("journal record too short", counter="bad_journal")
+    kind, peer, now, n = _HDR.unpack_from(rec)
+    payload = rec[_HDR.size :]
+    if len(payload) != n or not 1 <= kind <= 11:
+        raise RemoteProtocolError("journal record malformed", counter="bad_journal")
+    return kind, peer, now, payload
+
+
+class Journal:
+    """Collects a speaker's records; ``sink`` (e.g. a replication channel) gets each one too."""
+
+    def __init__(self, speaker: Speaker, sink: Callable[[bytes], None] | None = None) -> None:
+        self.records: list[bytes] = []
+        self.sink = sink
+        speaker.journal = self._record
+
+    def _record(self, kind: int, peer: int, now: float, payload: bytes) -> None:
+        rec = encode_record(kind, peer, now, payload)
+        self.records.append(rec)
+        if self.sink is not None:
+            self.sink(rec)
+
+    def take(self) -> list[bytes]:
+        out, self.records = self.records, []
+        return out
+
+    @property
+    def size(self) -> int:
+        return sum(len(r) for r in self.records)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionResumed:
+    peer: str
+    rx_position: int
+    tx_position: int
+    hold_time: int
+
+
+class Standby:
+    """A speaker kept in step with the master's journal; :meth:`resume` makes it the master."""
+
+    def __init__(self, cfg: SpeakerConfig) -> None:
+        self.speaker = Speaker(cfg)
+        self.written: dict[str, int] = {p.name: 0 for p in self.speaker.by_index}  # tx bytes
+        self.applied = 0
+        self.resumed = False
+
+    def apply(self, record: bytes) -> None:
+        if self.resumed:
+            raise LocalProtocolError("standby already resumed")
+        kind, idx, now, payload = decode_record(record)
+        sp = self.speaker
+        name = sp.by_index[idx].name if idx != 0xFFFF else ""
+        if kind == START:
+            sp.start(now)
+        elif kind == CONNECTED:
+            sp.connection_made(name, now, payload.decode())
+        elif kind == LOST:
+            sp.connection_lost(name, now)
+        elif kind == RX:
+            sp.receive_data(name, payload, now)
+        elif kind == TIMER:
+            sp.timer(now)
+        elif kind == TX:
+            n = int.from_bytes(payload, "big")
+            sess = sp.peers[name].session
+            if len(sess.out) < n:
+                raise LocalProtocolError(f"journal diverged: master wrote {n} bytes to {name}, "
+                                         f"standby has {len(sess.out)}")
+            del sess.out[:n]
+            self.written[name] += n
+        elif kind == STOP:
+            sp.stop(now)
+        elif kind == ORIGINATE:
+            prefix, med, comms = payload.decode().split(" ")
+            sp.originate(prefix, tuple(int(c) for c in comms.split(",") if c),
+                         None if med == "None" else int(med), now)
+        elif kind == WITHDRAW:
+            sp.withdraw_originated(payload.decode(), now)
+        elif kind == POLICY:
+            direction, _, js = payload.partition(b"\0")
+            sp.set_policy(name, direction.decode(), msgspec.json.decode(js, type=PolicyConfig),
+                          now)
+        elif kind == REFRESH:
+            sp.refresh(name, now)
+        self.applied += 1
+
+    def resume(self, now: float) -> list[SessionResumed]:
+        """Take over: every Established session goes on (no OPEN); one KEEPALIVE is queued
+        first, then whatever the master produced but never wrote."""
+        self.resumed = True
+        out = []
+        for p in self.speaker.by_index:
+            s = p.session
+            if s.state != State.ESTABLISHED:
+                continue
+            pending = bytes(s.out)
+            s.out.clear()
+            s.out += KEEPALIVE_BYTES + pending
+            s.tx_position += len(KEEPALIVE_BYTES)
+            s.count("sent_keepalive")
+            s.deadlines["_now"] = now
+            if s.hold_time:
+                s.deadlines["hold"] = now + s.hold_time
+                s.deadlines["keepalive"] = now + s.keepalive_interval
+            out.append(SessionResumed(p.name, s.rx_position, s.tx_position, s.hold_time))
+        return out
+
+    def state(self) -> dict[str, object]:
+        """What must equal the master's: per peer session state and RIB sizes."""
+        return session_state(self.speaker)
+
+
+def session_state(sp: Speaker) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for p in sp.by_index:
+        s = p.session
+        out[p.name] = {
+            "state": str(s.state),
+            "hold_time": s.hold_time,
+            "as4": s.as4,
+            "families": sorted(s.families),
+            "rx_position": s.rx_position,
+            "tx_position": s.tx_position,
+            "deadlines": {k: v for k, v in sorted(s.deadlines.items()) if k != "_now"},
+            "adj_in": {f"{a}/{b}": len(v) for (a, b), v in p.adj_in.items()},
+            "adj_out": {f"{a}/{b}": len(v) for (a, b), v in p.adj_out.items()},
+        }
+    return out
