@@ -42,6 +42,9 @@ class ClusterSpec:
     garp_interval_ms: int = 10
     hooks: dict[str, str] = field(default_factory=dict)  # role -> command
     api_port: int | None = 8780
+    # protected TCP services: name -> port on the VIP; their session sync runs on sync_channel
+    services: dict[str, int] = field(default_factory=dict)
+    sync_channel: str = "hb"
 
 
 class Cluster:
@@ -104,6 +107,15 @@ class Cluster:
             lines += ["[witness]", f"addresses = {{ {addrs} }}", f"port = {WITNESS_PORT}", ""]
         if s.api_port:
             lines += ["[api]", f'listen = "{host.addr(s.vip_channel)}:{s.api_port}"', ""]
+        for svc, port in s.services.items():
+            lines += [
+                "[[services]]",
+                f'name = "{svc}"',
+                f'vip = "{s.vip.split("/")[0]}"',
+                f"port = {port}",
+                f'sync_channel = "{s.sync_channel}"',
+                "",
+            ]
         if s.hooks:
             lines += ["[hooks]", *(f'{role} = "{cmd}"' for role, cmd in s.hooks.items()), ""]
         path = os.path.join(host.workdir, f"{name}.toml")
@@ -167,6 +179,31 @@ class Cluster:
             )
         self.procs[name] = p
         return p
+
+    def endpoint(self, name: str, service: str) -> str:
+        """The unix socket a service on node ``name`` talks to its agent through."""
+        return os.path.join(self.lab.host(name).workdir, "state", f"{service}.sock")
+
+    def start_stream_service(
+        self, name: str, service: str, *, rate: float = 10.0, size: int = 100, tag: str = ""
+    ) -> LabProcess:
+        """The stream checker's protected server for ``service`` on node ``name`` (a standby on
+        a backup: it waits for the connections its node restores). Start the agent first."""
+        path = self.endpoint(name, service)
+        self.wait(lambda: os.path.exists(path), 10.0, f"{path} to exist", poll=0.02)
+        host = self.lab.host(name)
+        report = os.path.join(host.workdir, f"{service}{tag}.json")
+        log = open(os.path.join(host.workdir, f"{service}{tag}.log"), "ab")  # noqa: SIM115
+        with log:
+            return host.run(
+                [
+                    sys.executable, "-m", "nonstop.streams", "protected-server",
+                    "--host", self.spec.vip.split("/")[0],
+                    "--port", str(self.spec.services[service]), "--agent", path,
+                    "--rate", str(rate), "--size", str(size), "--report", report,
+                ],
+                stdout=log, stderr=log, name=f"{service}-{name}{tag}",
+            )  # fmt: skip
 
     def start(self) -> None:
         self.start_witness()

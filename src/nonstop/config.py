@@ -101,6 +101,18 @@ class HooksConfig(_Strict, kw_only=True):
     timeout_ms: PositiveMs = 5000
 
 
+class ServiceConfig(_Strict, kw_only=True):
+    """A protected TCP service: its connections to vip:port survive the master's death."""
+
+    name: Name
+    vip: str  # one of the [[vips]] addresses, without the prefix length
+    port: Port
+    sync_channel: str = ""  # the channel the session sync runs on ("" : the first channel)
+    sync_port: Port = 7781  # UDP, on this node's address on sync_channel (the backup listens)
+    queue: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0  # NFQUEUE number (0: 100 + index)
+    endpoint: str = ""  # the app library's unix socket ("": <state_dir>/<name>.sock)
+
+
 class AgentConfig(_Strict, kw_only=True):
     node: NodeConfig
     channels: list[ChannelConfig]
@@ -111,6 +123,7 @@ class AgentConfig(_Strict, kw_only=True):
     witness: WitnessRef | None = None
     api: ApiConfig = ApiConfig()
     hooks: HooksConfig = HooksConfig()
+    services: list[ServiceConfig] = []
 
     # Filled in by load_agent_config: where the file was (relative paths resolve against it).
     @property
@@ -133,6 +146,15 @@ class AgentConfig(_Strict, kw_only=True):
     @property
     def socket_path(self) -> str:
         return os.path.join(self.node.state_dir, "agent.sock")
+
+    def service_endpoint(self, svc: ServiceConfig) -> str:
+        return svc.endpoint or os.path.join(self.node.state_dir, f"{svc.name}.sock")
+
+    def service_queue(self, index: int) -> int:
+        return self.services[index].queue or 100 + index
+
+    def sync_channel(self, svc: ServiceConfig) -> str:
+        return svc.sync_channel or self.channels[0].name
 
 
 class WitnessListen(_Strict, kw_only=True):
@@ -256,10 +278,38 @@ def check_agent_config(path: str, cfg: AgentConfig) -> None:
                 f"interval_ms * dead_after ({dead_ms}) + one interval of phase ({hb.interval_ms}) "
                 f"+ first GARP spacing ({garp_ms}) = {need} ms",
             )
+    _check_services(path, cfg, names)
     if cfg.api.listen:
         host, _, port = cfg.api.listen.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ConfigError(path, "api.listen", f"{cfg.api.listen!r} is not host:port")
+
+
+def _check_services(path: str, cfg: AgentConfig, channels: list[str]) -> None:
+    vips = {ipaddress.ip_interface(v.address).ip for v in cfg.vips}
+    seen: dict[str, int] = {}
+    queues: dict[int, int] = {}
+    for i, svc in enumerate(cfg.services):
+        at = f"services[{i}]"
+        if svc.name in seen:
+            raise ConfigError(path, f"{at}.name", f"service {svc.name!r} is listed twice")
+        seen[svc.name] = i
+        _check_ip(path, f"{at}.vip", svc.vip)
+        if ipaddress.ip_address(svc.vip) not in vips:
+            raise ConfigError(path, f"{at}.vip", f"{svc.vip} is not one of the [[vips]] addresses")
+        ch = cfg.sync_channel(svc)
+        if ch not in channels:
+            raise ConfigError(path, f"{at}.sync_channel", f"no channel named {ch!r}")
+        if svc.sync_port == cfg.heartbeat.port:
+            raise ConfigError(path, f"{at}.sync_port", "is the heartbeat port")
+        q = cfg.service_queue(i)
+        if q in queues:
+            raise ConfigError(path, f"{at}.queue", f"NFQUEUE {q} is used by services[{queues[q]}]")
+        queues[q] = i
+    ports = [(s.sync_channel or channels[0], s.sync_port) for s in cfg.services]
+    for i, p in enumerate(ports):
+        if ports.index(p) != i:
+            raise ConfigError(path, f"services[{i}].sync_port", f"{p[1]} is used twice on {p[0]}")
 
 
 def load_agent_config(path: str) -> tuple[AgentConfig, bytes]:

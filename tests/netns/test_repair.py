@@ -32,7 +32,7 @@ from nonstop.session import (
     restore,
     restore_many,
 )
-from nonstop.session.repair import SIOCINQ, _ioctl_int, _ts_later
+from nonstop.session.repair import SIOCINQ, _ioctl_int, ts_later
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(60)]
 
@@ -352,10 +352,10 @@ def test_takeover_many_connections(lab: Lab, capsys: pytest.CaptureFixture[str])
 
 
 def test_timestamp_advance_keeps_the_usec_flag() -> None:
-    assert _ts_later(1000, 0.0105) == 1010  # ms clock: +10 ms, low bit stays 0
-    assert _ts_later(1001, 0.0105) == 11501  # usec clock (flag set): +10500 us, flag kept
-    assert _ts_later(0xFFFFFFF0, 0.1) == 0x54  # wraps at 2**32
-    assert _ts_later(1000, -5.0) == 1000  # a clock from elsewhere never goes back
+    assert ts_later(1000, 0.0105) == 1010  # ms clock: +10 ms, low bit stays 0
+    assert ts_later(1001, 0.0105) == 11501  # usec clock (flag set): +10500 us, flag kept
+    assert ts_later(0xFFFFFFF0, 0.1) == 0x54  # wraps at 2**32
+    assert ts_later(1000, -5.0) == 1000  # a clock from elsewhere never goes back
 
 
 # -- recovery of bytes in flight at the takeover --------------------------------------------------

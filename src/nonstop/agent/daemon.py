@@ -28,6 +28,7 @@ from nonstop import __version__
 from nonstop.agent.hooks import Hooks
 from nonstop.agent.link import AgentLinks
 from nonstop.agent.realtime import make_realtime
+from nonstop.agent.sessions import Sessions
 from nonstop.common import RemoteProtocolError, Role
 from nonstop.config import AgentConfig
 from nonstop.failover import roles as R
@@ -117,6 +118,8 @@ class Agent:
             on_closed=self._link_closed,
         )
         self.guard: GuardClient | None = None
+        verbose = 2 if log.isEnabledFor(logging.DEBUG) else int(log.isEnabledFor(logging.INFO))
+        self.sessions = Sessions(cfg, key, verbose=verbose)
         self.history: collections.deque[dict[str, Any]] = collections.deque(maxlen=HISTORY)
         self.role_since = now
         self.counters: collections.Counter[str] = collections.Counter()
@@ -176,6 +179,9 @@ class Agent:
             self.neigh_tuned = tune_retrans(set(ifaces.values()), cfg.heartbeat.interval_ms)
         self.guard = GuardClient.spawn()
         loop.add_reader(self.guard.fileno(), self._guard_readable)
+        self.sessions.start()  # the backup side of every protected service, from the start
+        if (fd := self.sessions.fileno()) is not None:
+            loop.add_reader(fd, self._worker_readable)
         await self.links.start()
         from nonstop.agent.api import AgentApi
 
@@ -233,6 +239,10 @@ class Agent:
                 self.roles.stop(time.monotonic())
                 self._pump(time.monotonic())
         self.vips.release()
+        if (fd := self.sessions.fileno()) is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(fd)
+        self.sessions.close()
         if self.guard is not None:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(self.guard.fileno())
@@ -315,6 +325,15 @@ class Agent:
                 self.roles.local_fault("fence guard exited", now)
         self._pump(now)
 
+    def _worker_readable(self) -> None:
+        """Outside a call the worker only ever sends EOF: it died."""
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.sessions.fileno())
+        now = time.monotonic()
+        log.critical("session worker exited: this node can no longer keep TCP sessions")
+        self.roles.local_fault("session worker exited", now)
+        self._pump(now)
+
     def _on_timer(self) -> None:
         self._timer = None
         now = time.monotonic()
@@ -340,6 +359,9 @@ class Agent:
             if not busy:
                 break
         m.set_local(role=r.role, priority=self.cfg.node.priority, flags=r.flags_for_heartbeat())
+        if self.cfg.services:
+            views = {p.id: self.membership.peer(p.id) for p in self.cfg.peers}
+            self.sessions.peers_changed(r.role, views)
         self._send_heartbeats(now)
         if self.guard is not None and self.roles.role == Role.MASTER and now >= self._next_feed:
             self.guard.feed()
@@ -408,6 +430,11 @@ class Agent:
 
     def _act(self, act: object, now: float) -> None:
         if isinstance(act, R.AcquireVips):
+            # connections first (before the guard's clock starts: a long restore must not
+            # look like a stall), then the VIPs: no segment of a peer finds no connection here
+            if self.cfg.services:
+                self.sessions.promote()
+                now = time.monotonic()  # the guard's clock starts after the restore
             if self.guard is not None:  # armed first: a kill right after the add is fenced
                 self.guard.arm(self.cfg.fence_timeout, self.vips.specs)
                 self._last_feed = now
@@ -415,6 +442,7 @@ class Agent:
             self.vips.acquire()
         elif isinstance(act, R.ReleaseVips):
             self.vips.release()
+            self.sessions.demote()
             if self.guard is not None:
                 self.guard.disarm()
             self._next_feed = float("inf")
@@ -498,6 +526,7 @@ class Agent:
             },
             "realtime": {"requested": cfg.failover.realtime, "failed": self.realtime_failed},
             "neighbours_tuned": self.neigh_tuned,
+            "sessions": self.sessions.status() if self.cfg.services else [],
             "history": list(self.history),
         }
 

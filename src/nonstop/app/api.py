@@ -24,6 +24,7 @@ from nonstop.common import LocalProtocolError, RemoteProtocolError
 
 # TCP states (include/net/tcp_states.h) in which the peer has sent its FIN or the socket is gone.
 _PEER_DONE = {6, 7, 8, 9, 11}  # TIME_WAIT, CLOSE, CLOSE_WAIT, LAST_ACK, CLOSING
+_IP_FREEBIND, _IPV6_FREEBIND = 15, 78
 
 
 def _addr(sa: tuple) -> tuple[str, int]:
@@ -179,6 +180,11 @@ def open_listener(addr: str, port: int, backlog: int) -> socket.socket:
         addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     sock = socket.socket(family, type_, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # FREEBIND: a standby on the backup listens on the VIP before its node holds it
+    if family == socket.AF_INET:
+        sock.setsockopt(socket.SOL_IP, _IP_FREEBIND, 1)
+    else:
+        sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_FREEBIND, 1)
     sock.bind(sa)
     sock.listen(backlog)
     return sock

@@ -26,7 +26,9 @@ import os
 import selectors
 import socket
 import struct
+import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -217,9 +219,26 @@ class AgentEndpoint:
 
     Counters: ``counters["malformed"]`` etc. A malformed client is dropped; its connections stay
     held (orphans) for the next service to adopt.
+
+    In a node agent: ``on_commit(held)`` runs after every COMMIT is recorded (the session manager
+    syncs it to the backup), ``on_close(held)`` after a deliberate CLOSE. With ``hold_adoption``
+    set (a backup node) an ADOPT_REQUEST is answered only at ``release_adoptions()``: a standby
+    service started on the backup waits there and wakes with the connections restored on
+    promotion. ``lock`` serialises ``step`` with calls from other threads.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        on_commit: Callable[[HeldConn], None] | None = None,
+        on_close: Callable[[HeldConn], None] | None = None,
+        hold_adoption: bool = False,
+    ) -> None:
+        self.on_commit, self.on_close = on_commit, on_close
+        self.hold_adoption = hold_adoption
+        self.waiting: list[tuple[EndpointClient, int]] = []  # held ADOPT_REQUESTs (client, port)
+        self.lock = threading.RLock()
         self.path = path
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
@@ -277,10 +296,11 @@ class AgentEndpoint:
             for c in self.clients:
                 self._sel.register(c.sock, selectors.EVENT_READ, c)
         for key, _ in self._sel.select(timeout):
-            if key.data is None:
-                self.accept()
-            elif key.data in self.clients:
-                self.readable(key.data)
+            with self.lock:
+                if key.data is None:
+                    self.accept()
+                elif key.data in self.clients:
+                    self.readable(key.data)
 
     def attach(self, loop) -> None:  # loop: asyncio.AbstractEventLoop
         """Serve from an asyncio loop with add_reader callbacks."""
@@ -309,15 +329,22 @@ class AgentEndpoint:
             case Commit(conn_id=cid):
                 held = self._owned(client, cid)
                 held.record = CommitRecord(msg.read_pos, msg.write_pos, msg.state)
+                if self.on_commit is not None:
+                    self.on_commit(held)
             case Close(conn_id=cid, deliberate=deliberate):
                 held = self._owned(client, cid)
                 if deliberate:
                     del self.conns[cid]
                     held.sock.close()
+                    if self.on_close is not None:
+                        self.on_close(held)
                 else:
                     held.owner = None
             case AdoptRequest(port=port):
-                self.adopt_all(client, port=port)
+                if self.hold_adoption:
+                    self.waiting.append((client, port))
+                else:
+                    self.adopt_all(client, port=port)
             case _:
                 raise RemoteProtocolError(f"{type(msg).__name__} is agent -> library only")
 
@@ -343,6 +370,19 @@ class AgentEndpoint:
         send_msg(client.sock, AdoptDone(n))
         return n
 
+    def release_adoptions(self) -> int:
+        """Stop holding ADOPT_REQUESTs and answer the waiting ones; connections handed over."""
+        self.hold_adoption = False
+        waiting, self.waiting = self.waiting, []
+        n = 0
+        for client, port in waiting:
+            if client in self.clients:
+                try:
+                    n += self.adopt_all(client, port=port)
+                except OSError:
+                    self.drop(client)
+        return n
+
     def drop(self, client: EndpointClient) -> None:
         """Forget a library connection; its connections become orphans (still held)."""
         if client in self.clients:
@@ -355,6 +395,7 @@ class AgentEndpoint:
             on_drop(client.sock)
         client.decoder.close()
         client.sock.close()
+        self.waiting = [(c, p) for c, p in self.waiting if c is not client]
         for held in self.conns.values():
             if held.owner is client:
                 held.owner = None

@@ -14,7 +14,12 @@ capture and ``capture_out`` on the outbound segments the clamp already queues) a
   never holds a commit whose written bytes it lacks.
 
 The clamp's limit is ``SyncSender.confirmed(conn)[0]`` (the backup holds the peer's bytes up to
-there), IRS+1 until the first confirmation, None for segments of unknown connections. Batches go
+there), IRS+1 until the first confirmation, None for segments of unknown connections. Without a
+backup (``set_backup(None)``: the peer is gone) nothing is sent and nothing is clamped: no
+surviving node but this one could deliver the bytes, and holding ACKs would only stall the peer.
+When a backup appears (``set_backup(addr)``) the sender resyncs it from its mirror (every FULL
+with a fresh TSval, the commit, the uncommitted input, the unacknowledged output); the clamp
+engages again once the backup has acknowledged that copy. Batches go
 to the backup over UDP at once (``max_delay`` 0: one batch per segment seen) from the verdict
 thread; a second thread reads the backup's ACKs and retransmits.
 
@@ -37,12 +42,13 @@ import contextlib
 import itertools
 import select
 import socket
+import struct
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from nonstop.session.nfq import AckClamp, FourTuple
-from nonstop.session.repair import TcpState, restore_many
+from nonstop.session.repair import TcpState, restore_many, ts_later
 from nonstop.session.segment import ACK, FIN, RST, SYN, Segment
 from nonstop.session.sync import ConnState, SyncReceiver, SyncSender, seq_add, seq_diff, seq_lt
 from nonstop.session.wire import CloseReason, Direction, FullRecord
@@ -52,6 +58,12 @@ __all__ = ["BackupSession", "MasterSession", "RestoredConn"]
 _U32 = 0xFFFF_FFFF
 _POLL = 0.002  # the sync thread's longest sleep (s)
 _SCAN = 0.005  # the backup looks for new connections at most this often (s)
+_TCP_TIMESTAMP = 24
+
+
+def _get_u32(sock: socket.socket, opt: int) -> int:
+    raw = sock.getsockopt(socket.IPPROTO_TCP, opt, 4)
+    return int(struct.unpack("I", raw)[0])
 
 
 @dataclass(slots=True)
@@ -64,6 +76,7 @@ class _Tracked:
     snd_una: int
     snd_wnd: int
     rcv_wnd: int
+    ts_at: float  # when full.ts_val was the connection's TCP timestamp (time.monotonic())
     fins: int = 0  # FIN seen: 1 inbound, 2 outbound
     pending_commit: tuple[int, int, bytes] | None = None  # (rpos, wpos, state) as sequence numbers
 
@@ -84,7 +97,7 @@ class MasterSession:
         port: int,
         key: bytes,
         *,
-        backup: tuple[str, int],
+        backup: tuple[str, int] | None,
         queue_num: int = 5,
         family: int = 4,
         incarnation: int | None = None,
@@ -93,6 +106,7 @@ class MasterSession:
         max_delay: float = 0.001,
     ) -> None:
         self.vip, self.port, self.family, self.backup = vip, port, family, backup
+        self.adopted = 0  # connections taken over from a previous master (adopt())
         now = time.monotonic()
         inc = incarnation if incarnation is not None else time.time_ns() // 1000
         self.sender = SyncSender(key, incarnation=inc, max_delay=max_delay, now=now, rto=rto)
@@ -142,6 +156,64 @@ class MasterSession:
     def clamp(self) -> AckClamp:
         return self._clamp
 
+    # -- the backup --
+    def set_backup(self, backup: tuple[str, int] | None) -> None:
+        """Sync to ``backup`` (host, UDP port) from now on, starting with a whole copy; None: no
+        backup (stop sending, stop clamping)."""
+        now = time.monotonic()
+        with self._lock:
+            if backup == self.backup:
+                return
+            self.backup = backup
+            if backup is None:
+                self.sender.pause()
+                return
+            for t in self._conns.values():  # a resynced FULL carries the TSval of now
+                if t.full.timestamps:
+                    t.full = replace(t.full, ts_val=ts_later(t.full.ts_val, now - t.ts_at))
+                    t.ts_at = now
+                    self.sender.refresh_full(t.conn_id, t.full)
+            self.sender.resync(now)
+            self._flush(now)
+
+    @property
+    def protecting(self) -> bool:
+        """The clamp is engaged: a backup holds a whole, acknowledged copy."""
+        return self.backup is not None and self.sender.resynced
+
+    def adopt(self, rc: RestoredConn) -> None:
+        """Track a connection restored on this node (a takeover): the mirror starts at its last
+        commit with the input after it and the output the peer has not acknowledged."""
+        cs, st, now = rc.conn, rc.tcp, time.monotonic()
+        full = cs.full
+        if full.timestamps:
+            full = replace(full, ts_val=_get_u32(rc.sock, _TCP_TIMESTAMP))
+        rpos, wpos, state = (
+            (cs.commit.rpos, cs.commit.wpos, cs.commit.state)
+            if cs.commit
+            else (full.rcv_seq, full.snd_seq, b"")
+        )
+        snd_una = seq_add(st.snd_seq, -len(st.send_queue))
+        rcv_end = st.rcv_seq
+        ft = (full.local_addr, full.local_port, full.peer_addr, full.peer_port)
+        snd_wnd, rcv_wnd = cs.snd_wnd or full.snd_wnd, cs.rcv_wnd or full.rcv_wnd
+        with self._lock:
+            if ft in self._conns or full.conn_id in {t.conn_id for t in self._conns.values()}:
+                raise ValueError(f"connection {ft} (id {full.conn_id}) is already tracked")
+            self._conns[ft] = _Tracked(full.conn_id, full, st.snd_seq, snd_una, snd_wnd, rcv_wnd,
+                                       now)
+            self._ids = itertools.count(max(next(self._ids), full.conn_id + 1))
+            snd = self.sender
+            snd.open(full.conn_id, full, now)
+            snd.update(full.conn_id, rcv_nxt=rcv_end, snd_una=snd_una, snd_nxt=st.snd_seq,
+                       snd_wnd=snd_wnd & _U32, rcv_wnd=rcv_wnd & _U32, now=now)
+            snd.commit(full.conn_id, rpos, wpos, state, now)
+            snd.data(full.conn_id, Direction.RCV, seq_add(rcv_end, -len(st.recv_queue)),
+                     st.recv_queue, now)
+            snd.data(full.conn_id, Direction.SND, snd_una, st.send_queue, now)
+            self.adopted += 1
+            self._flush(now)
+
     # -- the service's commits --
     def commit(
         self, four_tuple: FourTuple, read_pos: int, write_pos: int, state: bytes = b""
@@ -172,7 +244,7 @@ class MasterSession:
     # -- the packet path (verdict thread) --
     def _limit(self, ft: FourTuple) -> int | None:
         t = self._conns.get(ft)
-        if t is None:
+        if t is None or not self.protecting:
             return None
         conf = self.sender.confirmed(t.conn_id)
         return t.full.rcv_seq if conf is None else conf[0]
@@ -255,7 +327,7 @@ class MasterSession:
             rcv_wnd=synack.window, rcv_wup=seq_add(syn.irs, 1),
         )  # fmt: skip
         self._conns[ft] = _Tracked(
-            full.conn_id, full, full.snd_seq, full.snd_seq, syn.window, synack.window
+            full.conn_id, full, full.snd_seq, full.snd_seq, syn.window, synack.window, now
         )
         self.sender.open(full.conn_id, full, now)
 
@@ -267,6 +339,9 @@ class MasterSession:
         return self.sender.stream_end(t.conn_id, Direction.RCV)
 
     def _flush(self, now: float) -> None:
+        if self.backup is None:
+            self.sender.pause()  # the mirror is kept for the next backup's resync
+            return
         for d in self.sender.datagrams_to_send(now):
             with contextlib.suppress(OSError):  # lost: retransmitted after rto
                 self._udp.sendto(d, self.backup)
@@ -307,6 +382,9 @@ class RestoredConn:
     state: bytes
     resent: int  # written bytes the peer had not acknowledged, put back in the send queue
     pending: int  # peer bytes after the committed read position, put back in the recv queue
+    conn: ConnState  # what the backup held (MasterSession.adopt tracks the connection from it)
+    tcp: TcpState  # what was restored
+    four_tuple: FourTuple = ("", 0, "", 0)
     extra: dict[str, int] = field(default_factory=dict)
 
 
@@ -449,5 +527,6 @@ class BackupSession:
             out.append(RestoredConn(
                 f.conn_id, sock, seq_diff(rpos, f.rcv_seq) % (1 << 32),
                 seq_diff(st.snd_seq, f.snd_seq) % (1 << 32), commit.state if commit else b"",
-                len(st.send_queue), len(st.recv_queue)))  # fmt: skip
+                len(st.send_queue), len(st.recv_queue), cs, st,
+                (f.local_addr, f.local_port, f.peer_addr, f.peer_port)))  # fmt: skip
         return out

@@ -240,7 +240,7 @@ def _repair_options(mss: int, snd_wscale: int, rcv_wscale: int, sack: bool, ts: 
     return struct.pack(f"{len(opts)}I", *opts)
 
 
-def _ts_later(ts_val: int, elapsed: float) -> int:
+def ts_later(ts_val: int, elapsed: float) -> int:
     """TCP_TIMESTAMP ``elapsed`` seconds after it read ``ts_val``. Since Linux 6.7 the low bit is a
     flag, not part of the clock: set, the connection uses microsecond timestamps. Keep the flag
     and advance in the connection's unit."""
@@ -322,7 +322,7 @@ def _restore_one(
         so(_TCP, TCP_REPAIR_OPTIONS, opts)
         if state.timestamps and state.ts_val is not None:
             step = "TCP_TIMESTAMP"
-            so(_TCP, TCP_TIMESTAMP, _U32.pack(_ts_later(state.ts_val, now - state.dumped_at)))
+            so(_TCP, TCP_TIMESTAMP, _U32.pack(ts_later(state.ts_val, now - state.dumped_at)))
         if recv_q:
             step = "refill recv queue"  # still TCP_RECV_QUEUE
             _fill(sock, recv_q)

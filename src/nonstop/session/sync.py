@@ -297,6 +297,29 @@ class SyncSender(_Counted):
         if not self._pending:  # nothing open: an empty RESET still clears the backup
             self._seal(now)
 
+    def pause(self) -> None:
+        """No backup to send to: forget what is queued or in flight (the mirror is kept, so a
+        later ``resync`` rebuilds a backup from it); the next batch is a RESET."""
+        self._pending, self._pending_size, self._marks = [], 0, {}
+        self._sealed.clear()
+        self._inflight.clear()
+        self._outbox.clear()
+        self._confirmed.clear()
+        self._reset_next = True
+
+    @property
+    def resynced(self) -> bool:
+        """The backup acknowledged the latest RESET batch (it holds a whole copy again)."""
+        return not self._reset_pending()
+
+    def refresh_full(self, conn_id: int, full: FullRecord) -> None:
+        """Replace the FULL record a later resync sends for ``conn_id`` (e.g. a fresher TSval);
+        its stream origins must not change."""
+        c = self._conn(conn_id)
+        if (full.conn_id, full.snd_seq, full.rcv_seq) != (conn_id, c.full.snd_seq, c.full.rcv_seq):
+            raise LocalProtocolError(f"conn {conn_id}: a FULL refresh cannot move the origins")
+        c.full = full
+
     # -- what the backup tells us ------------------------------------------------------------
     def receive_ack(self, data: bytes, now: float) -> None:
         try:

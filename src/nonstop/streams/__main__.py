@@ -1,4 +1,5 @@
-"""python -m nonstop.streams server|client: see nonstop.streams.run."""
+"""python -m nonstop.streams server|client|protected-server: see nonstop.streams.run and
+nonstop.streams.protected."""
 
 from __future__ import annotations
 
@@ -12,18 +13,24 @@ from nonstop.streams.run import client, serve
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m nonstop.streams")
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("server", "client"):
+    for name in ("server", "client", "protected-server"):
         s = sub.add_parser(name)
         s.add_argument("--host", required=True)
         s.add_argument("--port", type=int, default=5001)
         s.add_argument("--rate", type=float, default=100.0, help="messages per second each way")
         s.add_argument("--size", type=int, default=256, help="payload bytes per message")
     sub.choices["server"].add_argument("--report", help="write the server's JSON report here")
+    from nonstop.streams import protected
+
+    protected.add_arguments(sub.choices["protected-server"])
     c = sub.choices["client"]
     c.add_argument("--conns", type=int, default=1)
     c.add_argument("--duration", type=float, default=5.0)
     a = p.parse_args()
-    if a.cmd == "server":
+    if a.cmd == "protected-server":
+        asyncio.run(protected.serve(a.host, a.port, agent=a.agent, rate=a.rate, size=a.size,
+                                    report=a.report))  # fmt: skip
+    elif a.cmd == "server":
         asyncio.run(serve(a.host, a.port, rate=a.rate, size=a.size, report=a.report))
     else:
         out = asyncio.run(client(a.host, a.port, conns=a.conns, duration=a.duration,

@@ -145,11 +145,14 @@ async def client(host: str, port: int, *, conns: int, duration: float, rate: flo
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.call_later(duration, stop.set)
+        # read while sending: the verifier's gaps are then the real silences of the server's
+        # stream (a takeover's interruption), not an artefact of reading at the end
+        receiving = asyncio.create_task(_read_into(reader, v))
         try:
             sender = asyncio.create_task(_pace(writer, CLIENT, conn, rate, size, stop))
             await sender
             writer.write_eof()
-            complete = await asyncio.wait_for(_read_into(reader, v), duration + 30)
+            complete = await asyncio.wait_for(receiving, duration + 30)
             if complete:
                 kept += 1
             else:
@@ -158,6 +161,9 @@ async def client(host: str, port: int, *, conns: int, duration: float, rate: flo
             kind = type(e).__name__
             errors[kind] = errors.get(kind, 0) + 1
         finally:
+            receiving.cancel()
+            with contextlib.suppress(BaseException):
+                await receiving
             writer.transport.abort()
 
     await asyncio.gather(*(one(i) for i in range(conns)))

@@ -1,0 +1,246 @@
+"""One protected service (VIP:port) inside the session worker: the backup or the master side.
+
+- **backup** (the start, and after a demotion): a :class:`BackupSession` receives the master's
+  sync on this node's sync address; the app endpoint holds ADOPT_REQUESTs, so a standby service
+  started here waits for the connections.
+- **promote()** (before the agent adds the VIP): every connection the backup holds is restored
+  with TCP_REPAIR, a :class:`MasterSession` starts (rules in place, no backup yet: nothing is
+  clamped) and tracks them, the endpoint holds them as orphans and answers the waiting standby.
+- **master**: the service's COMMITs go to ``MasterSession.commit``; ``set_backup(addr)`` starts
+  syncing a (re)joined backup from a whole copy; ``set_backup(None)`` stops.
+- **demote()** / **silence()**: this node no longer serves the VIP (stepped down, fenced, agent
+  gone): every held connection is put in repair mode and closed, so neither FIN nor RST reaches
+  the peer that a new master now serves; the sockets the service still has are dead too.
+
+Thread safety: the endpoint's thread (``_serve``) and the worker's control thread both call in;
+``self._lock`` orders role changes against commits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from nonstop.app.channel import AgentEndpoint, CommitRecord, HeldConn
+from nonstop.common import LocalProtocolError
+from nonstop.session.manager import BackupSession, MasterSession
+from nonstop.session.repair import RepairError, close_silently
+
+log = logging.getLogger("nonstop.session")
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSpec:
+    name: str
+    vip: str
+    port: int
+    family: int  # 4 or 6
+    queue: int  # NFQUEUE number
+    endpoint: str  # unix socket path of the app channel
+    sync_addr: str  # this node's address on the sync channel
+    sync_port: int
+
+
+class ProtectedService:
+    def __init__(self, spec: ServiceSpec, key: bytes) -> None:
+        self.spec, self._key = spec, key
+        self._lock = threading.RLock()
+        self.role = "backup"
+        self.master: MasterSession | None = None
+        self.backup: BackupSession | None = None
+        self.peer: tuple[str, int] | None = None
+        self.counters: dict[str, int] = {
+            "promotions": 0, "demotions": 0, "restored": 0, "restore_failures": 0,
+            "silenced": 0, "commit_errors": 0,
+        }  # fmt: skip
+        self.last_promotion: dict[str, Any] | None = None
+        self.endpoint = AgentEndpoint(
+            spec.endpoint, on_commit=self._on_commit, hold_adoption=True
+        )
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._serve, name=f"nonstop-app-{spec.name}", daemon=True
+        )
+
+    # -- lifecycle --
+    def start(self) -> ProtectedService:
+        self._start_backup()
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop; held connections are silenced (this node does not serve them any more)."""
+        self._stop.set()
+        self._thread.join(timeout=2)
+        with self._lock:
+            self._stop_master()
+            self._stop_backup()
+            self._silence_held()
+            self.endpoint.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.endpoint.step(0.1)
+            except OSError as e:  # pragma: no cover - the listener went away under us
+                log.error("%s: app endpoint: %s", self.spec.name, e)
+                time.sleep(0.1)
+
+    def _start_backup(self) -> None:
+        s = self.spec
+        self.backup = BackupSession(
+            self._key, bind=(s.sync_addr, s.sync_port), family=s.family
+        ).open()
+        self.role = "backup"
+
+    def _stop_backup(self) -> None:
+        if self.backup is not None:
+            self.backup.close()
+            self.backup = None
+
+    def _stop_master(self) -> None:
+        if self.master is not None:
+            self.master.close()
+            self.master = None
+
+    # -- role changes (the agent, through the worker) --
+    def promote(self) -> dict[str, Any]:
+        """Restore every connection the backup holds and become the master side. Call before
+        the VIP is added. Returns what was done (counts and timings)."""
+        with self._lock:
+            if self.role == "master":
+                return {"service": self.spec.name, "restored": 0, "already": True}
+            t0 = time.monotonic()
+            restored = []
+            assert self.backup is not None
+            try:
+                restored = self.backup.promote()
+            except (RepairError, OSError) as e:
+                self.counters["restore_failures"] += 1
+                log.error("%s: restore failed, its connections are lost: %s", self.spec.name, e)
+            t1 = time.monotonic()
+            self._stop_backup()
+            s = self.spec
+            fam = socket.AF_INET if s.family == 4 else socket.AF_INET6
+            bind = (s.sync_addr, 0) if fam == socket.AF_INET else (s.sync_addr, 0, 0, 0)
+            self.master = MasterSession(
+                s.vip, s.port, self._key, backup=None, queue_num=s.queue, family=s.family,
+                sync_bind=bind[:2],
+            ).open()  # fmt: skip
+            for rc in restored:
+                self.master.adopt(rc)
+                with self.endpoint.lock:
+                    self.endpoint.add(
+                        rc.conn_id, rc.sock, CommitRecord(rc.read_pos, rc.write_pos, rc.state)
+                    )
+            with self.endpoint.lock:
+                woken = self.endpoint.release_adoptions()
+            self.role = "master"
+            self.counters["promotions"] += 1
+            self.counters["restored"] += len(restored)
+            n = len(restored)
+            self.last_promotion = {
+                "service": s.name,
+                "restored": n,
+                "restore_ms": round((t1 - t0) * 1000, 3),
+                "restore_us_per_session": round((t1 - t0) * 1e6 / n, 1) if n else None,
+                "total_ms": round((time.monotonic() - t0) * 1000, 3),
+                "handed_to_service": woken,
+                "resent_bytes": sum(rc.resent for rc in restored),
+                "pending_bytes": sum(rc.pending for rc in restored),
+            }
+            log.warning("%s: promoted, %d connections restored in %.1f ms", s.name, n,
+                        (t1 - t0) * 1000)
+            if self.peer is not None:
+                self.master.set_backup(self.peer)
+            return self.last_promotion
+
+    def demote(self) -> dict[str, Any]:
+        """Back to the backup side: the connections here are silenced (a new master has them)."""
+        with self._lock:
+            if self.role == "backup":
+                return {"service": self.spec.name, "silenced": 0}
+            self._stop_master()
+            n = self._silence_held()
+            self._start_backup()
+            with self.endpoint.lock:
+                for c in list(self.endpoint.clients):  # the service must restart as a standby
+                    self.endpoint.drop(c)
+                self.endpoint.hold_adoption = True
+            self.counters["demotions"] += 1
+            return {"service": self.spec.name, "silenced": n}
+
+    def set_backup(self, peer: tuple[str, int] | None) -> None:
+        with self._lock:
+            self.peer = peer
+            if self.master is not None:
+                self.master.set_backup(peer)
+
+    def silence(self) -> int:
+        """The agent is gone: stop everything, let no FIN or RST out."""
+        with self._lock:
+            self._stop_master()
+            return self._silence_held()
+
+    def _silence_held(self) -> int:
+        with self.endpoint.lock:
+            held = list(self.endpoint.conns.values())
+            self.endpoint.conns.clear()
+        for h in held:
+            with contextlib.suppress(RepairError, OSError):
+                close_silently(h.sock)
+        self.counters["silenced"] += len(held)
+        return len(held)
+
+    # -- the service's commits (endpoint thread) --
+    def _on_commit(self, held: HeldConn) -> None:
+        master = self.master
+        if master is None:
+            return
+        ft = (held.local[0], held.local[1], held.remote[0], held.remote[1])
+        r = held.record
+        try:
+            master.commit(ft, r.read_pos, r.write_pos, r.state)
+        except (KeyError, LocalProtocolError) as e:
+            self.counters["commit_errors"] += 1
+            if self.counters["commit_errors"] == 1:
+                log.error("%s: commit of %s not synced: %s", self.spec.name, ft, e)
+
+    # -- views --
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            out: dict[str, Any] = {
+                "name": self.spec.name,
+                "vip": self.spec.vip,
+                "port": self.spec.port,
+                "role": self.role,
+                "connections": len(self.endpoint.conns),
+                "service_clients": len(self.endpoint.clients),
+                "standby_waiting": len(self.endpoint.waiting),
+                "counters": dict(self.counters),
+                "endpoint_counters": dict(self.endpoint.counters),
+                "last_promotion": self.last_promotion,
+            }
+            if self.master is not None:
+                m = self.master
+                out["sync"] = {
+                    "backup": None if m.backup is None else f"{m.backup[0]}:{m.backup[1]}",
+                    "protecting": m.protecting,
+                    "adopted": m.adopted,
+                    "tx_bytes": m.tx_bytes,
+                    **m.sender.counters,
+                }
+                out["clamp"] = {
+                    k: getattr(m.clamp.stats, k) for k in m.clamp.stats.__dataclass_fields__
+                }
+            elif self.backup is not None:
+                out["sync"] = {
+                    "held_connections": len(self.backup.connections()),
+                    **self.backup.receiver.counters,
+                }
+            return out

@@ -1,0 +1,190 @@
+"""The session worker: the process that runs a node's protected services for the agent.
+
+Why a process of its own: its NFQUEUE verdicts, sync traffic and app channel would otherwise
+share the agent's interpreter (and GIL) with the heartbeats, and a busy stream would delay
+failure detection. And why it outlives the agent: when the agent is SIGKILLed the kernel would
+close every socket the agent's process held and send the peers a FIN or RST. The worker runs in
+its own session (a kill of the agent's process group leaves it), holds a duplicate of every
+protected socket, and on the agent's EOF silences them all (repair mode, then close: nothing
+reaches the peers, which the new master now serves) and exits.
+
+Control: a SOCK_SEQPACKET socketpair; each message is one msgpack map. The agent sends
+``{"op": "init", "services": [...], "key": bytes}`` first, then requests
+(``promote``, ``demote``, ``set_backup`` with ``peers`` = per service [host, port] or None,
+``status``, ``shutdown``); the worker answers each with ``{"ok": true, ...}`` or
+``{"ok": false, "error": ...}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+import msgspec
+
+from nonstop.common import LocalProtocolError
+
+log = logging.getLogger("nonstop.session")
+
+_MAX = 1 << 16
+_enc = msgspec.msgpack.Encoder()
+_dec = msgspec.msgpack.Decoder()
+
+
+# ---- the worker process --------------------------------------------------------------------
+
+
+def serve(sock: socket.socket) -> int:
+    from nonstop.session.nfq import remove_rules
+    from nonstop.session.service import ProtectedService, ServiceSpec
+
+    init = _dec.decode(sock.recv(_MAX))
+    if init.get("op") != "init":
+        return 2
+    specs = [ServiceSpec(**s) for s in init["services"]]
+    for fam in sorted({s.family for s in specs}):  # a crashed predecessor's NFQUEUE rules
+        with contextlib.suppress(OSError, subprocess.CalledProcessError):
+            remove_rules(fam)
+    services: list[ProtectedService] = []
+    try:
+        for spec in specs:
+            services.append(ProtectedService(spec, init["key"]).start())
+    except Exception as e:
+        sock.send(_enc.encode({"ok": False, "error": f"{type(e).__name__}: {e}"}))
+        for svc in services:
+            svc.close()
+        return 1
+    sock.send(_enc.encode({"ok": True, "pid": os.getpid()}))
+    try:
+        while True:
+            try:
+                raw = sock.recv(_MAX)
+            except OSError:
+                raw = b""
+            if not raw:  # the agent is gone: silence everything before anyone else can speak
+                n = sum(svc.silence() for svc in services)
+                log.warning("session worker: agent gone, %d connections silenced", n)
+                return 0
+            req = _dec.decode(raw)
+            try:
+                reply = _handle(services, req)
+            except Exception as e:  # reported to the agent, which decides
+                log.exception("session worker: %s failed", req.get("op"))
+                reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+            sock.send(_enc.encode(reply))
+            if req.get("op") == "shutdown":
+                return 0
+    finally:
+        for svc in services:
+            with contextlib.suppress(Exception):
+                svc.close()
+
+
+def _handle(services: list[Any], req: dict[str, Any]) -> dict[str, Any]:
+    op = req.get("op")
+    if op == "promote":
+        return {"ok": True, "services": [s.promote() for s in services]}
+    if op == "demote":
+        return {"ok": True, "services": [s.demote() for s in services]}
+    if op == "set_backup":
+        for s, peer in zip(services, req["peers"], strict=True):
+            s.set_backup(None if peer is None else (peer[0], int(peer[1])))
+        return {"ok": True}
+    if op == "status":
+        return {"ok": True, "services": [s.status() for s in services]}
+    if op == "shutdown":
+        n = sum(s.silence() for s in services)
+        return {"ok": True, "silenced": n}
+    return {"ok": False, "error": f"unknown op {op!r}"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m nonstop.session.worker")
+    ap.add_argument("--fd", type=int, required=True)
+    ap.add_argument("-v", "--verbose", action="count", default=0)
+    args = ap.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING - 10 * args.verbose,
+        format="%(asctime)s session-worker[%(process)d] %(levelname)s %(message)s",
+    )
+    with contextlib.suppress(OSError):
+        os.setsid()  # a kill of the agent's process group must leave us to silence the sockets
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the agent's; we act on its EOF
+    sock = socket.socket(fileno=args.fd)
+    return serve(sock)
+
+
+# ---- the agent's side ----------------------------------------------------------------------
+
+
+class SessionWorker:
+    """The agent's handle on its session worker (blocking calls with a timeout)."""
+
+    def __init__(self, sock: socket.socket, proc: subprocess.Popen[bytes]) -> None:
+        self.sock, self.proc = sock, proc
+
+    @classmethod
+    def spawn(
+        cls, services: list[dict[str, Any]], key: bytes, *, timeout: float = 10.0,
+        verbose: int = 0,
+    ) -> SessionWorker:  # fmt: skip
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        cmd = [sys.executable, "-m", "nonstop.session.worker", "--fd", str(theirs.fileno())]
+        cmd += ["-v"] * verbose
+        proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()])
+        theirs.close()
+        w = cls(ours, proc)
+        try:
+            w.call({"op": "init", "services": services, "key": key}, timeout=timeout)
+        except BaseException:
+            w.close(timeout=1)
+            raise
+        return w
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def call(self, req: dict[str, Any], *, timeout: float = 5.0) -> dict[str, Any]:
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.send(_enc.encode(req))
+            raw = self.sock.recv(_MAX)
+        except TimeoutError as e:
+            op = req["op"]
+            raise LocalProtocolError(f"session worker: no answer to {op} in {timeout}s") from e
+        except OSError as e:
+            raise LocalProtocolError(f"session worker: {req['op']}: {e}") from e
+        if not raw:
+            raise LocalProtocolError(f"session worker exited during {req['op']}")
+        reply = _dec.decode(raw)
+        if not reply.get("ok"):
+            raise LocalProtocolError(f"session worker: {req['op']}: {reply.get('error')}")
+        return reply
+
+    def close(self, timeout: float = 3.0) -> int | None:
+        """Orderly stop (silences what it holds), then wait; kill if it hangs."""
+        with contextlib.suppress(LocalProtocolError, OSError):
+            self.call({"op": "shutdown"}, timeout=timeout)
+        self.sock.close()
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if self.proc.poll() is None:
+            self.proc.kill()
+        return self.proc.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

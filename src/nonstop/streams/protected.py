@@ -1,0 +1,182 @@
+"""The stream checker's server on the prefixed socket API: a protected service for tests, the
+demo and benchmarks (``python -m nonstop.streams protected-server --agent PATH``).
+
+It speaks the same protocol as ``nonstop.streams.run.Server`` (so ``client()`` drives it), but
+everything it does is reproducible from its last commit, as seed 001's application model needs:
+
+- the client's stream is verified message by message; the commit's read position is the end of
+  the last whole message, so a successor reads on from a message boundary;
+- its own stream is message ``tx`` after message ``tx - 1``, each payload a function of
+  (direction, connection, seq, size): a successor that starts from the committed ``tx`` writes
+  the very bytes the dead process may already have sent after that commit, and the peer's TCP
+  drops what it already has;
+- the state blob is ``conn id, rx next seq, tx next seq, size, flags`` (24 bytes).
+
+A loss, duplicate or corruption in the client's stream is counted in the report and aborts the
+connection (a reset the client counts): a takeover that skipped or repeated bytes cannot pass
+unseen, even in a process that is later killed.
+
+Without ``--agent`` it runs as a plain server (commit only consumes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import struct
+import time
+from typing import Any
+
+from nonstop.app.aio import AsyncNsConn, AsyncNsListener, ns_listen
+from nonstop.streams.check import HEADER, StreamError, StreamVerifier, make_message
+from nonstop.streams.run import CLIENT, SERVER, summarize
+
+STATE = struct.Struct("!IQQHB")  # conn, rx next, tx next, size, flags
+RX_DONE = 1  # the client's trailer was read
+
+
+class ProtectedServer:
+    def __init__(self, listener: AsyncNsListener, *, rate: float, size: int) -> None:
+        self.listener, self.rate, self.size = listener, rate, size
+        self.verifiers: list[StreamVerifier] = []
+        self.errors: dict[str, int] = {}
+        self.adopted = 0
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            for conn, record in await self.listener.adopted():
+                self.adopted += 1
+                tg.create_task(self.serve_conn(conn, record.state))
+            print(f"serving: adopted {self.adopted}", flush=True)
+            while True:
+                conn = await self.listener.ns_accept()
+                tg.create_task(self.serve_conn(conn, b""))
+
+    async def serve_conn(self, conn: AsyncNsConn, state: bytes) -> None:
+        try:
+            await _Conn(self, conn, state).run()
+        except (ConnectionError, OSError, StreamError) as e:
+            self._count(type(e).__name__)
+            with contextlib.suppress(OSError):
+                conn.sock.close()  # abort: a reset the client sees (the agent keeps a copy)
+
+    def _count(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+
+
+class _Conn:
+    def __init__(self, srv: ProtectedServer, conn: AsyncNsConn, state: bytes) -> None:
+        self.srv, self.conn = srv, conn
+        if state:
+            cid, self.rx, self.tx, self.size, self.flags = STATE.unpack(state)
+            self.cid: int | None = cid
+        else:
+            self.cid, self.rx, self.tx, self.size, self.flags = None, 0, 0, srv.size, 0
+        self.boundary = conn.read_pos  # absolute read position after the last whole message
+        self.v: StreamVerifier | None = None
+        self.stop = asyncio.Event()
+
+    async def commit(self) -> None:
+        if self.cid is None:
+            return
+        state = STATE.pack(self.cid, self.rx, self.tx, self.size, self.flags)
+        await self.conn.commit(state, upto=self.boundary)
+
+    async def run(self) -> None:
+        if self.cid is None:  # a new connection: its first header names it
+            head = b""
+            while len(head) < HEADER.size:
+                data = await self.conn.ns_recv(HEADER.size - len(head))
+                if not data:
+                    return
+                head += data
+            self.cid = HEADER.unpack(head)[2]
+            self._verifier().feed(head, time.monotonic())
+            self._account()
+        else:
+            self._verifier()
+        sender = asyncio.create_task(self._send())
+        try:
+            if not self.flags & RX_DONE:
+                await self._receive()
+        finally:
+            self.stop.set()
+            await sender
+        await self.conn.ns_close()
+
+    def _verifier(self) -> StreamVerifier:
+        assert self.cid is not None
+        self.v = StreamVerifier(CLIENT, self.cid)
+        self.v.next_seq = self.rx
+        self.srv.verifiers.append(self.v)
+        return self.v
+
+    def _account(self) -> None:
+        """After feeding: check the stream, move the boundary past whole messages."""
+        v = self.v
+        assert v is not None
+        r = v.report
+        if r.lost or r.duplicated or r.corrupted:
+            raise StreamError(f"conn {self.cid}: lost {r.lost} dup {r.duplicated} "
+                              f"corrupt {r.corrupted}")  # fmt: skip
+        self.rx = v.next_seq
+        self.boundary = self.conn.delivered - v.pending
+        if v.last_len == 0 and v.pending == 0:
+            self.flags |= RX_DONE
+
+    async def _receive(self) -> None:
+        assert self.v is not None
+        while True:
+            data = await self.conn.ns_recv(65536)
+            if not data:
+                if not self.flags & RX_DONE:
+                    self.srv._count("eof_without_trailer")
+                return
+            self.v.feed(data, time.monotonic())
+            self._account()
+            await self.commit()
+
+    async def _send(self) -> None:
+        assert self.cid is not None
+        start = time.monotonic()
+        first = self.tx
+        while not self.stop.is_set():
+            await self.conn.ns_send(make_message(SERVER, self.cid, self.tx, self.size))
+            self.tx += 1
+            await self.commit()
+            delay = start + (self.tx - first) / self.srv.rate - time.monotonic()
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop.wait(), delay)
+        await self.conn.ns_send(make_message(SERVER, self.cid, self.tx, 0))  # the trailer
+
+
+async def serve(host: str, port: int, *, agent: str | None, rate: float, size: int,
+                report: str | None) -> None:  # fmt: skip
+    listener = await ns_listen(host, port, agent=agent, backlog=4096)
+    srv = ProtectedServer(listener, rate=rate, size=size)
+    print(f"listening {port}", flush=True)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    task = asyncio.create_task(srv.run())
+    waiter = asyncio.create_task(stop.wait())
+    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    if report:
+        out: dict[str, Any] = summarize(srv.verifiers, srv.errors)
+        out["adopted"] = srv.adopted
+        with open(report, "w") as f:
+            json.dump(out, f)
+    listener.close()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--agent", help="the agent's app socket (the service's endpoint)")
+    p.add_argument("--report", help="write the server's JSON report here on SIGTERM")
