@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import urllib.parse
 from typing import Annotated
 
@@ -73,12 +74,16 @@ async def run_check(cfg: CheckConfig) -> tuple[bool, str]:
         return False, f"no answer within {cfg.timeout_ms} ms"
 
 
+def _why(e: OSError) -> str:
+    return os.strerror(e.errno) if e.errno else str(e)
+
+
 async def _tcp(target: str) -> tuple[bool, str]:
     host, _, port = target.rpartition(":")
     try:
         _, writer = await asyncio.open_connection(host.strip("[]"), int(port))
     except OSError as e:
-        return False, f"tcp {target}: {e.strerror or e}"
+        return False, f"tcp {target}: {_why(e)}"
     writer.close()
     with contextlib.suppress(OSError):
         await writer.wait_closed()
@@ -91,14 +96,14 @@ async def _http(url: str, accept: list[int]) -> tuple[bool, str]:
     try:
         reader, writer = await asyncio.open_connection(u.hostname, u.port or 80)
     except OSError as e:
-        return False, f"GET {url}: {e.strerror or e}"
+        return False, f"GET {url}: {_why(e)}"
     try:
         host = u.netloc
         writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
         await writer.drain()
         line = await reader.readline()
     except OSError as e:
-        return False, f"GET {url}: {e.strerror or e}"
+        return False, f"GET {url}: {_why(e)}"
     finally:
         writer.close()
         with contextlib.suppress(OSError):
@@ -121,7 +126,7 @@ async def _command(argv: list[str]) -> tuple[bool, str]:
             start_new_session=True,
         )
     except OSError as e:
-        return False, f"{argv[0]}: {e.strerror or e}"
+        return False, f"{argv[0]}: {_why(e)}"
     try:
         _, err = await proc.communicate()
     except asyncio.CancelledError:  # the timeout: the probe must not outlive it

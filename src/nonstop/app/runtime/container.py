@@ -34,6 +34,7 @@ from nonstop.app.runtime.spec import ServiceConfig
 
 PYTHON_IMAGE = "localhost/nonstop-python:3.11"
 STATE_MOUNT = "/state"
+LABEL = "nonstop.service"  # on every container a supervisor runs: `nonstop service clean`
 
 
 class ContainerInstance:
@@ -44,7 +45,7 @@ class ContainerInstance:
 
     async def wait(self) -> ExitStatus:
         self._waiter = await asyncio.create_subprocess_exec(
-            *self._rt.base, "wait", self.name,
+            *self._rt.base, "wait", *self._rt.wait_args, self.name,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         out, _ = await self._waiter.communicate()
@@ -65,6 +66,7 @@ class ContainerInstance:
 class ContainerRuntime:
     name = "container"
     binary = "podman"
+    wait_args: tuple[str, ...] = ()
 
     def __init__(self, binary: str | None = None) -> None:
         self.binary = binary or self.binary
@@ -77,6 +79,7 @@ class ContainerRuntime:
         c = svc.container
         assert c is not None
         args = ["run", "-d", "--name", svc.container_name, "--network", c.network]
+        args += ["--label", f"{LABEL}={svc.name}"]
         args += ["--ulimit", f"nofile={c.nofile}:{c.nofile}"]
         args += ["--ulimit", f"nproc={c.nproc}:{c.nproc}", "--stop-signal", svc.stop_signal]
         if log_dir:
@@ -131,6 +134,9 @@ class ContainerRuntime:
 class PodmanRuntime(ContainerRuntime):
     name = "podman"
     binary = "podman"
+    # podman 4.3's wait polls the container state, every 250 ms by default: a death would be
+    # seen that late. 20 ms cost 0.15 s of CPU in 6 s (~2.5 % of a CPU) per container here.
+    wait_args = ("--interval", "20ms")
 
     def __init__(self, binary: str | None = None, oci_runtime: str = "runc") -> None:
         super().__init__(binary)
@@ -262,6 +268,19 @@ def ensure_python_image(name: str = PYTHON_IMAGE, *, rebuild: bool = False) -> s
         if r.returncode != 0:
             raise LaunchError(f"podman import failed: {r.stderr.strip()[-300:]}")
     return name
+
+
+def remove_containers(binary: str = "podman") -> list[str]:
+    """Remove every container a supervisor started (label nonstop.service); their names."""
+    r = subprocess.run(
+        [binary, "ps", "-a", "--filter", f"label={LABEL}", "--format", "{{.Names}}"],
+        capture_output=True,
+        text=True,
+    )
+    names = r.stdout.split()
+    if names:
+        subprocess.run([binary, "rm", "-f", "-t", "0", *names], capture_output=True)
+    return names
 
 
 def remove_python_image(name: str = PYTHON_IMAGE) -> None:

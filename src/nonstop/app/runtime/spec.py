@@ -73,6 +73,10 @@ class ServiceConfig(_Strict, kw_only=True):
     user: str = ""
     log_dir: str = ""  # default: <state_dir>/logs
     state_volume: str = ""
+    # Run on every state change and crash loop: HOOK... EVENT SERVICE STATE REASON, and in the
+    # environment NONSTOP_SERVICE, NONSTOP_EVENT, NONSTOP_STATE, NONSTOP_REASON (runtime.hooks).
+    hook: list[str] = []
+    hook_timeout_ms: PositiveMs = 5000
     stop_signal: str = "SIGTERM"
     stop_timeout_ms: PositiveMs = 5000
     start_timeout_ms: PositiveMs = 30000
@@ -150,7 +154,7 @@ def load_services(path: str) -> ServicesFile:
         ]
         svc = msgspec.structs.replace(
             svc,
-            cwd=_resolve(path, svc.cwd or "."),
+            cwd=os.path.normpath(_resolve(path, svc.cwd or ".")),
             log_dir=_resolve(path, svc.log_dir) if svc.log_dir else "",
             state_volume=_resolve(path, svc.state_volume) if svc.state_volume else "",
             container=msgspec.structs.replace(svc.container, volumes=vols)
