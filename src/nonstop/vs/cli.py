@@ -34,6 +34,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--id", required=True)
     p.add_argument("--http", help="listen address:port of the HTTP server")
     p.add_argument("--rpc-port", type=int)
+    p.add_argument("--sink-port", type=int, help="TCP sink (reads, discards) for L4 tests")
     p.add_argument("--channel", action="append", default=[], help="NAME=ADDRESS (repeat)")
     p.add_argument("--front", action="append", default=[], help="CH=ADDR,CH=ADDR per front")
     p.add_argument("--control-port", type=int, default=7800)
@@ -117,6 +118,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         control_port=args.control_port,
         key=key,
         rpc_port=args.rpc_port,
+        sink_port=args.sink_port,
         interval=args.interval_ms / 1000,
         weight=args.weight,
         wrong=args.wrong,

@@ -100,6 +100,27 @@ class _HttpWorker(asyncio.Protocol):
         return head + (b"" if req.method == b"HEAD" else body)
 
 
+async def _sink_serve(lsock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(c: socket.socket) -> None:
+        buf = bytearray(1 << 20)
+        try:
+            while await loop.sock_recv_into(c, buf):
+                pass
+        except OSError:
+            pass
+        finally:
+            c.close()
+
+    while True:
+        c, _ = await loop.sock_accept(lsock)
+        t = asyncio.ensure_future(one(c))
+        tasks.add(t)
+        t.add_done_callback(tasks.discard)
+
+
 def demo_methods(name: str, *, wrong: bool = False, bad_primary: bool = False) -> RpcWorker:
     rpc = RpcWorker(name)
 
@@ -142,6 +163,7 @@ class WorkerOptions:
     control_port: int = 7800
     key: bytes = b""
     rpc_port: int | None = None
+    sink_port: int | None = None  # TCP sink (reads and discards): the L4 benchmark's target
     interval: float = 0.02
     weight: int = 1
     wrong: bool = False
@@ -152,6 +174,7 @@ async def run_worker(o: WorkerOptions, stop: asyncio.Event | None = None) -> Non
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     servers: list[asyncio.AbstractServer] = []
+    sink_task: asyncio.Task[None] | None = None
     if o.http:
         servers.append(
             await loop.create_server(
@@ -162,6 +185,11 @@ async def run_worker(o: WorkerOptions, stop: asyncio.Event | None = None) -> Non
         rpc = demo_methods(o.id, wrong=o.wrong, bad_primary=o.bad_primary)
         host = o.http[0] if o.http else "0.0.0.0"
         servers.append(await rpc.serve(host, o.rpc_port))
+    if o.sink_port:
+        host = o.http[0] if o.http else "0.0.0.0"
+        ls = socket.create_server((host, o.sink_port), reuse_port=True, backlog=1024)
+        ls.setblocking(False)
+        sink_task = asyncio.ensure_future(_sink_serve(ls))
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
@@ -214,6 +242,8 @@ async def run_worker(o: WorkerOptions, stop: asyncio.Event | None = None) -> Non
             await asyncio.sleep(0.2)  # requests already routed here still finish
         for srv in servers:
             srv.close()
+        if sink_task is not None:
+            sink_task.cancel()
         for s in socks.values():
             s.close()
         log.info("worker %s stopped (pid %d)", o.id, os.getpid())
