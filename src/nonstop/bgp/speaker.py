@@ -70,7 +70,7 @@ class Peer:
         self.import_policy = Policy(cfg.import_policy)
         self.export_policy = Policy(cfg.export_policy)
         self.paths: dict[Attrs, Path] = {}
-        self.exported: dict[tuple[Source, Attrs], Attrs | None] = {}
+        self.exported: dict[tuple[Family, Source, Attrs], Attrs | None] = {}
         self.out_intern: dict[Attrs, Attrs] = {}
         self.local_address: str | None = None
         self.eor_received: set[Family] = set()
@@ -374,7 +374,7 @@ class Speaker:
         if best is None or best.source is q.source:
             return None
         a = best.attrs
-        ck = (best.source, a)
+        ck = (fam, best.source, a)
         hit = q.exported.get(ck, False)
         if hit is False:
             hit = self._transform(q, fam, best)
