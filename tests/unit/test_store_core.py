@@ -1,0 +1,162 @@
+"""GroupsCore: the decisions, with time as an input (no store, no sockets)."""
+
+from __future__ import annotations
+
+import pytest
+
+from nonstop.store import core as C
+from nonstop.store.base import ClusterView, GroupRecord, Switchover
+
+NODES = ("a", "b", "c")
+PRIO = {"g": {"a": 200, "b": 150, "c": 100}}
+
+
+def make(node: str = "a", **kw: object) -> C.GroupsCore:
+    cfg = C.CoreConfig(node=node, nodes=NODES, groups=PRIO, ttl=1.0, interval=0.1, misses=3,
+                       margin=0.2, failsafe_hold=1.0, stagger=0.2, startup_grace=0.0,
+                       **kw)  # type: ignore[arg-type]  # fmt: skip
+    return C.GroupsCore(cfg)
+
+
+def view(rev: int, holder: str | None = None, lease: int = 1, sw: str | None = None,
+         members: tuple[str, ...] = NODES) -> ClusterView:  # fmt: skip
+    groups = {"g": GroupRecord("g", holder, lease, rev)} if holder else {}
+    switch = {"g": Switchover("g", sw, rev)} if sw else {}
+    return ClusterView(rev, groups, dict.fromkeys(members, 1), switch)
+
+
+def hear_all(core: C.GroupsCore, flags_extra: int = 0, alive: bool = True) -> dict:
+    me = C.hear_bit(NODES, core.cfg.node)
+    return {n: C.PeerHeard(alive, me | flags_extra) for n in NODES if n != core.cfg.node}
+
+
+def master(now: float = 0.0) -> C.GroupsCore:
+    """Node a, holding g on lease 1 at revision 5."""
+    c = make()
+    c.lease_renewed(1, now + 1.0, now)
+    c.set_view(view(4), now)
+    c.set_peers(hear_all(c), now)
+    assert c.cycle(now) == [C.Acquire("g")]
+    c.acquire_done("g", 5, now)
+    assert c.cycle(now) == [C.TakeVip("g")]
+    return c
+
+
+def test_best_candidate_acquires_then_takes_vip_only_after_the_cas() -> None:
+    c = master()
+    assert c.holding == {"g"}
+    assert "took g" in c.take_events()[-1].reason
+
+
+def test_lower_candidate_waits_its_rank() -> None:
+    c = make("c")
+    c.lease_renewed(7, 1.0, 0.0)
+    c.set_view(view(4), 0.0)
+    assert c.cycle(0.0) == []  # a and b rank before c
+    c.set_view(view(4), 0.39)
+    assert c.cycle(0.39) == []
+    assert c.cycle(0.41) == [C.Acquire("g")]  # 2 ranks * 0.2 s
+    c2 = make("c")
+    c2.lease_renewed(7, 1.0, 0.0)
+    c2.set_view(view(4), 0.0)
+    assert c2.cycle(0.45) == []  # the same, but its view is too old to act on
+
+
+def test_lost_cas_takes_nothing() -> None:
+    c = make()
+    c.lease_renewed(1, 1.0, 0.0)
+    c.set_view(view(4), 0.0)
+    assert c.cycle(0.0) == [C.Acquire("g")]
+    c.acquire_done("g", None, 0.0)
+    c.set_view(view(6, holder="b", lease=2), 0.0)
+    assert c.cycle(0.01) == [] and not c.holding
+
+
+def test_vip_dropped_a_margin_before_the_lease_can_expire() -> None:
+    c = master()
+    c.set_peers({"b": C.PeerHeard(False, 0), "c": C.PeerHeard(True, 0)}, 0.5)
+    assert c.cycle(0.79) == []
+    acts = c.cycle(0.80)  # lease_until 1.0 - margin 0.2
+    assert acts == [C.DropVip("g")]
+    assert "b is not heard" in c.take_events()[-1].reason
+
+
+def test_failsafe_keeps_vip_while_every_member_hears_us() -> None:
+    c = master()
+    c.set_peers(hear_all(c), 0.8)
+    assert c.cycle(0.85) == [] and c.failsafe_active
+    assert c.flags(0.85) & C.FLAG_FAILSAFE
+    # a member stops hearing us: drop
+    peers = hear_all(c)
+    peers["c"] = C.PeerHeard(True, 0)
+    c.set_peers(peers, 0.9)
+    assert c.cycle(0.9) == [C.DropVip("g")]
+    assert "c does not hear this node" in c.take_events()[-1].reason
+
+
+def test_failsafe_yields_to_a_member_that_reaches_the_store() -> None:
+    c = master()
+    c.set_peers(hear_all(c, C.FLAG_STORE_OK), 0.8)
+    assert c.cycle(0.85) == [C.DropVip("g")]
+
+
+def test_failsafe_off_drops() -> None:
+    c = make(failsafe=False)
+    c.lease_renewed(1, 1.0, 0.0)
+    c.set_view(view(4), 0.0)
+    c.cycle(0.0)
+    c.acquire_done("g", 5, 0.0)
+    c.cycle(0.0)
+    c.set_peers(hear_all(c), 0.8)
+    assert c.cycle(0.85) == [C.DropVip("g")]
+
+
+def test_nobody_acquires_while_a_failsafe_master_was_heard_recently() -> None:
+    b = make("b")
+    b.lease_renewed(2, 10.0, 5.0)
+    b.set_peers({"a": C.PeerHeard(True, C.FLAG_FAILSAFE), "c": C.PeerHeard(True, 0)}, 5.0)
+    b.set_view(view(9, members=("b", "c")), 5.0)  # a's keys expired at the store
+    assert b.cycle(5.5) == []
+    b.set_peers({"a": C.PeerHeard(False, 0), "c": C.PeerHeard(True, 0)}, 5.6)
+    assert b.cycle(5.9) == []  # still within failsafe_hold of the last failsafe flag
+    b.set_view(view(9, members=("b", "c")), 6.1)
+    assert b.cycle(6.1) == [C.Acquire("g")]
+
+
+def test_switchover_drops_vip_before_releasing_at_the_held_revision() -> None:
+    c = master()
+    c.lease_renewed(1, 1.1, 0.1)
+    c.set_view(view(5, holder="a", sw="c"), 0.1)
+    assert c.cycle(0.1) == [C.DropVip("g"), C.Release("g", 5)]
+    assert c.standby_of("g") == "c"
+
+
+def test_target_acquires_and_clears_switchover() -> None:
+    c = make("c")
+    c.lease_renewed(3, 1.0, 0.0)
+    c.set_view(view(6, sw="c"), 0.0)
+    assert c.cycle(0.0) == [C.Acquire("g")]  # rank ignored: it is the target
+    c.acquire_done("g", 7, 0.0)
+    c.set_view(ClusterView(7, {"g": GroupRecord("g", "c", 3, 7)}, dict.fromkeys(NODES, 1),
+                           {"g": Switchover("g", "c", 6)}), 0.0)  # fmt: skip
+    assert c.cycle(0.01) == [C.TakeVip("g"), C.ClearSwitchover("g", 6)]
+
+
+def test_store_naming_another_master_drops_vip() -> None:
+    c = master()
+    c.set_view(view(8, holder="b", lease=2), 0.1)
+    assert c.cycle(0.1) == [C.DropVip("g")]
+
+
+def test_standby_is_best_live_candidate_but_the_master() -> None:
+    c = make("c")
+    c.set_view(view(5, holder="a"), 0.0)
+    assert c.standby_of("g") == "b"
+    c.set_view(view(6, holder="a", members=("a", "c")), 0.0)
+    assert c.standby_of("g") == "c"
+
+
+def test_config_rejects_a_lease_without_margin() -> None:
+    with pytest.raises(ValueError):
+        C.CoreConfig(node="a", nodes=NODES, groups=PRIO, ttl=0.5, interval=0.1, misses=3,
+                     margin=0.2)  # fmt: skip
