@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import socket
+from collections.abc import Callable
 from typing import Any
 
 from nonstop.common import RemoteProtocolError
@@ -29,8 +31,17 @@ class ConnectionLost(RpcError):
 
 
 class RpcConnection:
-    def __init__(self, host: str, port: int, *, connect_timeout: float = 1.0) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        connect_timeout: float = 1.0,
+        socket_factory: Callable[[], socket.socket] | None = None,
+    ) -> None:
+        """``socket_factory`` makes the (unconnected) socket, e.g. one in another netns."""
         self.host, self.port = host, port
+        self.socket_factory = socket_factory
         self.connect_timeout = connect_timeout
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Reply]] = {}
@@ -49,7 +60,18 @@ class RpcConnection:
                 return
             try:
                 async with asyncio.timeout(self.connect_timeout):
-                    reader, writer = await asyncio.open_connection(self.host, self.port)
+                    if self.socket_factory is None:
+                        reader, writer = await asyncio.open_connection(self.host, self.port)
+                    else:
+                        sock = self.socket_factory()
+                        sock.setblocking(False)
+                        try:
+                            loop = asyncio.get_running_loop()
+                            await loop.sock_connect(sock, (self.host, self.port))
+                        except BaseException:
+                            sock.close()
+                            raise
+                        reader, writer = await asyncio.open_connection(sock=sock)
             except (OSError, TimeoutError) as e:
                 raise ConnectionLost(f"connect {self.host}:{self.port}: {e or 'timeout'}") from e
             self._writer = writer
