@@ -18,9 +18,7 @@ pytestmark = [pytest.mark.netns, pytest.mark.timeout(240)]
 
 def test_cli_json_both_links_both_directions() -> None:
     argv = [sys.executable, "-m", "nonstop", "bench", "throughput", "--secs", "1"]
-    out = subprocess.run(
-        [*argv, "--format", "json"], capture_output=True, text=True, timeout=200
-    )
+    out = subprocess.run([*argv, "--format", "json"], capture_output=True, text=True, timeout=200)
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout)
     links = {(x["link"], x["direction"]): x for x in r["links"]}
