@@ -72,3 +72,11 @@ def test_unknown_priority_node() -> None:
     with pytest.raises(ConfigError) as e:
         parse_store_config("node.toml", text.encode())
     assert e.value.field == "groups[0].priorities.n9"
+
+
+def test_example_config_is_valid() -> None:
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "examples" / "etcd" / "node-a.toml"
+    cfg = parse_store_config(str(path), path.read_bytes())
+    assert [g.name for g in cfg.groups] == ["web", "db"]
