@@ -1,0 +1,234 @@
+"""Real BGP peers in a lab host (BIRD 2, FRR bgpd without zebra) and our speaker as a process;
+used by the netns tests and by ``nonstop bench bgp``.
+
+Every process is started through ``LabHost.run`` so the lab kills it on teardown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from nonstop.lab import LabHost, LabProcess
+
+
+def wait_for(pred: Callable[[], Any], timeout: float, what: str, step: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(step)
+
+
+class BirdPeer:
+    """BIRD 2 in ``host``: one BGP protocol per neighbour, static routes from a generated file."""
+
+    def __init__(self, host: LabHost, *, asn: int, router_id: str, name: str = "bird") -> None:
+        self.host = host
+        self.asn = asn
+        self.router_id = router_id
+        self.dir = host.workdir / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.sock = self.dir / "bird.ctl"
+        self.proc: LabProcess | None = None
+        self.name = name
+
+    def write_config(self, neighbours: list[dict[str, Any]], static4: list[str] = (),  # type: ignore[assignment]
+                     static6: list[str] = (), static_file: Path | None = None,  # type: ignore[assignment]
+                     extra: str = "") -> Path:
+        """neighbours: dicts with name, address, asn, [password], [next_hop6], [local]."""
+        lines = ["log stderr all;", f"router id {self.router_id};", "protocol device {}"]
+        if static_file is not None:
+            lines.append(f'protocol static s4 {{ ipv4; include "{static_file}"; }}')
+        elif static4:
+            lines.append("protocol static s4 { ipv4; " + " ".join(
+                f"route {p} blackhole;" for p in static4) + " }")
+        if static6:
+            lines.append("protocol static s6 { ipv6; " + " ".join(
+                f"route {p} blackhole;" for p in static6) + " }")
+        for n in neighbours:
+            pw = f'password "{n["password"]}";' if n.get("password") else ""
+            nh6 = f'next hop address {n["next_hop6"]};' if n.get("next_hop6") else ""
+            lines.append(
+                f"protocol bgp {n['name']} {{ local {n['local']} as {self.asn}; "
+                f"neighbor {n['address']} as {n['asn']}; {pw} hold time {n.get('hold', 90)}; "
+                f"connect retry time 1; error wait time 1, 2; {n.get('extra', '')}"
+                f"ipv4 {{ import all; export all; }}; "
+                f"ipv6 {{ import all; export all; {nh6} }}; }}")
+        lines.append(extra)
+        path = self.dir / "bird.conf"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    def start(self) -> LabProcess:
+        self.proc = self.host.run(["bird", "-c", self.dir / "bird.conf", "-s", self.sock, "-P",
+                                   self.dir / "bird.pid", "-f"], name=self.name)
+        wait_for(self.sock.exists, 10, "bird control socket")
+        return self.proc
+
+    def cli(self, *args: str, timeout: float = 60) -> str:
+        r = subprocess.run(["birdc", "-s", str(self.sock), *args], capture_output=True,
+                           text=True, timeout=timeout)
+        return r.stdout
+
+    def protocol(self, name: str) -> dict[str, str]:
+        """state and since (from ``show protocols``) and the Info column."""
+        for line in self.cli("show", "protocols", name).splitlines():
+            parts = line.split()
+            if parts and parts[0] == name:
+                return {"state": parts[3], "since": parts[4], "info": " ".join(parts[5:])}
+        return {}
+
+    def established(self, name: str) -> bool:
+        return self.protocol(name).get("info", "").startswith("Established")
+
+    def routes(self, table: str = "master4", protocol: str | None = None) -> dict[str, str]:
+        """prefix -> first line of ``show route`` for it."""
+        args = ["show", "route", "table", table, "all"]
+        if protocol:
+            args += ["protocol", protocol]
+        out: dict[str, str] = {}
+        cur = None
+        for line in self.cli(*args).splitlines():
+            if line and not line[0].isspace() and "/" in line.split()[0]:
+                cur = line.split()[0]
+                out[cur] = line
+            elif cur is not None and line.strip():
+                out[cur] += "\n" + line.strip()
+        return out
+
+    def count(self, table: str = "master4", protocol: str | None = None) -> int:
+        args = ["show", "route", "table", table, "count"]
+        if protocol:
+            args += ["protocol", protocol]
+        for line in self.cli(*args).splitlines():
+            if "of" in line and "routes" in line:
+                return int(line.split()[0])
+        return 0
+
+    def stats(self, name: str) -> dict[str, dict[str, int]]:
+        """Route change stats per channel: {'ipv4': {'import_updates': n, 'import_withdraws':
+        n, 'export_updates': n, 'export_withdraws': n}}."""
+        out: dict[str, dict[str, int]] = {}
+        chan = None
+        for line in self.cli("show", "protocols", "all", name).splitlines():
+            s = line.strip()
+            if s.startswith("Channel "):
+                chan = s.split()[1]
+                out[chan] = {}
+            for kind in ("Import updates", "Import withdraws", "Export updates",
+                         "Export withdraws"):
+                if chan and s.startswith(kind + ":"):
+                    nums = s.split(":", 1)[1].split()
+                    out[chan][kind.lower().replace(" ", "_")] = int(nums[0])
+        return out
+
+
+class FrrPeer:
+    """FRR bgpd without zebra (``-Z -n -S``), its own pid file, vty socket dir and config."""
+
+    def __init__(self, host: LabHost, *, asn: int, router_id: str, listen: str,
+                 name: str = "frr") -> None:
+        self.host = host
+        self.asn = asn
+        self.router_id = router_id
+        self.listen = listen
+        self.dir = host.workdir / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o777)
+        self.proc: LabProcess | None = None
+        self.name = name
+
+    def write_config(self, neighbours: list[dict[str, Any]], networks4: list[str] = (),  # type: ignore[assignment]
+                     networks6: list[str] = ()) -> Path:  # type: ignore[assignment]
+        lines = ["hostname frr", "log stdout informational", f"router bgp {self.asn}",
+                 f" bgp router-id {self.router_id}", " no bgp ebgp-requires-policy",
+                 " no bgp network import-check"]
+        for n in neighbours:
+            lines.append(f" neighbor {n['address']} remote-as {n['asn']}")
+            if n.get("password"):
+                lines.append(f" neighbor {n['address']} password {n['password']}")
+            lines.append(f" neighbor {n['address']} timers {n.get('keepalive', 3)} "
+                         f"{n.get('hold', 9)}")
+            lines.append(f" neighbor {n['address']} timers connect 1")
+        for fam, nets in (("ipv4", networks4), ("ipv6", networks6)):
+            lines.append(f" address-family {fam} unicast")
+            lines += [f"  network {p}" for p in nets]
+            lines += [f"  neighbor {n['address']} activate" for n in neighbours]
+            lines.append(" exit-address-family")
+        path = self.dir / "bgpd.conf"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    def start(self) -> LabProcess:
+        self.proc = self.host.run(
+            ["/usr/lib/frr/bgpd", "-Z", "-n", "-S", "-u", "root", "-g", "root", "-i",
+             self.dir / "bgpd.pid", "--vty_socket", self.dir, "-f", self.dir / "bgpd.conf",
+             "-l", self.listen], name=self.name)
+        wait_for(lambda: (self.dir / "bgpd.vty").exists(), 10, "bgpd vty socket")
+        return self.proc
+
+    def vtysh(self, cmd: str, timeout: float = 60) -> str:
+        r = subprocess.run(["vtysh", "--vty_socket", str(self.dir), "-c", cmd],
+                           capture_output=True, text=True, timeout=timeout)
+        return r.stdout
+
+    def json(self, cmd: str) -> Any:
+        out = self.vtysh(cmd + " json")
+        try:
+            return json.loads(out)
+        except json.JSONDecodeError:
+            return {}
+
+    def neighbour(self, address: str) -> dict[str, Any]:
+        return self.json(f"show bgp neighbors {address}").get(address, {})
+
+    def established(self, address: str) -> bool:
+        return self.neighbour(address).get("bgpState") == "Established"
+
+    def routes(self, fam: str = "ipv4") -> dict[str, Any]:
+        return self.json(f"show bgp {fam} unicast").get("routes", {})
+
+
+class OurSpeaker:
+    """``nonstop bgp speaker`` in a lab host, its config written from ``toml``."""
+
+    def __init__(self, host: LabHost, toml: str, name: str = "speaker") -> None:
+        self.host = host
+        self.dir = host.workdir / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.socket = self.dir / "bgp.sock"
+        self.config = self.dir / "bgp.toml"
+        self.config.write_text(toml.replace("@API@", str(self.socket)))
+        self.proc: LabProcess | None = None
+        self.name = name
+
+    def start(self) -> LabProcess:
+        self.proc = self.host.run([sys.executable, "-m", "nonstop", "-v", "bgp", "speaker",
+                                   "--config", self.config], name=self.name)
+        wait_for(self.socket.exists, 15, "speaker API socket")
+        return self.proc
+
+    def get(self, path: str) -> dict[str, Any]:
+        from nonstop.bgp.cli import fetch
+
+        return fetch(str(self.socket), path)
+
+    def peer(self, name: str) -> dict[str, Any]:
+        for r in self.get("/summary")["peers"]:
+            if r["peer"] == name:
+                return r
+        raise KeyError(name)
+
+    def routes(self, prefix: str | None = None, limit: int = 100000) -> dict[str, Any]:
+        q = f"/routes?limit={limit}" + (f"&prefix={prefix}" if prefix else "")
+        return {r["prefix"]: r for r in self.get(q)["routes"]}
