@@ -126,6 +126,7 @@ class AgentApi:
         return self._role_reply(self.agent.roles.role == Role.BACKUP)
 
     async def status(self, request: web.Request) -> web.Response:
+        await self.agent.sessions.refresh()  # the session worker's part, fresh
         return web.json_response(self.agent.status())
 
     async def metrics(self, request: web.Request) -> web.Response:

@@ -133,6 +133,7 @@ class Agent:
         self._stop = asyncio.Event()
         self._stopping = False
         self._ready = False
+        self._acquiring = self._announce_pending = False  # VIPs wait for the session restore
         self._api: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -179,9 +180,8 @@ class Agent:
             self.neigh_tuned = tune_retrans(set(ifaces.values()), cfg.heartbeat.interval_ms)
         self.guard = GuardClient.spawn()
         loop.add_reader(self.guard.fileno(), self._guard_readable)
-        self.sessions.start()  # the backup side of every protected service, from the start
-        if (fd := self.sessions.fileno()) is not None:
-            loop.add_reader(fd, self._worker_readable)
+        # the backup side of every protected service, from the start
+        self.sessions.start(loop, self._worker_exited)
         await self.links.start()
         from nonstop.agent.api import AgentApi
 
@@ -239,10 +239,7 @@ class Agent:
                 self.roles.stop(time.monotonic())
                 self._pump(time.monotonic())
         self.vips.release()
-        if (fd := self.sessions.fileno()) is not None:
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(fd)
-        self.sessions.close()
+        self.sessions.close(asyncio.get_running_loop())
         if self.guard is not None:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(self.guard.fileno())
@@ -325,10 +322,7 @@ class Agent:
                 self.roles.local_fault("fence guard exited", now)
         self._pump(now)
 
-    def _worker_readable(self) -> None:
-        """Outside a call the worker only ever sends EOF: it died."""
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(self.sessions.fileno())
+    def _worker_exited(self) -> None:
         now = time.monotonic()
         log.critical("session worker exited: this node can no longer keep TCP sessions")
         self.roles.local_fault("session worker exited", now)
@@ -430,17 +424,13 @@ class Agent:
 
     def _act(self, act: object, now: float) -> None:
         if isinstance(act, R.AcquireVips):
-            # connections first (before the guard's clock starts: a long restore must not
-            # look like a stall), then the VIPs: no segment of a peer finds no connection here
-            if self.cfg.services:
-                self.sessions.promote()
-                now = time.monotonic()  # the guard's clock starts after the restore
-            if self.guard is not None:  # armed first: a kill right after the add is fenced
-                self.guard.arm(self.cfg.fence_timeout, self.vips.specs)
-                self._last_feed = now
-                self._next_feed = now + self.cfg.heartbeat.interval / 2
-            self.vips.acquire()
+            # the connections first, then the VIPs (in _acquired): no segment of a peer finds
+            # this node without its connection; the loop goes on meanwhile
+            self._acquiring = True
+            if not self.sessions.promote(self._acquired):
+                self._acquired()
         elif isinstance(act, R.ReleaseVips):
+            self._acquiring = self._announce_pending = False
             self.vips.release()
             self.sessions.demote()
             if self.guard is not None:
@@ -448,7 +438,10 @@ class Agent:
             self._next_feed = float("inf")
             self._last_feed = None
         elif isinstance(act, R.Announce):
-            self._spawn(self.vips.announce())
+            if self._acquiring:
+                self._announce_pending = True
+            else:
+                self._spawn(self.vips.announce())
         elif isinstance(act, R.RequestLease):
             log.debug("asking the witness for the lease (%s)", self.roles.reason)
             if self.witness is not None:
@@ -461,6 +454,23 @@ class Agent:
             self.membership.send_now()
         else:  # pragma: no cover - a new action the adapter does not know is a bug
             raise TypeError(f"unknown action {act!r}")
+
+    def _acquired(self) -> None:
+        """Add the VIPs (the session worker restored the connections, or there are none)."""
+        if not self._acquiring:  # released while the worker restored: the worker demotes too
+            return
+        self._acquiring = False
+        now = time.monotonic()
+        if self.guard is not None:  # armed first: a kill right after the add is fenced
+            self.guard.arm(self.cfg.fence_timeout, self.vips.specs)
+            self._last_feed = now
+            self._next_feed = now + self.cfg.heartbeat.interval / 2
+        self.vips.acquire()
+        if self._announce_pending:
+            self._announce_pending = False
+            self._spawn(self.vips.announce())
+        if self._ready:
+            self._arm_timer()
 
     def _role_changed(self, rc: R.RoleChanged) -> None:
         self.role_since = rc.at
@@ -526,7 +536,8 @@ class Agent:
             },
             "realtime": {"requested": cfg.failover.realtime, "failed": self.realtime_failed},
             "neighbours_tuned": self.neigh_tuned,
-            "sessions": self.sessions.status() if self.cfg.services else [],
+            "sessions": self.sessions.cached,
+            "session_worker": self.sessions.status(),
             "history": list(self.history),
         }
 

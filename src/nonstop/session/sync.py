@@ -224,6 +224,7 @@ class SyncSender(_Counted):
         self._next_seq = 1
         self._reset_next = True  # the first batch of an incarnation is a RESET
         self._reset_seq = 0  # seq of the latest RESET batch (0: not sealed yet)
+        self._resync_end = 0  # seq of the last batch of the latest resync
         self._sealed: deque[_Sent] = deque()  # sealed, waiting for room in the window
         self._inflight: dict[int, _Sent] = {}  # sent, not acknowledged, by seq (ordered)
         self._outbox: list[_Sent] = []
@@ -294,8 +295,8 @@ class SyncSender(_Counted):
                 self._enqueue(state.commit, now)
             self._feed(conn_id, Direction.RCV, state.rcv_start, state.rcv_data, now)
             self._feed(conn_id, Direction.SND, state.snd_start, state.snd_data, now)
-        if not self._pending:  # nothing open: an empty RESET still clears the backup
-            self._seal(now)
+        self._seal(now)  # (nothing open: an empty RESET still clears the backup)
+        self._resync_end = self._next_seq - 1
 
     def pause(self) -> None:
         """No backup to send to: forget what is queued or in flight (the mirror is kept, so a
@@ -309,8 +310,11 @@ class SyncSender(_Counted):
 
     @property
     def resynced(self) -> bool:
-        """The backup acknowledged the latest RESET batch (it holds a whole copy again)."""
-        return not self._reset_pending()
+        """The backup acknowledged every batch of the latest resync (it holds a whole copy)."""
+        if self._reset_pending():
+            return False
+        end = self._resync_end
+        return all(seq > end for seq in self._inflight) and all(s.seq > end for s in self._sealed)
 
     def refresh_full(self, conn_id: int, full: FullRecord) -> None:
         """Replace the FULL record a later resync sends for ``conn_id`` (e.g. a fresher TSval);

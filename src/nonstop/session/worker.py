@@ -11,8 +11,8 @@ reaches the peers, which the new master now serves) and exits.
 Control: a SOCK_SEQPACKET socketpair; each message is one msgpack map. The agent sends
 ``{"op": "init", "services": [...], "key": bytes}`` first, then requests
 (``promote``, ``demote``, ``set_backup`` with ``peers`` = per service [host, port] or None,
-``status``, ``shutdown``); the worker answers each with ``{"ok": true, ...}`` or
-``{"ok": false, "error": ...}``.
+``status``, ``shutdown``); the worker answers each, in order, with ``{"ok": true, ...}`` or
+``{"ok": false, "error": ...}``, except a request with ``"reply": false``.
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ def serve(sock: socket.socket) -> int:
             except Exception as e:  # reported to the agent, which decides
                 log.exception("session worker: %s failed", req.get("op"))
                 reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-            sock.send(_enc.encode(reply))
+            if req.get("reply", True):
+                sock.send(_enc.encode(reply))
             if req.get("op") == "shutdown":
                 return 0
     finally:
@@ -172,6 +173,32 @@ class SessionWorker:
         if not reply.get("ok"):
             raise LocalProtocolError(f"session worker: {req['op']}: {reply.get('error')}")
         return reply
+
+    def send(self, req: dict[str, Any]) -> None:
+        """Send without waiting (the agent's loop reads the replies: ``read_replies``)."""
+        self.sock.settimeout(1.0)
+        try:
+            self.sock.send(_enc.encode(req))
+        except OSError as e:
+            raise LocalProtocolError(f"session worker: {req['op']}: {e}") from e
+
+    def read_replies(self) -> list[dict[str, Any]] | None:
+        """Every reply ready now (non-blocking); None at EOF (the worker is gone)."""
+        out = []
+        self.sock.setblocking(False)
+        try:
+            while True:
+                try:
+                    raw = self.sock.recv(_MAX)
+                except BlockingIOError:
+                    return out
+                except OSError:
+                    return None
+                if not raw:
+                    return None
+                out.append(_dec.decode(raw))
+        finally:
+            self.sock.setblocking(True)
 
     def close(self, timeout: float = 3.0) -> int | None:
         """Orderly stop (silences what it holds), then wait; kill if it hangs."""

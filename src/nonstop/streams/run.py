@@ -127,9 +127,16 @@ async def serve(host: str, port: int, *, rate: float, size: int, report: str | N
 
 async def client(host: str, port: int, *, conns: int, duration: float, rate: float, size: int,
                  connect_timeout: float = 5.0) -> dict[str, Any]:  # fmt: skip
+    """Stream on ``conns`` connections for ``duration`` seconds, or until SIGTERM (then every
+    connection ends cleanly with its trailer, and the report is complete)."""
     verifiers: list[StreamVerifier] = []
     errors: dict[str, int] = {}
     kept = 0
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.call_later(duration, stop.set)
+    with contextlib.suppress(RuntimeError, ValueError):  # not in the main thread: no signal
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
 
     async def one(conn: int) -> None:
         nonlocal kept
@@ -142,9 +149,6 @@ async def client(host: str, port: int, *, conns: int, duration: float, rate: flo
         except (OSError, TimeoutError) as e:
             errors[f"connect_{type(e).__name__}"] = errors.get(f"connect_{type(e).__name__}", 0) + 1
             return
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        loop.call_later(duration, stop.set)
         # read while sending: the verifier's gaps are then the real silences of the server's
         # stream (a takeover's interruption), not an artefact of reading at the end
         receiving = asyncio.create_task(_read_into(reader, v))
@@ -152,7 +156,7 @@ async def client(host: str, port: int, *, conns: int, duration: float, rate: flo
             sender = asyncio.create_task(_pace(writer, CLIENT, conn, rate, size, stop))
             await sender
             writer.write_eof()
-            complete = await asyncio.wait_for(receiving, duration + 30)
+            complete = await asyncio.wait_for(receiving, 30)
             if complete:
                 kept += 1
             else:
