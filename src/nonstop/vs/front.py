@@ -192,7 +192,7 @@ class Front:
         else:
             from nonstop.vs.rpc.manager import RpcFront
 
-            front = RpcFront(self.pool, worker_port=ls.worker_port, key=self.key)
+            front = RpcFront(self.pool, worker_port=ls.worker_port)
             self.rpc[ls.name] = front
             self._servers.append(await asyncio.start_server(front.serve, sock=sock))
 

@@ -3,14 +3,13 @@
 Each direction is one coroutine: splice socket -> pipe, then pipe -> socket, waiting on the
 event loop's reader/writer callbacks when a side would block. The bytes never enter Python
 (``SPLICE_F_MOVE``). ``copy_pump`` is the fallback (recv_into / sendall through a buffer), used when
-splice is off or fails with EINVAL (a socket type it does not support).
+splice is off (``front.splice = false``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import fcntl
 import os
 import socket
@@ -96,11 +95,9 @@ async def relay(a: socket.socket, b: socket.socket, *, splice: bool = True) -> t
     try:
         done, _ = await asyncio.wait((t1, t2), return_when=asyncio.FIRST_EXCEPTION)
         for t in done:
-            if t.exception() is not None:
-                err = t.exception()
-                if splice and isinstance(err, OSError) and err.errno == errno.EINVAL:
-                    raise err  # splice unsupported here: caller may fall back
-                raise err  # type: ignore[misc]
+            err = t.exception()
+            if err is not None:
+                raise err
         return t1.result(), t2.result()
     finally:
         for t in (t1, t2):

@@ -40,7 +40,7 @@ DEFAULT_TIMEOUT = 5.0
 
 
 class RpcFront:
-    def __init__(self, pool: Pool, *, worker_port: int | None = None, key: bytes = b"") -> None:
+    def __init__(self, pool: Pool, *, worker_port: int | None = None) -> None:
         self.pool = pool
         self.worker_port = worker_port
         self.links: dict[str, RpcConnection] = {}
