@@ -70,9 +70,9 @@ class _Control(asyncio.DatagramProtocol):
                 self.seen.add(e.counter)
                 log.warning("control datagram from %s dropped: %s", addr[0], e.reason)
             return
-        if not what.startswith(("heartbeat", "refresh")):
+        if not what.startswith(("heartbeat", "refresh")):  # a heartbeat updates the pool itself
             log.info("control: %s", what)
-        self.front.wake()
+            self.front.wake()
 
 
 class Front:

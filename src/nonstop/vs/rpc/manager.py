@@ -152,11 +152,12 @@ class RpcFront:
         return reply
 
     async def _pb(self, call: Call, usable: list[Worker]) -> tuple[Any, list[str], str]:
-        tried: list[str] = []
+        usable_ids = {w.id for w in usable}
+        tried: list[str] = [wid for wid in self.pool.workers if wid not in usable_ids]
         failures: list[str] = []
         while True:
             w = self.pool.pick(exclude=tried)
-            if w is None or not (self.worker_port or w.spec.rpc_port):
+            if w is None:
                 break
             tried.append(w.id)
             try:
