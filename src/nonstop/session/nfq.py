@@ -260,7 +260,8 @@ class AckClamp:
 
     def close(self) -> None:
         """Remove the rule, stop the thread, unbind. Safe to call twice and after a failed open.
-        Segments still queued at the unbind are dropped by the kernel (TCP sends them again)."""
+        Passed segments still waiting for their batch verdict are released; any other segment
+        still queued at the unbind is dropped by the kernel (TCP sends it again)."""
         try:
             while self._chains:
                 _in_ns(self._ns_fd, self._iptables, "-D", self._chains.pop())
@@ -343,7 +344,8 @@ class AckClamp:
                 except BlockingIOError:  # drained: answer what waits, then sleep
                     self._release(sock)
                     ready, _, _ = select.select([sock, wake[0]], [], [])
-                    if wake[0] in ready:
+                    if wake[0] in ready:  # closing: the rules are gone already
+                        self._release(sock)
                         return
                     continue
                 except OSError as e:
