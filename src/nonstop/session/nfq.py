@@ -1,4 +1,4 @@
-"""The ACK clamp on the master's packet path: iptables NFQUEUE + fnfqueue around segment.clamp_ack.
+"""The ACK clamp on the master's packet path: iptables NFQUEUE + nfnetlink around segment.clamp_ack.
 
 ``AckClamp`` puts the master's outgoing TCP segments from VIP:port through an NFQUEUE queue and
 lowers their ACK number (and SACK blocks) to ``limit(four_tuple)``, the point up to which the
