@@ -535,6 +535,11 @@ class Supervisor:
         out["runtime"] = self.runtime.name
         if self.config.runtime != "process":
             out["container"] = self.config.container_name
+        out["recent"] = [  # the last state changes, oldest first; "at" is CLOCK_MONOTONIC
+            {"state": str(e.new), "reason": e.reason, "at": round(e.at, 6)}
+            for e in self.events
+            if isinstance(e, StateChanged)
+        ][-10:]
         next_t = self.core.next_timer()
         out["next_timer_s"] = None if next_t is None else round(max(0.0, next_t - now), 3)
         return out

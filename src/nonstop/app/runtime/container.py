@@ -37,6 +37,67 @@ STATE_MOUNT = "/state"
 LABEL = "nonstop.service"  # on every container a supervisor runs: `nonstop service clean`
 
 
+def network(spec: str) -> str:
+    """``ns:PATH`` naming the namespace we run in becomes ``host``: runc refuses podman's
+    default sysctls (net.ipv4.ping_group_range) in what it sees as the host's namespace."""
+    if spec.startswith("ns:"):
+        try:
+            a, b = os.stat(spec[3:]), os.stat("/proc/self/ns/net")
+        except OSError:
+            return spec
+        if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
+            return "host"
+    return spec
+
+
+def ensure_cgroup_mounts() -> list[str]:
+    """Mount the cgroup hierarchies runc needs when ``ip netns exec`` hid them.
+
+    ``ip netns exec`` runs its command in a private mount namespace with a fresh /sys and no
+    cgroup mounts, and runc then fails ("no cgroup mount found in mountinfo"). Only in that
+    case (no cgroup mount visible, and we are in a named network namespace) the hierarchies of
+    /proc/self/cgroup are mounted again under /sys/fs/cgroup. The mounts live in that private
+    namespace (slave of the host's): nothing changes outside it. Returns what was mounted."""
+    with open("/proc/self/mountinfo") as f:
+        if " - cgroup" in f.read():
+            return []
+    me = os.stat("/proc/self/ns/net")
+    named = any(
+        (st.st_dev, st.st_ino) == (me.st_dev, me.st_ino)
+        for st in (os.stat(os.path.join("/run/netns", n)) for n in _listdir("/run/netns"))
+    )
+    if not named:
+        return []
+    with open("/proc/self/cgroup") as f:
+        lines = [line.strip().split(":", 2) for line in f if line.strip()]
+    v1 = [ctrls for _, ctrls, _ in lines if ctrls]
+    root = "/sys/fs/cgroup"
+    if not v1:  # pure cgroup v2
+        subprocess.run(["mount", "-t", "cgroup2", "cgroup2", root], check=True)
+        return [root]
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=755", "tmpfs", root], check=True)
+    done = [root]
+    for ctrls in v1:
+        name = ctrls.removeprefix("name=")
+        opts = f"none,{ctrls}" if ctrls.startswith("name=") else ctrls
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        subprocess.run(
+            ["mount", "-t", "cgroup", "-o", opts, "cgroup", f"{root}/{name}"], check=True
+        )
+        done.append(f"{root}/{name}")
+    if any(not ctrls for _, ctrls, _ in lines):  # hybrid: cgroup2 too
+        os.makedirs(f"{root}/unified", exist_ok=True)
+        subprocess.run(["mount", "-t", "cgroup2", "cgroup2", f"{root}/unified"], check=False)
+    return done
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
 class ContainerInstance:
     def __init__(self, rt: ContainerRuntime, name: str, pid: int | None) -> None:
         self._rt, self.name, self.pid = rt, name, pid
@@ -70,6 +131,7 @@ class ContainerRuntime:
 
     def __init__(self, binary: str | None = None) -> None:
         self.binary = binary or self.binary
+        self._cgroups_checked = False
 
     @property
     def base(self) -> list[str]:
@@ -78,7 +140,7 @@ class ContainerRuntime:
     def run_args(self, svc: ServiceConfig, log_dir: str = "") -> list[str]:
         c = svc.container
         assert c is not None
-        args = ["run", "-d", "--name", svc.container_name, "--network", c.network]
+        args = ["run", "-d", "--name", svc.container_name, "--network", network(c.network)]
         args += ["--label", f"{LABEL}={svc.name}"]
         args += ["--ulimit", f"nofile={c.nofile}:{c.nofile}"]
         args += ["--ulimit", f"nproc={c.nproc}:{c.nproc}", "--stop-signal", svc.stop_signal]
@@ -95,8 +157,8 @@ class ContainerRuntime:
             args += ["-e", f"{k}={v}"]
         if svc.user:
             args += ["--user", svc.user]
-        if svc.cwd and svc.cwd != os.getcwd():
-            args += ["--workdir", svc.cwd]
+        if c.workdir:  # a path inside the container (svc.cwd is the host's, for processes)
+            args += ["--workdir", c.workdir]
         return [*args, *c.extra_args, c.image, *svc.command]
 
     async def engine(self, *args: str, check: bool = True) -> str:
@@ -117,6 +179,12 @@ class ContainerRuntime:
             raise LaunchError(f"{self.binary} is not installed")
         if svc.state_volume:
             os.makedirs(svc.state_volume, exist_ok=True)
+        if not self._cgroups_checked:
+            self._cgroups_checked = True
+            try:
+                ensure_cgroup_mounts()
+            except (OSError, subprocess.CalledProcessError) as e:
+                raise LaunchError(f"cgroup hierarchies missing and not mountable: {e}") from e
         await self.remove(svc.container_name)
         os.makedirs(log_dir, exist_ok=True)
         await self.engine(*self.run_args(svc, log_dir))

@@ -59,6 +59,7 @@ class ContainerConfig(_Strict, kw_only=True):
     oci_runtime: str = "runc"  # crun fails on this machine kind; runc works
     network: str = "host"  # host | none | ns:/run/netns/NAME (podman)
     volumes: list[str] = []  # "host:container[:options]"
+    workdir: str = ""  # inside the container (``cwd`` is for processes)
     nofile: Annotated[int, msgspec.Meta(ge=64)] = 20000  # must not exceed the host's hard limit
     nproc: Annotated[int, msgspec.Meta(ge=16)] = 4096
     extra_args: list[str] = []
