@@ -193,17 +193,20 @@ class Cluster:
         self.wait(lambda: os.path.exists(path), 10.0, f"{path} to exist", poll=0.02)
         host = self.lab.host(name)
         report = os.path.join(host.workdir, f"{service}{tag}.json")
-        log = open(os.path.join(host.workdir, f"{service}{tag}.log"), "ab")  # noqa: SIM115
-        with log:
-            return host.run(
-                [
-                    sys.executable, "-m", "nonstop.streams", "protected-server",
-                    "--host", self.spec.vip.split("/")[0],
-                    "--port", str(self.spec.services[service]), "--agent", path,
-                    "--rate", str(rate), "--size", str(size), "--report", report,
-                ],
-                stdout=log, stderr=log, name=f"{service}-{name}{tag}",
-            )  # fmt: skip
+        return host.run(
+            [
+                sys.executable, "-m", "nonstop.streams", "protected-server",
+                "--host", self.spec.vip.split("/")[0],
+                "--port", str(self.spec.services[service]), "--agent", path,
+                "--rate", str(rate), "--size", str(size), "--report", report,
+            ],
+            name=f"{service}-{name}{tag}",
+        )  # fmt: skip
+
+    def wait_serving(self, proc: LabProcess, timeout: float = 10.0) -> None:
+        """Until a stream service started by ``start_stream_service`` serves (a standby on a
+        backup only does once its node promotes)."""
+        self.wait(lambda: "serving" in proc.output(), timeout, f"{proc.name} to serve", poll=0.02)
 
     def start(self) -> None:
         self.start_witness()

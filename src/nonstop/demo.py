@@ -9,6 +9,11 @@ the agents, a small TCP service on the VIP on both nodes and a client on the pee
 3. kills node-a as a node (every link down): node-b takes over after the dead interval, with the
    witness's lease;
 and prints what happened with timings, from the agents' own decisions and the client's view.
+
+Alongside the request/reply client (which reconnects), a protected service (the stream checker's
+server on nonstop.app, a standby on the backup) carries STREAM_CONNS connections from the peer
+through all three faults: TCP session takeover keeps each of them, with no reset and no byte
+lost or duplicated, and the demo prints what the stream checker saw on the peer.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import argparse
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from typing import Any
@@ -24,6 +30,7 @@ from typing import Any
 from nonstop.cli import EXIT_FAIL, EXIT_OK, add_format_option
 
 SERVICE_PORT = 5000
+STREAM_PORT, STREAM_CONNS = 7400, 8
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -84,7 +91,9 @@ def run(args: argparse.Namespace) -> int:
             f"[bold]nonstop demo[/]: lab [cyan]{lab.prefix}[/] up: peer, node-a, node-b, witness "
             "on channels lan (10.77.0.0/24) and hb (10.77.1.0/24)"
         )
-        cluster = Cluster(lab, ClusterSpec(interval_ms=args.interval_ms))
+        cluster = Cluster(
+            lab, ClusterSpec(interval_ms=args.interval_ms, services={"stream": STREAM_PORT})
+        )
         cluster.start()
         vip = cluster.spec.vip.split("/")[0]
         for n in cluster.spec.nodes:
@@ -128,6 +137,19 @@ def run(args: argparse.Namespace) -> int:
 
         master = cluster.wait_ready(timeout=15)
         say(f"agents up: [green]{master}[/] is master of VIP {vip}, the other is backup")
+        nodes = cluster.spec.nodes
+        streams = {n: cluster.start_stream_service(n, "stream", rate=20) for n in nodes}
+        cluster.wait_serving(streams[master])
+        stream_client = lab.host("peer").run(
+            [sys.executable, "-m", "nonstop.streams", "client", "--host", vip, "--port",
+             str(STREAM_PORT), "--conns", str(STREAM_CONNS), "--duration", "3600", "--rate", "20",
+             "--size", "200"],
+            stdout=subprocess.PIPE, name="stream-client",
+        )  # fmt: skip
+        say(
+            f"protected service on {vip}:{STREAM_PORT}: {STREAM_CONNS} TCP connections from the "
+            "peer stream both ways through every fault below"
+        )
         client_log = os.path.join(lab.workdir, "client.jsonl")
         lab.host("peer").run(
             [
@@ -196,17 +218,23 @@ def run(args: argparse.Namespace) -> int:
             )
             say(
                 f"  client: service gap {c['service_gap_ms']} ms, {c['reconnects']} reconnect(s) "
-                f"(TCP session takeover will remove these), answered by {c['answered_by']}"
+                f"(this client reconnects; the protected streams below do not), answered by "
+                f"{c['answered_by']}"
             )
             if heal is not None:
                 heal()
             return res
 
         agent_a = cluster.procs["node-a"]
+
+        def crash_a() -> None:
+            agent_a.kill(signal.SIGKILL)
+            streams["node-a"].kill(signal.SIGKILL)
+
         report["scenarios"].append(
             scenario(
-                "1. SIGKILL of node-a's agent on a live node",
-                lambda: agent_a.kill(signal.SIGKILL),
+                "1. SIGKILL of node-a's agent and service on a live node",
+                crash_a,
                 "node-a",
                 "node-b",
                 None,
@@ -216,6 +244,7 @@ def run(args: argparse.Namespace) -> int:
         say("\n[bold]2. node-a's agent restarts[/] (preempt = true, priority 200 > 100)")
         t0 = time.monotonic()
         cluster.start_agent("node-a")
+        streams["node-a"] = cluster.start_stream_service("node-a", "stream", rate=20, tag="-2")
         try:
             cluster.wait_role("node-a", "master", timeout=10)
             cluster.wait_role("node-b", "backup", timeout=5)
@@ -235,13 +264,22 @@ def run(args: argparse.Namespace) -> int:
         def cut() -> None:
             handle["h"] = lab.isolate("node-a")
 
+        def heal() -> None:
+            # node-a stepped down while cut off and dropped its service's channel: the service
+            # restarts as a standby before the links come back (a supervisor's job)
+            streams["node-a"].kill(signal.SIGKILL)
+            cluster.wait(lambda: cluster.role("node-a") != "master", 10, "node-a to step down")
+            streams["node-a"] = cluster.start_stream_service("node-a", "stream", rate=20, tag="-3")
+            time.sleep(0.5)
+            handle["h"].heal()
+
         report["scenarios"].append(
             scenario(
                 "3. node-a dies as a node (every link down)",
                 cut,
                 "node-a",
                 "node-b",
-                lambda: handle["h"].heal(),
+                heal,
             )
         )
         try:
@@ -250,6 +288,27 @@ def run(args: argparse.Namespace) -> int:
         except TimeoutError:
             say("  [yellow]node-a did not take the VIP back after its links came back[/]")
             ok = False
+
+        time.sleep(1.0)
+        stream_client.send_signal(signal.SIGTERM)  # every stream ends with its trailer
+        try:
+            out, _ = stream_client.popen.communicate(timeout=30)
+            sv = json.loads(out.decode().strip().splitlines()[-1])
+        except (subprocess.TimeoutExpired, ValueError, IndexError) as e:
+            sv = {"error": str(e)}
+        report["tcp_sessions"] = sv
+        kept = sv.get("kept") == STREAM_CONNS and not sv.get("resets") and not sv.get("lost")
+        kept = kept and not sv.get("duplicated") and not sv.get("corrupted")
+        ok = ok and kept
+        gap = sv.get("max_gap_ms", {})
+        say(
+            f"\n[bold]TCP sessions[/] through all three takeovers: "
+            f"{'[green]' if kept else '[red]'}{sv.get('kept')}/{STREAM_CONNS} kept[/], "
+            f"{sv.get('resets')} resets, {sv.get('lost')} messages lost, "
+            f"{sv.get('duplicated')} duplicated, {sv.get('corrupted')} corrupted "
+            f"({sv.get('messages')} messages checked); longest silence per connection "
+            f"p50 {gap.get('p50')} ms, max {gap.get('max')} ms (messages every 50 ms)"
+        )
 
         from nonstop.agent.cli import print_status
 

@@ -98,6 +98,7 @@ def run(demo_lab, request) -> Iterator[Run]:
         c.wait_ready(timeout=20)
         for n in c.spec.nodes:
             r.start_service(n)
+        c.wait_serving(r.services[c.master() or ""])
         yield r
     finally:
         rep = getattr(request.node, "rep_call", None)

@@ -182,6 +182,8 @@ class Agent:
         loop.add_reader(self.guard.fileno(), self._guard_readable)
         # the backup side of every protected service, from the start
         self.sessions.start(loop, self._worker_exited)
+        if cfg.services:
+            self._spawn(self._watch_sessions())
         await self.links.start()
         from nonstop.agent.api import AgentApi
 
@@ -322,6 +324,18 @@ class Agent:
                 self.roles.local_fault("fence guard exited", now)
         self._pump(now)
 
+    async def _watch_sessions(self) -> None:
+        """Refresh the worker's status; hold a planned handover (preemption) until the backup
+        holds a whole copy of every protected connection."""
+        while not self._stopping:
+            services = await self.sessions.refresh()
+            self.roles.handover_ready = all(
+                s.get("sync", {}).get("protecting", False)
+                for s in services
+                if s.get("role") == "master"
+            )
+            await asyncio.sleep(0.05)
+
     def _worker_exited(self) -> None:
         now = time.monotonic()
         log.critical("session worker exited: this node can no longer keep TCP sessions")
@@ -460,12 +474,16 @@ class Agent:
         if not self._acquiring:  # released while the worker restored: the worker demotes too
             return
         self._acquiring = False
+        if self.guard is not None:  # armed first: a kill right after the add is fenced (EOF)
+            # ...with room for the add itself: netlink waits for the kernel's rtnl lock, which
+            # namespace or link churn elsewhere on the node can hold for tens of milliseconds
+            self.guard.arm(max(1.0, self.cfg.fence_timeout), self.vips.specs)
+        self.vips.acquire()
         now = time.monotonic()
-        if self.guard is not None:  # armed first: a kill right after the add is fenced
+        if self.guard is not None:
             self.guard.arm(self.cfg.fence_timeout, self.vips.specs)
             self._last_feed = now
             self._next_feed = now + self.cfg.heartbeat.interval / 2
-        self.vips.acquire()
         if self._announce_pending:
             self._announce_pending = False
             self._spawn(self.vips.announce())

@@ -120,6 +120,9 @@ class RoleMachine:
         self._next_request: float | None = None
         self._preempt_since: float | None = None
         self._handover = False
+        # set by the adapter: False while a planned handover would lose state the backup does
+        # not hold yet (the session sync of a rejoined backup is still under way)
+        self.handover_ready = True
         self._hold_until: float | None = None
         # Peers whose agent is proven dead, and, after promoting on such a proof, how long a
         # master may wait for the lease the dead master's grant still blocks.
@@ -411,6 +414,7 @@ class RoleMachine:
                 p.role == Role.BACKUP
                 and p.flags & FLAG_HANDOVER_REQUEST
                 and p.priority > cfg.priority
+                and self.handover_ready
             ):
                 self._change(
                     Role.BACKUP,
