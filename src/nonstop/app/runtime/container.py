@@ -325,6 +325,11 @@ def ensure_python_image(name: str = PYTHON_IMAGE, *, rebuild: bool = False) -> s
     exists = subprocess.run(["podman", "image", "exists", name]).returncode == 0
     if exists and not rebuild:
         return name
+    old = ""
+    if exists:  # a rebuild would leave the old image untagged: remove it afterwards
+        r = subprocess.run(["podman", "image", "inspect", "--format", "{{.Id}}", name],
+                           capture_output=True, text=True)  # fmt: skip
+        old = r.stdout.strip()
     with tempfile.TemporaryDirectory(prefix="nonstop-rootfs-") as tmp:
         tar = os.path.join(tmp, "rootfs.tar")
         build_rootfs_tar(tar)
@@ -335,6 +340,8 @@ def ensure_python_image(name: str = PYTHON_IMAGE, *, rebuild: bool = False) -> s
         )
         if r.returncode != 0:
             raise LaunchError(f"podman import failed: {r.stderr.strip()[-300:]}")
+    if old:
+        subprocess.run(["podman", "rmi", old], capture_output=True)  # fails if still in use
     return name
 
 

@@ -137,6 +137,7 @@ def check_service(path: str, field: str, svc: ServiceConfig) -> None:
 
 def load_services(path: str) -> ServicesFile:
     """Load and check a services file; relative paths resolve against the file's directory."""
+    path = os.path.abspath(path)  # every path resolved from it is absolute (a mount needs it)
     cfg = _decode(path, _read(path), ServicesFile)
     assert isinstance(cfg, ServicesFile)
     names: list[str] = []
