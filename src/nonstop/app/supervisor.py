@@ -606,8 +606,9 @@ class Supervisor:
 
         try:
             inst = await self.runtime.launch(self.config, self.log_dir)
-        except LaunchError as e:
-            self.core.launch_failed(gen, str(e), self._now())
+        except Exception as e:  # LaunchError, or OSError on the log directory: still a death
+            why = str(e) if isinstance(e, LaunchError) else f"{type(e).__name__}: {e}"
+            self.core.launch_failed(gen, why, self._now())
             self._pump()
             return
         self._instance = (gen, inst)
@@ -616,10 +617,14 @@ class Supervisor:
         if gen in self._pending_signal:
             await inst.signal(self._pending_signal.pop(gen))
         try:
-            status = await inst.wait()
+            status: object = await inst.wait()
         except asyncio.CancelledError:  # supervisor torn down: do not leave the instance
             await inst.signal(signal.SIGKILL)
             raise
+        except Exception as e:  # cannot learn how it ends: kill it, report it lost
+            log.error("service %s: waiting for instance %d failed: %s", self.config.name, gen, e)
+            await inst.signal(signal.SIGKILL)
+            status = f"lost ({type(e).__name__}: {e})"
         if self._instance is not None and self._instance[0] == gen:
             self._instance = None
         self.core.instance_exited(gen, str(status), self._now())
@@ -636,6 +641,9 @@ class Supervisor:
 
         cfg = self.config.readiness if action.kind == READINESS else self.config.liveness
         assert cfg is not None
-        ok, detail = await run_check(cfg)
+        try:
+            ok, detail = await run_check(cfg)
+        except Exception as e:  # a probe bug must not stall the machine (in_flight forever)
+            ok, detail = False, f"probe error: {type(e).__name__}: {e}"
         self.core.check_result(action.generation, action.kind, ok, detail, self._now())
         self._pump()
