@@ -48,7 +48,7 @@ class BirdPeer:
         """neighbours: dicts with name, address, asn, [password], [next_hop6], [local]."""
         lines = ["log stderr all;", f"router id {self.router_id};", "protocol device {}"]
         if static_file is not None:
-            lines.append(f'protocol static s4 {{ ipv4; include "{static_file}"; }}')
+            lines.append(f'protocol static s4 {{\n  ipv4;\ninclude "{static_file}";\n}}')
         elif static4:
             lines.append("protocol static s4 { ipv4; " + " ".join(
                 f"route {p} blackhole;" for p in static4) + " }")
@@ -232,3 +232,67 @@ class OurSpeaker:
     def routes(self, prefix: str | None = None, limit: int = 100000) -> dict[str, Any]:
         q = f"/routes?limit={limit}" + (f"&prefix={prefix}" if prefix else "")
         return {r["prefix"]: r for r in self.get(q)["routes"]}
+
+
+# -- the benchmark ---------------------------------------------------------------------------------
+
+
+def table_prefixes(n: int) -> list[str]:
+    """n distinct /28s inside 10.0.0.0/8 (2**20 of them). They are BGP data only: the benchmark
+    never installs them and no packet is sent to them."""
+    if n > 1 << 20:
+        raise ValueError("at most 1048576 routes")
+    return [f"10.{i >> 12 & 0xFF}.{i >> 4 & 0xFF}.{(i & 0xF) << 4}/28" for i in range(n)]
+
+
+def write_static(path: Path, n: int) -> None:
+    with path.open("w") as f:
+        for p in table_prefixes(n):
+            f.write(f"route {p} blackhole;\n")
+
+
+def rss_mb(pid: int) -> dict[str, float]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            out[line.split(":")[0]] = round(int(line.split()[1]) / 1024, 1)
+    return out
+
+
+def standby_resume_ms(n: int) -> dict[str, float]:
+    """In-process: a master speaker loads n routes from a synthetic peer, a Standby applies its
+    journal, then resume() is timed (the non-stop part of a takeover, without the TCP move)."""
+    from nonstop.bgp.attrs import Attrs
+    from nonstop.bgp.config import loads
+    from nonstop.bgp.journal import Journal, Standby
+    from nonstop.bgp.speaker import Speaker
+    from nonstop.bgp.update import encode_update
+    from nonstop.bgp.wire import Capabilities, Open, encode_keepalive, encode_open
+
+    cfg = loads('asn=65001\nrouter_id="10.77.0.11"\n[[peers]]\nname="p"\naddress="10.77.0.12"'
+                '\nasn=65002\nfamilies=["ipv4"]\n')
+    sp = Speaker(cfg)
+    j = Journal(sp)
+    sp.start(1.0)
+    sp.connection_made("p", 1.0, "10.77.0.11")
+    sp.data_to_send("p")
+    caps = Capabilities(frozenset({(1, 1)}), 65002, True, None)
+    sp.receive_data("p", encode_open(Open(65002, 90, "10.77.0.12", caps)) + encode_keepalive(),
+                    1.0)
+    sp.data_to_send("p")
+    for g in range(0, n, 1000):
+        a = Attrs(as_path=((2, (65002, 100 + g // 1000 % 500)),), next_hop=b"\x0a\x4d\x00\x0c")
+        keys = [((0x0A000000 + (i << 4)) << 8) | 28 for i in range(g, min(n, g + 1000))]
+        for m in encode_update((1, 1), announced=keys, attrs=a):
+            sp.receive_data("p", m, 2.0)
+    sb = Standby(cfg)
+    t = time.perf_counter()
+    for r in j.take():
+        sb.apply(r)
+    apply_s = time.perf_counter() - t
+    t = time.perf_counter()
+    sb.resume(3.0)
+    out = sb.speaker.data_to_send("p")
+    resume = (time.perf_counter() - t) * 1000
+    assert len(sb.speaker.loc[(1, 1)]) == n and out == encode_keepalive()
+    return {"resume_ms": round(resume, 3), "journal_apply_s": round(apply_s, 2)}

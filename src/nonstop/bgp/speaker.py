@@ -299,11 +299,12 @@ class Speaker:
         add = changed.append
         if pol.trivial and not multi:  # the hot path of a full table from one peer
             path = p.path(a)
-            for k in keys:
-                adj[k] = path
-                if loc.get(k) is not path:
-                    loc[k] = path
-                    add(k)
+            adj.update(dict.fromkeys(keys, path))
+            get = loc.get
+            changed = [k for k in keys if get(k) is not path]
+            loc.update(dict.fromkeys(changed, path))
+            self._changed(fam, changed, skip=p)  # p's own routes never go back to p
+            return
         else:
             v = 4 if fam == IPV4_UNICAST else 6
             for k in keys:
@@ -351,11 +352,11 @@ class Speaker:
         if notify:
             self._changed(fam, changed)
 
-    def _changed(self, fam: Family, keys: list[int]) -> None:
+    def _changed(self, fam: Family, keys: list[int], skip: Peer | None = None) -> None:
         if not keys:
             return
         for q in self.by_index:
-            if q.established and fam in q.session.families:
+            if q is not skip and q.established and fam in q.session.families:
                 q.dirty[fam].update(dict.fromkeys(keys))
         if self.fib_dirty is not None:
             self.fib_dirty.setdefault(fam, {}).update(dict.fromkeys(keys))

@@ -1,0 +1,160 @@
+"""``nonstop bench bgp``: full-table load from a real peer into our Loc-RIB, against BIRD->BIRD.
+
+A feeder (BIRD with N static routes from a generated file, or FRR with N ``network``
+statements) sends the table; the receiver is either our speaker (``load_s``) or a second BIRD
+(``baseline_load_s``), each timed from its process start until all N routes are in its table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+from nonstop.cli import EXIT_FAIL, EXIT_OK, EXIT_USAGE, add_format_option
+
+NOT_YET = ("not yet: moving the TCP connection (nonstop.session TCP_REPAIR) to the standby "
+           "speaker is not wired; standby_resume_ms is the in-process part")
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("bgp", help="BGP full-table load vs BIRD->BIRD, RSS, standby resume",
+                       description=__doc__)
+    p.add_argument("--routes", type=int, default=100_000, help="table size (default 100000)")
+    p.add_argument("--peer", choices=("bird", "frr"), default="bird", help="the feeder")
+    p.add_argument("--no-baseline", dest="baseline", action="store_false")
+    p.add_argument("--timeout", type=float, default=600.0, help="per load (s)")
+    p.add_argument("--out", help="also write the JSON to this file")
+    add_format_option(p)
+    p.set_defaults(func=cmd_bgp, format="json")
+
+
+def _topology() -> Any:
+    from nonstop.lab import Topology
+
+    topo = Topology(source="<bench bgp>")
+    topo.channel("lan", v4="10.77.0.0/24", v6="fd77::/64")
+    topo.host("ours", channels={"lan": 11})
+    topo.host("feed", channels={"lan": 12})
+    topo.host("base", channels={"lan": 13})
+    return topo
+
+
+OURS = """
+asn = 65001
+router_id = "10.77.0.11"
+api_socket = "@API@"
+[[peers]]
+name = "feed"
+address = "10.77.0.12"
+asn = 65002
+connect_retry = 1
+families = ["ipv4"]
+[peers.export]
+default = "reject"
+"""
+
+
+def run(n: int, peer: str, baseline: bool, timeout: float, tick: Any) -> dict[str, Any]:
+    from nonstop.bench.bgp import (
+        BirdPeer,
+        FrrPeer,
+        OurSpeaker,
+        rss_mb,
+        standby_resume_ms,
+        table_prefixes,
+        wait_for,
+        write_static,
+    )
+    from nonstop.lab import Lab
+
+    out: dict[str, Any] = {"bench": "bgp", "routes": n, "peer": peer}
+    with Lab(_topology()) as lab:
+        feed_host = lab.host("feed")
+        receivers = [{"name": "ours", "local": "10.77.0.12", "address": "10.77.0.11",
+                      "asn": 65001},
+                     {"name": "bird_base", "local": "10.77.0.12", "address": "10.77.0.13",
+                      "asn": 65003}]
+        if peer == "bird" or baseline:
+            bird = BirdPeer(feed_host, asn=65002, router_id="10.77.0.12")
+            static = bird.dir / "table.conf"
+            write_static(static, n)
+            bird.write_config(receivers if peer == "bird" else receivers[1:],
+                              static_file=static)
+            bird.start()
+            wait_for(lambda: bird.count("master4") >= n, timeout, "feeder BIRD table")
+        if peer == "frr":
+            frr = FrrPeer(feed_host, asn=65002, router_id="10.77.0.12", listen="10.77.0.12",
+                          name="frr")
+            frr.write_config([{"address": "10.77.0.11", "asn": 65001, "hold": 90,
+                               "keepalive": 30}], networks4=table_prefixes(n))
+            frr.start()
+        tick()
+        if baseline:
+            base = BirdPeer(lab.host("base"), asn=65003, router_id="10.77.0.13", name="base")
+            base.write_config([{"name": "feed", "local": "10.77.0.13", "address": "10.77.0.12",
+                                "asn": 65002}])
+            base.start()
+            wait_for(lambda: base.count("master4") >= n, timeout, "baseline BIRD load",
+                     step=0.05)
+            done = time.time()
+            since = base.protocol("feed")["since"]  # HH:MM:SS.mmm, local wall clock
+            out["baseline_load_s"] = round(_since_to_s(since, done), 3)
+            assert base.proc is not None
+            out["baseline_rss_mb"] = rss_mb(base.proc.pid).get("VmHWM")
+            base.proc.terminate()
+        tick()
+        ours = OurSpeaker(lab.host("ours"), OURS)
+        ours.start()
+        row = wait_for(lambda: (r := ours.peer("feed"))["prefixes_received"]["ipv4"] >= n and r,
+                       timeout, "our speaker's load", step=0.05)
+        out["load_s"] = round(row["since_s"], 3)
+        assert ours.proc is not None
+        mem = rss_mb(ours.proc.pid)
+        out["rss_mb"] = mem.get("VmHWM")
+        out["rss_now_mb"] = mem.get("VmRSS")
+        s = ours.peer("feed")
+        out["loc_rib"] = ours.get("/routes?limit=1")["total"]
+        out["session_state"] = s["state"]
+        if "baseline_load_s" in out:
+            out["load_ratio"] = round(out["load_s"] / out["baseline_load_s"], 2)
+        tick()
+    out.update(standby_resume_ms(n))
+    out["takeover_ms"] = None
+    out["session_resets"] = None
+    out["withdrawals_seen_by_peer"] = None
+    out["not_yet"] = NOT_YET
+    out["note"] = ("timings are wall clock on a shared 2-CPU machine (other jobs running): "
+                   "noisy; load_s: from the receiver's session Established to all N routes in "
+                   "its table, "
+                   "polled every 50 ms")
+    tick()
+    return out
+
+
+def _since_to_s(since: str, done: float) -> float:
+    """Seconds from BIRD's 'since' (HH:MM:SS.mmm today, local time) to the wall time ``done``."""
+    lt = time.localtime(done)
+    h, m, sec = since.split(":")
+    start = time.mktime((lt.tm_year, lt.tm_mon, lt.tm_mday, int(h), int(m), 0, 0, 0, -1))
+    return done - (start + float(sec))
+
+
+def cmd_bgp(args: argparse.Namespace) -> int:
+    from nonstop.bench.cli import emit, with_progress
+
+    if os.geteuid() != 0:
+        print("nonstop bench: needs root (network namespaces)", file=sys.stderr)
+        return EXIT_USAGE
+    if not 1 <= args.routes <= 1 << 20:
+        print("nonstop bench bgp: --routes 1..1048576", file=sys.stderr)
+        return EXIT_USAGE
+    result = with_progress(4, lambda tick: run(args.routes, args.peer, args.baseline,
+                                               args.timeout, tick), label="bench bgp")
+    if emit(result, args):
+        print(f"{result['routes']} routes from {result['peer']}: load {result['load_s']} s "
+              f"(BIRD->BIRD {result.get('baseline_load_s')} s), RSS {result['rss_mb']} MB, "
+              f"standby resume {result['resume_ms']} ms")
+    return EXIT_OK if result.get("loc_rib") == args.routes else EXIT_FAIL
