@@ -42,32 +42,85 @@ def set_md5(sock: socket.socket, address: str, password: str) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, TCP_MD5SIG, md5_option(address, password))
 
 
-class _Conn(asyncio.Protocol):
-    def __init__(self, svc: SpeakerService, peer: str | None) -> None:
+class _Conn:
+    """One peer connection on a non-blocking socket. Reads PEEK, hand the bytes to the speaker
+    (which journals them first), then consume them: bytes leave the kernel only once a standby
+    could have them. Writes report to the speaker what the kernel accepted."""
+
+    def __init__(self, svc: SpeakerService, peer: str, sock: socket.socket, active: bool) -> None:
         self.svc = svc
         self.peer = peer
-        self.transport: asyncio.Transport | None = None
+        self.sock = sock
+        self.active = active  # we connected (TCP_INFO bytes_acked then counts our SYN)
+        self.out = bytearray()
+        self.closed = False
+        sock.setblocking(False)
+        svc.loop.add_reader(sock.fileno(), self._readable)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        if self.peer is None:  # accepted: find the peer by its address
-            remote = transport.get_extra_info("peername")[0]
-            self.peer = self.svc.peer_by_address(remote)
-            if self.peer is None or not self.svc.accept(self.peer, self):
-                log.info("refusing connection from %s", remote)
-                transport.close()
-                self.peer = None
+    def _readable(self) -> None:
+        try:
+            data = self.sock.recv(65536, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.svc.on_lost(self.peer, self)
+            return
+        self.svc.on_data(self.peer, data, self)
+
+    def consume(self, n: int) -> None:
+        while n > 0:
+            n -= len(self.sock.recv(n))
+
+    def write(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if not self.out:
+            try:
+                n = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError:
+                return  # the reader sees the error and reports the loss
+            self.svc.speaker.sent(self.peer, n)
+            data = data[n:]
+            if not data:
                 return
-        self.svc.attach(self.peer, self)
+            self.svc.loop.add_writer(self.sock.fileno(), self._writable)
+        self.out += data
 
-    def data_received(self, data: bytes) -> None:
-        if self.peer is not None and self.svc.conns.get(self.peer) is self:
-            self.svc.on_data(self.peer, data)
+    def _writable(self) -> None:
+        try:
+            n = self.sock.send(self.out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.svc.loop.remove_writer(self.sock.fileno())
+            return
+        self.svc.speaker.sent(self.peer, n)
+        del self.out[:n]
+        if not self.out:
+            self.svc.loop.remove_writer(self.sock.fileno())
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.peer is not None and self.svc.conns.get(self.peer) is self:
-            self.svc.on_lost(self.peer)
+    def detach(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.svc.loop.remove_reader(self.sock.fileno())
+            self.svc.loop.remove_writer(self.sock.fileno())
+
+    def close(self) -> None:
+        """Flush what is queued (best effort), FIN even if a standby holds a copy, close."""
+        if self.closed:
+            return
+        self.detach()
+        with contextlib.suppress(OSError):
+            self.sock.setblocking(True)
+            self.sock.settimeout(1.0)
+            if self.out:
+                self.sock.sendall(self.out)
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
 
 
 class SpeakerService:
@@ -78,7 +131,8 @@ class SpeakerService:
         self.cfg = cfg
         self.speaker = speaker or Speaker(cfg)
         self.conns: dict[str, _Conn] = {}
-        self.server: asyncio.base_events.Server | None = None
+        self.listener: socket.socket | None = None
+        self.replica: Any = None  # replica.ReplicaServer when a standby is served
         self.api_runner: Any = None
         self.on_event = on_event
         self._timer: asyncio.TimerHandle | None = None
@@ -87,6 +141,8 @@ class SpeakerService:
         self.started = time.monotonic()
         self.fib = None
         self.counters: dict[str, int] = {}
+        self.takeover: dict[str, Any] | None = None  # set when this speaker took over
+        self.takeover_written_at = 0.0
         if cfg.kernel_table:
             from nonstop.bgp.fib import Fib
 
@@ -109,7 +165,12 @@ class SpeakerService:
                 return p.name
         return None
 
-    async def start(self, *, api: bool = True) -> None:
+    async def start(self, *, api: bool = True, resumed: bool = False) -> None:
+        """Listen, serve the API, start the sessions. ``resumed``: the speaker came from a
+        Standby that took over (sessions already running, sockets adopted)."""
+        if resumed:  # first the KEEPALIVEs (the peers' hold timers run), then the rest
+            self._dispatch([])
+            self.takeover_written_at = time.monotonic()
         if self.cfg.listen is not None:
             fam = socket.AF_INET6 if ":" in self.cfg.listen else socket.AF_INET
             s = socket.socket(fam, socket.SOCK_STREAM)
@@ -120,25 +181,32 @@ class SpeakerService:
             s.bind((self.cfg.listen, self.cfg.port))
             s.listen(16)
             s.setblocking(False)
-            self.server = await self.loop.create_server(lambda: _Conn(self, None), sock=s)
+            self.listener = s
+            self.loop.add_reader(s.fileno(), self._accept)
         if api:
             from nonstop.bgp.api import start_api
 
             self.api_runner = await start_api(self, self.cfg.api_socket)
-        self._dispatch(self.speaker.start(self.now()))
+        if resumed:
+            self._dispatch([])
+        else:
+            self._dispatch(self.speaker.start(self.now()))
 
     async def close(self) -> None:
         self._closing = True
         self._dispatch(self.speaker.stop(self.now()))
         for c in list(self.conns.values()):
-            if c.transport is not None:
-                c.transport.close()
+            c.close()
+        self.conns.clear()
         if self._timer is not None:
             self._timer.cancel()
         for t in list(self._tasks):
             t.cancel()
-        if self.server is not None:
-            self.server.close()
+        if self.listener is not None:
+            self.loop.remove_reader(self.listener.fileno())
+            self.listener.close()
+        if self.replica is not None:
+            self.replica.close()
         if self.api_runner is not None:
             await self.api_runner.cleanup()
         if self.fib is not None:
@@ -146,23 +214,43 @@ class SpeakerService:
 
     # -- connections -------------------------------------------------------------------------------
 
-    def accept(self, peer: str, conn: _Conn) -> bool:
-        cur = self.conns.get(peer)
-        if cur is not None and cur is not conn:
-            return False  # one connection per peer (fsm.py: no collision detection)
-        return self.speaker.peers[peer].session.state.name in ("CONNECT", "ACTIVE")
+    def _accept(self) -> None:
+        assert self.listener is not None
+        try:
+            sock, addr = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        peer = self.peer_by_address(addr[0])
+        ok = peer is not None and peer not in self.conns and \
+            self.speaker.peers[peer].session.state.name in ("CONNECT", "ACTIVE")
+        if not ok or peer is None:
+            log.info("refusing connection from %s", addr[0])
+            sock.close()
+            return
+        self.adopt(peer, sock, active=False, new=True)
 
-    def attach(self, peer: str, conn: _Conn) -> None:
+    def adopt(self, peer: str, sock: socket.socket, *, active: bool, new: bool) -> None:
+        """Run ``peer``'s session on ``sock``: a new connection (``new``: the speaker is told)
+        or one taken over from a master (the speaker already knows it)."""
+        conn = _Conn(self, peer, sock, active)
         self.conns[peer] = conn
-        assert conn.transport is not None
-        local = conn.transport.get_extra_info("sockname")[0]
-        self._dispatch(self.speaker.connection_made(peer, self.now(), local))
+        if new:
+            local = sock.getsockname()[0]
+            events = self.speaker.connection_made(peer, self.now(), local)
+            if self.replica is not None:
+                self.replica.send_fd(self.speaker.peers[peer].index, sock, active)
+            self._dispatch(events)
 
-    def on_data(self, peer: str, data: bytes) -> None:
-        self._dispatch(self.speaker.receive_data(peer, data, self.now()))
+    def on_data(self, peer: str, data: bytes, conn: _Conn) -> None:
+        events = self.speaker.receive_data(peer, data, self.now())
+        conn.consume(len(data))
+        self._dispatch(events)
 
-    def on_lost(self, peer: str) -> None:
-        self.conns.pop(peer, None)
+    def on_lost(self, peer: str, conn: _Conn) -> None:
+        if self.conns.get(peer) is conn:
+            del self.conns[peer]
+        conn.detach()
+        conn.sock.close()
         if not self._closing:
             self._dispatch(self.speaker.connection_lost(peer, self.now()))
 
@@ -182,10 +270,11 @@ class SpeakerService:
             s.close()
             log.debug("connect to %s failed: %s", pc.name, e)
             return  # the connect-retry timer asks again
-        if pc.name in self.conns or self._closing:
+        if pc.name in self.conns or self._closing or \
+                self.speaker.peers[pc.name].session.state.name not in ("CONNECT", "ACTIVE"):
             s.close()
             return
-        await self.loop.create_connection(lambda: _Conn(self, pc.name), sock=s)
+        self.adopt(pc.name, s, active=True, new=True)
 
     # -- events and output -------------------------------------------------------------------------
 
@@ -206,17 +295,17 @@ class SpeakerService:
         for pe in events:
             if isinstance(pe.event, DisconnectRequested):
                 c = self.conns.pop(pe.peer, None)
-                if c is not None and c.transport is not None:
-                    c.transport.close()
+                if c is not None:
+                    c.close()
         if self.fib is not None and self.speaker.fib_dirty:
             self.fib.apply(self.speaker)
         self._arm()
 
     def _flush(self) -> None:
         for name, c in self.conns.items():
-            data = self.speaker.data_to_send(name)
-            if data and c.transport is not None:
-                c.transport.write(data)
+            data = self.speaker.data_to_send(name, journal=False)
+            if data:
+                c.write(data)
 
     def _arm(self) -> None:
         if self._timer is not None:
@@ -258,12 +347,49 @@ class SpeakerService:
         return out
 
 
-async def run(cfg: SpeakerConfig) -> None:
-    """``nonstop bgp speaker``: run until SIGINT/SIGTERM."""
+def take_over(cfg: SpeakerConfig) -> tuple[Speaker, Any, Any, dict[str, Any]]:
+    """Standby mode (blocking): follow the master at ``cfg.replica_socket`` until it is gone,
+    then reconcile and resume its sessions. Returns (speaker, follower, journal, timings)."""
+    from nonstop.bgp.journal import Journal
+    from nonstop.bgp.replica import StandbyFollower
+
+    assert cfg.replica_socket is not None
+    follower = StandbyFollower(cfg, cfg.replica_socket)
+    follower.follow()
+    eof = time.monotonic()
+    sp = follower.standby.speaker
+    journal = Journal(sp, history=follower.history)  # the takeover is journaled for the next
+    resumed = follower.take_over(eof)
+    log.info("took over %d session(s) after %d records", len(resumed), len(follower.history))
+    return sp, follower, journal, {"master_gone_at": eof, "resumed": [r.peer for r in resumed],
+                          "resets": follower.resets}
+
+
+async def run(cfg: SpeakerConfig, *, standby: bool = False) -> None:
+    """``nonstop bgp speaker``: run until SIGINT/SIGTERM. With ``standby``, first follow the
+    master (cfg.replica_socket) and take its sessions over when it goes away."""
     import signal
 
-    svc = SpeakerService(cfg)
-    await svc.start()
+    from nonstop.bgp.journal import Journal
+    from nonstop.bgp.replica import ReplicaServer
+
+    if standby:
+        import nonstop.bgp.api  # noqa: F401  (imported now, not during the takeover)
+
+        sp, follower, journal, info = await asyncio.to_thread(take_over, cfg)
+        svc = SpeakerService(cfg, speaker=sp)
+        for name, (sock, active) in follower.socks.items():
+            svc.adopt(name, sock, active=active, new=False)
+        follower.socks.clear()
+        svc.replica = ReplicaServer(svc, cfg.replica_socket or "", journal)
+        await svc.start(resumed=True)
+        info["resumed_at"] = svc.takeover_written_at
+        svc.takeover = info
+    else:
+        svc = SpeakerService(cfg)
+        if cfg.replica_socket:
+            svc.replica = ReplicaServer(svc, cfg.replica_socket, Journal(svc.speaker))
+        await svc.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

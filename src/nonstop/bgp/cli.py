@@ -18,6 +18,9 @@ def add_parser(subparsers: Any) -> None:
     sub = bgp.add_subparsers(dest="bgp_command", required=True, metavar="COMMAND")
     p = sub.add_parser("speaker", help="run the BGP speaker (until SIGINT/SIGTERM)")
     p.add_argument("--config", required=True, help="speaker TOML file (see docs/bgp.md)")
+    p.add_argument("--standby", action="store_true",
+                   help="hot standby: follow the master at replica_socket, take its sessions "
+                   "over (no OPEN) when it goes away, then run as the master")
     p.set_defaults(func=cmd_speaker)
     p = sub.add_parser("summary", help="one line per peer (like birdc show protocols)")
     p.add_argument("--socket", default=DEFAULT_SOCKET, help="the speaker's API socket")
@@ -36,7 +39,11 @@ def cmd_speaker(args: argparse.Namespace) -> int:
     from nonstop.bgp.config import load
 
     cfg = load(args.config)  # ConfigError -> exit 2 with file, field, reason
-    asyncio.run(run(cfg))
+    if args.standby and not cfg.replica_socket:
+        print(f"nonstop bgp: {args.config}: replica_socket: needed with --standby",
+              file=sys.stderr)
+        return 2
+    asyncio.run(run(cfg, standby=args.standby))
     return EXIT_OK
 
 

@@ -42,6 +42,7 @@ class SpeakerConfig(msgspec.Struct, forbid_unknown_fields=True):
     listen: str | None = None  # address to accept passive sessions on (None: no listener)
     port: int = 179
     api_socket: str = "/run/nonstop/bgp.sock"
+    replica_socket: str | None = None  # serve a hot standby (journal + sockets) here
     kernel_table: int = 0  # 0: do not install routes; else the kernel table number
     peers: list[PeerConfig] = []
     originate: list[OriginateConfig] = []

@@ -258,6 +258,8 @@ class Session:
         if self.state not in (State.CONNECT, State.ACTIVE):
             raise NotifyError(CEASE, 5, f"connection in state {self.state} (collision refused)")
         self.framer = Framer()
+        self.out.clear()  # nothing queued for an old connection belongs on this one
+        self.tx_position = 0  # positions count per connection
         self.deadlines.pop("connect_retry", None)
         self._send(encode_open(self.my_open()), "open")
         self.deadlines["hold"] = now + LARGE_HOLD
@@ -321,6 +323,11 @@ class Session:
     def rx_position(self) -> int:
         """Stream bytes received and processed, at a message boundary."""
         return self.framer.position
+
+    @property
+    def rx_fed(self) -> int:
+        """Stream bytes received on this connection (processed + a partial message)."""
+        return self.framer.fed
 
     def _restart_hold(self, now: float) -> None:
         if self.hold_time:

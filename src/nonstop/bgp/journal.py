@@ -7,20 +7,23 @@ The speaker is deterministic, so the journal records its inputs, not its state: 
     1     start(now)                 -
     2     connection_made            local address (text)
     3     connection_lost            -
-    4     receive_data               whole messages only (the stream at a message boundary)
+    4     receive_data               the bytes, journaled before they are processed
     5     timer(now) that fired      -
-    6     data_to_send (the master took bytes for the socket)   byte count (u32)
+    6     bytes accepted by the kernel for the peer (after the write)   byte count (u32)
     7     stop                       -
     8     originate                  "prefix med communities"
     9     withdraw_originated        prefix
     10    set_policy                 direction NUL policy JSON
     11    refresh                    -
+    12    resume (a standby took over)   JSON {peer: bytes the kernel had accepted}
 
-Records of kind 4 carry only complete messages: bytes of a partial message stay with the master
-until the message completes, so ``rx_position`` on both sides is always a message boundary (the
-session layer acknowledges to the peer no further than that). Kind 6 says how many of the bytes
-the speaker produced were handed to the kernel: what the standby produced beyond it was never
-written and is sent after :meth:`Standby.resume`.
+Records of kind 4 carry the bytes as read (a partial message too: the standby's framer holds the
+same partial bytes); ``rx_position`` (last message boundary) and ``rx_fed`` are equal on both
+sides. Kind 6 says how many of the bytes the speaker produced were accepted by the kernel: what
+the standby produced beyond that was never written and is sent after :meth:`Standby.resume`.
+Where the adapter can read the kernel's own counts (a local restart keeps the same socket:
+TCP_INFO bytes_received/bytes_acked, SIOCINQ/SIOCOUTQ), ``resume(written=...)`` reconciles the
+last write the master did not live to journal (replica.py).
 
 ``Standby.resume(now)`` continues every Established session without an OPEN: the hold timer
 restarts at ``now`` (the peer's KEEPALIVEs during the outage are retransmitted by TCP after the
@@ -38,12 +41,13 @@ import msgspec
 from nonstop.bgp.config import SpeakerConfig
 from nonstop.bgp.fsm import State
 from nonstop.bgp.policy import PolicyConfig
-from nonstop.bgp.speaker import Speaker
+from nonstop.bgp.speaker import PeerEvent, Speaker
 from nonstop.bgp.wire import KEEPALIVE_BYTES
 from nonstop.common import LocalProtocolError, RemoteProtocolError
 
 _HDR = struct.Struct("!BHdI")
-START, CONNECTED, LOST, RX, TIMER, TX, STOP, ORIGINATE, WITHDRAW, POLICY, REFRESH = range(1, 12)
+(START, CONNECTED, LOST, RX, TIMER, TX, STOP, ORIGINATE, WITHDRAW, POLICY, REFRESH,
+ RESUME) = range(1, 13)
 
 
 def encode_record(kind: int, peer: int, now: float, payload: bytes = b"") -> bytes:
@@ -55,7 +59,7 @@ def decode_record(rec: bytes) -> tuple[int, int, float, bytes]:
         raise RemoteProtocolError("journal record too short", counter="bad_journal")
     kind, peer, now, n = _HDR.unpack_from(rec)
     payload = rec[_HDR.size :]
-    if len(payload) != n or not 1 <= kind <= 11:
+    if len(payload) != n or not 1 <= kind <= 12:
         raise RemoteProtocolError("journal record malformed", counter="bad_journal")
     return kind, peer, now, payload
 
@@ -63,8 +67,9 @@ def decode_record(rec: bytes) -> tuple[int, int, float, bytes]:
 class Journal:
     """Collects a speaker's records; ``sink`` (e.g. a replication channel) gets each one too."""
 
-    def __init__(self, speaker: Speaker, sink: Callable[[bytes], None] | None = None) -> None:
-        self.records: list[bytes] = []
+    def __init__(self, speaker: Speaker, sink: Callable[[bytes], None] | None = None,
+                 history: list[bytes] | None = None) -> None:
+        self.records: list[bytes] = history if history is not None else []
         self.sink = sink
         speaker.journal = self._record
 
@@ -100,22 +105,26 @@ class Standby:
         self.applied = 0
         self.resumed = False
 
-    def apply(self, record: bytes) -> None:
+    def apply(self, record: bytes) -> list[PeerEvent]:
+        """Apply one master record; returns the speaker's events (the standby's adapter closes
+        its copy of a socket on DisconnectRequested)."""
         if self.resumed:
             raise LocalProtocolError("standby already resumed")
         kind, idx, now, payload = decode_record(record)
         sp = self.speaker
         name = sp.by_index[idx].name if idx != 0xFFFF else ""
+        ev: list[PeerEvent] = []
         if kind == START:
-            sp.start(now)
+            ev = sp.start(now)
         elif kind == CONNECTED:
-            sp.connection_made(name, now, payload.decode())
+            ev = sp.connection_made(name, now, payload.decode())
+            self.written[name] = 0
         elif kind == LOST:
-            sp.connection_lost(name, now)
+            ev = sp.connection_lost(name, now)
         elif kind == RX:
-            sp.receive_data(name, payload, now)
+            ev = sp.receive_data(name, payload, now)
         elif kind == TIMER:
-            sp.timer(now)
+            ev = sp.timer(now)
         elif kind == TX:
             n = int.from_bytes(payload, "big")
             sess = sp.peers[name].session
@@ -125,7 +134,7 @@ class Standby:
             del sess.out[:n]
             self.written[name] += n
         elif kind == STOP:
-            sp.stop(now)
+            ev = sp.stop(now)
         elif kind == ORIGINATE:
             prefix, med, comms = payload.decode().split(" ")
             sp.originate(prefix, tuple(int(c) for c in comms.split(",") if c),
@@ -138,20 +147,37 @@ class Standby:
                           now)
         elif kind == REFRESH:
             sp.refresh(name, now)
+        elif kind == RESUME:  # an earlier standby took over here: do what it did
+            self._resume(now, {k: int(v) for k, v in msgspec.json.decode(payload).items()})
         self.applied += 1
+        return ev
 
-    def resume(self, now: float) -> list[SessionResumed]:
-        """Take over: every Established session goes on (no OPEN); one KEEPALIVE is queued
-        first, then whatever the master produced but never wrote."""
+    def resume(self, now: float, written: dict[str, int] | None = None) -> list[SessionResumed]:
+        """Take over: every Established session goes on (no OPEN): whatever the master produced
+        but never wrote is sent, then one KEEPALIVE. ``written[peer]``, when
+        known, is the true count of bytes the kernel accepted on this connection: bytes the
+        master wrote after its last journal record are not sent twice. Journaled (kind 12)
+        when the speaker has a journal, so a later standby replays the takeover too."""
         self.resumed = True
+        self.speaker._j(RESUME, 0xFFFF, now, msgspec.json.encode(written or {}))
+        return self._resume(now, written)
+
+    def _resume(self, now: float, written: dict[str, int] | None) -> list[SessionResumed]:
         out = []
         for p in self.speaker.by_index:
             s = p.session
             if s.state != State.ESTABLISHED:
                 continue
-            pending = bytes(s.out)
-            s.out.clear()
-            s.out += KEEPALIVE_BYTES + pending
+            if written is not None and p.name in written:
+                extra = written[p.name] - self.written[p.name]
+                if extra < 0 or extra > len(s.out):
+                    raise LocalProtocolError(f"{p.name}: kernel wrote {written[p.name]} bytes, "
+                                             f"journal says {self.written[p.name]}")
+                del s.out[:extra]
+                self.written[p.name] += extra
+            # what the master never wrote goes first (it may end a message the peer has half
+            # of), then the KEEPALIVE that restarts the peer's hold timer
+            s.out += KEEPALIVE_BYTES
             s.tx_position += len(KEEPALIVE_BYTES)
             s.count("sent_keepalive")
             s.deadlines["_now"] = now

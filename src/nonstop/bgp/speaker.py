@@ -114,6 +114,7 @@ class Speaker:
         self.fib_dirty: dict[Family, dict[int, None]] | None = None  # set to {} to track
         self.journal: Callable[[int, int, float, bytes], None] | None = None
         self._local_paths: dict[Attrs, Path] = {}
+        self._loop_cache: dict[Attrs, bool] = {}
         for o in cfg.originate:
             self._originate(o.prefix, tuple(parse_community(c) for c in o.communities), o.med)
 
@@ -145,18 +146,8 @@ class Speaker:
 
     def receive_data(self, peer: str, data: bytes, now: float) -> list[PeerEvent]:
         p = self.peers[peer]
-        s = p.session
-        if self.journal is not None:
-            before_pos, before_buf, framer = s.framer.position, s.framer.buffered, s.framer
-            events = s.receive_data(data, now)
-            whole = before_buf + data
-            if s.framer is framer:
-                whole = whole[: s.framer.position - before_pos]
-            if whole:
-                self._j(4, p.index, now, whole)
-        else:
-            events = s.receive_data(data, now)
-        return self._handle(p, events, now)
+        self._j(4, p.index, now, data)  # journaled before it is processed
+        return self._handle(p, p.session.receive_data(data, now), now)
 
     def timer(self, now: float) -> list[PeerEvent]:
         due = [p for p in self.by_index
@@ -169,12 +160,20 @@ class Speaker:
             out += self._handle(p, p.session.timer(now), now)
         return out
 
-    def data_to_send(self, peer: str) -> bytes:
+    def data_to_send(self, peer: str, *, journal: bool = True) -> bytes:
+        """Bytes for the peer. With ``journal`` they count as written at once; an adapter that
+        may write only part passes ``journal=False`` and reports each write with sent()."""
         p = self.peers[peer]
         data = p.session.data_to_send()
-        if data:
+        if data and journal:
             self._j(6, p.index, 0.0, len(data).to_bytes(4, "big"))
         return data
+
+    def sent(self, peer: str, n: int) -> None:
+        """``n`` more bytes for ``peer`` were accepted by the kernel (journaled after the
+        write, so a standby never believes unwritten bytes were sent)."""
+        if n:
+            self._j(6, self.peers[peer].index, 0.0, n.to_bytes(4, "big"))
 
     def next_deadline(self) -> float | None:
         ds = [d for p in self.by_index if (d := p.session.next_deadline()) is not None]
@@ -281,6 +280,11 @@ class Speaker:
             if not u.announced and not u.withdrawn:
                 p.eor_received.add(IPV4_UNICAST)
             return
+        if self._loops(u.attrs):  # RFC 4271 9.1.2: our AS in the path -> not a usable route
+            for fam, keys in u.announced.items():
+                if fam in p.adj_in:
+                    self._withdraw(p, fam, keys)
+            return
         for fam, keys in u.announced.items():
             if fam not in p.session.families:
                 continue
@@ -288,6 +292,14 @@ class Speaker:
             if fam != IPV4_UNICAST:
                 a = p.session.decoder.intern(replace(a, next_hop=u.mp_next_hop))
             self._announce(p, fam, keys, a)
+
+    def _loops(self, a: Attrs) -> bool:
+        hit = self._loop_cache.get(a)
+        if hit is None:
+            if len(self._loop_cache) > 100_000:
+                self._loop_cache.clear()
+            hit = self._loop_cache[a] = any(self.cfg.asn in s for _, s in a.as_path)
+        return hit
 
     def _announce(self, p: Peer, fam: Family, keys: list[int], a: Attrs) -> None:
         adj = p.adj_in[fam]
@@ -390,8 +402,8 @@ class Speaker:
         if NO_ADVERTISE in a.communities:
             return None
         if q.ebgp:
-            if NO_EXPORT in a.communities:
-                return None
+            if NO_EXPORT in a.communities or any(q.cfg.asn in s for _, s in a.as_path):
+                return None  # no-export, or the peer would drop it as a loop
             a = replace(a.prepend(self.cfg.asn), next_hop=q.next_hop(fam), local_pref=None,
                         med=a.med if src.local else None)
         else:

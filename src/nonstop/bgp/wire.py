@@ -267,6 +267,11 @@ class Framer:
     def buffered(self) -> bytes:
         return bytes(self._buf)
 
+    @property
+    def fed(self) -> int:
+        """Stream bytes fed so far (processed + buffered)."""
+        return self.position + len(self._buf)
+
     def next_message(self) -> tuple[int, memoryview] | None:
         """(type, body) of the next whole message, or None until more bytes arrive."""
         buf = self._buf
