@@ -210,3 +210,45 @@ def test_established_event() -> None:
     ev += p.a.receive_data("b", p.b.data_to_send("a"), p.now)
     ev += p.b.receive_data("a", p.a.data_to_send("b"), p.now)
     assert any(isinstance(e.event, SessionEstablished) for e in ev)
+
+
+def test_standbys_chain_through_the_journal() -> None:
+    """A standby that took over journals its takeover (RESUME): a later standby fed the whole
+    history holds the same state as the new master, and can take over again."""
+    p = Pair()
+    j = Journal(p.a)
+    p.connect()
+    p.tick(2.0)
+    p.b.originate("10.77.204.0/24", (), None, p.now)
+    p.pump()
+    history = j.take()
+    s1 = Standby(loads(A))
+    for rec in history:
+        s1.apply(rec)
+    j2 = Journal(s1.speaker, history=list(history))
+    s1.resume(p.now + 0.5, written={"b": s1.written["b"]})
+    p.pump(s1.speaker)
+    s1.speaker.originate("10.77.105.0/24", (), None, p.now)
+    p.pump(s1.speaker)
+    assert "10.77.105.0/24" in prefixes(p.b)
+    s2 = Standby(loads(A))
+    for rec in j2.records:
+        s2.apply(rec)
+    assert session_state(s2.speaker) == session_state(s1.speaker)
+    s2.resume(p.now + 1.0)
+    assert s2.speaker.data_to_send("b") == KEEPALIVE_BYTES
+
+
+def test_resume_skips_bytes_the_kernel_already_took() -> None:
+    p = Pair()
+    j = Journal(p.a)
+    p.connect()
+    # the master produced an UPDATE, the kernel took it, the master died before journaling it
+    p.a.originate("10.77.106.0/24", (), None, p.now)
+    data = p.a.data_to_send("b", journal=False)
+    s = Standby(loads(A))
+    for rec in j.take():
+        s.apply(rec)
+    written = s.written["b"] + len(data)
+    s.resume(p.now, written={"b": written})
+    assert s.speaker.data_to_send("b") == KEEPALIVE_BYTES  # the UPDATE is not sent twice
