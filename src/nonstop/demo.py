@@ -318,6 +318,11 @@ def run(args: argparse.Namespace) -> int:
             say("\n[bold]nonstop status[/] on node-b:")
             print_status(st)
         report["ok"] = ok
+        logs = os.path.join(os.path.dirname(args.out) or ".", "demo-logs")
+        os.makedirs(logs, exist_ok=True)
+        for n in (*cluster.spec.nodes, "witness"):
+            with open(os.path.join(logs, f"{n}.log"), "w") as f:
+                f.write(cluster.log_text(n))
         if args.keep:
             lab.detach()
             say(f"lab {lab.prefix} left up: `nonstop lab down --prefix {lab.prefix}` removes it")

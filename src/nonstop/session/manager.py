@@ -48,7 +48,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from nonstop.session.nfq import AckClamp, FourTuple
-from nonstop.session.repair import TcpState, restore_many, ts_later
+from nonstop.session.repair import RepairError, TcpState, restore, restore_many, ts_later
 from nonstop.session.segment import ACK, FIN, RST, SYN, Segment
 from nonstop.session.sync import ConnState, SyncReceiver, SyncSender, seq_add, seq_diff, seq_lt
 from nonstop.session.wire import CloseReason, Direction, FullRecord
@@ -403,6 +403,7 @@ class BackupSession:
         inc = incarnation if incarnation is not None else time.time_ns() // 1000
         self.receiver = SyncReceiver(key, now=time.monotonic(), incarnation=inc)
         self.ts_margin = ts_margin
+        self.restore_failures: list[str] = []  # connections promote() could not bring back
         self._udp = socket.socket(
             socket.AF_INET if family == 4 else socket.AF_INET6, socket.SOCK_DGRAM
         )
@@ -518,9 +519,20 @@ class BackupSession:
         """Stop receiving and restore every connection (before the VIP is added)."""
         self._halt()
         pairs = self.states()
-        socks = restore_many([st for _, st in pairs])
+        try:
+            socks: list[socket.socket | None] = list(restore_many([st for _, st in pairs]))
+        except RepairError:  # one by one: a connection that cannot come back costs only itself
+            socks = []
+            for _, st in pairs:
+                try:
+                    socks.append(restore(st))
+                except RepairError as e:
+                    self.restore_failures.append(f"{st.dst}:{st.dport}: {e}")
+                    socks.append(None)
         out = []
         for (cs, st), sock in zip(pairs, socks, strict=True):
+            if sock is None:
+                continue
             f = cs.full
             commit = cs.commit
             rpos = commit.rpos if commit else f.rcv_seq

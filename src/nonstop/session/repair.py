@@ -24,7 +24,9 @@ Sequence numbers are unsigned 32-bit: the kernel hands them back through a signe
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
+import os
 import socket
 import struct
 import time
@@ -223,6 +225,26 @@ def close_silently(sock: socket.socket) -> None:
         sock.close()
         raise RepairError("repair on (close_silently)", e) from e
     sock.close()
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def disconnect_silently(sock: socket.socket) -> None:
+    """Kill the connection for every process that holds it, with nothing sent to the peer, then
+    close ``sock``: repair mode, then connect(AF_UNSPEC) (tcp_disconnect sends no RST in repair
+    mode; the socket leaves the established table, so its 4-tuple can be restored again, and
+    other holders of the socket get ECONNABORTED)."""
+    try:
+        sock.setsockopt(_TCP, TCP_REPAIR, 1)
+        unspec = struct.pack("=H14x", socket.AF_UNSPEC)
+        if _libc.connect(sock.fileno(), unspec, len(unspec)) != 0:
+            err = ctypes.get_errno()
+            raise RepairError("disconnect", os.strerror(err))
+    except OSError as e:
+        raise RepairError("repair on (disconnect_silently)", e) from e
+    finally:
+        sock.close()
 
 
 _OPTS_CACHE: dict[tuple[int, int, int, bool, bool], bytes] = {}

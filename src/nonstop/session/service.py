@@ -29,7 +29,7 @@ from typing import Any
 from nonstop.app.channel import AgentEndpoint, CommitRecord, HeldConn
 from nonstop.common import LocalProtocolError
 from nonstop.session.manager import BackupSession, MasterSession
-from nonstop.session.repair import RepairError, close_silently
+from nonstop.session.repair import RepairError, disconnect_silently
 
 log = logging.getLogger("nonstop.session")
 
@@ -124,6 +124,10 @@ class ProtectedService:
                 self.counters["restore_failures"] += 1
                 log.error("%s: restore failed, its connections are lost: %s", self.spec.name, e)
             t1 = time.monotonic()
+            if self.backup.restore_failures:
+                self.counters["restore_failures"] += len(self.backup.restore_failures)
+                log.error("%s: %d connections could not be restored: %s", self.spec.name,
+                          len(self.backup.restore_failures), self.backup.restore_failures[:3])
             self._stop_backup()
             s = self.spec
             fam = socket.AF_INET if s.family == 4 else socket.AF_INET6
@@ -191,9 +195,9 @@ class ProtectedService:
         with self.endpoint.lock:
             held = list(self.endpoint.conns.values())
             self.endpoint.conns.clear()
-        for h in held:
+        for h in held:  # also dead in the service's hands: the 4-tuple can be restored again
             with contextlib.suppress(RepairError, OSError):
-                close_silently(h.sock)
+                disconnect_silently(h.sock)
         self.counters["silenced"] += len(held)
         return len(held)
 
