@@ -13,7 +13,7 @@ PYTHON=${PYTHON:-python3}
 # haproxy (virtual server), podman + runc (containers). tcpdump and conntrack: lab diagnostics.
 # Services these packages would start are not started (the tests start their own, in namespaces).
 APT_PKGS=(iproute2 iptables keepalived procps psmisc bird2 frr etcd-server etcd-client
-          nginx-light haproxy podman runc tcpdump conntrack)
+          nginx-light libnginx-mod-stream haproxy podman runc tcpdump conntrack)
 
 need_apt() {
   local missing=()
