@@ -43,6 +43,7 @@ asn = 65001
 router_id = "10.77.0.11"
 listen = "10.77.0.11"
 api_socket = "@API@"
+kernel_table = 100
 
 [[peers]]
 name = "bird"
@@ -165,11 +166,26 @@ def test_routes_both_ways_with_policy(world: World) -> None:
     assert "fd77:50::/48" in world.frr.routes("ipv6")
 
 
+def test_best_routes_installed_in_kernel_table(world: World) -> None:
+    a = world.lab.host("a")
+
+    def table(v: str) -> str:
+        return a.sh(f"ip -{v} route show table 100 proto bgp").stdout
+
+    wait_for(lambda: "10.77.50.0/24 via 10.77.0.12" in table("4"), 10, "kernel route")
+    assert "10.77.60.0/24 via 10.77.0.13" in table("4")
+    assert "10.77.52.0/24" not in table("4")  # rejected by import policy
+    assert "10.77.100.0/24" not in table("4")  # ours: no next hop to install
+    wait_for(lambda: "fd77:50::/48 via fd77::12" in table("6"), 10, "kernel IPv6 route")
+
+
 def test_withdrawals_propagate(world: World) -> None:
     wait_for(lambda: "10.77.50.0/24" in world.frr.routes("ipv4"), 10, "route at FRR")
     world.bird.cli("disable", "s4")
     wait_for(lambda: "10.77.50.0/24" not in world.ours.routes(), 10, "withdrawal at ours")
     wait_for(lambda: "10.77.50.0/24" not in world.frr.routes("ipv4"), 10, "withdrawal at FRR")
+    routes = world.lab.host("a").sh("ip route show table 100").stdout
+    assert "10.77.50.0/24" not in routes and "10.77.60.0/24" in routes
     world.bird.cli("enable", "s4")
     wait_for(lambda: "10.77.50.0/24" in world.frr.routes("ipv4"), 10, "route back at FRR")
 
