@@ -144,8 +144,12 @@ def test_local_restarts_keep_sessions(world: tuple[Lab, BirdPeer, FrrPeer, Node]
             master.kill()
             master.reap()
             pid = standby.pid
-            s = wait_for(lambda: (x := node.summary()) and x["pid"] == pid and x, 10,  # noqa: B023
-                         "standby took over")
+            try:
+                s = wait_for(lambda: (x := node.summary()) and x["pid"] == pid and x,  # noqa: B023
+                             10, "standby took over")
+            except TimeoutError:
+                print(standby.output()[-3000:])
+                raise
             tk = s["takeover"]
             assert tk["resets"] == 0 and sorted(tk["resumed"]) == ["bird", "frr"]
             takeovers.append((tk["resumed_at"] - killed) * 1000)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
 import socket
@@ -178,7 +179,17 @@ class SpeakerService:
             for p in self.cfg.peers:
                 if p.md5_password:
                     set_md5(s, p.address, p.md5_password)
-            s.bind((self.cfg.listen, self.cfg.port))
+            # after a takeover the dead master's listener may take a moment to go away (its
+            # process is still closing files when the standby sees the replica socket close)
+            for attempt in range(200 if resumed else 1):
+                try:
+                    s.bind((self.cfg.listen, self.cfg.port))
+                    break
+                except OSError as e:
+                    if e.errno != errno.EADDRINUSE or attempt == (199 if resumed else 0):
+                        s.close()
+                        raise
+                    await asyncio.sleep(0.01)
             s.listen(16)
             s.setblocking(False)
             self.listener = s
