@@ -91,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
             f"[bold]nonstop demo[/]: lab [cyan]{lab.prefix}[/] up: peer, node-a, node-b, witness "
             "on channels lan (10.77.0.0/24) and hb (10.77.1.0/24)"
         )
+        report["lab"] = lab.prefix
         cluster = Cluster(
             lab, ClusterSpec(interval_ms=args.interval_ms, services={"stream": STREAM_PORT})
         )

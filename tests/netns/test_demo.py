@@ -32,4 +32,9 @@ def test_demo_runs_to_its_report(tmp_path, lab_factory):
     assert "EOF" in kill["why"]  # the agent link, not the dead interval
     assert "no heartbeat" in node["why"]
     assert json.loads(r.stdout)["ok"] is True
-    assert {s["prefix"] for s in Lab.states()} <= before  # the demo's lab is gone
+    # the demo's own lab is gone (other labs may come and go meanwhile: parallel runs)
+    assert report["lab"] not in {s["prefix"] for s in Lab.states()}
+    assert report["lab"] not in before
+    sessions = report["tcp_sessions"]  # the protected streams went through every fault
+    assert sessions["kept"] == sessions["connections"] > 0 and sessions["resets"] == 0, sessions
+    assert sessions["lost"] == 0 and sessions["duplicated"] == 0, sessions
