@@ -177,7 +177,8 @@ def _takeovers(ours: Any, bird: Any, frr: Any, k: int, timeout: float) -> dict[s
     else:
         n = frr.neighbour("10.77.0.11")
         resets += n.get("connectionsDropped", 0) - frr_before.get("connectionsDropped", 0)
-        withdrawals = None
+        withdrawals = None  # bgpd counts no received withdrawals; its session counters are
+        # checked (resets) instead
     times.sort()
     return {
         "takeovers": k,
