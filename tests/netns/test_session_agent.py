@@ -91,7 +91,8 @@ class Run:
 
 @pytest.fixture
 def run(demo_lab, request) -> Iterator[Run]:
-    c = Cluster(demo_lab, ClusterSpec(services={"stream": PORT}, preempt=False))
+    # 20 ms heartbeats: a 40 ms fence timeout, so a loaded CI box does not fence a healthy master
+    c = Cluster(demo_lab, ClusterSpec(services={"stream": PORT}, preempt=False, interval_ms=20))
     c.start()
     r = Run(c)
     try:
