@@ -206,7 +206,7 @@ class Cluster:
     def wait_serving(self, proc: LabProcess, timeout: float = 10.0) -> None:
         """Until a stream service started by ``start_stream_service`` serves (a standby on a
         backup only does once its node promotes)."""
-        self.wait(lambda: "serving" in proc.output(), timeout, f"{proc.name} to serve", poll=0.02)
+        proc.wait_output("serving", timeout)
 
     def start(self) -> None:
         self.start_witness()

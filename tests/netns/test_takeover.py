@@ -114,11 +114,11 @@ def takeover(lab: Lab, *, stall_at: int | None) -> dict[str, object]:
         name="backup",
         env=env,
     )
-    scenario.wait_for(backup, "READY")
+    backup.wait_output("READY")
     master = a.run(
         [sys.executable, *NODE, "master", VIP, PORT, B, SYNC_PORT, key], name="master", env=env
     )
-    scenario.wait_for(master, "READY")
+    master.wait_output("READY")
 
     sock = peer.socket()
     sock.settimeout(20)
@@ -194,5 +194,5 @@ def takeover(lab: Lab, *, stall_at: int | None) -> dict[str, object]:
         f"kill -> first echo after {(after[0] - killed_at) * 1e3:.1f} ms, "
         f"largest gap between echoes {worst * 1e3:.1f} ms"
     )
-    scenario.wait_for(backup, "EOF")
+    backup.wait_output("EOF")
     return {"master": master.output(), "backup": backup.output(), "acked": acked}

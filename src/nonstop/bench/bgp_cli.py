@@ -8,7 +8,6 @@ statements) sends the table; the receiver is either our speaker (``load_s``) or 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from typing import Any
@@ -206,10 +205,9 @@ def _since_to_s(since: str, done: float) -> float:
 
 
 def cmd_bgp(args: argparse.Namespace) -> int:
-    from nonstop.bench.cli import emit, with_progress
+    from nonstop.bench.cli import emit, lacks_root, with_progress
 
-    if os.geteuid() != 0:
-        print("nonstop bench: needs root (network namespaces)", file=sys.stderr)
+    if lacks_root():
         return EXIT_USAGE
     if not 1 <= args.routes <= 1 << 20:
         print("nonstop bench bgp: --routes 1..1048576", file=sys.stderr)

@@ -53,8 +53,7 @@ def cmd_takeover(args: argparse.Namespace) -> int:
     from nonstop.bench.takeover import run, topology
     from nonstop.lab import Lab
 
-    if os.geteuid() != 0:
-        print("nonstop bench: needs root (network namespaces)", file=sys.stderr)
+    if lacks_root():
         return EXIT_USAGE
     counts = [64, 128, 256, 512] if args.sweep else args.sessions
     if any(n < 1 for n in counts):
@@ -143,8 +142,7 @@ def cmd_failover(args: argparse.Namespace) -> int:
     if args.runs == 0 and args.soak == 0:
         print("nonstop bench: nothing to do (--runs 0 and no --soak)", file=sys.stderr)
         return EXIT_USAGE
-    if os.geteuid() != 0:
-        print("nonstop bench: needs root (network namespaces)", file=sys.stderr)
+    if lacks_root():
         return EXIT_FAIL
     cfg = FailoverConfig(
         runs=args.runs,
@@ -165,6 +163,14 @@ def cmd_failover(args: argparse.Namespace) -> int:
         (result.get("baseline") or {}).get("failed_runs") or 0
     )
     return EXIT_FAIL if failed and failed >= tools * max(cfg.runs, 1) else EXIT_OK
+
+
+def lacks_root(label: str = "nonstop bench") -> bool:
+    """True (and says so on stderr) when not root: every benchmark builds network namespaces."""
+    if os.geteuid() == 0:
+        return False
+    print(f"{label}: needs root (network namespaces)", file=sys.stderr)
+    return True
 
 
 def emit(result: Any, args: argparse.Namespace) -> bool:

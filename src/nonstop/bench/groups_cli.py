@@ -13,12 +13,11 @@ SIGKILL of the master's agent) in the same invocation. Timings on a shared 2-CPU
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from typing import Any
 
-from nonstop.bench.cli import emit, with_progress
+from nonstop.bench.cli import emit, lacks_root, with_progress
 from nonstop.cli import EXIT_FAIL, EXIT_OK, EXIT_USAGE, add_format_option
 
 
@@ -133,8 +132,7 @@ def cmd_groups(args: argparse.Namespace) -> int:
         print("nonstop bench groups: --nodes >= 2, 1 <= --groups <= 99, --runs >= 1",
               file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
-    if os.geteuid() != 0:
-        print("nonstop bench: needs root (network namespaces)", file=sys.stderr)
+    if lacks_root():
         return EXIT_FAIL
 
     def body(tick: Any) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from nonstop.lab import Lab, LabProcess, Topology
+from nonstop.lab import Lab, Topology
 
 VIP, PORT, SYNC_PORT = "10.77.0.100", 7300, 7301
 B = "10.77.0.12"
@@ -46,18 +46,6 @@ def topology() -> Topology:
     topo.host("a", channels={"lan": 11})
     topo.host("b", channels={"lan": 12})
     return topo
-
-
-def wait_for(proc: LabProcess, text: str, timeout: float = 15.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        out = proc.output()
-        if text in out:
-            return out
-        if not proc.alive:
-            raise AssertionError(f"{proc.name} died:\n{out}")
-        time.sleep(0.02)
-    raise AssertionError(f"{proc.name}: no {text!r} in:\n{proc.output()}")
 
 
 @dataclass(slots=True)
@@ -118,9 +106,9 @@ def run(
     backup = b.run(
         [py, *NODE, "backup", f"{VIP}/24", "lan", B, SYNC_PORT, key], name="backup", env=env
     )
-    wait_for(backup, "READY")
+    backup.wait_output("READY")
     master = a.run([py, *NODE, "master", VIP, PORT, B, SYNC_PORT, key], name="master", env=env)
-    wait_for(master, "READY")
+    master.wait_output("READY")
 
     conns: list[_Conn] = []
     for _ in range(sessions):

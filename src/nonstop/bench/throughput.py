@@ -27,7 +27,7 @@ import threading
 import time
 from typing import Any
 
-from nonstop.lab import Lab, LabProcess, Topology
+from nonstop.lab import Lab, Topology
 
 SERVICE, PEER = "10.77.0.11", "10.77.0.10"
 PORT_PLAIN, PORT_PROTECTED = 7400, 7401
@@ -42,18 +42,6 @@ def topology() -> Topology:
     topo.host("peer", channels={"lan": 10})
     topo.host("a", channels={"lan": 11})
     return topo
-
-
-def _wait_for(proc: LabProcess, text: str, timeout: float = 15.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        out = proc.output()
-        if text in out:
-            return out
-        if not proc.alive:
-            raise RuntimeError(f"{proc.name} died:\n{out}")
-        time.sleep(0.01)
-    raise RuntimeError(f"{proc.name}: no {text!r} in:\n{proc.output()}")
 
 
 def _result(text: str) -> tuple[int, float]:
@@ -74,10 +62,10 @@ def stream(lab: Lab, direction: str, *, protected: bool, secs: float) -> dict[st
     queue = None
     if protected:
         queue = a.run([*NODE, "queue", SERVICE, port, QUEUE], name="queue")
-        _wait_for(queue, "READY")
+        queue.wait_output("READY")
     try:
         server = a.run([*NODE, "serve", SERVICE, port, serve_mode, secs], name="serve")
-        _wait_for(server, "LISTEN")
+        server.wait_output("LISTEN")
         argv = [*NODE, "client", SERVICE, port, client_mode, secs]
         out = peer.sh(argv, timeout=secs + 60).stdout
         server.wait(timeout=60)
@@ -86,7 +74,7 @@ def stream(lab: Lab, direction: str, *, protected: bool, secs: float) -> dict[st
         if queue is not None:
             queue.send_signal(signal.SIGTERM)
             queue.wait(timeout=15)
-            done = _wait_for(queue, "DONE ")
+            done = queue.wait_output("DONE ")
             result["queue"] = json.loads(done.split("DONE ", 1)[1].splitlines()[0])
             queue = None
         return result

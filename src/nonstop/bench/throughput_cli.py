@@ -5,7 +5,6 @@ See nonstop.bench.throughput for the scenario."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any
 
@@ -43,11 +42,10 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_throughput(args: argparse.Namespace) -> int:
-    from nonstop.bench.cli import emit, with_progress
+    from nonstop.bench.cli import emit, lacks_root, with_progress
     from nonstop.bench.throughput import DIRECTIONS, run
 
-    if os.geteuid() != 0:
-        print("nonstop bench: needs root (network namespaces)", file=sys.stderr)
+    if lacks_root():
         return EXIT_USAGE
     if args.secs <= 0 or args.repeat < 1:
         print("nonstop bench: --secs > 0 and --repeat >= 1", file=sys.stderr)

@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import sys
 import time
 from typing import Any
 
-from nonstop.bench.cli import emit, with_progress
+from nonstop.bench.cli import emit, lacks_root, with_progress
 from nonstop.cli import EXIT_FAIL, EXIT_OK, EXIT_USAGE, add_format_option
 
 TOOLS = ("nonstop", "nginx", "haproxy")
@@ -230,8 +229,7 @@ def run_bench(a: argparse.Namespace, tick: Any) -> dict[str, Any]:
 
 
 def cmd_vs(args: argparse.Namespace) -> int:
-    if os.geteuid() != 0:
-        print("nonstop bench vs: needs root (network namespaces)", file=sys.stderr)
+    if lacks_root("nonstop bench vs"):
         return EXIT_USAGE
     result = with_progress(len(args.tools), lambda tick: run_bench(args, tick), label="bench vs")
     if emit(result, args):

@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +69,19 @@ class LabProcess:
 
     def wait(self, timeout: float | None = None) -> int:
         return self.popen.wait(timeout)
+
+    def wait_output(self, text: str, timeout: float = 15.0, poll: float = 0.02) -> str:
+        """Until ``text`` shows in the output; returns the output. RuntimeError if the process
+        dies first or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            out = self.output()
+            if text in out:
+                return out
+            if not self.alive:
+                raise RuntimeError(f"{self.name} died:\n{out}")
+            time.sleep(poll)
+        raise RuntimeError(f"{self.name}: no {text!r} in:\n{self.output()}")
 
     def output(self) -> str:
         """What the process wrote to its log file so far ("" without a log file)."""

@@ -198,13 +198,13 @@ class MasterSession:
         ft = (full.local_addr, full.local_port, full.peer_addr, full.peer_port)
         snd_wnd, rcv_wnd = cs.snd_wnd or full.snd_wnd, cs.rcv_wnd or full.rcv_wnd
         with self._lock:
-            if ft in self._conns or full.conn_id in {t.conn_id for t in self._conns.values()}:
-                raise ValueError(f"connection {ft} (id {full.conn_id}) is already tracked")
+            if ft in self._conns:
+                raise ValueError(f"connection {ft} is already tracked")
+            snd = self.sender
+            snd.open(full.conn_id, full, now)  # refuses an id already open
             self._conns[ft] = _Tracked(full.conn_id, full, st.snd_seq, snd_una, snd_wnd, rcv_wnd,
                                        now)
             self._ids = itertools.count(max(next(self._ids), full.conn_id + 1))
-            snd = self.sender
-            snd.open(full.conn_id, full, now)
             snd.update(full.conn_id, rcv_nxt=rcv_end, snd_una=snd_una, snd_nxt=st.snd_seq,
                        snd_wnd=snd_wnd & _U32, rcv_wnd=rcv_wnd & _U32, now=now)
             snd.commit(full.conn_id, rpos, wpos, state, now)

@@ -19,8 +19,8 @@ Thread safety: the endpoint's thread (``_serve``) and the worker's control threa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -130,11 +130,9 @@ class ProtectedService:
                           len(self.backup.restore_failures), self.backup.restore_failures[:3])
             self._stop_backup()
             s = self.spec
-            fam = socket.AF_INET if s.family == 4 else socket.AF_INET6
-            bind = (s.sync_addr, 0) if fam == socket.AF_INET else (s.sync_addr, 0, 0, 0)
             self.master = MasterSession(
                 s.vip, s.port, self._key, backup=None, queue_num=s.queue, family=s.family,
-                sync_bind=bind[:2],
+                sync_bind=(s.sync_addr, 0),
             ).open()  # fmt: skip
             for rc in restored:
                 self.master.adopt(rc)
@@ -239,12 +237,10 @@ class ProtectedService:
                     "tx_bytes": m.tx_bytes,
                     **m.sender.counters,
                 }
-                out["clamp"] = {
-                    k: getattr(m.clamp.stats, k) for k in m.clamp.stats.__dataclass_fields__
-                }
+                out["clamp"] = dataclasses.asdict(m.clamp.stats)
             elif self.backup is not None:
                 out["sync"] = {
-                    "held_connections": len(self.backup.connections()),
+                    "held_connections": self.backup.receiver.open_connections,
                     **self.backup.receiver.counters,
                 }
             return out

@@ -548,5 +548,10 @@ class SyncReceiver(_Counted):
         """Highest batch seq applied in order in the current master incarnation (0: none)."""
         return 0 if self._next is None else self._next - 1
 
+    @property
+    def open_connections(self) -> int:
+        """How many connections the backup holds (O(1), unlike ``connections()``)."""
+        return len(self._conns)
+
     def connections(self) -> dict[int, ConnState]:
         return {k: c.snapshot() for k, c in self._conns.items()}

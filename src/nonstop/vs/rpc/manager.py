@@ -19,7 +19,6 @@ import time
 from collections import Counter
 from typing import Any
 
-from nonstop.common import RemoteProtocolError
 from nonstop.vs.pool import Pool, Worker
 from nonstop.vs.rpc.client import ConnectionLost, RpcConnection
 from nonstop.vs.rpc.core import (
@@ -32,7 +31,8 @@ from nonstop.vs.rpc.core import (
     drb_pick,
     vote,
 )
-from nonstop.vs.rpc.frame import Call, FrameDecoder, Reply, canonical, encode
+from nonstop.vs.rpc.frame import Call, Reply, canonical
+from nonstop.vs.rpc.stream import serve_calls
 
 log = logging.getLogger("nonstop.vs.rpc")
 NVP_N = 3
@@ -52,40 +52,9 @@ class RpcFront:
 
     # -- client side ----------------------------------------------------------------------------
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        dec = FrameDecoder()
-        tasks: set[asyncio.Task[None]] = set()
-
-        async def one(call: Call) -> None:
-            reply = await self.handle(call)
-            if not writer.is_closing():
-                writer.write(encode(reply))
-
-        try:
-            while True:
-                data = await reader.read(65536)
-                if not data:
-                    break
-                dec.feed(data)
-                try:
-                    while (f := dec.next_frame()) is not None:
-                        if not isinstance(f, Call):
-                            raise RemoteProtocolError(
-                                "the front only takes calls", counter="bad_frame"
-                            )
-                        t = asyncio.ensure_future(one(f))
-                        tasks.add(t)
-                        t.add_done_callback(tasks.discard)
-                except RemoteProtocolError as e:
-                    self.counters["bad_frame"] += 1
-                    writer.write(encode(Reply(0, False, error=e.reason)))
-                    break
-            if tasks:
-                await asyncio.gather(*tasks, return_exceptions=True)
-            await writer.drain()
-        except OSError:
-            pass
-        finally:
-            writer.close()
+        await serve_calls(
+            reader, writer, self.handle, refuse="the front only takes calls", counters=self.counters
+        )
 
     async def handle(self, call: Call) -> Reply:
         now = time.monotonic()

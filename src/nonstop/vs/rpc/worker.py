@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from nonstop.common import RemoteProtocolError
-from nonstop.vs.rpc.frame import Call, FrameDecoder, Reply, encode
+from nonstop.vs.rpc.frame import Call, Reply
+from nonstop.vs.rpc.stream import serve_calls
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,38 +66,10 @@ class RpcWorker:
         return Reply(call.id, True, value, workers=[self.name], accepted=accepted)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        dec = FrameDecoder()
-        tasks: set[asyncio.Task[None]] = set()
-
-        async def one(call: Call) -> None:
-            reply = await self.run_call(call)
-            if not writer.is_closing():
-                writer.write(encode(reply))
-
-        try:
-            while True:
-                data = await reader.read(65536)
-                if not data:
-                    break
-                dec.feed(data)
-                try:
-                    while (f := dec.next_frame()) is not None:
-                        if not isinstance(f, Call):
-                            raise RemoteProtocolError(
-                                "a worker only takes calls", counter="bad_frame"
-                            )
-                        t = asyncio.ensure_future(one(f))
-                        tasks.add(t)
-                        t.add_done_callback(tasks.discard)
-                except RemoteProtocolError as e:
-                    self.counters["bad_frame"] += 1
-                    writer.write(encode(Reply(0, False, error=e.reason, workers=[self.name])))
-                    break
-            await writer.drain()
-        except OSError:
-            pass
-        finally:
-            writer.close()
+        await serve_calls(
+            reader, writer, self.run_call, refuse="a worker only takes calls",
+            counters=self.counters, workers=[self.name],
+        )  # fmt: skip
 
     async def serve(self, host: str, port: int) -> asyncio.Server:
         return await asyncio.start_server(self.handle, host, port, reuse_address=True)
