@@ -16,7 +16,8 @@ from nonstop.app.checks import CheckConfig, run_check
 from nonstop.app.runtime import ExitStatus
 from nonstop.app.runtime.container import PodmanRuntime
 from nonstop.app.runtime.spec import BackoffConfig, ContainerConfig, ServiceConfig, load_services
-from nonstop.app.supervisor import CrashLoopDetected, StateChanged, Supervisor, SvcState
+from nonstop.app.supervisor import CrashLoopDetected, StateChanged, SvcState
+from nonstop.app.supervisor_io import Supervisor
 from nonstop.common import ConfigError
 
 PY = sys.executable

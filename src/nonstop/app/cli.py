@@ -72,7 +72,7 @@ def _write_status(path: str, config: str, sups: list[Any]) -> None:
 
 def run_services(args: argparse.Namespace) -> int:
     from nonstop.app.runtime.spec import load_services, log_dir
-    from nonstop.app.supervisor import Supervisor
+    from nonstop.app.supervisor_io import Supervisor
 
     cfg = load_services(args.config)
     os.makedirs(cfg.state_dir, exist_ok=True)
