@@ -11,7 +11,7 @@ import ipaddress
 import os
 import re
 import tomllib
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -111,6 +111,25 @@ class ServiceConfig(_Strict, kw_only=True):
     sync_port: Port = 7781  # UDP, on this node's address on sync_channel (the backup listens)
     queue: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0  # NFQUEUE number (0: 100 + index)
     endpoint: str = ""  # the app library's unix socket ("": <state_dir>/<name>.sock)
+    # -- run by the agent (issue 4; nonstop.agent.services): with a command, the agent's
+    # Supervisor starts it on every node (a standby on a backup), restarts it with backoff, and
+    # gives the VIP up on a crash loop. The same keys as a services file (docs/app-manager.md).
+    command: list[str] = []  # empty: the service is started by someone else
+    runtime: Literal["process", "podman", "docker"] = "process"
+    instances: Annotated[int, msgspec.Meta(ge=1, le=4)] = 1  # > 1: warm standbys on this node
+    env: dict[str, str] = {}
+    cwd: str = ""  # relative: against this file's directory
+    user: str = ""
+    state_volume: str = ""
+    hook: list[str] = []  # on every service event: HOOK... EVENT SERVICE STATE REASON
+    stop_signal: str = "SIGTERM"
+    stop_timeout_ms: PositiveMs = 5000
+    start_timeout_ms: PositiveMs = 30000
+    readiness: dict[str, Any] | None = None  # { tcp = "host:port" } | { http = URL } | ...
+    liveness: dict[str, Any] | None = None
+    backoff: dict[str, Any] = {}  # initial_ms, max_ms, factor, jitter, reset_after_ms
+    crash_loop: dict[str, Any] = {}  # deaths, window_ms
+    container: dict[str, Any] | None = None  # image, network, volumes, ... (podman, docker)
 
 
 class AgentConfig(_Strict, kw_only=True):
@@ -306,6 +325,10 @@ def _check_services(path: str, cfg: AgentConfig, channels: list[str]) -> None:
         if q in queues:
             raise ConfigError(path, f"{at}.queue", f"NFQUEUE {q} is used by services[{queues[q]}]")
         queues[q] = i
+        if svc.command:  # the supervised part: checked with the services file's own rules
+            from nonstop.agent.services import supervised_config
+
+            supervised_config(path, cfg, i)
     ports = [(s.sync_channel or channels[0], s.sync_port) for s in cfg.services]
     for i, p in enumerate(ports):
         if ports.index(p) != i:
@@ -324,7 +347,11 @@ def load_agent_config(path: str) -> tuple[AgentConfig, bytes]:
     node = msgspec.structs.replace(
         cfg.node, key_file=key_path, state_dir=_resolve(path, cfg.node.state_dir)
     )
-    return msgspec.structs.replace(cfg, node=node), key
+    services = [  # a supervised service's relative cwd: against this file
+        msgspec.structs.replace(s, cwd=_resolve(path, s.cwd or ".")) if s.command else s
+        for s in cfg.services
+    ]
+    return msgspec.structs.replace(cfg, node=node, services=services), key
 
 
 def load_witness_config(path: str) -> tuple[WitnessConfig, bytes]:

@@ -28,6 +28,7 @@ from nonstop import __version__
 from nonstop.agent.hooks import Hooks
 from nonstop.agent.link import AgentLinks
 from nonstop.agent.realtime import make_realtime
+from nonstop.agent.services import AgentServices
 from nonstop.agent.sessions import Sessions
 from nonstop.common import RemoteProtocolError, Role
 from nonstop.config import AgentConfig
@@ -120,6 +121,7 @@ class Agent:
         self.guard: GuardClient | None = None
         verbose = 2 if log.isEnabledFor(logging.DEBUG) else int(log.isEnabledFor(logging.INFO))
         self.sessions = Sessions(cfg, key, verbose=verbose)
+        self.services = AgentServices(cfg, self._service_fault)  # [[services]] with a command
         self.history: collections.deque[dict[str, Any]] = collections.deque(maxlen=HISTORY)
         self.role_since = now
         self.counters: collections.Counter[str] = collections.Counter()
@@ -182,6 +184,7 @@ class Agent:
         loop.add_reader(self.guard.fileno(), self._guard_readable)
         # the backup side of every protected service, from the start
         self.sessions.start(loop, self._worker_exited)
+        await self.services.start()  # after the worker: its endpoints exist
         if cfg.services:
             self._spawn(self._watch_sessions())
         await self.links.start()
@@ -241,6 +244,7 @@ class Agent:
                 self.roles.stop(time.monotonic())
                 self._pump(time.monotonic())
         self.vips.release()
+        await self.services.stop()  # before the worker goes: no restarts for a lost endpoint
         self.sessions.close(asyncio.get_running_loop())
         if self.guard is not None:
             with contextlib.suppress(Exception):
@@ -340,6 +344,11 @@ class Agent:
         now = time.monotonic()
         log.critical("session worker exited: this node can no longer keep TCP sessions")
         self.roles.local_fault("session worker exited", now)
+        self._pump(now)
+
+    def _service_fault(self, reason: str) -> None:
+        now = time.monotonic()
+        self.roles.local_fault(reason, now)
         self._pump(now)
 
     def _on_timer(self) -> None:
@@ -556,6 +565,7 @@ class Agent:
             "neighbours_tuned": self.neigh_tuned,
             "sessions": self.sessions.cached,
             "session_worker": self.sessions.status(),
+            "services": self.services.status(),
             "history": list(self.history),
         }
 
