@@ -412,3 +412,26 @@ def test_close_is_applied_and_confirmed_dropped() -> None:
     h.quiesce()
     h.check_converged()
     assert 1 not in h.rx.connections() and h.tx.confirmed(1) is None
+
+
+def test_parked_mirror_seeds_a_backup_until_a_master_syncs() -> None:
+    """A master that steps down parks its own mirror in its new backup side: the same states as
+    a backup would hold; a new master's RESET replaces them; discard_seed drops them."""
+    h = Harness(11, loss=0.0)
+    for _ in range(3):
+        h.op_open()
+    h.quiesce()
+    mirror = h.tx.connections()
+    parked = SyncReceiver(KEY, now=h.now, incarnation=99)
+    assert not parked.seeded
+    parked.seed(mirror)
+    assert parked.seeded and parked.connections() == mirror
+    assert parked.connections() == h.rx.connections()  # exactly what the backup holds
+    assert parked.discard_seed() == 3 and parked.connections() == {} and not parked.seeded
+    parked.seed(mirror)
+    new_master = SyncSender(KEY, incarnation=12, now=h.now)  # another node took over: RESET
+    new_master.resync(h.now)
+    for d in new_master.datagrams_to_send(h.now):
+        parked.receive(d, h.now)
+    assert not parked.seeded and parked.connections() == {}
+    assert parked.discard_seed() == 0

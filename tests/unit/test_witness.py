@@ -52,12 +52,12 @@ def ask(w: WitnessCore, c: WitnessClient, addr: tuple, now: float, *, want: bool
 
 def test_grant_to_first_then_deny_other_until_expiry() -> None:
     w, a, b = core(), client("node-a"), client("node-b")
-    assert ask(w, a, ADDR_A, 1.0) == LeaseGranted(until=pytest.approx(1.0 + LEASE - 0.002))
+    assert ask(w, a, ADDR_A, 1.0) == LeaseGranted(pytest.approx(1.0 + LEASE - 0.002), (0, 1))
     assert denied(ask(w, b, ADDR_B, 1.01)) == "node-a"
-    assert ask(w, a, ADDR_A, 1.02) == LeaseGranted(until=pytest.approx(1.02 + LEASE - 0.002))
+    assert ask(w, a, ADDR_A, 1.02) == LeaseGranted(pytest.approx(1.02 + LEASE - 0.002), (0, 1))
     # a stops renewing: b gets it once a's lease ran out at the witness (1.02 + 30 ms)
     assert denied(ask(w, b, ADDR_B, 1.049)) == "node-a"
-    assert ask(w, b, ADDR_B, 1.050) == LeaseGranted(until=pytest.approx(1.050 + LEASE - 0.002))
+    assert ask(w, b, ADDR_B, 1.050) == LeaseGranted(pytest.approx(1.050 + LEASE - 0.002), (0, 2))
     assert denied(ask(w, a, ADDR_A, 1.06)) == "node-b"
     assert w.status(1.06)["groups"][1]["holder"] == "node-b"
     assert w.status(1.06)["groups"][1]["transfers"] == 1
@@ -65,6 +65,25 @@ def test_grant_to_first_then_deny_other_until_expiry() -> None:
     while (e := w.next_event()) is not None:
         evs.append(e)
     assert evs == [LeaseAcquired(1, "node-a", "", 1.0), LeaseAcquired(1, "node-b", "node-a", 1.05)]
+
+
+def test_term_counts_holder_changes_not_lapses() -> None:
+    """A node granted the lease again under the same (run, term) knows nobody held it meanwhile
+    (its parked TCP sessions are still the truth); any other holder in between moves the term."""
+    w, a, b = WitnessCore(KEY, LEASE, 0.0, grace=0.0, run=77), client("node-a"), client("node-b")
+    g1 = ask(w, a, ADDR_A, 1.0)
+    assert isinstance(g1, LeaseGranted) and g1.term == (77, 1)
+    ask(w, a, ADDR_A, 1.5, want=False)  # released (or lapsed): nobody holds it
+    g2 = ask(w, a, ADDR_A, 2.0)  # a again, after a gap: same term
+    assert isinstance(g2, LeaseGranted) and g2.term == (77, 1)
+    assert isinstance(ask(w, b, ADDR_B, 3.0), LeaseGranted)  # a lapsed, b took it
+    g3 = ask(w, a, ADDR_A, 4.0)
+    assert isinstance(g3, LeaseGranted) and g3.term == (77, 3)  # b in between: a cannot resume
+    assert w.status(4.0)["groups"][1]["term"] == 3
+    # a restarted witness is another run: terms from the previous run never match
+    w2 = WitnessCore(KEY, LEASE, 5.0, grace=0.0, run=78)
+    g4 = ask(w2, a, ADDR_A, 5.0)
+    assert isinstance(g4, LeaseGranted) and g4.term == (78, 1)
 
 
 def test_clients_view_ends_before_the_witness() -> None:
@@ -102,7 +121,7 @@ def test_lease_capped_at_the_witness_maximum() -> None:
     w = core()
     greedy = WitnessClient(KEY, 1, "node-a", 1, lease=10.0, margin=0.0)
     g = ask(w, greedy, ADDR_A, 0.0)
-    assert g == LeaseGranted(until=pytest.approx(LEASE))
+    assert g == LeaseGranted(until=pytest.approx(LEASE), term=(0, 1))
 
 
 def test_replayed_request_dropped_and_counted() -> None:

@@ -297,6 +297,7 @@ class Agent:
                     return
                 log.debug("witness: %s", reply)
                 if isinstance(reply, LeaseGranted):
+                    self.sessions.lease_term = reply.term
                     self.roles.lease_granted(reply.until, now)
                 elif isinstance(reply, LeaseDenied):
                     self.roles.lease_denied(reply.holder, now, reply.remaining)
@@ -422,12 +423,16 @@ class Agent:
             view = self.membership.peer(ev.peer)
             if view is not None:
                 r.peer_seen(ev.peer, view.role, view.priority, view.flags, now)
+                if view.role == Role.MASTER:
+                    self.sessions.invalidate_park(f"peer {ev.peer} was seen as master")
             if isinstance(ev, PeerJoined):
                 log.info("peer %s joined", ev.peer)
         elif isinstance(ev, PeerLost):
             if ev.reason == "left":  # already handled as PeerLeft
                 return
             log.warning("peer %s lost: %s", ev.peer, ev.reason)
+            if self.cfg.witness is None:  # out of sight, it may serve: nothing tells us
+                self.sessions.invalidate_park(f"peer {ev.peer} was lost from sight")
             r.peer_lost(ev.peer, ev.reason, now, proven_dead=ev.proven_dead)
         elif isinstance(ev, PeerLeft):
             log.info("peer %s left (graceful stop)", ev.peer)

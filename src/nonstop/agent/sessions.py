@@ -6,6 +6,10 @@
   loop keeps running meanwhile (heartbeats, the witness): a restore of thousands of connections
   takes tens of milliseconds.
 - After the VIPs are released: ``demote`` silences this node's copies.
+- A step-down parks this node's connections in its worker. A later promotion restores them
+  (``own``) only if no other node can have served meanwhile: with a witness, the lease comes back
+  under the same (run, term); without one, no peer was seen as master nor lost from sight.
+  Otherwise only what a master synced here is restored.
 - While master: ``peers_changed`` points the sync at the peer when it is up and not master (a
   rejoined node gets a whole copy), or stops it when the peer is gone.
 
@@ -41,6 +45,9 @@ class Sessions:
         self.counters: dict[str, int] = {"promote_errors": 0, "worker_errors": 0}
         self.last_promotion: list[dict[str, Any]] = []
         self.cached: list[dict[str, Any]] = []  # the last status the worker gave
+        self.lease_term: tuple[int, int] | None = None  # (run, term) of the last witness grant
+        self._park: tuple[int, int] | None = None  # lease term at the step-down; None: invalid
+        self.park_note = ""  # why the parked connections were (or will be) dropped
 
     def specs(self) -> list[dict[str, Any]]:
         cfg = self.cfg
@@ -114,8 +121,9 @@ class Sessions:
 
     # -- what the agent asks --
     def promote(self, done: Callable[[], None]) -> bool:
-        """Restore the connections, then call ``done`` (add the VIPs there). False: no worker,
-        call it yourself."""
+        """Restore the connections, then call ``done`` (add the VIPs there): those a master
+        synced here, or those this node parked at its step-down if no other node can have served
+        since (see the module doc). False: no worker, call ``done`` yourself."""
 
         def on_reply(r: Reply | None) -> None:
             if r is None:
@@ -131,10 +139,32 @@ class Sessions:
                         )  # fmt: skip
             done()
 
-        return self._send({"op": "promote"}, on_reply)
+        own = False
+        if self._park is not None:
+            if self.cfg.witness is None or self.lease_term == self._park:
+                own = True
+            else:
+                self.park_note = f"the witness term moved from {self._park} to {self.lease_term}"
+        if self.park_note and not own:
+            log.info("connections parked here, if any, are not restored: %s", self.park_note)
+        self._park = None
+        return self._send({"op": "promote", "own": own}, on_reply)
 
     def demote(self) -> None:
+        """Silence this node's connections; the worker parks their state (see the module doc)."""
+        if self.cfg.witness is None:
+            self._park, self.park_note = (0, 0), ""
+        elif self.lease_term is None or self.lease_term[0] == 0:
+            self._park, self.park_note = None, "the witness does not report lease terms"
+        else:
+            self._park, self.park_note = self.lease_term, ""
         self._send({"op": "demote"}, None)
+
+    def invalidate_park(self, why: str) -> None:
+        """Another node may serve (or have served) the connections: never restore what was
+        parked here at the step-down."""
+        if self._park is not None:
+            self._park, self.park_note = None, why
 
     def peers_changed(self, role: Role, peer_views: dict[str, Any]) -> None:
         """Sync each service to the first peer that is alive and not master (when we are)."""
@@ -175,4 +205,6 @@ class Sessions:
             "worker_pid": None if self.worker is None else self.worker.pid,
             "counters": dict(self.counters),
             "last_promotion": self.last_promotion,
+            "parked_valid": self._park is not None,
+            "park_note": self.park_note,
         }

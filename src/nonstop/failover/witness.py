@@ -5,7 +5,7 @@ Wire format (UDP, one message per datagram)::
     seal(key, b"NSWT" || msgpack(array_like tagged struct))
 
     LeaseRequest = [1, group, node_id, incarnation, seq, want, lease_ms]
-    LeaseReply   = [2, group, to, echo_incarnation, echo_seq, holder, granted, lease_ms]
+    LeaseReply   = [2, group, to, echo_incarnation, echo_seq, holder, granted, lease_ms, run, term]
 
 ``want=False`` releases the lease. ``lease_ms`` in a request is the length the node asks for (the
 witness caps it at its own maximum); in a reply it is the length granted, or for a denial the time
@@ -19,6 +19,10 @@ Rules of :class:`WitnessCore`:
 - want=True is granted when the group has no holder, the holder is the requester, or the holder's
   lease expired at ``now``; the lease then runs from ``now`` (receipt) for ``lease_ms``.
 - want=False by the holder frees the lease at once; by anyone else it changes nothing.
+- ``term`` counts the changes of holder of a group (a grant to the node that held it last, even
+  after a lapse, keeps the term); ``run`` names this run of the witness. A node that stepped down
+  and is granted the lease again under the same (run, term) knows no other node held it meanwhile:
+  what it parked (its TCP sessions) is still the truth.
 - For ``grace`` seconds after start (default: the maximum lease) nothing is granted: a lease given
   by a previous run of the witness may still be running. Denials then name no holder ("").
 
@@ -61,6 +65,8 @@ class LeaseReply(msgspec.Struct, array_like=True, frozen=True, tag=2):
     holder: Annotated[str, msgspec.Meta(max_length=32)]
     granted: bool
     lease_ms: U32
+    run: U63 = 0  # this witness run (0: an older witness that does not say)
+    term: U63 = 0  # holder changes of the group in this run
 
 
 Message = LeaseRequest | LeaseReply
@@ -88,9 +94,12 @@ def decode(key: bytes, data: bytes) -> Message:
 
 @dataclass(frozen=True, slots=True)
 class LeaseGranted:
-    """Client side: we hold the lease until ``until`` (our monotonic clock)."""
+    """Client side: we hold the lease until ``until`` (our monotonic clock). ``term`` is the
+    witness's (run, holder changes): equal terms mean nobody else held the lease in between
+    ((0, 0): the witness does not say)."""
 
     until: float
+    term: tuple[int, int] = (0, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +139,9 @@ class _Lease:
 
 
 class WitnessCore:
-    def __init__(self, key: bytes, lease: float, now: float, *, grace: float | None = None) -> None:
+    def __init__(
+        self, key: bytes, lease: float, now: float, *, grace: float | None = None, run: int = 0
+    ) -> None:
         if lease <= 0:
             raise ValueError("lease must be > 0")
         self.key = key
@@ -146,6 +157,8 @@ class WitnessCore:
         # last holder per group, kept apart from the live holder so that a transfer is
         # recognised even when the lease expired before the next node asked
         self._previous: dict[int, str] = {}
+        self.run = run  # names this run in replies (e.g. its start time): terms restart at 0
+        self._terms: dict[int, int] = {}
 
     def next_event(self) -> LeaseAcquired | LeaseReleased | None:
         return self._events.popleft() if self._events else None
@@ -185,6 +198,8 @@ class WitnessCore:
                 lease.grants += 1
                 if prev and prev != msg.node_id:
                     lease.transfers += 1
+                if prev != msg.node_id:
+                    self._terms[msg.group] = self._terms.get(msg.group, 0) + 1
                 self._events.append(LeaseAcquired(msg.group, msg.node_id, prev, now))
                 self._previous[msg.group] = msg.node_id
             lease.holder, lease.until = msg.node_id, now + lease_ms / 1000
@@ -196,6 +211,7 @@ class WitnessCore:
         reply = LeaseReply(
             group=msg.group, to=msg.node_id, echo_incarnation=msg.incarnation,
             echo_seq=msg.seq, holder=lease.holder, granted=granted, lease_ms=lease_ms,
+            run=self.run, term=self._terms.get(msg.group, 0),
         )  # fmt: skip
         return [(addr, encode(self.key, reply))]
 
@@ -208,6 +224,7 @@ class WitnessCore:
                 "remaining_ms": round((lease.until - now) * 1000) if live else 0,
                 "grants": lease.grants,
                 "transfers": lease.transfers,
+                "term": self._terms.get(g, 0),
             }
         return {
             "grace_remaining_ms": max(0, round((self.grace_until - now) * 1000)),
@@ -278,5 +295,5 @@ class WitnessClient:
                 )
             lease = msg.lease_ms / 1000
             margin = lease * 0.05 if self.margin is None else self.margin
-            return LeaseGranted(until=sent + lease - margin)
+            return LeaseGranted(until=sent + lease - margin, term=(msg.run, msg.term))
         return LeaseDenied(holder=msg.holder, remaining=msg.lease_ms / 1000)

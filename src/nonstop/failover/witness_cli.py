@@ -75,7 +75,7 @@ async def serve(
     cfg, key = load_witness_config(config)
     out = _Out(fmt)
     loop = asyncio.get_running_loop()
-    core = WitnessCore(key, max_lease, time.monotonic())
+    core = WitnessCore(key, max_lease, time.monotonic(), run=time.time_ns() // 1000)
     transports: list[asyncio.BaseTransport] = []
     try:
         for item in cfg.witness.listen:

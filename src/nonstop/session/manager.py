@@ -176,6 +176,14 @@ class MasterSession:
             self.sender.resync(now)
             self._flush(now)
 
+    def parked(self) -> list[tuple[ConnState, float]]:
+        """The mirror of every connection, as a backup would hold it, with the time its FULL's
+        TSval was taken: what this node keeps when it steps down (BackupSession.seed)."""
+        with self._lock:
+            mirror = self.sender.connections()
+            return [(mirror[t.conn_id], t.ts_at) for t in self._conns.values()
+                    if t.conn_id in mirror]
+
     @property
     def protecting(self) -> bool:
         """The clamp is engaged: a backup holds a whole, acknowledged copy."""
@@ -480,6 +488,25 @@ class BackupSession:
     def connections(self) -> dict[int, ConnState]:
         with self._lock:
             return self.receiver.connections()
+
+    def seed(self, parked: list[tuple[ConnState, float]]) -> None:
+        """Hold this node's own connections after it stepped down (MasterSession.parked): a
+        promotion restores them unless ``discard_seed`` ran or a master's sync replaced them."""
+        with self._lock:
+            self.receiver.seed({cs.full.conn_id: cs for cs, _ in parked})
+            self._seen = {cs.full.conn_id: (cs.full, at) for cs, at in parked}
+            self._dirty = False
+
+    @property
+    def seeded(self) -> bool:
+        return self.receiver.seeded
+
+    def discard_seed(self) -> int:
+        with self._lock:
+            n = self.receiver.discard_seed()
+            if n:
+                self._seen.clear()
+            return n
 
     def states(self) -> list[tuple[ConnState, TcpState]]:
         """What ``promote`` would restore: each connection's sync state and its TcpState."""

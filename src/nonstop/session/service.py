@@ -56,7 +56,7 @@ class ProtectedService:
         self.peer: tuple[str, int] | None = None
         self.counters: dict[str, int] = {
             "promotions": 0, "demotions": 0, "restored": 0, "restore_failures": 0,
-            "silenced": 0, "commit_errors": 0,
+            "silenced": 0, "commit_errors": 0, "parked": 0, "parked_dropped": 0,
         }  # fmt: skip
         self.last_promotion: dict[str, Any] | None = None
         self.endpoint = AgentEndpoint(
@@ -109,15 +109,22 @@ class ProtectedService:
             self.master = None
 
     # -- role changes (the agent, through the worker) --
-    def promote(self) -> dict[str, Any]:
+    def promote(self, own: bool = False) -> dict[str, Any]:
         """Restore every connection the backup holds and become the master side. Call before
-        the VIP is added. Returns what was done (counts and timings)."""
+        the VIP is added. ``own``: the agent knows no other node served since this one stepped
+        down, so the connections it parked then are still the truth (else they are dropped).
+        Returns what was done (counts and timings)."""
         with self._lock:
             if self.role == "master":
                 return {"service": self.spec.name, "restored": 0, "already": True}
             t0 = time.monotonic()
             restored = []
             assert self.backup is not None
+            resumed = self.backup.seeded and own
+            if not own and (dropped := self.backup.discard_seed()):
+                self.counters["parked_dropped"] += dropped
+                log.warning("%s: %d connections parked at the step-down dropped: another node "
+                            "may have served them since", self.spec.name, dropped)
             try:
                 restored = self.backup.promote()
             except (RepairError, OSError) as e:
@@ -155,21 +162,30 @@ class ProtectedService:
                 "handed_to_service": woken,
                 "resent_bytes": sum(rc.resent for rc in restored),
                 "pending_bytes": sum(rc.pending for rc in restored),
+                "from": "parked" if resumed else "sync",
             }
-            log.warning("%s: promoted, %d connections restored in %.1f ms", s.name, n,
-                        (t1 - t0) * 1000)
+            log.warning("%s: promoted, %d connections restored in %.1f ms%s", s.name, n,
+                        (t1 - t0) * 1000, " (parked here at the step-down)" if resumed else "")
             if self.peer is not None:
                 self.master.set_backup(self.peer)
             return self.last_promotion
 
     def demote(self) -> dict[str, Any]:
-        """Back to the backup side: the connections here are silenced (a new master has them)."""
+        """Back to the backup side: the connections here are silenced (a new master has them, or
+        will). Their state is parked in the new backup side: if the agent finds that no other
+        node served since (a lone master that stepped down and took over again, e.g. after a
+        stall fenced it), ``promote(own=True)`` restores them."""
         with self._lock:
             if self.role == "backup":
                 return {"service": self.spec.name, "silenced": 0}
+            parked = self.master.parked() if self.master is not None else []
             self._stop_master()
             n = self._silence_held()
             self._start_backup()
+            if parked:
+                assert self.backup is not None
+                self.backup.seed(parked)
+                self.counters["parked"] += len(parked)
             with self.endpoint.lock:
                 for c in list(self.endpoint.clients):  # the service must restart as a standby
                     self.endpoint.drop(c)
@@ -241,6 +257,7 @@ class ProtectedService:
             elif self.backup is not None:
                 out["sync"] = {
                     "held_connections": self.backup.receiver.open_connections,
+                    "parked": self.backup.seeded,
                     **self.backup.receiver.counters,
                 }
             return out

@@ -117,6 +117,15 @@ class _Conn:
         self.snd_wnd, self.rcv_wnd = full.snd_wnd, full.rcv_wnd
         self.commit: Commit | None = None
 
+    @classmethod
+    def from_state(cls, cs: ConnState) -> _Conn:
+        c = cls(cs.full)
+        c.rcv_start, c.rcv_data = cs.rcv_start, bytearray(cs.rcv_data)
+        c.snd_start, c.snd_data = cs.snd_start, bytearray(cs.snd_data)
+        c.rcv_nxt, c.snd_una, c.snd_nxt = cs.rcv_nxt, cs.snd_una, cs.snd_nxt
+        c.snd_wnd, c.rcv_wnd, c.commit = cs.snd_wnd, cs.rcv_wnd, cs.commit
+        return c
+
     def end(self, d: Direction) -> int:
         if d is Direction.RCV:
             return seq_add(self.rcv_start, len(self.rcv_data))
@@ -492,6 +501,7 @@ class SyncReceiver(_Counted):
         self._early: dict[int, Batch] = {}
         self._ack_seq = 0
         self.last_rx: float | None = None
+        self.seeded = False  # holds a parked copy (seed()), no master's sync since
         self.counters: dict[str, int] = dict.fromkeys(RECEIVER_COUNTERS, 0)
         del now  # nothing is timed on this side yet; kept for symmetry with the sender
 
@@ -523,6 +533,7 @@ class SyncReceiver(_Counted):
         self.last_rx = now
         if b.reset:
             self._conns.clear()
+            self.seeded = False
             self._next = b.seq
             self._early = {s: e for s, e in self._early.items() if s > b.seq}
         self._early[b.seq] = b
@@ -547,6 +558,23 @@ class SyncReceiver(_Counted):
     def applied(self) -> int:
         """Highest batch seq applied in order in the current master incarnation (0: none)."""
         return 0 if self._next is None else self._next - 1
+
+    def seed(self, states: dict[int, ConnState]) -> None:
+        """Hold ``states`` as if a master had synced them: a master that stepped down parks its
+        own mirror here. The next master's RESET replaces them (it has the connections); until
+        then ``seeded`` is True and ``discard_seed`` drops them."""
+        self._conns = {cid: _Conn.from_state(cs) for cid, cs in states.items()}
+        self.seeded = bool(states)
+
+    def discard_seed(self) -> int:
+        """Drop parked connections that no master synced since (another node may have served
+        them: restoring them would rewind the peer). Returns how many were dropped."""
+        if not self.seeded:
+            return 0
+        n = len(self._conns)
+        self._conns.clear()
+        self.seeded = False
+        return n
 
     @property
     def open_connections(self) -> int:

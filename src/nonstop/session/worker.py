@@ -10,7 +10,8 @@ reaches the peers, which the new master now serves) and exits.
 
 Control: a SOCK_SEQPACKET socketpair; each message is one msgpack map. The agent sends
 ``{"op": "init", "services": [...], "key": bytes}`` first, then requests
-(``promote``, ``demote``, ``set_backup`` with ``peers`` = per service [host, port] or None,
+(``promote`` with ``own`` = restore what this node parked at its last step-down, ``demote``,
+``set_backup`` with ``peers`` = per service [host, port] or None,
 ``status``, ``shutdown``); the worker answers each, in order, with ``{"ok": true, ...}`` or
 ``{"ok": false, "error": ...}``, except a request with ``"reply": false``.
 """
@@ -92,7 +93,8 @@ def serve(sock: socket.socket) -> int:
 def _handle(services: list[Any], req: dict[str, Any]) -> dict[str, Any]:
     op = req.get("op")
     if op == "promote":
-        return {"ok": True, "services": [s.promote() for s in services]}
+        own = bool(req.get("own", False))
+        return {"ok": True, "services": [s.promote(own) for s in services]}
     if op == "demote":
         return {"ok": True, "services": [s.demote() for s in services]}
     if op == "set_backup":
