@@ -58,6 +58,9 @@ class _Conn:
         sock.setblocking(False)
         svc.loop.add_reader(sock.fileno(), self._readable)
 
+    def _sent(self, n: int) -> None:
+        self.svc.speaker.sent(self.peer, n)
+
     def _readable(self) -> None:
         try:
             data = self.sock.recv(65536, socket.MSG_PEEK)
@@ -84,7 +87,7 @@ class _Conn:
                 n = 0
             except OSError:
                 return  # the reader sees the error and reports the loss
-            self.svc.speaker.sent(self.peer, n)
+            self._sent(n)
             data = data[n:]
             if not data:
                 return
@@ -99,7 +102,7 @@ class _Conn:
         except OSError:
             self.svc.loop.remove_writer(self.sock.fileno())
             return
-        self.svc.speaker.sent(self.peer, n)
+        self._sent(n)
         del self.out[:n]
         if not self.out:
             self.svc.loop.remove_writer(self.sock.fileno())
@@ -332,6 +335,13 @@ class SpeakerService:
         self._dispatch(self.speaker.timer(self.now()))
 
     # -- views (api.py) ----------------------------------------------------------------------------
+
+    def extra_summary(self) -> dict[str, Any]:
+        return {}
+
+    def standbys(self) -> int:
+        """Standbys following this speaker's journal."""
+        return len(self.replica.clients) if self.replica is not None else 0
 
     def summary(self) -> list[dict[str, Any]]:
         now = self.now()

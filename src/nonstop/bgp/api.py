@@ -102,8 +102,8 @@ async def start_api(svc: SpeakerService, path: str) -> web.AppRunner:
     async def summary(_: web.Request) -> web.Response:
         return web.json_response({"router_id": svc.cfg.router_id, "asn": svc.cfg.asn,
                                   "pid": os.getpid(), "takeover": svc.takeover,
-                                  "standbys": len(svc.replica.clients) if svc.replica else 0,
-                                  "peers": svc.summary()})
+                                  "standbys": svc.standbys(),
+                                  "peers": svc.summary(), **svc.extra_summary()})
 
     async def get_routes(req: web.Request) -> web.Response:
         prefix = req.query.get("prefix")

@@ -43,6 +43,11 @@ def cmd_speaker(args: argparse.Namespace) -> int:
         print(f"nonstop bgp: {args.config}: replica_socket: needed with --standby",
               file=sys.stderr)
         return 2
+    if cfg.agent is not None:  # a protected service: standby or master as the agent says
+        from nonstop.bgp.protected import run_protected
+
+        asyncio.run(run_protected(cfg))
+        return EXIT_OK
     asyncio.run(run(cfg, standby=args.standby))
     return EXIT_OK
 

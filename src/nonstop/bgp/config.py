@@ -44,6 +44,11 @@ class SpeakerConfig(msgspec.Struct, forbid_unknown_fields=True):
     api_socket: str = "/run/nonstop/bgp.sock"
     replica_socket: str | None = None  # serve a hot standby (journal + sockets) here
     kernel_table: int = 0  # 0: do not install routes; else the kernel table number
+    # run as a protected service under the nonstop agent (takeover to another node):
+    agent: str | None = None  # the agent's app endpoint for this service (unix socket)
+    key_file: str | None = None  # the cluster key: authenticates the journal between nodes
+    journal_listen: str | None = None  # "host:port" where this node serves its journal
+    journal_peer: str | None = None  # "host:port" of the other node's journal (to follow)
     peers: list[PeerConfig] = []
     originate: list[OriginateConfig] = []
 
@@ -58,6 +63,21 @@ def validate(cfg: SpeakerConfig, source: str = "<config>") -> SpeakerConfig:
         ipaddress.IPv4Address(cfg.router_id)
     except ValueError as e:
         raise bad("router_id", str(e)) from None
+    if cfg.agent is not None:
+        if cfg.listen is None:
+            raise bad("listen", "needed with agent (the VIP the peers connect to)")
+        for fld in ("key_file", "journal_listen", "journal_peer"):
+            v = getattr(cfg, fld)
+            if v is None:
+                raise bad(fld, "needed with agent")
+            if fld != "key_file":
+                host, _, port = v.rpartition(":")
+                try:
+                    ipaddress.ip_address(host.strip("[]"))
+                    if not 0 < int(port) < 65536:
+                        raise ValueError(f"port {port} out of range")
+                except ValueError as e:
+                    raise bad(fld, f"host:port: {e}") from None
     names = set()
     for i, p in enumerate(cfg.peers):
         w = f"peers[{i}]"

@@ -16,6 +16,8 @@ The speaker is deterministic, so the journal records its inputs, not its state: 
     10    set_policy                 direction NUL policy JSON
     11    refresh                    -
     12    resume (a standby took over)   JSON {peer: bytes the kernel had accepted}
+    13    acked: the peer acknowledged this many stream bytes (u64; lets a standby that
+          keeps written bytes, for a takeover on another node, forget the old ones)
 
 Records of kind 4 carry the bytes as read (a partial message too: the standby's framer holds the
 same partial bytes); ``rx_position`` (last message boundary) and ``rx_fed`` are equal on both
@@ -47,7 +49,8 @@ from nonstop.common import LocalProtocolError, RemoteProtocolError
 
 _HDR = struct.Struct("!BHdI")
 (START, CONNECTED, LOST, RX, TIMER, TX, STOP, ORIGINATE, WITHDRAW, POLICY, REFRESH,
- RESUME) = range(1, 13)
+ RESUME, ACKED) = range(1, 14)
+LAST_KIND = ACKED
 
 
 def encode_record(kind: int, peer: int, now: float, payload: bytes = b"") -> bytes:
@@ -59,7 +62,7 @@ def decode_record(rec: bytes) -> tuple[int, int, float, bytes]:
         raise RemoteProtocolError("journal record too short", counter="bad_journal")
     kind, peer, now, n = _HDR.unpack_from(rec)
     payload = rec[_HDR.size :]
-    if len(payload) != n or not 1 <= kind <= 12:
+    if len(payload) != n or not 1 <= kind <= LAST_KIND:
         raise RemoteProtocolError("journal record malformed", counter="bad_journal")
     return kind, peer, now, payload
 
@@ -97,11 +100,21 @@ class SessionResumed:
 
 
 class Standby:
-    """A speaker kept in step with the master's journal; :meth:`resume` makes it the master."""
+    """A speaker kept in step with the master's journal; :meth:`resume` makes it the master.
 
-    def __init__(self, cfg: SpeakerConfig) -> None:
+    ``retain``: keep the bytes the master wrote (not only those it has yet to write), back to
+    the peer's acknowledged point as journaled one ACKED record earlier. A takeover on another
+    node restores the connection at a send position the session sync chose, which can be
+    behind what the master wrote (the backup's copy of the sent bytes lags): the bytes from
+    there on are sent again from this tail, and the peer's TCP drops what it already has.
+    """
+
+    def __init__(self, cfg: SpeakerConfig, *, retain: bool = False) -> None:
         self.speaker = Speaker(cfg)
         self.written: dict[str, int] = {p.name: 0 for p in self.speaker.by_index}  # tx bytes
+        self.retain = retain
+        self.tail: dict[str, bytearray] = {p.name: bytearray() for p in self.speaker.by_index}
+        self.acked: dict[str, int] = {p.name: 0 for p in self.speaker.by_index}  # last ACKED
         self.applied = 0
         self.resumed = False
 
@@ -119,6 +132,8 @@ class Standby:
         elif kind == CONNECTED:
             ev = sp.connection_made(name, now, payload.decode())
             self.written[name] = 0
+            self.tail[name] = bytearray()
+            self.acked[name] = 0
         elif kind == LOST:
             ev = sp.connection_lost(name, now)
         elif kind == RX:
@@ -131,6 +146,8 @@ class Standby:
             if len(sess.out) < n:
                 raise LocalProtocolError(f"journal diverged: master wrote {n} bytes to {name}, "
                                          f"standby has {len(sess.out)}")
+            if self.retain:
+                self.tail[name] += sess.out[:n]
             del sess.out[:n]
             self.written[name] += n
         elif kind == STOP:
@@ -147,10 +164,21 @@ class Standby:
                           now)
         elif kind == REFRESH:
             sp.refresh(name, now)
+        elif kind == ACKED:
+            self._acked(name, int.from_bytes(payload, "big"))
         elif kind == RESUME:  # an earlier standby took over here: do what it did
             self._resume(now, {k: int(v) for k, v in msgspec.json.decode(payload).items()})
         self.applied += 1
         return ev
+
+    def _acked(self, name: str, acked: int) -> None:
+        """Forget written bytes before the previous ACKED value (one record of slack: the
+        session sync's own view of the peer's ACKs may lag the master's kernel)."""
+        keep_from, self.acked[name] = self.acked[name], acked
+        tail = self.tail[name]
+        drop = len(tail) - (self.written[name] - keep_from)
+        if drop > 0:
+            del tail[:drop]
 
     def resume(self, now: float, written: dict[str, int] | None = None) -> list[SessionResumed]:
         """Take over: every Established session goes on (no OPEN): whatever the master produced
@@ -170,9 +198,17 @@ class Standby:
                 continue
             if written is not None and p.name in written:
                 extra = written[p.name] - self.written[p.name]
+                tail = self.tail[p.name]
+                if -len(tail) <= extra < 0:  # restored behind the master's writes: again
+                    s.out[:0] = tail[extra:]
+                    del tail[extra:]
+                    self.written[p.name] += extra
+                    extra = 0
                 if extra < 0 or extra > len(s.out):
                     raise LocalProtocolError(f"{p.name}: kernel wrote {written[p.name]} bytes, "
                                              f"journal says {self.written[p.name]}")
+                if self.retain:
+                    self.tail[p.name] += s.out[:extra]
                 del s.out[:extra]
                 self.written[p.name] += extra
             # what the master never wrote goes first (it may end a message the peer has half
