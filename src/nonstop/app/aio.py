@@ -8,10 +8,11 @@ are written synchronously (they block only if the agent stops reading); adoption
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 
-from nonstop.app.api import AgentLink, ConnCore, open_listener, register
-from nonstop.app.channel import CommitRecord
+from nonstop.app.api import AgentLink, ConnCore, listen_after_adoption, open_listener, register
+from nonstop.app.channel import Adopt, CommitRecord
 
 
 async def _readable(sock: socket.socket) -> None:
@@ -28,9 +29,9 @@ class AsyncNsConn(ConnCore):
     """A protected TCP connection (asyncio)."""
 
     def __init__(self, sock: socket.socket, conn_id: int, agent: AgentLink | None,
-                 record: CommitRecord | None = None) -> None:
+                 record: CommitRecord | None = None, sent: int = 0) -> None:
         sock.setblocking(False)
-        super().__init__(sock, conn_id, agent, record)
+        super().__init__(sock, conn_id, agent, record, sent)
 
     async def ns_recv(self, n: int) -> bytes:
         """Up to ``n`` new bytes (peeked, kept in the kernel until commit); b"" at EOF."""
@@ -47,8 +48,9 @@ class AsyncNsConn(ConnCore):
             await _readable(self.sock)
 
     async def ns_send(self, data: bytes) -> None:
-        await asyncio.get_running_loop().sock_sendall(self.sock, data)
-        self.write_pos += len(data)
+        rest = self._to_send(data)
+        if rest:
+            await asyncio.get_running_loop().sock_sendall(self.sock, rest)
 
     async def commit(self, state: bytes = b"", *, upto: int | None = None) -> None:
         """Report the commit to the agent, then consume the input up to ``upto`` (default: all
@@ -66,11 +68,15 @@ class AsyncNsConn(ConnCore):
 
 
 class AsyncNsListener:
-    def __init__(self, sock: socket.socket, agent: AgentLink | None) -> None:
+    def __init__(self, sock: socket.socket, agent: AgentLink | None,
+                 adopted: list[tuple[Adopt, socket.socket]] | None = None,
+                 replay: bool = False) -> None:
         sock.setblocking(False)
         self.sock = sock
         self.agent = agent
         self.port: int = sock.getsockname()[1]
+        self._adopted = adopted  # a standby's: adopted before it could listen
+        self.replay = replay
 
 
     async def ns_accept(self) -> AsyncNsConn:
@@ -80,8 +86,12 @@ class AsyncNsListener:
     async def adopted(self) -> list[tuple[AsyncNsConn, CommitRecord]]:
         if self.agent is None:
             return []
-        got = await asyncio.to_thread(self.agent.adopt, self.port)
-        return [(AsyncNsConn(s, a.conn_id, self.agent, a.record), a.record) for a, s in got]
+        got = self._adopted
+        self._adopted = None
+        if got is None:
+            got = await asyncio.to_thread(self.agent.adopt, self.port)
+        return [(AsyncNsConn(s, a.conn_id, self.agent, a.record, a.sent if self.replay else 0),
+                 a.record) for a, s in got]
 
     def close(self) -> None:
         self.sock.close()
@@ -90,7 +100,17 @@ class AsyncNsListener:
 
 
 async def ns_listen(addr: str, port: int, *, agent: str | None = None,
-                    backlog: int = 128) -> AsyncNsListener:
-    """asyncio twin of ``api.ns_listen``."""
-    link = await asyncio.to_thread(AgentLink, agent) if agent is not None else None
-    return AsyncNsListener(open_listener(addr, port, backlog), link)
+                    backlog: int = 128, replay: bool = False) -> AsyncNsListener:
+    """asyncio twin of ``api.ns_listen`` (a warm standby waits here, in a thread)."""
+    if agent is None:
+        return AsyncNsListener(open_listener(addr, port, backlog), None, replay=replay)
+    link = await asyncio.to_thread(AgentLink, agent)
+    try:
+        return AsyncNsListener(open_listener(addr, port, backlog), link, replay=replay)
+    except OSError as e:
+        if e.errno != errno.EADDRINUSE:
+            link.close()
+            raise
+    got = await asyncio.to_thread(link.adopt, port)
+    sock = await asyncio.to_thread(listen_after_adoption, addr, port, backlog)
+    return AsyncNsListener(sock, link, got, replay)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import socket
 import threading
+import time
 
 from nonstop.app.channel import (
     Adopt,
@@ -82,16 +84,23 @@ class ConnCore:
     """
 
     def __init__(self, sock: socket.socket, conn_id: int, agent: AgentLink | None,
-                 record: CommitRecord | None = None) -> None:
-        record = record or CommitRecord()
+                 record: CommitRecord | None = None, sent: int = 0) -> None:
         self.sock = sock
         self.conn_id = conn_id
         self.agent = agent
-        self.read_pos = record.read_pos
-        self.delivered = record.read_pos
-        self.write_pos = record.write_pos
+        self.read_pos = self.delivered = self.write_pos = 0
         self.closed = False
+        # Adopted after a crash, ``sent``: what the kernel took from the dead owner. An app
+        # that replays its output from its commit (ns_listen(replay=True)) writes the bytes in
+        # ``[write_pos, sent)`` again; they are not sent twice (_to_send). Pass 0 otherwise.
+        self.sent = sent
+        self._skip = 0
         self._lowat = 1
+        if record is not None:
+            self.read_pos = self.delivered = record.read_pos
+            self.write_pos = record.write_pos
+            self._skip = max(0, sent - record.write_pos)
+            self._lowat = 0  # a dead owner's SO_RCVLOWAT may still be set: set ours at once
 
     def _set_lowat(self) -> None:
         want = self.delivered - self.read_pos + 1
@@ -109,6 +118,15 @@ class ConnCore:
         if not data and pending == 0:
             return b""
         return b"" if peer_closed(self.sock) else None
+
+    def _to_send(self, data: bytes) -> bytes:
+        """What of ``data`` the kernel has not had yet (after an adoption); moves write_pos."""
+        self.write_pos += len(data)
+        if self._skip:
+            n = min(self._skip, len(data))
+            self._skip -= n
+            return data[n:]
+        return data
 
     def _commit_target(self, upto: int | None) -> int:
         upto = self.delivered if upto is None else upto
@@ -154,8 +172,7 @@ class NsConn(ConnCore):
                 return new
 
     def ns_send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-        self.write_pos += len(data)
+        self.sock.sendall(self._to_send(data))
 
     def commit(self, state: bytes = b"", *, upto: int | None = None) -> None:
         """Tell the agent the app has processed the input up to ``upto`` (absolute read position;
@@ -201,10 +218,14 @@ def register(agent: AgentLink | None, sock: socket.socket) -> int:
 class NsListener:
     """A listening socket whose accepted connections the agent protects."""
 
-    def __init__(self, sock: socket.socket, agent: AgentLink | None) -> None:
+    def __init__(self, sock: socket.socket, agent: AgentLink | None,
+                 adopted: list[tuple[Adopt, socket.socket]] | None = None,
+                 replay: bool = False) -> None:
         self.sock = sock
         self.agent = agent
         self.port: int = sock.getsockname()[1]
+        self._adopted = adopted  # a standby's: adopted before it could listen
+        self.replay = replay
 
 
     def ns_accept(self) -> NsConn:
@@ -216,8 +237,10 @@ class NsListener:
         commit; their receive queues start at ``record.read_pos``. Empty without an agent."""
         if self.agent is None:
             return []
-        return [(NsConn(s, a.conn_id, self.agent, a.record), a.record)
-                for a, s in self.agent.adopt(self.port)]
+        got = self._adopted if self._adopted is not None else self.agent.adopt(self.port)
+        self._adopted = None
+        return [(NsConn(s, a.conn_id, self.agent, a.record, a.sent if self.replay else 0),
+                 a.record) for a, s in got]
 
     def close(self) -> None:
         self.sock.close()
@@ -225,8 +248,40 @@ class NsListener:
             self.agent.close()
 
 
-def ns_listen(addr: str, port: int, *, agent: str | None = None, backlog: int = 128) -> NsListener:
+def ns_listen(addr: str, port: int, *, agent: str | None = None, backlog: int = 128,
+              replay: bool = False) -> NsListener:
     """Listen on ``addr:port``; ``agent`` is the agent's unix socket path (None: no agent,
-    plain sockets, commit only consumes)."""
-    return NsListener(open_listener(addr, port, backlog),
-                      AgentLink(agent) if agent is not None else None)
+    plain sockets, commit only consumes). ``replay``: the app writes, after an adoption, the
+    same bytes as from its last commit on (seed 001's model, like a TCP_REPAIR takeover that
+    resumes at the committed sequence number); the bytes a crashed predecessor already wrote
+    past its commit are then dropped, not sent twice.
+
+    With an agent, when another instance of the service listens there already (EADDRINUSE),
+    this one is its warm standby: it asks for adoption first (the agent answers when the active
+    instance dies, with its connections), then listens; ``adopted()`` returns them."""
+    if agent is None:
+        return NsListener(open_listener(addr, port, backlog), None, replay=replay)
+    link = AgentLink(agent)
+    try:
+        return NsListener(open_listener(addr, port, backlog), link, replay=replay)
+    except OSError as e:
+        if e.errno != errno.EADDRINUSE:
+            link.close()
+            raise
+    got = link.adopt(port)
+    return NsListener(listen_after_adoption(addr, port, backlog), link, got, replay)
+
+
+def listen_after_adoption(
+    addr: str, port: int, backlog: int, timeout: float = 2.0
+) -> socket.socket:
+    """A standby that was handed the connections: the dead instance's listener may take a
+    moment to go (its process is still exiting); retry the bind until then."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return open_listener(addr, port, backlog)
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.002)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import selectors
 import socket
 import struct
@@ -40,6 +41,7 @@ STATE_MAX = 255
 MAX_BODY = 4096
 _HEAD = struct.Struct("!IB")
 HEAD_LEN = _HEAD.size
+_TCP_INFO_BYTES_ACKED = 120  # offset of tcpi_bytes_acked (u64) in struct tcp_info
 _TCP_INFO_BYTES_RECEIVED = 128  # offset of tcpi_bytes_received (u64) in struct tcp_info
 _TCP_INFO_LEN = 136
 _FIN_RECEIVED = {6, 8, 9, 11}  # TIME_WAIT, CLOSE_WAIT, LAST_ACK, CLOSING
@@ -89,6 +91,10 @@ class Adopt(msgspec.Struct, frozen=True, tag="adopt"):
     local: tuple[Host, Port]
     remote: tuple[Host, Port]
     record: CommitRecord
+    # Bytes the kernel took from the app(s) on this socket since it opened. Above
+    # record.write_pos after a crash: the dead owner wrote past its commit, and the adopter
+    # (which replays from the commit) must not send those bytes again (ConnCore skips them).
+    sent: U63 = 0
 
 
 class AdoptDone(msgspec.Struct, frozen=True, tag="adopt_done"):
@@ -188,6 +194,17 @@ def kernel_read_pos(sock: socket.socket) -> int:
     return received - inq
 
 
+def kernel_write_pos(sock: socket.socket) -> int:
+    """Bytes the application side has written to ``sock`` since it opened (acked + queued)."""
+    import fcntl
+    import termios
+
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+    (acked,) = struct.unpack_from("=Q", info, _TCP_INFO_BYTES_ACKED)
+    outq = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    return acked + outq
+
+
 # -- the agent side ------------------------------------------------------------------------------
 
 
@@ -202,6 +219,10 @@ class HeldConn:
     record: CommitRecord = field(default_factory=CommitRecord)
     owner: EndpointClient | None = None
     registered: bool = False  # a local service registered it (True) or add() restored it
+    # absolute position = kernel counter + base: 0 for a socket opened here; for one restored
+    # by add(), what makes the kernel's fresh counters match the record it was restored at
+    read_base: int = 0
+    write_base: int = 0
 
 
 @dataclass(eq=False, slots=True)
@@ -211,6 +232,7 @@ class EndpointClient:
     sock: socket.socket
     decoder: FrameDecoder = field(default_factory=FrameDecoder)
     pid: int = 0
+    serving: set[int] = field(default_factory=set)  # ports it was handed adoption for (active)
 
 
 class AgentEndpoint:
@@ -225,6 +247,13 @@ class AgentEndpoint:
     set (a backup node) an ADOPT_REQUEST is answered only at ``release_adoptions()``: a standby
     service started on the backup waits there and wakes with the connections restored on
     promotion. ``lock`` serialises ``step`` with calls from other threads.
+
+    Active and standby instances of a service on one node: the first client answered an
+    ADOPT_REQUEST for a port is that port's active instance; a later request for the same port
+    while the active lives is held (a warm standby) and answered with the active's connections
+    the moment it goes (``drop``). Before answering, the endpoint reads what the other clients
+    sent: a dead owner's last COMMITs and its EOF are handled first, so its connections are
+    orphans (not still owned) when a successor asks.
     """
 
     def __init__(
@@ -341,7 +370,8 @@ class AgentEndpoint:
                 else:
                     held.owner = None
             case AdoptRequest(port=port):
-                if self.hold_adoption:
+                self._read_others(client)
+                if self.hold_adoption or self._active_on(port, but=client):
                     self.waiting.append((client, port))
                 else:
                     self.adopt_all(client, port=port)
@@ -352,7 +382,13 @@ class AgentEndpoint:
         """Hold a connection restored elsewhere (e.g. by TCP_REPAIR after a failover) as an orphan.
         Its receive queue must start at ``record.read_pos``."""
         local, remote = sock.getsockname()[:2], sock.getpeername()[:2]
-        self.conns[conn_id] = HeldConn(conn_id, sock, local, remote, record)
+        held = HeldConn(conn_id, sock, local, remote, record)
+        try:
+            held.read_base = record.read_pos - kernel_read_pos(sock)
+            held.write_base = record.write_pos - kernel_write_pos(sock)
+        except OSError:
+            pass
+        self.conns[conn_id] = held
 
     def adopt_all(self, client: EndpointClient, *, port: int = 0) -> int:
         """Hand every orphan (owner gone) on local ``port`` (0: any) to ``client``; then
@@ -363,25 +399,52 @@ class AgentEndpoint:
             if held.owner is not None or (port and held.local[1] != port):
                 continue
             self._trim(held)
-            send_msg(client.sock, Adopt(held.conn_id, held.local, held.remote, held.record),
-                     held.sock.fileno())
+            try:
+                sent = max(held.record.write_pos, kernel_write_pos(held.sock) + held.write_base)
+            except OSError:
+                sent = held.record.write_pos
+            msg = Adopt(held.conn_id, held.local, held.remote, held.record, sent)
+            send_msg(client.sock, msg, held.sock.fileno())
             held.owner = client
             n += 1
         send_msg(client.sock, AdoptDone(n))
+        client.serving.add(port)
         return n
 
     def release_adoptions(self) -> int:
-        """Stop holding ADOPT_REQUESTs and answer the waiting ones; connections handed over."""
+        """Stop holding ADOPT_REQUESTs; answer the first waiting one per port (the others stay
+        waiting: standbys of the one answered). Returns the connections handed over."""
         self.hold_adoption = False
-        waiting, self.waiting = self.waiting, []
+        return self._answer_waiting()
+
+    def _answer_waiting(self) -> int:
         n = 0
-        for client, port in waiting:
-            if client in self.clients:
-                try:
-                    n += self.adopt_all(client, port=port)
-                except OSError:
-                    self.drop(client)
+        for client, port in list(self.waiting):
+            if client not in self.clients or self._active_on(port, but=client):
+                continue
+            self.waiting.remove((client, port))
+            try:
+                n += self.adopt_all(client, port=port)
+            except OSError:
+                self.drop(client)
         return n
+
+    def _active_on(self, port: int, *, but: EndpointClient) -> bool:
+        """Another live client was handed the connections of ``port`` (0: of any port)."""
+        return any(
+            c is not but and c.serving and (port == 0 or 0 in c.serving or port in c.serving)
+            for c in self.clients
+        )
+
+    def _read_others(self, client: EndpointClient) -> None:
+        """Handle what the other clients already sent (a dead one's last COMMITs and EOF)."""
+        for c in [c for c in self.clients if c is not client]:
+            # until it has nothing more (its data and its EOF come in separate reads); bounded,
+            # a live client may keep committing
+            for _ in range(64):
+                if c not in self.clients or not select.select([c.sock], [], [], 0)[0]:
+                    break
+                self.readable(c)
 
     def drop(self, client: EndpointClient) -> None:
         """Forget a library connection; its connections become orphans (still held)."""
@@ -399,6 +462,8 @@ class AgentEndpoint:
         for held in self.conns.values():
             if held.owner is client:
                 held.owner = None
+        if client.serving and not self.hold_adoption:
+            self._answer_waiting()  # a warm standby takes over at once
 
     def close(self) -> None:
         for c in list(self.clients):
@@ -419,10 +484,8 @@ class AgentEndpoint:
         return held
 
     def _trim(self, held: HeldConn) -> None:
-        if not held.registered:
-            return
         try:
-            lag = held.record.read_pos - kernel_read_pos(held.sock)
+            lag = held.record.read_pos - kernel_read_pos(held.sock) - held.read_base
         except OSError:
             return
         while lag > 0:

@@ -156,7 +156,9 @@ class _Conn:
 
 async def serve(host: str, port: int, *, agent: str | None, rate: float, size: int,
                 report: str | None) -> None:  # fmt: skip
-    listener = await ns_listen(host, port, agent=agent, backlog=4096)
+    # replay: after a local restart it writes again from its commit; the library drops what
+    # the dead process had already written (a TCP_REPAIR takeover does the same with seqs)
+    listener = await ns_listen(host, port, agent=agent, backlog=4096, replay=True)
     srv = ProtectedServer(listener, rate=rate, size=size)
     print(f"listening {port}", flush=True)
     loop = asyncio.get_running_loop()
