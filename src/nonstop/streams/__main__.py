@@ -26,6 +26,8 @@ def main() -> None:
     c = sub.choices["client"]
     c.add_argument("--conns", type=int, default=1)
     c.add_argument("--duration", type=float, default=5.0)
+    c.add_argument("--long-gap", type=float, help="list silences longer than this (s)")
+    c.add_argument("--samples", help="write per-connection progress samples (JSON) here")
     a = p.parse_args()
     if a.cmd == "protected-server":
         asyncio.run(protected.serve(a.host, a.port, agent=a.agent, rate=a.rate, size=a.size,
@@ -34,7 +36,8 @@ def main() -> None:
         asyncio.run(serve(a.host, a.port, rate=a.rate, size=a.size, report=a.report))
     else:
         out = asyncio.run(client(a.host, a.port, conns=a.conns, duration=a.duration,
-                                 rate=a.rate, size=a.size))  # fmt: skip
+                                 rate=a.rate, size=a.size, long_gap=a.long_gap,
+                                 samples=a.samples))  # fmt: skip
         print(json.dumps(out))
 
 

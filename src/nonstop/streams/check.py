@@ -41,6 +41,7 @@ class StreamReport:
     max_gap: float = 0.0  # longest silence between two messages, seconds
     max_gap_at: float | None = None  # when that silence ended
     arrivals: list[float] = field(default_factory=list)  # kept only if record_arrivals
+    long_gaps: list[tuple[float, float]] = field(default_factory=list)  # (from, to) > long_gap
 
 
 class StreamVerifier:
@@ -48,8 +49,10 @@ class StreamVerifier:
     of one connection. Raises StreamError on broken framing (the stream cannot be resynced);
     a bad payload is counted as corrupted."""
 
-    def __init__(self, direction: int, conn: int, *, record_arrivals: bool = False) -> None:
+    def __init__(self, direction: int, conn: int, *, record_arrivals: bool = False,
+                 long_gap: float | None = None) -> None:  # fmt: skip
         self.direction, self.conn = direction, conn
+        self.long_gap = long_gap  # silences longer than this are kept in report.long_gaps
         self.next_seq = 0
         self.report = StreamReport()
         self._buf = bytearray()
@@ -89,6 +92,8 @@ class StreamVerifier:
         r.bytes += length
         if r.last_at is not None and now - r.last_at > r.max_gap:
             r.max_gap, r.max_gap_at = now - r.last_at, now
+        if self.long_gap is not None and r.last_at is not None and now - r.last_at > self.long_gap:
+            r.long_gaps.append((r.last_at, now))
         if r.first_at is None:
             r.first_at = now
         r.last_at = now

@@ -126,9 +126,16 @@ async def serve(host: str, port: int, *, rate: float, size: int, report: str | N
 
 
 async def client(host: str, port: int, *, conns: int, duration: float, rate: float, size: int,
-                 connect_timeout: float = 5.0) -> dict[str, Any]:  # fmt: skip
+                 connect_timeout: float = 5.0, long_gap: float | None = None,
+                 samples: str | None = None,
+                 sample_every: float = 0.05) -> dict[str, Any]:  # fmt: skip
     """Stream on ``conns`` connections for ``duration`` seconds, or until SIGTERM (then every
-    connection ends cleanly with its trailer, and the report is complete)."""
+    connection ends cleanly with its trailer, and the report is complete).
+
+    ``long_gap``: the report's ``long_gaps`` lists, per connection, every silence of the server's
+    stream longer than that (monotonic (from, to): a benchmark finds the one around its fault).
+    ``samples``: write ``[[conn, t, bytes], ...]`` there at the end (bytes received so far on
+    each connection every ``sample_every`` s, monotonic t), the data of a timeline picture."""
     verifiers: list[StreamVerifier] = []
     errors: dict[str, int] = {}
     kept = 0
@@ -137,10 +144,22 @@ async def client(host: str, port: int, *, conns: int, duration: float, rate: flo
     loop.call_later(duration, stop.set)
     with contextlib.suppress(RuntimeError, ValueError):  # not in the main thread: no signal
         loop.add_signal_handler(signal.SIGTERM, stop.set)
+    rows: list[tuple[int, float, int]] = []
+
+    async def sample() -> None:
+        last: dict[int, int] = {}
+        while True:
+            now = time.monotonic()
+            for v in verifiers:
+                b = v.report.bytes
+                if last.get(v.conn) != b:
+                    last[v.conn] = b
+                    rows.append((v.conn, round(now, 4), b))
+            await asyncio.sleep(sample_every)
 
     async def one(conn: int) -> None:
         nonlocal kept
-        v = StreamVerifier(SERVER, conn)
+        v = StreamVerifier(SERVER, conn, long_gap=long_gap)
         verifiers.append(v)
         try:
             reader, writer = await asyncio.wait_for(
@@ -170,8 +189,17 @@ async def client(host: str, port: int, *, conns: int, duration: float, rate: flo
                 await receiving
             writer.transport.abort()
 
+    sampler = asyncio.create_task(sample()) if samples else None
     await asyncio.gather(*(one(i) for i in range(conns)))
     out = summarize(verifiers, errors)
     out["kept"] = kept
     out["resets"] = errors.get("ConnectionResetError", 0)
+    if long_gap is not None:
+        out["long_gaps"] = {v.conn: v.report.long_gaps for v in verifiers if v.report.long_gaps}
+    if sampler is not None and samples:
+        sampler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampler
+        with open(samples, "w") as f:
+            json.dump(rows, f)
     return out

@@ -1,0 +1,178 @@
+"""``nonstop bench takeover``: N protected connections through the master's death, end to end.
+
+The real thing, as an operator runs it: the agent pair with a witness in the demo lab (10 ms
+heartbeats by default, the issue's setting), a ``[[services]]`` entry for VIP:7400, the stream
+checker's protected server on both nodes (a standby on the backup), and the peer streaming both
+ways on ``sessions`` connections at ``rate`` messages per second each way. Once the master
+protects every connection (the backup holds a whole, acknowledged copy), its agent and service
+are SIGKILLed; the backup detects it from the heartbeats, restores every connection with
+TCP_REPAIR, adds the VIP and hands them to its standby service.
+
+Figures, all from the peer's side unless said:
+
+- ``kept``/``resets``/``bytes_lost``/``bytes_duplicated``: the stream checker's report;
+- ``interruption_ms``: per connection, the silence of the server's stream around the kill (last
+  message before it to the first after it, the issue's definition); it includes up to one
+  message interval (``1/rate``) of plain idleness before the kill;
+- ``kill_to_first_byte_ms``: from the kill to each connection's first message after it;
+- ``restore_us_per_session``: the backup's TCP_REPAIR restore of all of them, per connection;
+- ``sync_bytes_per_update``: sync datagram bytes sent by the master per record, just before the
+  kill (headers, MACs and retransmissions included).
+
+The timeline PNG (``png``): bytes delivered per connection and the aggregate throughput over
+time, with the kill and the promotion marked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from nonstop.cluster import Cluster, ClusterSpec
+from nonstop.lab import Lab, demo_topology
+
+PORT = 7400
+VIP = "10.77.0.100"
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    s = sorted(xs)
+    return round(s[min(len(s) - 1, round(q * (len(s) - 1)))], 2)
+
+
+def _sync(st: dict[str, Any] | None) -> dict[str, Any]:
+    if not st or not st.get("sessions"):
+        return {}
+    return st["sessions"][0].get("sync", {}) or {}
+
+
+def run(
+    sessions: int,
+    *,
+    rate: float = 20.0,
+    size: int = 100,
+    interval_ms: int = 10,
+    settle: float = 1.5,
+    png: str | None = None,
+    say: Callable[[str], None] = lambda s: None,
+) -> dict[str, Any]:
+    """One takeover with ``sessions`` connections; returns the figures (see the module doc)."""
+    spec = ClusterSpec(services={"stream": PORT}, preempt=False, interval_ms=interval_ms)
+    with Lab(demo_topology()) as lab:
+        c = Cluster(lab, spec)
+        c.start()
+        c.wait_ready(timeout=20)
+        svc = {n: c.start_stream_service(n, "stream", rate=rate, size=size) for n in spec.nodes}
+        master = c.master()
+        if master is None:
+            raise RuntimeError("no single master after start")
+        other = next(n for n in spec.nodes if n != master)
+        c.wait_serving(svc[master])
+        samples_path = os.path.join(lab.workdir, "samples.json")
+        argv = [sys.executable, "-m", "nonstop.streams", "client", "--host", VIP, "--port",
+                str(PORT), "--conns", str(sessions), "--duration", "3600", "--rate", str(rate),
+                "--size", str(size), "--long-gap", str(1.2 / rate),
+                "--samples", samples_path]  # fmt: skip
+        client = lab.host("peer").run(argv, stdout=subprocess.PIPE, name="client")
+        say(f"{sessions} connections: waiting for the backup to hold them all")
+        _wait_protecting(c, master, other, sessions, timeout=30 + sessions / 100)
+        time.sleep(settle)
+        before = _sync(c.status(master))
+        t_kill = time.monotonic()
+        c.procs[master].kill()
+        svc[master].kill()
+        c.wait_role(other, "master", timeout=15)
+        t_master = time.monotonic()
+        say(f"{other} is master after {round((t_master - t_kill) * 1000)} ms (seen by polling)")
+        time.sleep(settle + sessions / 2000)
+        st = c.status(other) or {}
+        client.send_signal(signal.SIGTERM)
+        out, _ = client.popen.communicate(timeout=60 + sessions / 50)
+        rep = json.loads(out.decode().strip().splitlines()[-1])
+        promo = (st.get("sessions") or [{}])[0].get("last_promotion") or {}
+        result = _figures(rep, sessions, rate, size, t_kill, promo, before)
+        result["new_master_seen_ms"] = round((t_master - t_kill) * 1000, 1)
+        if png:
+            _draw(png, samples_path, t_kill, t_master, sessions, rate)
+            result["timeline_png"] = png
+        return result
+
+
+def _wait_protecting(c: Cluster, master: str, other: str, n: int, timeout: float) -> None:
+    def ok() -> bool:
+        m = (c.status(master) or {}).get("sessions") or [{}]
+        b = (c.status(other) or {}).get("sessions") or [{}]
+        return (
+            m[0].get("connections", 0) >= n
+            and bool(m[0].get("sync", {}).get("protecting"))
+            and b[0].get("sync", {}).get("held_connections", 0) >= n
+        )
+
+    c.wait(ok, timeout, f"{master} to protect {n} connections", poll=0.1)
+
+
+def _figures(rep: dict[str, Any], n: int, rate: float, size: int, t_kill: float,
+             promo: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    gaps: list[float] = []
+    firsts: list[float] = []
+    natural = 1000.0 / rate
+    quiet = 0  # connections whose stream never paused longer than 1.2 intervals around the kill
+    for spans in rep.get("long_gaps", {}).values():
+        around = [(a, b) for a, b in spans if a <= t_kill <= b]
+        if around:
+            a, b = around[0]
+            gaps.append((b - a) * 1000)
+            firsts.append((b - t_kill) * 1000)
+    quiet = max(0, n - len(gaps))
+    gaps += [natural * 1.2] * quiet  # an upper bound for those: counted, not dropped
+    records = before.get("records", 0)
+    restored = promo.get("restored")
+    return {
+        "sessions": n,
+        "rate_per_conn": rate,
+        "message_bytes": size,
+        "kept": rep.get("kept", 0),
+        "resets": rep.get("resets", 0),
+        "bytes_lost": rep.get("lost", 0) * size,
+        "bytes_duplicated": rep.get("duplicated", 0) * size,
+        "corrupted": rep.get("corrupted", 0),
+        "errors": rep.get("errors", {}),
+        "restored": restored,
+        "restore_ms": promo.get("restore_ms"),
+        "restore_us_per_session": promo.get("restore_us_per_session"),
+        "promotion_total_ms": promo.get("total_ms"),
+        "handed_to_service": promo.get("handed_to_service"),
+        "interruption_ms": {"p50": _pct(gaps, 0.5), "p99": _pct(gaps, 0.99),
+                            "max": _pct(gaps, 1.0), "n": len(gaps),
+                            "within_one_interval": quiet},
+        "kill_to_first_byte_ms": {"p50": _pct(firsts, 0.5), "p99": _pct(firsts, 0.99)},
+        "message_interval_ms": round(natural, 1),
+        "sync_records": records,
+        "sync_tx_bytes": before.get("tx_bytes", 0),
+        "sync_bytes_per_update": round(before.get("tx_bytes", 0) / records, 2)
+        if records
+        else None,
+    }
+
+
+def _draw(png: str, samples_path: str, t_kill: float, t_master: float, n: int,
+          rate: float) -> None:  # fmt: skip
+    from nonstop.report.timeline import Marker, Sample, write_timeline
+
+    with open(samples_path) as f:
+        rows = json.load(f)
+    if not rows:
+        return
+    t0 = min(r[1] for r in rows)
+    samples = [Sample(conn=str(r[0]), t=r[1] - t0, bytes=r[2]) for r in rows]
+    markers = [Marker(t_kill - t0, "master killed"), Marker(t_master - t0, "backup is master")]
+    write_timeline(png, samples, markers,
+                   f"TCP session takeover: {n} connections, {rate:g} msg/s each way")  # fmt: skip
