@@ -5,9 +5,12 @@ connections), L4 bulk TCP, and RPC calls. Each prints one JSON object on stdout.
     python -m nonstop.bench.vs l4 --addr 10.77.0.11:9000 --duration 5 --conns 4
     python -m nonstop.bench.vs rpc --addr 10.77.0.11:7900 --duration 3 --conns 8
 
-Every failed request is counted, never hidden: a connection error, a reset, a timeout or a
-non-2xx status is one failure (and the request is not retried by the generator). ``--until-file``
-stops when the file appears (the test's way to end a run at a chosen moment).
+Every failed request is counted, never hidden: a connection error, a reset, a timeout, a
+non-2xx status or a corrupt response is one failure (and the request is not retried by the
+generator). A ``GET /`` answer from ``nonstop vs worker`` must say ``hello from <x-worker>
+#<x-seq>``: a stream spliced from two different responses fails that check (``corrupt``).
+``connects`` counts connections opened: with keep-alive and no failure it equals ``--conns``.
+``--until-file`` stops when the file appears (the test's way to end a run at a chosen moment).
 """
 
 from __future__ import annotations
@@ -42,7 +45,9 @@ async def _http_conn(
 ) -> None:
     req = f"GET {path} HTTP/1.1\r\nhost: {host}\r\n\r\n".encode()
     lat: list[float] = st["lat"]
+    check = path == "/"
     while not _stop_check(deadline, until_file):
+        st["connects"] += 1
         try:
             async with asyncio.timeout(5):
                 r, w = await asyncio.open_connection(host, port)
@@ -63,9 +68,14 @@ async def _http_conn(
                             raise ConnectionResetError("closed by the server")
                         p.feed(data)
                 lat.append((time.monotonic() - t0) * 1000)
+                wk = resp.header(b"x-worker")
+                if check and wk and resp.body != b"hello from %s #%s\n" % (
+                    wk,
+                    resp.header(b"x-seq"),
+                ):
+                    raise ValueError("corrupt response")  # the stream is out of step: give up
                 if 200 <= resp.status < 300:
                     st["ok"] += 1
-                    wk = resp.header(b"x-worker")
                     if wk:
                         st["workers"][wk.decode()] += 1
                 else:
@@ -75,13 +85,15 @@ async def _http_conn(
                     break
         except (OSError, TimeoutError, Exception) as e:  # every failure counts
             st["fail"] += 1
-            st["errors"][type(e).__name__] += 1
+            st["errors"][str(e) if isinstance(e, ValueError) else type(e).__name__] += 1
         finally:
             w.close()
 
 
 def _http_proc(args: dict[str, Any]) -> dict[str, Any]:
-    st: dict[str, Any] = {"ok": 0, "fail": 0, "errors": Counter(), "workers": Counter(), "lat": []}
+    st: dict[str, Any] = {
+        "ok": 0, "fail": 0, "connects": 0, "errors": Counter(), "workers": Counter(), "lat": []
+    }
     host, _, port = args["url"].rpartition(":")
 
     async def main() -> None:
@@ -130,6 +142,7 @@ def run_http(
     return {
         "ok": ok,
         "failed": sum(p["fail"] for p in parts),
+        "connects": sum(p["connects"] for p in parts),
         "rps": round(ok / elapsed, 1),
         "p50_ms": _pct(lat, 0.5),
         "p99_ms": _pct(lat, 0.99),

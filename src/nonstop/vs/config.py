@@ -35,6 +35,14 @@ class FrontSection(_Strict):
     response_timeout_ms: PositiveMs = 10_000
     idle_per_worker: Annotated[int, msgspec.Meta(ge=0, le=4096)] = 64  # keep-alive pool size
     splice: bool = True  # L4 data path through a pipe with os.splice (zero copy)
+    # front takeover (docs/vs.md): the response journal between the two fronts of an HA pair
+    journal_listen: str | None = None  # "addr:port" (TCP): the standby receives the journal here
+    journal_peer: str | None = None  # "addr:port": the other front's journal_listen
+    journal_timeout_ms: PositiveMs = 500  # no Ack in time: the standby is dropped, unjournaled
+    journal_keep_ms: PositiveMs = 10_000  # how long the standby keeps a journaled response
+    # fault injection (tests): hold each commit this long after its response is written, which
+    # widens the window in which the client has bytes the backup's last commit does not cover
+    test_commit_delay_ms: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 0
 
 
 class ListenerConfig(_Strict):
@@ -43,6 +51,9 @@ class ListenerConfig(_Strict):
     listen: str  # "address:port"
     policy: Policy = Policy.ROUND_ROBIN
     worker_port: Port | None = None  # default: the worker's port (rpc: its rpc_port)
+    # http only: the agent's [[services]] endpoint (unix socket) for this VIP:port; the listener
+    # then uses the prefixed socket API and its client connections survive a front takeover
+    agent: str | None = None
 
 
 class HealthConfig(_Strict):
@@ -132,6 +143,11 @@ def check_vs_config(path: str, cfg: VsConfig) -> None:
         if ls.name in names:
             raise ConfigError(path, f"listeners[{i}].name", f"{ls.name!r} used twice")
         names.add(ls.name)
+        if ls.agent is not None and ls.mode != "http":
+            raise ConfigError(path, f"listeners[{i}].agent", "only an http listener is protected")
+    for field in ("journal_listen", "journal_peer"):
+        if (v := getattr(cfg.front, field)) is not None:
+            split_hostport(path, f"front.{field}", v)
     if cfg.health.kind == "command" and not cfg.health.command:
         raise ConfigError(path, "health.command", "kind = 'command' needs a command")
     if cfg.health.timeout_ms > cfg.health.interval_ms * 4:

@@ -23,6 +23,7 @@ from nonstop.vs.config import ListenerConfig, VsConfig, load_vs_config, split_ho
 from nonstop.vs.control import ControlReceiver
 from nonstop.vs.health import HealthChecker
 from nonstop.vs.http import RequestParser, error_response
+from nonstop.vs.journal import JournalLink, JournalServer, JournalStore
 from nonstop.vs.l4 import relay
 from nonstop.vs.pool import (
     Pool,
@@ -87,10 +88,19 @@ class Front:
         self.proxies: dict[str, HttpProxy] = {}
         self.counters: Counter[str] = Counter()
         self.rpc: dict[str, Any] = {}
+        self.protected: dict[str, Any] = {}  # name -> ProtectedHttp
+        f = cfg.front
+        self.journal = JournalStore(keep=f.journal_keep_ms / 1000)
+        self.journal_server = JournalServer(self.journal, key)
+        self.journal_link: JournalLink | None = None
+        if f.journal_peer:
+            peer = split_hostport("<front>", "front.journal_peer", f.journal_peer)
+            self.journal_link = JournalLink(peer, key, timeout=f.journal_timeout_ms / 1000)
         self.health = HealthChecker(self.pool, cfg.health)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._servers: list[asyncio.AbstractServer] = []
         self._socks: list[socket.socket] = []
+        self._closers: list[Any] = []
         self._wake: asyncio.Event | None = None
         self._stop: asyncio.Event | None = None
         self.ready: asyncio.Event | None = None
@@ -107,6 +117,10 @@ class Front:
             )
             for ls in self.cfg.listeners:
                 await self._start_listener(ls)
+            if self.cfg.front.journal_listen:
+                jl = self.cfg.front.journal_listen
+                jh, jp = split_hostport("<front>", "front.journal_listen", jl)
+                self._servers.append(await asyncio.start_server(self.journal_server.serve, jh, jp))
             if self.cfg.front.admin:
                 ah, ap = split_hostport("<front>", "front.admin", self.cfg.front.admin)
                 self._servers.append(await asyncio.start_server(self._admin, ah, ap))
@@ -122,6 +136,8 @@ class Front:
             for sig in (signal.SIGHUP, signal.SIGTERM):
                 with contextlib.suppress(Exception):
                     loop.remove_signal_handler(sig)
+            for ph in self.protected.values():
+                ph.stop_waiting()
             for srv in self._servers:
                 srv.close()
             for s in self._socks:
@@ -131,6 +147,11 @@ class Front:
             await asyncio.gather(*self._tasks, return_exceptions=True)
             for p in self.proxies.values():
                 p.close()
+            for fn in self._closers:
+                with contextlib.suppress(Exception):
+                    fn()
+            if self.journal_link is not None:
+                self.journal_link.close()
             if transport is not None:
                 transport.close()
 
@@ -170,8 +191,9 @@ class Front:
     # -- listeners ------------------------------------------------------------------------------
     async def _start_listener(self, ls: ListenerConfig) -> None:
         host, port = split_hostport("<front>", "listen", ls.listen)
-        sock = make_listener(host, port, freebind=self.cfg.front.freebind)
         f = self.cfg.front
+        if ls.mode != "http":
+            sock = make_listener(host, port, freebind=self.cfg.front.freebind)
         if ls.mode == "http":
             proxy = HttpProxy(
                 self.pool,
@@ -185,7 +207,11 @@ class Front:
                 ),
             )
             self.proxies[ls.name] = proxy
-            self._servers.append(await asyncio.start_server(proxy.serve, sock=sock))
+            if ls.agent is not None:
+                await self._start_protected(ls, proxy, host, port)
+            else:
+                sock = make_listener(host, port, freebind=self.cfg.front.freebind)
+                self._servers.append(await asyncio.start_server(proxy.serve, sock=sock))
         elif ls.mode == "tcp":
             self._socks.append(sock)
             self._spawn(self._l4_accept(sock, ls))
@@ -195,6 +221,24 @@ class Front:
             front = RpcFront(self.pool, worker_port=ls.worker_port)
             self.rpc[ls.name] = front
             self._servers.append(await asyncio.start_server(front.serve, sock=sock))
+
+    async def _start_protected(
+        self, ls: ListenerConfig, proxy: HttpProxy, host: str, port: int
+    ) -> None:
+        from nonstop.app.aio import ns_listen
+        from nonstop.vs.protected import ProtectedHttp
+
+        assert ls.agent is not None
+        listener = await ns_listen(host, port, agent=ls.agent, backlog=4096)
+        ph = ProtectedHttp(proxy, listener, link=self.journal_link, store=self.journal,
+                           commit_delay=self.cfg.front.test_commit_delay_ms / 1000)
+        self.protected[ls.name] = ph
+        self._spawn(ph.run())
+
+        def _close() -> None:
+            listener.close()
+
+        self._closers.append(_close)
 
     async def _l4_accept(self, lsock: socket.socket, ls: ListenerConfig) -> None:
         loop = asyncio.get_running_loop()
@@ -301,7 +345,13 @@ class Front:
                 "control": dict(self.control.counters),
                 **{f"http.{n}": dict(p.counters) for n, p in self.proxies.items()},
                 **{f"rpc.{n}": dict(r.counters) for n, r in self.rpc.items()},
+                **{f"protected.{n}": dict(p.counters) for n, p in self.protected.items()},
+                "journal_store": dict(self.journal.counters),
+                "journal_server": dict(self.journal_server.counters),
+                "journal_link": dict(self.journal_link.counters) if self.journal_link else {},
             },
+            "active": {n: p.active for n, p in self.protected.items()},
+            "journaled_responses": len(self.journal),
         }
 
     async def _admin(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

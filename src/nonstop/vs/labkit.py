@@ -23,6 +23,7 @@ ADMIN_PORT = 7801
 HTTP_PORT = 8080
 L4_PORT = 9000
 RPC_PORT = 7900
+JOURNAL_PORT = 7802
 WORKER_HTTP = 8080
 WORKER_RPC = 7901
 WORKER_SINK = 9001
@@ -71,7 +72,11 @@ class VsLab:
         l4: bool = True,
         extra: str = "",
         heartbeat: bool = True,
+        agent: str | None = None,
+        journal_peer: str | None = None,
     ) -> str:
+        """``agent``: the node agent's service endpoint: the HTTP listener is protected (front
+        takeover); ``journal_peer``: the other front's host (both fronts journal on ``hb``)."""
         h = self.lab.host(host)
         addr = listen or h.addr("lan")
         lines = [
@@ -80,6 +85,13 @@ class VsLab:
             f'control = "0.0.0.0:{CONTROL_PORT}"',
             f'admin = "0.0.0.0:{ADMIN_PORT}"',
             extra,
+        ]
+        if journal_peer:
+            lines += [
+                f'journal_listen = "{h.addr("hb")}:{JOURNAL_PORT}"',
+                f'journal_peer = "{self.lab.host(journal_peer).addr("hb")}:{JOURNAL_PORT}"',
+            ]
+        lines += [
             "",
             "[[listeners]]",
             'name = "web"',
@@ -87,6 +99,8 @@ class VsLab:
             f'listen = "{addr}:{HTTP_PORT}"',
             f'policy = "{policy}"',
         ]
+        if agent:
+            lines.append(f'agent = "{agent}"')
         if l4:
             lines += [
                 "[[listeners]]",

@@ -3,7 +3,11 @@ with the fronts and sends its heartbeats on every channel (``nonstop vs worker``
 
 HTTP: ``GET /`` -> ``hello from <id>``; ``/health`` -> 200; ``/echo`` returns the body;
 ``/slow?ms=N`` answers after N ms; ``/bytes?n=N`` returns N bytes. Every response carries
-``x-worker: <id>``. RPC methods: ``add(a, b)``, ``whoami()``, ``sleep(ms)``, ``sqrt(x)`` (with an
+``x-worker: <id>``, ``x-seq: <n>`` (this worker's response counter), a ``date`` and an
+``x-nonce`` of random length: no two responses are alike, nor of one length, as with dynamic
+pages; ``GET /`` says ``hello from <id> #<n>`` (the load
+generator checks the body against the headers, so a spliced or corrupt stream is caught).
+RPC methods: ``add(a, b)``, ``whoami()``, ``sleep(ms)``, ``sqrt(x)`` (with an
 alternate version and an acceptance test, for DRB). ``wrong=True`` makes ``add`` answer a + b + 1
 (NVP must outvote it); ``bad_primary=True`` makes the primary ``sqrt`` fail its acceptance test.
 """
@@ -12,13 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import logging
 import math
 import os
+import random
 import signal
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from nonstop.common import RemoteProtocolError
@@ -27,6 +34,17 @@ from nonstop.vs.http import Request, RequestParser, error_response
 from nonstop.vs.rpc.worker import RpcWorker
 
 log = logging.getLogger("nonstop.vs.worker")
+
+
+_SEQ = [0]
+_DATE: list[Any] = [0, b""]
+
+
+def _date() -> bytes:
+    now = int(time.time())
+    if _DATE[0] != now:
+        _DATE[0], _DATE[1] = now, email.utils.formatdate(now, usegmt=True).encode()
+    return _DATE[1]
 
 
 class _HttpWorker(asyncio.Protocol):
@@ -81,6 +99,9 @@ class _HttpWorker(asyncio.Protocol):
 
     def _answer(self, req: Request) -> bytes:
         path = req.target.split(b"?", 1)[0]
+        _SEQ[0] += 1
+        seq = str(_SEQ[0]).encode()
+        nonce = os.urandom(random.randrange(1, 9)).hex().encode()
         if path == b"/echo":
             body = req.body
         elif path == b"/bytes":
@@ -89,10 +110,16 @@ class _HttpWorker(asyncio.Protocol):
         elif path == b"/health":
             body = b"ok\n"
         else:
-            body = b"hello from " + self.ident + b"\n"
+            body = b"hello from " + self.ident + b" #" + seq + b"\n"
         head = (
             b"HTTP/1.1 200 OK\r\nx-worker: "
             + self.ident
+            + b"\r\nx-seq: "
+            + seq
+            + b"\r\ndate: "
+            + _date()
+            + b"\r\nx-nonce: "
+            + nonce
             + b"\r\ncontent-type: text/plain\r\ncontent-length: "
             + str(len(body)).encode()
             + (b"\r\n\r\n" if req.keep_alive else b"\r\nconnection: close\r\n\r\n")
