@@ -16,8 +16,10 @@ Figures, all from the peer's side unless said:
   message interval (``1/rate``) of plain idleness before the kill;
 - ``kill_to_first_byte_ms``: from the kill to each connection's first message after it;
 - ``restore_us_per_session``: the backup's TCP_REPAIR restore of all of them, per connection;
-- ``sync_bytes_per_update``: sync datagram bytes sent by the master per record, just before the
-  kill (headers, MACs and retransmissions included).
+- ``sync_bytes_per_update``: what one sync record costs on the wire beyond the stream bytes and
+  state blobs it carries (its fields plus its share of the batch's header and MAC), from the
+  master's counters just before the kill; ``sync_tx_bytes_per_record`` is everything sent
+  (payload and retransmissions included) per record.
 
 The timeline PNG (``png``): bytes delivered per connection and the aggregate throughput over
 time, with the kill and the promotion marked.
@@ -157,9 +159,14 @@ def _figures(rep: dict[str, Any], n: int, rate: float, size: int, t_kill: float,
         "message_interval_ms": round(natural, 1),
         "sync_records": records,
         "sync_tx_bytes": before.get("tx_bytes", 0),
-        "sync_bytes_per_update": round(before.get("tx_bytes", 0) / records, 2)
-        if records
-        else None,
+        "sync_payload_bytes": before.get("payload_bytes", 0),
+        # what a record costs beyond the bytes it carries: its fields and its share of the
+        # frame's header and MAC (sealed, before retransmissions)
+        "sync_bytes_per_update": round(
+            (before.get("sealed_bytes", 0) - before.get("payload_bytes", 0)) / records, 2)
+        if records else None,
+        "sync_tx_bytes_per_record": round(before.get("tx_bytes", 0) / records, 2)
+        if records else None,
     }
 
 

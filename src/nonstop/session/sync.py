@@ -204,7 +204,8 @@ class _Sent:
     queued: bool = False  # in the outbox, not yet handed out by datagrams_to_send
 
 
-SENDER_COUNTERS = ("tx", "batches", "records", "retransmits", "resyncs", "rx_ack", "malformed",
+SENDER_COUNTERS = ("tx", "batches", "records", "payload_bytes", "sealed_bytes", "retransmits",
+                   "resyncs", "rx_ack", "malformed",
                    "bad_version", "bad_auth", "stale", "ack_reordered", "wrong_kind", "bogus_ack",
                    "data_held")
 
@@ -466,9 +467,17 @@ class SyncSender(_Counted):
         batch = Batch(self.incarnation, seq, tuple(self._pending), self._reset_next)
         if self._reset_next:
             self._reset_seq, self._reset_next = seq, False
-        self._sealed.append(_Sent(seq, encode_batch(self._key, batch), self._marks))
+        data = encode_batch(self._key, batch)
+        self._sealed.append(_Sent(seq, data, self._marks))
         self.counters["batches"] += 1
         self.counters["records"] += len(self._pending)
+        # the stream bytes and state blobs carried (any design copies them to the backup) apart
+        # from the records' own cost: sealed - payload = headers, MACs, record fields
+        self.counters["sealed_bytes"] += len(data)
+        self.counters["payload_bytes"] += sum(
+            len(r.payload) if isinstance(r, Data) else len(r.state) if isinstance(r, Commit) else 0
+            for r in self._pending
+        )
         self._pending, self._pending_size, self._marks = [], 0, {}
         self._transmit(now)
 

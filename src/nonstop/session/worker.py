@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -90,11 +91,34 @@ def serve(sock: socket.socket) -> int:
                 svc.close()
 
 
+PROMOTE_PRIORITY = 40  # below the agent (50) and its fence guard (60)
+
+
+@contextlib.contextmanager
+def _urgent() -> Iterator[None]:
+    """Run this thread SCHED_FIFO while the connections are restored: every peer waits on it,
+    and on a busy node (the peers' traffic, the services) a normal thread gets a fraction of a
+    CPU. Only for the restore: the clamp's packet path stays at normal priority, so a traffic
+    flood cannot starve the node. Best effort (no privilege: normal priority)."""
+    try:
+        old = os.sched_getscheduler(0), os.sched_getparam(0)
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(PROMOTE_PRIORITY))
+    except (OSError, AttributeError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, old[0], old[1])
+
+
 def _handle(services: list[Any], req: dict[str, Any]) -> dict[str, Any]:
     op = req.get("op")
     if op == "promote":
         own = bool(req.get("own", False))
-        return {"ok": True, "services": [s.promote(own) for s in services]}
+        with _urgent():
+            return {"ok": True, "services": [s.promote(own) for s in services]}
     if op == "demote":
         return {"ok": True, "services": [s.demote() for s in services]}
     if op == "set_backup":

@@ -10,7 +10,10 @@ everything it does is reproducible from its last commit, as seed 001's applicati
   (direction, connection, seq, size): a successor that starts from the committed ``tx`` writes
   the very bytes the dead process may already have sent after that commit, and the peer's TCP
   drops what it already has;
-- the state blob is ``conn id, rx next seq, tx next seq, size, flags`` (24 bytes).
+- the state blob is ``conn id, rx next seq, tx next seq, size, flags, epoch`` (32 bytes); the
+  epoch is the wall-clock time its message 0 was due: a successor sends at once the messages that
+  fell due while no process served the connection (a fixed-rate producer's backlog), then paces
+  on, so the peer's silence measures the takeover, not the pacing.
 
 A loss, duplicate or corruption in the client's stream is counted in the report and aborts the
 connection (a reset the client counts): a takeover that skipped or repeated bytes cannot pass
@@ -34,7 +37,7 @@ from nonstop.app.aio import AsyncNsConn, AsyncNsListener, ns_listen
 from nonstop.streams.check import HEADER, StreamError, StreamVerifier, make_message
 from nonstop.streams.run import CLIENT, SERVER, summarize
 
-STATE = struct.Struct("!IQQHB")  # conn, rx next, tx next, size, flags
+STATE = struct.Struct("!IQQHBd")  # conn, rx next, tx next, size, flags, epoch (wall clock)
 RX_DONE = 1  # the client's trailer was read
 
 
@@ -71,10 +74,11 @@ class _Conn:
     def __init__(self, srv: ProtectedServer, conn: AsyncNsConn, state: bytes) -> None:
         self.srv, self.conn = srv, conn
         if state:
-            cid, self.rx, self.tx, self.size, self.flags = STATE.unpack(state)
+            cid, self.rx, self.tx, self.size, self.flags, self.epoch = STATE.unpack(state)
             self.cid: int | None = cid
         else:
             self.cid, self.rx, self.tx, self.size, self.flags = None, 0, 0, srv.size, 0
+            self.epoch = time.time()
         self.boundary = conn.read_pos  # absolute read position after the last whole message
         self.v: StreamVerifier | None = None
         self.stop = asyncio.Event()
@@ -82,7 +86,7 @@ class _Conn:
     async def commit(self) -> None:
         if self.cid is None:
             return
-        state = STATE.pack(self.cid, self.rx, self.tx, self.size, self.flags)
+        state = STATE.pack(self.cid, self.rx, self.tx, self.size, self.flags, self.epoch)
         await self.conn.commit(state, upto=self.boundary)
 
     async def run(self) -> None:
@@ -141,13 +145,13 @@ class _Conn:
 
     async def _send(self) -> None:
         assert self.cid is not None
-        start = time.monotonic()
-        first = self.tx
         while not self.stop.is_set():
             await self.conn.ns_send(make_message(SERVER, self.cid, self.tx, self.size))
             self.tx += 1
             await self.commit()
-            delay = start + (self.tx - first) / self.srv.rate - time.monotonic()
+            delay = self.epoch + self.tx / self.srv.rate - time.time()
+            if delay < -1.0:  # more than a second behind: catch up one second's worth, no more
+                self.epoch -= delay + 1.0
             if delay > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stop.wait(), delay)
