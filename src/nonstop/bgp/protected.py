@@ -305,6 +305,7 @@ async def run_protected(cfg: SpeakerConfig) -> None:
                 continue
             taken[name] = (conn, rec, skip)
             written[name] = rec.write_pos
+            info.setdefault("resent", {})[name] = follower.standby.written[name] - rec.write_pos
         for p in sp.by_index:  # sessions the journal has but no connection came back for
             if p.session.state == State.ESTABLISHED and p.name not in taken:
                 info["resets"] += 1
