@@ -141,10 +141,12 @@ def run(args: argparse.Namespace) -> int:
         nodes = cluster.spec.nodes
         streams = {n: cluster.start_stream_service(n, "stream", rate=20) for n in nodes}
         cluster.wait_serving(streams[master])
+        samples_path = os.path.join(lab.workdir, "stream-samples.json")
+        marks: list[tuple[float, str]] = []  # (monotonic, label) for the timeline
         stream_client = lab.host("peer").run(
             [sys.executable, "-m", "nonstop.streams", "client", "--host", vip, "--port",
              str(STREAM_PORT), "--conns", str(STREAM_CONNS), "--duration", "3600", "--rate", "20",
-             "--size", "200"],
+             "--size", "200", "--samples", samples_path],
             stdout=subprocess.PIPE, name="stream-client",
         )  # fmt: skip
         say(
@@ -177,12 +179,15 @@ def run(args: argparse.Namespace) -> int:
             nonlocal ok
             say(f"\n[bold]{name}[/]")
             t0 = time.monotonic()
+            marks.append((t0, name.split(" ", 1)[0] + " fault"))
             fault()
             try:
                 cluster.wait_role(new, "master", timeout=5)
             except TimeoutError:
                 ok = False
             t_promoted = _promotion_after(cluster.history(new), t0)
+            if t_promoted is not None:
+                marks.append((t_promoted, f"{new} master"))
             # fenced: the kernel of the old master removed the VIP (its guard or its agent)
             t_fenced = None
             try:
@@ -244,6 +249,7 @@ def run(args: argparse.Namespace) -> int:
 
         say("\n[bold]2. node-a's agent restarts[/] (preempt = true, priority 200 > 100)")
         t0 = time.monotonic()
+        marks.append((t0, "2. node-a back"))
         cluster.start_agent("node-a")
         streams["node-a"] = cluster.start_stream_service("node-a", "stream", rate=20, tag="-2")
         try:
@@ -255,6 +261,12 @@ def run(args: argparse.Namespace) -> int:
                 f"(start-up + listening + handover); VIP holders: {cluster.vip_holders()}"
             )
             report["preempt_back_s"] = round((t_back or t0) - t0, 3)
+            if t_back is not None:
+                marks.append((t_back, "node-a master"))
+            # node-b handed over and dropped its service's channel: the service exits and
+            # starts again as a standby (a supervisor's job; `command` in [[services]] does it)
+            streams["node-b"].wait(timeout=10)
+            streams["node-b"] = cluster.start_stream_service("node-b", "stream", rate=20, tag="-2")
         except TimeoutError as e:
             ok = False
             say(f"  [red]{e}[/]")
@@ -298,6 +310,10 @@ def run(args: argparse.Namespace) -> int:
         except (subprocess.TimeoutExpired, ValueError, IndexError) as e:
             sv = {"error": str(e)}
         report["tcp_sessions"] = sv
+        png = os.path.splitext(args.out)[0] + "-timeline.png"
+        if _draw_timeline(png, samples_path, marks):
+            report["timeline_png"] = png
+            say(f"timeline of the {STREAM_CONNS} TCP sessions: {png}")
         kept = sv.get("kept") == STREAM_CONNS and not sv.get("resets") and not sv.get("lost")
         kept = kept and not sv.get("duplicated") and not sv.get("corrupted")
         ok = ok and kept
@@ -337,3 +353,25 @@ def run(args: argparse.Namespace) -> int:
             f"\nreport written to {args.out}; demo {'[green]ok[/]' if ok else '[red]FAILED[/]'}"
         )
     return EXIT_OK if ok else EXIT_FAIL
+
+
+def _draw_timeline(png: str, samples_path: str, marks: list[tuple[float, str]]) -> bool:
+    """The protected streams' progress over the whole demo, every fault and promotion marked."""
+    from nonstop.report.timeline import Marker, Sample, write_timeline
+
+    try:
+        with open(samples_path) as f:
+            rows = json.load(f)
+    except (OSError, ValueError):
+        return False
+    if not rows:
+        return False
+    t0 = min(r[1] for r in rows)
+    os.makedirs(os.path.dirname(png) or ".", exist_ok=True)
+    write_timeline(
+        png,
+        [Sample(conn=str(r[0]), t=r[1] - t0, bytes=r[2]) for r in rows],
+        [Marker(t - t0, label) for t, label in marks if t >= t0],
+        f"make demo: {STREAM_CONNS} protected TCP sessions through three takeovers",
+    )
+    return True

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 
 from nonstop.streams.run import client, serve
 
@@ -30,8 +31,8 @@ def main() -> None:
     c.add_argument("--samples", help="write per-connection progress samples (JSON) here")
     a = p.parse_args()
     if a.cmd == "protected-server":
-        asyncio.run(protected.serve(a.host, a.port, agent=a.agent, rate=a.rate, size=a.size,
-                                    report=a.report))  # fmt: skip
+        sys.exit(asyncio.run(protected.serve(a.host, a.port, agent=a.agent, rate=a.rate,
+                                             size=a.size, report=a.report)))  # fmt: skip
     elif a.cmd == "server":
         asyncio.run(serve(a.host, a.port, rate=a.rate, size=a.size, report=a.report))
     else:

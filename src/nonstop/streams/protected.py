@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import signal
+import socket
 import struct
 import time
 from typing import Any
@@ -39,6 +40,7 @@ from nonstop.streams.run import CLIENT, SERVER, summarize
 
 STATE = struct.Struct("!IQQHBd")  # conn, rx next, tx next, size, flags, epoch (wall clock)
 RX_DONE = 1  # the client's trailer was read
+EXIT_DROPPED = 3  # the agent dropped this service: restart it as a standby
 
 
 class ProtectedServer:
@@ -47,6 +49,7 @@ class ProtectedServer:
         self.verifiers: list[StreamVerifier] = []
         self.errors: dict[str, int] = {}
         self.adopted = 0
+        self.dropped = asyncio.Event()  # the agent closed our channel (its node stepped down)
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -54,9 +57,32 @@ class ProtectedServer:
                 self.adopted += 1
                 tg.create_task(self.serve_conn(conn, record.state))
             print(f"serving: adopted {self.adopted}", flush=True)
+            self._watch_agent()
             while True:
                 conn = await self.listener.ns_accept()
                 tg.create_task(self.serve_conn(conn, b""))
+
+    def _watch_agent(self) -> None:
+        """After adoption the agent sends nothing: EOF on the channel means this node stepped
+        down and its connections were silenced; the process must go (and be restarted as a
+        standby by its supervisor), not linger with dead connections."""
+        agent = self.listener.agent
+        if agent is None:
+            return
+        loop = asyncio.get_running_loop()
+
+        def readable() -> None:
+            try:
+                data = agent.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                loop.remove_reader(agent.sock)
+                self.dropped.set()
+
+        loop.add_reader(agent.sock, readable)
 
     async def serve_conn(self, conn: AsyncNsConn, state: bytes) -> None:
         try:
@@ -159,7 +185,8 @@ class _Conn:
 
 
 async def serve(host: str, port: int, *, agent: str | None, rate: float, size: int,
-                report: str | None) -> None:  # fmt: skip
+                report: str | None) -> int:  # fmt: skip
+    """Serve until SIGTERM (0) or until the agent drops this service (EXIT_DROPPED)."""
     # replay: after a local restart it writes again from its commit; the library drops what
     # the dead process had already written (a TCP_REPAIR takeover does the same with seqs)
     listener = await ns_listen(host, port, agent=agent, backlog=4096, replay=True)
@@ -171,8 +198,14 @@ async def serve(host: str, port: int, *, agent: str | None, rate: float, size: i
         loop.add_signal_handler(sig, stop.set)
     task = asyncio.create_task(srv.run())
     waiter = asyncio.create_task(stop.wait())
-    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    task.cancel()
+    dropped = asyncio.create_task(srv.dropped.wait())
+    await asyncio.wait({task, waiter, dropped}, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if srv.dropped.is_set() and not stop.is_set():
+        print("the agent dropped this service (its node stepped down): exiting", flush=True)
+        code = EXIT_DROPPED
+    for t in (task, waiter, dropped):
+        t.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await task
     if report:
@@ -181,6 +214,7 @@ async def serve(host: str, port: int, *, agent: str | None, rate: float, size: i
         with open(report, "w") as f:
             json.dump(out, f)
     listener.close()
+    return code
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
