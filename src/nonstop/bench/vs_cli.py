@@ -7,6 +7,11 @@ connections, L4 throughput into the workers' sinks, and the idempotent GETs that
 worker was SIGKILLed mid-run (every failure counted, nothing retried by the load generator).
 nginx and HAProxy get their own retry features on (``proxy_next_upstream``; ``retry-on
 all-retryable-errors`` + ``option redispatch``), so the comparison is with each at its best.
+
+Then the front-master kill (``vs_frontkill``, a second lab: two fronts under an agent pair): our
+front with the HTTP listener protected (``failed_on_front_kill``) and, for comparison, plain
+(``front_kill_unprotected``). nginx and HAProxy have no HA of their own (``null``): with
+keepalived moving the VIP, every connection open on the dead one is reset.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--l4-conns", type=int, default=4)
     p.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS))
     p.add_argument("--uvloop", action="store_true", help="run our front on uvloop (if installed)")
+    p.add_argument("--front-kill-conns", type=int, default=16,
+                   help="keep-alive connections in the front-master kill (0: skip it)")  # fmt: skip
     p.add_argument("--out", help="also write the JSON to this file")
     add_format_option(p)
     p.set_defaults(func=cmd_vs, format="json")
@@ -218,6 +225,8 @@ def run_bench(a: argparse.Namespace, tick: Any) -> dict[str, Any]:
                 if proc is not None:
                     proc.terminate()
             tick()
+    if a.front_kill_conns > 0:
+        _front_kills(a, out, tick)
     base = out.get("haproxy")
     ours = out.get("nonstop")
     if base and ours and "error" not in base and "error" not in ours:
@@ -228,10 +237,34 @@ def run_bench(a: argparse.Namespace, tick: Any) -> dict[str, Any]:
     return out
 
 
+NO_HA = "no HA of its own: a killed instance takes its connections with it (keepalived moves the VIP; every connection on it is reset)"  # noqa: E501
+
+
+def _front_kills(a: argparse.Namespace, out: dict[str, Any], tick: Any) -> None:
+    from nonstop.bench.vs_frontkill import front_kill
+
+    runs: dict[str, Any] = {}
+    for name, protected in (("protected", True), ("unprotected", False)):
+        try:
+            runs[name] = front_kill(protected=protected, conns=a.front_kill_conns, procs=1)
+        except (OSError, TimeoutError, RuntimeError) as e:
+            runs[name] = {"error": f"{type(e).__name__}: {e}", "failed": None}
+        tick()
+    if "nonstop" in out and "error" not in out["nonstop"]:
+        out["nonstop"]["failed_on_front_kill"] = runs["protected"].get("failed")
+        out["nonstop"]["front_kill"] = runs["protected"]
+        out["nonstop"]["front_kill_unprotected"] = runs["unprotected"]
+    for t in ("nginx", "haproxy"):
+        if t in out and "error" not in out[t]:
+            out[t]["failed_on_front_kill"] = None
+            out[t]["front_kill_note"] = NO_HA
+
+
 def cmd_vs(args: argparse.Namespace) -> int:
     if lacks_root("nonstop bench vs"):
         return EXIT_USAGE
-    result = with_progress(len(args.tools), lambda tick: run_bench(args, tick), label="bench vs")
+    total = len(args.tools) + (2 if args.front_kill_conns > 0 else 0)
+    result = with_progress(total, lambda tick: run_bench(args, tick), label="bench vs")
     if emit(result, args):
         for t in args.tools:
             r = result[t]
@@ -240,7 +273,9 @@ def cmd_vs(args: argparse.Namespace) -> int:
                 continue
             print(
                 f"{t:8} http {r['http_rps']} rps p99 {r['http_p99_ms']} ms, "
-                f"l4 {r['l4_gbps']} Gbit/s, failed on worker kill {r['failed_requests']}"
+                f"l4 {r['l4_gbps']} Gbit/s, failed on worker kill {r['failed_requests']}, "
+                f"on front-master kill {r.get('failed_on_front_kill', 'n/a')}"
             )
     ours = result.get("nonstop", {})
-    return EXIT_FAIL if ours.get("failed_requests") or "error" in ours else EXIT_OK
+    bad = ours.get("failed_requests") or ours.get("failed_on_front_kill")
+    return EXIT_FAIL if bad or "error" in ours else EXIT_OK
