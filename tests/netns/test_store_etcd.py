@@ -87,7 +87,7 @@ def test_kill_master(cluster: StoreCluster) -> None:
     assert victim not in held["g1"]
     print(f"g1 moved from {victim} to {held['g1'][0]} in {time.monotonic() - t0:.2f} s")
     cluster.start_agent(victim)
-    cluster.wait(lambda: victim in cluster.status()["members"], 10, f"{victim} back")
+    cluster.wait(lambda: victim in cluster.members(), 10, f"{victim} back")
 
 
 def test_partition_master_from_etcd(cluster: StoreCluster) -> None:
@@ -101,7 +101,7 @@ def test_partition_master_from_etcd(cluster: StoreCluster) -> None:
     finally:
         for f in faults:
             f.heal()
-    cluster.wait(lambda: victim in cluster.status()["members"], 10, f"{victim} back")
+    cluster.wait(lambda: victim in cluster.members(), 10, f"{victim} back")
 
 
 def test_kill_etcd_leader(cluster: StoreCluster) -> None:

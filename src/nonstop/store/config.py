@@ -50,6 +50,9 @@ class StoreSettings(_Strict, kw_only=True):
     drop_margin_ms: PositiveMs = 200
     failsafe: bool = True
     timeout_ms: PositiveMs = 500  # plain calls (reads, acquire, release)
+    # after its first renewal, how long a node lets better-ranked nodes come up before it takes
+    # their groups (0: one lease TTL); no preemption later, so this is what spreads the groups
+    startup_grace_ms: Annotated[int, msgspec.Meta(ge=0, le=600_000)] = 0
 
     @property
     def ttl(self) -> float:
@@ -62,6 +65,10 @@ class StoreSettings(_Strict, kw_only=True):
     @property
     def margin(self) -> float:
         return self.drop_margin_ms / 1000
+
+    @property
+    def startup_grace(self) -> float:
+        return (self.startup_grace_ms or self.lease_ttl_ms) / 1000
 
     @property
     def fence_timeout(self) -> float:

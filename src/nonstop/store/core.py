@@ -10,10 +10,16 @@ Rules, per group G this node may serve (it has a priority for G):
 1. A node holds G's VIP only while it holds G's master key on its own lease *and* its lease is
    surely alive: ``now < lease_until - drop_margin`` (``lease_until`` = when the renewal was sent +
    TTL, so it ends before the store's own clock does).
-2. Lease not renewed in time: with failsafe on, the master keeps its VIPs while it hears every
-   member directly, every member says it hears this node (a bit per node in the heartbeat flags),
-   and no member says it still reaches the store (then the group should move there instead).
-   Otherwise it drops the VIPs. A master in failsafe mode sets ``FLAG_FAILSAFE`` in its heartbeats.
+2. Lease not renewed in time (no renewal sent ``interval * misses`` ago): with failsafe on, the
+   master is in *failsafe mode* while it hears every member directly, every member says it hears
+   this node (a bit per node in the heartbeat flags), and no member says it still reaches the
+   store (then the group should move there instead). Each such cycle grants it the VIPs until
+   ``now + fence_timeout``. It sets ``FLAG_FAILSAFE`` in its heartbeats while in that mode.
+   Failsafe starts while the lease is still good, so its grant overlaps the lease's: the guard
+   (armed with :meth:`GroupsCore.hold_deadline`) never fires in between. A member that goes
+   quiet (or stops hearing us) ends the extensions but not the grant already given: one stall
+   of a loaded box is not a reason to drop, and the guard enforces the grant's end anyway. A
+   member that reaches the store ends the grant at once (the group should move there).
 3. A node never acquires anything while it heard a failsafe master within ``failsafe_hold``
    (longer than that master's fence timeout + detection): never two masters.
 4. A free group is acquired by the switchover target when there is a live one, else by the live
@@ -96,6 +102,7 @@ class CoreConfig:
     margin: float = 0.2
     failsafe: bool = True
     failsafe_hold: float = 1.0
+    fence_timeout: float = 0.7  # how long one failsafe cycle lets this node keep its VIPs
     stagger: float = 0.2
     startup_grace: float = 1.0  # after our first renewal, rank among every candidate, live or not
 
@@ -104,6 +111,10 @@ class CoreConfig:
             raise ValueError(f"{self.node!r} is not among the nodes {self.nodes!r}")
         if self.ttl <= self.interval * self.misses + self.margin:
             raise ValueError("ttl must exceed interval * misses + margin")
+        if self.failsafe_hold <= self.fence_timeout:
+            raise ValueError("failsafe_hold must exceed fence_timeout")
+        if self.fence_timeout <= self.interval * self.misses:
+            raise ValueError("fence_timeout must exceed interval * misses")
 
 
 def hear_bit(nodes: tuple[str, ...], node: str) -> int:
@@ -116,11 +127,14 @@ class _State:
     view_at: float = float("-inf")
     session: int | None = None
     lease_until: float | None = None
+    renewed_at: float | None = None  # when the last successful renewal was sent
+    failsafe_until: float = float("-inf")  # the last failsafe grant
     store_ok_at: float = float("-inf")
     peers: dict[str, PeerHeard] = field(default_factory=dict)
     failsafe_seen: dict[str, float] = field(default_factory=dict)
     holding: set[str] = field(default_factory=set)
     acquired: dict[str, int] = field(default_factory=dict)  # group -> revision we got it at
+    released: dict[str, tuple[int, float]] = field(default_factory=dict)  # group -> (rev, when)
     pending: set[str] = field(default_factory=set)
     free_since: dict[str, float] = field(default_factory=dict)
     failsafe_active: bool = False
@@ -132,14 +146,18 @@ class GroupsCore:
         self.cfg = cfg
         self.s = _State()
         self.events: list[GroupChanged] = []
+        self.notes: list[str] = []  # decisions that change no group (failsafe entered, left)
         self.mine = [g for g, prio in cfg.groups.items() if cfg.node in prio]
 
     # -- inputs -------------------------------------------------------------------------
-    def set_view(self, view: ClusterView, now: float) -> None:
+    def set_view(self, view: ClusterView, now: float, sent: float | None = None) -> None:
+        """``sent``: when the read was sent. A read that answers late proves the store was
+        reachable when it was sent, not now (``FLAG_STORE_OK`` must not outlive it)."""
         s = self.s
         if s.view is not None and view.revision < s.view.revision:
             return  # an older read finishing late
-        s.view, s.view_at, s.store_ok_at = view, now, now
+        at = now if sent is None else min(sent, now)
+        s.view, s.view_at, s.store_ok_at = view, at, max(s.store_ok_at, at)
         for g in self.cfg.groups:
             if g in view.groups:
                 s.free_since.pop(g, None)
@@ -152,12 +170,25 @@ class GroupsCore:
             s.acquired.clear()
         if s.started_at is None:
             s.started_at = now
-        s.session, s.lease_until, s.store_ok_at = session, until, now
+        s.session, s.lease_until, s.renewed_at = session, until, now
+        s.store_ok_at = max(s.store_ok_at, now)
 
     def lease_lost(self, now: float) -> None:
-        """The store said our session is gone: every key on it is gone too."""
-        self.s.session = self.s.lease_until = None
-        self.s.acquired.clear()
+        """The store said our session is gone: every key on it is gone too (and any failsafe
+        grant: someone else may take them now)."""
+        s = self.s
+        s.session = s.lease_until = s.renewed_at = None
+        s.failsafe_until = float("-inf")
+        s.acquired.clear()
+
+    def fenced(self, reason: str, now: float) -> None:
+        """The guard deleted every VIP (the agent was too late to renew or drop them)."""
+        s = self.s
+        for g in sorted(s.holding):
+            self._say(g, False, f"fenced {g}: {reason}", now)
+        s.holding.clear()
+        s.failsafe_active = False
+        s.failsafe_until = float("-inf")
 
     def set_peers(self, peers: Mapping[str, PeerHeard], now: float) -> None:
         self.s.peers = dict(peers)
@@ -170,9 +201,12 @@ class GroupsCore:
         if revision is not None:
             self.s.acquired[group] = revision
 
-    def release_done(self, group: str, now: float) -> None:
+    def release_done(self, group: str, revision: int, now: float) -> None:
+        """The release call returned (whatever its result): until a read sent after ``now``
+        says otherwise, the key at ``revision`` is no longer ours."""
         self.s.pending.discard(group)
         self.s.acquired.pop(group, None)
+        self.s.released[group] = (revision, now)
 
     # -- views --------------------------------------------------------------------------
     def lease_ok(self, now: float) -> bool:
@@ -181,6 +215,18 @@ class GroupsCore:
 
     def store_ok(self, now: float) -> bool:
         return now - self.s.store_ok_at <= self.cfg.interval * self.cfg.misses
+
+    def renewal_late(self, now: float) -> bool:
+        r = self.s.renewed_at
+        return r is None or now - r > self.cfg.interval * self.cfg.misses
+
+    def hold_deadline(self) -> float:
+        """The last instant this node may hold its VIPs without new input: the lease's end
+        less the margin, or the last failsafe grant, whichever is later. The guard is armed
+        with it, so a hung agent's VIPs go then."""
+        u = self.s.lease_until
+        lease = u - self.cfg.margin if u is not None else float("-inf")
+        return max(lease, self.s.failsafe_until)
 
     @property
     def holding(self) -> frozenset[str]:
@@ -224,21 +270,25 @@ class GroupsCore:
             f |= FLAG_STORE_OK
         return f
 
-    def failsafe_check(self) -> tuple[bool, str]:
+    def failsafe_check(self) -> tuple[bool, str, bool]:
+        """(ok, why, yield): ``yield`` when a member reaches the store (end any grant now)."""
         if not self.cfg.failsafe:
-            return False, "failsafe mode is off"
+            return False, "failsafe mode is off", True
         me = hear_bit(self.cfg.nodes, self.cfg.node)
+        quiet = ""
         for n in self.cfg.nodes:
             if n == self.cfg.node:
                 continue
             h = self.s.peers.get(n)
             if h is None or not h.alive:
-                return False, f"{n} is not heard"
-            if not h.flags & me:
-                return False, f"{n} does not hear this node"
-            if h.flags & FLAG_STORE_OK:
-                return False, f"{n} still reaches the store"
-        return True, "every member is heard and hears this node"
+                quiet = quiet or f"{n} is not heard"
+            elif h.flags & FLAG_STORE_OK:
+                return False, f"{n} still reaches the store", True
+            elif not h.flags & me:
+                quiet = quiet or f"{n} does not hear this node"
+        if quiet:
+            return False, quiet, False
+        return True, "every member is heard and hears this node", False
 
     def deferring(self, now: float) -> str | None:
         for p, t in self.s.failsafe_seen.items():
@@ -249,14 +299,22 @@ class GroupsCore:
     def get_timer(self, now: float) -> float:
         """The next instant a decision may change without any input."""
         t = [now + self.cfg.interval]
-        if self.s.lease_until is not None and self.s.holding:
-            t.append(self.s.lease_until - self.cfg.margin)
+        if self.s.holding:
+            if self.hold_deadline() > now:
+                t.append(self.hold_deadline())
+            if self.s.renewed_at is not None and not self.renewal_late(now):
+                t.append(self.s.renewed_at + self.cfg.interval * self.cfg.misses + 1e-6)
         return min(t)
 
     # -- the cycle ----------------------------------------------------------------------
     def _is_mine(self, group: str, rec: GroupRecord | None) -> bool:
         s = self.s
         if rec is not None and rec.holder == self.cfg.node and rec.lease == s.session:
+            rel = s.released.get(group)
+            if rel is not None and rel[0] == rec.revision:
+                if s.view_at <= rel[1]:
+                    return False  # a view from before our release: the key is not ours
+                del s.released[group]  # read after the release and still ours: it failed
             return True
         rev = s.acquired.get(group)
         return rec is None and rev is not None and (s.view is None or s.view.revision < rev)
@@ -264,12 +322,37 @@ class GroupsCore:
     def _say(self, group: str, master: bool, reason: str, now: float) -> None:
         self.events.append(GroupChanged(group, master, reason, now))
 
+    def _failsafe_step(self, now: float) -> str:
+        """Enter, extend, hold or leave failsafe mode; return why failsafe is (not) possible."""
+        s, cfg = self.s, self.cfg
+        ok, why, yields = self.failsafe_check()
+        was = s.failsafe_active
+        if not s.holding or s.session is None or not self.renewal_late(now):
+            s.failsafe_active = False
+        elif ok:
+            s.failsafe_active = True
+            s.failsafe_until = now + cfg.fence_timeout
+        elif yields:
+            s.failsafe_active = False
+            s.failsafe_until = float("-inf")
+        else:  # a member went quiet: no extension, the grant already given still holds
+            s.failsafe_active = now < s.failsafe_until
+        if s.failsafe_active and not was:
+            late = 1000 * (now - s.renewed_at) if s.renewed_at is not None else float("nan")
+            held = ", ".join(sorted(s.holding))
+            self.notes.append(f"failsafe mode: no lease renewal for {late:.0f} ms, {why}; "
+                              f"keeping {held}")  # fmt: skip
+        elif was and not s.failsafe_active:
+            cause = why if self.renewal_late(now) else "lease renewed"
+            self.notes.append(f"left failsafe mode: {cause}")
+        return why
+
     def cycle(self, now: float) -> list[Action]:
         s, cfg = self.s, self.cfg
         acts: list[Action] = []
         lease_ok = self.lease_ok(now)
-        fs_ok, fs_why = self.failsafe_check()
-        was_failsafe, s.failsafe_active = s.failsafe_active, False
+        fs_why = self._failsafe_step(now)
+        keep = now < self.hold_deadline()
         for g in self.mine:
             rec = s.view.groups.get(g) if s.view is not None else None
             mine = self._is_mine(g, rec)
@@ -292,20 +375,15 @@ class GroupsCore:
                         s.pending.add(g)
                         acts += [DropVip(g), Release(g, rec.revision)]
                         self._say(g, False, f"handed {g} over to {sw.target} (switchover)", now)
-                elif fs_ok:
-                    s.failsafe_active = True
-                    if not was_failsafe:
-                        self._say(g, True, f"kept {g} in failsafe mode: store unreachable, "
-                                  f"{fs_why}", now)  # fmt: skip
-                else:
+                elif not keep:
                     s.holding.discard(g)
                     acts.append(DropVip(g))
                     late = (
                         "no lease"
-                        if s.lease_until is None
-                        else (f"lease renewal {1000 * (now - s.lease_until + cfg.ttl):.0f} ms old")
+                        if s.renewed_at is None
+                        else f"lease renewal {1000 * (now - s.renewed_at):.0f} ms old"
                     )
-                    self._say(g, False, f"dropped {g}: {late} and {fs_why}", now)  # fmt: skip
+                    self._say(g, False, f"dropped {g}: {late} and {fs_why}", now)
                 continue
             if g in s.pending or not lease_ok:
                 continue
@@ -341,3 +419,7 @@ class GroupsCore:
     def take_events(self) -> list[GroupChanged]:
         ev, self.events = self.events, []
         return ev
+
+    def take_notes(self) -> list[str]:
+        notes, self.notes = self.notes, []
+        return notes

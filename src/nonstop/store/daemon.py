@@ -5,9 +5,12 @@ members (``nonstop.membership``, one UDP socket per channel), the store session 
 ``keepalive_interval_ms`` with a deadline of one interval; a failed one is retried at the next
 tick), a watch that re-reads the cluster on every change (plus a read after every renewal), one
 :class:`~nonstop.failover.vip.VipManager` per group, and the fence guard
-(:mod:`nonstop.failover.guard`), armed with every VIP held and fed after each renewal with
-``lease_ttl - drop_margin - keepalive_interval``, so a hung agent's VIPs go before its lease can
-expire at the store. In failsafe mode the guard is fed by the heartbeat decisions instead.
+(:mod:`nonstop.failover.guard`), armed with every VIP held and the core's own hold deadline
+(:meth:`~nonstop.store.core.GroupsCore.hold_deadline`: the lease's end less the drop margin, or
+the last failsafe grant) plus half the drop margin, re-armed each time that deadline moves. So a
+live agent drops its VIPs itself and says why, a hung agent's VIPs go half a margin before its
+lease can expire at the store, and the guard never fires between the lease's end and failsafe
+mode taking over (one deadline, not two clocks racing).
 """
 
 from __future__ import annotations
@@ -44,8 +47,9 @@ def core_config(cfg: StoreAgentConfig) -> C.CoreConfig:
         margin=st.margin,
         failsafe=st.failsafe,
         failsafe_hold=cfg.failsafe_hold,
+        fence_timeout=st.fence_timeout,
         stagger=2 * st.interval,
-        startup_grace=st.ttl,
+        startup_grace=st.startup_grace,
     )
 
 
@@ -98,6 +102,7 @@ class GroupsAgent:
         self.membership: Membership | None = None
         self.guard: GuardClient | None = None
         self._armed: frozenset[str] = frozenset()
+        self._armed_until = float("-inf")
         self._transports: dict[str, asyncio.DatagramTransport] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
@@ -204,8 +209,6 @@ class GroupsAgent:
                     ttl = await self.store.keepalive(sent + st.interval)
                 assert self.store.session is not None
                 self.core.lease_renewed(self.store.session, sent + min(ttl, st.ttl), sent)
-                if self.guard is not None and self._armed:
-                    self.guard.feed()
                 self._read_wanted.set()
             except SessionLost as e:
                 self._count("session_lost")
@@ -226,13 +229,14 @@ class GroupsAgent:
         while True:
             await self._read_wanted.wait()
             self._read_wanted.clear()
+            sent = time.monotonic()
             try:
                 view = await self.store.read()
             except StoreUnavailable as e:
                 self._count("read_failed")
                 log.debug("read failed: %s", e)
                 continue
-            self.core.set_view(view, time.monotonic())
+            self.core.set_view(view, time.monotonic(), sent)
             self._pump(time.monotonic())
 
     async def _watch_loop(self) -> None:
@@ -256,9 +260,11 @@ class GroupsAgent:
         self._pump(time.monotonic())
 
     async def _release(self, group: str, revision: int) -> None:
-        with contextlib.suppress(StoreUnavailable):
+        try:
             await self.store.release(group, revision)
-        self.core.release_done(group, time.monotonic())
+        except StoreUnavailable as e:
+            log.warning("release %s failed: %s", group, e)
+        self.core.release_done(group, revision, time.monotonic())
         self._read_wanted.set()
         self._pump(time.monotonic())
 
@@ -288,26 +294,37 @@ class GroupsAgent:
             if notice.startswith("FENCED"):
                 self._count("fenced")
                 log.error("fence guard: %s", notice)
-                now = time.monotonic()
-                for g in list(self.core.s.holding):
-                    self.core.s.holding.discard(g)
-                    self._say(C.GroupChanged(g, False, f"fenced {g}: {notice}", now))
-                self._armed = frozenset()
+                self.core.fenced(notice, time.monotonic())
+                self._armed, self._armed_until = frozenset(), float("-inf")
+                self._pump(time.monotonic())
             elif notice == "EOF":
                 asyncio.get_running_loop().remove_reader(self.guard.fileno())
                 log.critical("fence guard exited: stopping")
                 self._stop.set()
 
-    def _rearm_guard(self) -> None:
+    def _rearm_guard(self, now: float) -> None:
+        """Keep the guard's deadline equal to the core's (re-armed when it moved by half a
+        keep-alive interval or more, or when the set of held VIPs changed)."""
         held = self.core.holding
-        if self.guard is None or held == self._armed:
+        if self.guard is None:
             return
-        if held:
-            specs = [s for g in sorted(held) for s in self.vips[g].specs]
-            self.guard.arm(self.cfg.store.fence_timeout, specs)
-        else:
-            self.guard.disarm()
-        self._armed = held
+        if not held:
+            if self._armed:
+                self.guard.disarm()
+                self._armed, self._armed_until = frozenset(), float("-inf")
+            return
+        until = self.core.hold_deadline()
+        moved = abs(until - self._armed_until) >= self.cfg.store.interval / 2
+        if held == self._armed and not moved:
+            return
+        # the backstop fires half a drop margin after the core's own deadline (so a live agent
+        # drops first and says why), still half a margin before the store can expire the lease
+        left = until + self.cfg.store.margin / 2 - now
+        if left <= 0:
+            return  # the core drops them on this very cycle
+        specs = [s for g in sorted(held) for s in self.vips[g].specs]
+        self.guard.arm(left, specs)
+        self._armed, self._armed_until = held, until
 
     # -- the pump ---------------------------------------------------------------------------
     def _pump(self, now: float) -> None:
@@ -326,9 +343,9 @@ class GroupsAgent:
             self._act(act)
         for ev in self.core.take_events():
             self._say(ev)
-        self._rearm_guard()
-        if self.core.failsafe_active and self.guard is not None:
-            self.guard.feed()
+        for note in self.core.take_notes():
+            log.warning("%s", note)
+        self._rearm_guard(now)
         flags = self.core.flags(now)
         role = Role.MASTER if self.core.holding else Role.BACKUP
         m.set_local(role=role, priority=1, flags=flags)

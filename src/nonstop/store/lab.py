@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -56,6 +57,7 @@ class StoreCluster:
         keepalive_interval_ms: int = 100,
         drop_margin_ms: int = 200,
         failsafe: bool = True,
+        startup_grace_ms: int = 3000,
     ) -> None:
         self.lab = lab
         self.nodes = [f"n{i + 1}" for i in range(nodes)]
@@ -72,6 +74,7 @@ class StoreCluster:
             keepalive_interval_ms=keepalive_interval_ms,
             drop_margin_ms=drop_margin_ms,
             failsafe=failsafe,
+            startup_grace_ms=startup_grace_ms,
         )
         self.config_paths = {n: self._write_config(n) for n in self.nodes}
         self.watcher: LabProcess | None = None
@@ -95,7 +98,8 @@ class StoreCluster:
             f"lease_ttl_ms = {s['lease_ttl_ms']}",
             f"keepalive_interval_ms = {s['keepalive_interval_ms']}",
             f"drop_margin_ms = {s['drop_margin_ms']}",
-            f"failsafe = {str(s['failsafe']).lower()}", "",
+            f"failsafe = {str(s['failsafe']).lower()}",
+            f"startup_grace_ms = {s['startup_grace_ms']}", "",
             "[heartbeat]", f"interval_ms = {s['interval_ms']}", "dead_after = 3",
             f"port = {HB_PORT}", "tune_neighbours = false", "",
         ]  # fmt: skip
@@ -175,11 +179,17 @@ class StoreCluster:
         return p
 
     def start(self) -> None:
+        """A cold start: the agents first (each retries its session until etcd answers), then
+        etcd. So every node opens its session within a keep-alive interval or two of the
+        others however slowly Python starts on a loaded box, and the groups spread by
+        priority (a node that came up seconds late would find its groups taken: no
+        preemption)."""
+        procs = [self.start_agent(n) for n in self.nodes]
+        for n, p in zip(self.nodes, procs, strict=True):
+            p.wait_output(f"groups agent {n} up", timeout=60)
         for e in self.etcd:
             self.start_etcd(e)
         self.wait_etcd()
-        for n in self.nodes:
-            self.start_agent(n)
 
     def log(self, name: str) -> str:
         p = self.procs.get(name)
@@ -194,13 +204,21 @@ class StoreCluster:
             return None
         return json.loads(r.stdout)
 
+    def members(self) -> set[str]:
+        """Nodes whose member key is in etcd (their lease lives)."""
+        r = self.etcdctl("get", "/nonstop/lab/members/", "--prefix", "--keys-only", check=False)
+        return {line.rsplit("/", 1)[-1] for line in r.stdout.split() if "/members/" in line}
+
     def holders(self) -> dict[str, list[str]]:
-        """group -> nodes whose lan carries its VIP now (read from each node's kernel)."""
+        """group -> nodes whose lan carries its VIP now (read from each node's kernel by
+        netlink, in process: no command per poll on a loaded box)."""
         out: dict[str, list[str]] = {g: [] for g in self.groups}
         for n in self.nodes:
-            r = self.lab.host(n).sh("ip -o -4 addr show dev lan", check=False)
+            ipr = self.lab.host(n).iproute()
+            (idx,) = ipr.link_lookup(ifname="lan")
+            have = {a.get("address") for a in ipr.get_addr(family=socket.AF_INET, index=idx)}
             for i, g in enumerate(self.groups):
-                if f" {group_vip(i)}/" in r.stdout:
+                if group_vip(i) in have:
                     out[g].append(n)
         return out
 
