@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,125 +22,18 @@ from typing import Any
 import pytest
 
 from nonstop.bench.bgp import BirdPeer, wait_for
-from nonstop.cluster import Cluster, ClusterSpec
-from nonstop.lab import Lab, LabProcess
+from nonstop.bench.bgp_node import STREAM, BgpPair, bird_world, cluster, take_over
+from nonstop.cluster import Cluster
+from nonstop.lab import Lab
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(170)]
 TAKEOVERS = int(os.environ.get("NONSTOP_BGP_TAKEOVERS", "20"))
-VIP = "10.77.0.100"
-JOURNAL_PORT = 1790
-STREAM = [f"10.77.{80 + i}.0/24" for i in range(8)]
-
-SPEAKER = """
-asn = 65001
-router_id = "{vip}"
-listen = "{vip}"
-api_socket = "{dir}/bgp-api.sock"
-agent = "{agent}"
-key_file = "{key}"
-journal_listen = "{me}:{jport}"
-journal_peer = "{other}:{jport}"
-
-[[peers]]
-name = "bird"
-address = "10.77.0.1"
-asn = 65002
-passive = true
-hold_time = 9
-next_hop6 = "fd77::11"
-
-[[originate]]
-prefix = "10.77.100.0/24"
-
-[[originate]]
-prefix = "fd77:100::/48"
-"""
-
-
-class BgpPair:
-    """The two speakers under the cluster; ``start(node)`` runs one (a standby on a backup)."""
-
-    def __init__(self, c: Cluster, routes: list[str] | None = None) -> None:
-        self.c = c
-        self.procs: dict[str, LabProcess] = {}
-        self.n = 0
-        self.configs: dict[str, str] = {}
-        nodes = c.spec.nodes
-        for node in nodes:
-            other = next(x for x in nodes if x != node)
-            host = c.lab.host(node)
-            d = host.workdir / "bgp"
-            d.mkdir(parents=True, exist_ok=True)
-            text = SPEAKER.format(vip=VIP, dir=d, agent=c.endpoint(node, "bgp"), key=c.key_path,
-                                  me=host.addr("hb"), other=c.lab.host(other).addr("hb"),
-                                  jport=JOURNAL_PORT)
-            path = d / "speaker.toml"
-            path.write_text(text)
-            self.configs[node] = str(path)
-
-    def start(self, node: str) -> LabProcess:
-        self.n += 1
-        path = self.c.endpoint(node, "bgp")
-        self.c.wait(lambda: os.path.exists(path), 10.0, f"{path} to exist", poll=0.02)
-        argv = [sys.executable, "-m", "nonstop", "-v", "bgp", "speaker", "--config",
-                self.configs[node]]
-        self.procs[node] = self.c.lab.host(node).run(argv, name=f"bgp-{node}-{self.n}")
-        return self.procs[node]
-
-    def summary(self, node: str) -> dict[str, Any] | None:
-        from nonstop.bgp.cli import fetch
-
-        try:
-            return fetch(os.path.join(os.path.dirname(self.configs[node]), "bgp-api.sock"),
-                         "/summary")
-        except (OSError, RuntimeError, ValueError):
-            return None
-
-    def routes(self, node: str) -> set[str]:
-        from nonstop.bgp.cli import fetch
-
-        sock = os.path.join(os.path.dirname(self.configs[node]), "bgp-api.sock")
-        return {r["prefix"] for r in fetch(sock, "/routes?limit=100000")["routes"]}
-
-    def ready(self, master: str) -> bool:
-        """The master's session is Established, the backup node holds a synced copy of the
-        connection and the other speaker follows the whole journal."""
-        s = self.summary(master)
-        if not s or s.get("standbys") != 1 or \
-                any(p["state"] != "established" for p in s["peers"]):
-            return False
-        other = next(x for x in self.c.spec.nodes if x != master)
-        st, bt = self.c.status(master), self.c.status(other)
-        if not st or not bt or not st["sessions"] or not bt["sessions"]:
-            return False
-        m, b = st["sessions"][0], bt["sessions"][0]
-        return m["connections"] >= 1 and bool(m.get("sync", {}).get("protecting")) and \
-            b.get("sync", {}).get("held_connections", 0) >= 1
-
-
-def bird_world(lab: Lab, static4: list[str] | None = None,
-               static_file: Any = None) -> BirdPeer:
-    bird = BirdPeer(lab.host("peer"), asn=65002, router_id="10.77.0.1")
-    bird.write_config(
-        [{"name": "ours", "local": "10.77.0.1", "address": VIP, "asn": 65001,
-          "next_hop6": "fd77::1", "hold": 9}],
-        static4=static4 if static4 is not None else ["10.77.50.0/24", "10.77.51.0/24"],
-        static6=["fd77:50::/48"], static_file=static_file,
-        extra="protocol static stream { ipv4; " + " ".join(
-            f"route {p} blackhole;" for p in STREAM) + " }")
-    return bird
-
-
 @pytest.fixture
 def world(demo_lab: Lab, request: pytest.FixtureRequest) -> Iterator[tuple[Cluster, BgpPair,
                                                                              BirdPeer]]:
-    # 50 ms heartbeats: a 100 ms fence timeout (a SIGKILLed agent is detected at once anyway,
-    # by its closed link), so a loaded box does not fence a healthy master
-    c = Cluster(demo_lab, ClusterSpec(services={"bgp": 179}, preempt=False, interval_ms=50))
-    c.start()
+    c = cluster(demo_lab)
     pair = BgpPair(c)
     try:
-        c.wait_ready(timeout=20)
         bird = bird_world(demo_lab)
         bird.start()
         yield c, pair, bird
@@ -188,26 +80,14 @@ def test_takeovers_to_the_other_node_keep_the_session(
     try:
         for _ in range(TAKEOVERS):
             try:
-                wait_for(lambda: pair.ready(master), 20, "protected and followed")  # noqa: B023
+                master, tk, ms = take_over(c, pair, master)
             except TimeoutError:
                 print(pair.summary(master), c.status(master), c.status(backup))
                 raise
-            killed = time.monotonic()
-            c.procs[master].kill()
-            pair.procs[master].kill()
-            c.wait_role(backup, "master", timeout=5)
-            pid = pair.procs[backup].pid
-            s = wait_for(lambda: (x := pair.summary(backup)) and x["pid"] == pid and x,  # noqa: B023
-                         10, "the standby took over")
-            tk = s["takeover"]
+            backup = next(x for x in c.spec.nodes if x != master)
             assert tk["resets"] == 0 and tk["resumed"] == ["bird"], tk
-            takeovers.append((tk["resumed_at"] - killed) * 1000)
+            takeovers.append(ms)
             infos.append(tk)
-            pair.procs[master].reap()
-            c.start_agent(master)  # the killed node comes back: backup, resynced
-            c.wait_role(master, "backup", timeout=10)
-            pair.start(master)
-            master, backup = backup, master
     finally:
         stop.set()
         t.join()

@@ -14,9 +14,8 @@ from typing import Any
 
 from nonstop.cli import EXIT_FAIL, EXIT_OK, EXIT_USAGE, add_format_option
 
-NOT_YET = ("takeover_ms is a LOCAL restart (hot standby on the same host, sockets passed over a "
-           "unix socket); the takeover to another node needs nonstop.session's TCP_REPAIR move, "
-           "not wired to the speaker yet")
+NOT_YET = ("takeover_ms is a LOCAL restart here (hot standby on the same host, sockets passed "
+           "over a unix socket); --takeover node measures the takeover by another node")
 
 
 def add_parser(sub: Any) -> None:
@@ -27,7 +26,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--no-baseline", dest="baseline", action="store_false")
     p.add_argument("--timeout", type=float, default=600.0, help="per load (s)")
     p.add_argument("--takeovers", type=int, default=5,
-                   help="local restarts through the journal (SIGKILL of the master; default 5)")
+                   help="takeovers (SIGKILL of the master; default 5)")
+    p.add_argument("--takeover", choices=("local", "node"), default="local",
+                   help="local: a hot standby on the same host continues the sockets; node: "
+                   "the other node of a nonstop agent pair restores the connection (TCP_REPAIR) "
+                   "and its speaker continues from the journal it followed (BIRD feeder only)")
     p.add_argument("--out", help="also write the JSON to this file")
     add_format_option(p)
     p.set_defaults(func=cmd_bgp, format="json")
@@ -212,6 +215,20 @@ def cmd_bgp(args: argparse.Namespace) -> int:
     if not 1 <= args.routes <= 1 << 20:
         print("nonstop bench bgp: --routes 1..1048576", file=sys.stderr)
         return EXIT_USAGE
+    if args.takeover == "node":
+        from nonstop.bench.bgp_node import run_node
+
+        if args.peer != "bird":
+            print("nonstop bench bgp: --takeover node needs --peer bird", file=sys.stderr)
+            return EXIT_USAGE
+        result = with_progress(3, lambda tick: run_node(args.routes, args.takeovers,
+                                                        args.timeout, tick), label="bench bgp")
+        if emit(result, args):
+            print(f"{result['routes']} routes: load {result['load_s']} s, {result['takeovers']} "
+                  f"takeovers to the other node: {result['takeover_ms']} ms, resets "
+                  f"{result['session_resets']}, withdrawals {result['withdrawals_seen_by_peer']}")
+        ok = result.get("loc_rib_after", 0) >= args.routes and not result.get("session_resets")
+        return EXIT_OK if ok else EXIT_FAIL
     result = with_progress(5, lambda tick: run(args.routes, args.peer, args.baseline,
                                                args.timeout, tick, args.takeovers),
                            label="bench bgp")
