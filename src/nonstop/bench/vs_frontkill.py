@@ -26,7 +26,7 @@ def front_kill(*, protected: bool, conns: int, procs: int, after: float = 2.0) -
     with Lab(vs_topology(workers=3, fronts=NODES, witness=True)) as lab:
         services = {"web": HTTP_PORT} if protected else {}
         c = Cluster(lab, ClusterSpec(nodes=NODES, vip=f"{VIP}/24", api_port=None,
-                                     services=services, preempt=False, interval_ms=20))  # fmt: skip
+                                     services=services, preempt=False, interval_ms=50))  # fmt: skip
         c.start()
         m = c.wait_ready(timeout=20)
         b = next(n for n in NODES if n != m)

@@ -228,17 +228,18 @@ class Front:
         from nonstop.app.aio import ns_listen
         from nonstop.vs.protected import ProtectedHttp
 
-        assert ls.agent is not None
-        listener = await ns_listen(host, port, agent=ls.agent, backlog=4096)
-        ph = ProtectedHttp(proxy, listener, link=self.journal_link, store=self.journal,
-                           commit_delay=self.cfg.front.test_commit_delay_ms / 1000)
+        agent = ls.agent
+        assert agent is not None
+
+        async def reopen() -> Any:
+            return await ns_listen(host, port, agent=agent, backlog=4096)
+
+        ph = ProtectedHttp(proxy, await reopen(), link=self.journal_link, store=self.journal,
+                           commit_delay=self.cfg.front.test_commit_delay_ms / 1000,
+                           reopen=reopen)  # fmt: skip
         self.protected[ls.name] = ph
         self._spawn(ph.run())
-
-        def _close() -> None:
-            listener.close()
-
-        self._closers.append(_close)
+        self._closers.append(lambda: ph.listener.close())
 
     async def _l4_accept(self, lsock: socket.socket, ls: ListenerConfig) -> None:
         loop = asyncio.get_running_loop()

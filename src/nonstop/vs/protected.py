@@ -29,6 +29,7 @@ import contextlib
 import logging
 import socket
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from nonstop.app.aio import AsyncNsConn, AsyncNsListener
@@ -43,36 +44,83 @@ log = logging.getLogger("nonstop.vs.protected")
 class ProtectedHttp:
     def __init__(self, proxy: HttpProxy, listener: AsyncNsListener, *,
                  link: JournalLink | None, store: JournalStore | None,
-                 commit_delay: float = 0.0) -> None:  # fmt: skip
+                 commit_delay: float = 0.0,
+                 reopen: Callable[[], Awaitable[AsyncNsListener]] | None = None,
+                 ) -> None:  # fmt: skip
         self.proxy, self.listener, self.link, self.store = proxy, listener, link, store
         self.commit_delay = commit_delay
+        self.reopen = reopen
         self.counters: Counter[str] = Counter()
         self.active = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._link_task: asyncio.Task[Any] | None = None
 
     async def run(self) -> None:
         """Adopt what the agent hands over (a standby waits here until its node is promoted),
-        then accept."""
+        then accept. When the agent drops this front (its node stepped down: the connections
+        here are silenced), serve again as a standby on a fresh listener (``reopen``)."""
         try:
-            adopted = await self.listener.adopted()
-        except (OSError, RemoteProtocolError) as e:
-            log.error("adoption failed: %s", e)
-            raise
-        self.active = True
-        self.counters["adopted"] += len(adopted)
-        log.info("serving: adopted %d connections", len(adopted))
-        if self.link is not None:
-            self._spawn(self.link.run())
-        try:
-            for conn, _record in adopted:
-                self._spawn(self.serve(conn, adopted=True))
             while True:
-                conn = await self.listener.ns_accept()
-                self._spawn(self.serve(conn, adopted=False))
+                try:
+                    adopted = await self.listener.adopted()
+                except (OSError, RemoteProtocolError) as e:
+                    log.error("adoption failed: %s", e)
+                    raise
+                self.active = True
+                self.counters["adopted"] += len(adopted)
+                log.info("serving: adopted %d connections", len(adopted))
+                if self.link is not None and self._link_task is None:
+                    self._link_task = asyncio.ensure_future(self.link.run())
+                for conn, _record in adopted:
+                    self._spawn(self.serve(conn, adopted=True))
+                self._spawn(self._accept())
+                await self._agent_gone()
+                self.active = False
+                self.counters["dropped_by_agent"] += 1
+                log.warning("the agent dropped this front (its node stepped down): standby again")
+                await self._cancel_all()
+                self.listener.close()
+                if self.reopen is None:
+                    return
+                self.listener = await self.reopen()
         finally:
-            for t in list(self._tasks):
-                t.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self._cancel_all()
+            if self._link_task is not None:
+                self._link_task.cancel()
+
+    async def _accept(self) -> None:
+        while True:
+            conn = await self.listener.ns_accept()
+            self._spawn(self.serve(conn, adopted=False))
+
+    async def _agent_gone(self) -> None:
+        """Returns when the agent closes its end of the channel (nothing else arrives on it
+        once the adoption is over)."""
+        agent = self.listener.agent
+        if agent is None:
+            await asyncio.Event().wait()
+            return
+        loop = asyncio.get_running_loop()
+        while True:
+            fut = loop.create_future()
+            loop.add_reader(agent.sock, lambda f=fut: f.done() or f.set_result(None))
+            try:
+                await fut
+            finally:
+                loop.remove_reader(agent.sock)
+            try:
+                if agent.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                    return
+            except BlockingIOError:
+                continue
+            except OSError:
+                return
+            await asyncio.sleep(0.1)  # unexpected bytes: not ours to read; look again later
+
+    async def _cancel_all(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _spawn(self, coro: Any) -> None:
         t = asyncio.ensure_future(coro)
@@ -153,3 +201,4 @@ class ProtectedHttp:
                 self.link.closed(key)
             with contextlib.suppress(OSError):
                 await conn.ns_close()
+            conn.sock.close()  # also when the agent is gone and the CLOSE could not be sent
