@@ -1,4 +1,5 @@
-"""``nonstop bench groups --store etcd --nodes 5 --groups 20``: store-backed groups, kill a master.
+"""``nonstop bench failover --store etcd --nodes 5 --groups 20`` (alias: ``nonstop bench groups``):
+store-backed groups, kill a master.
 
 A real 3-member etcd cluster, N agent nodes, G groups spread by priority, an ARP watcher in the
 peer. Each run SIGKILLs a node that masters at least one group, then measures per group it held:
@@ -80,7 +81,7 @@ def run_groups(args: argparse.Namespace, tick: Any) -> dict[str, Any]:
                 runs[-1]["new"] = {g: after[g][0] for g in mine}
                 c.procs[victim].reap()
                 c.start_agent(victim)
-                c.wait(lambda v=victim: v in (c.status() or {}).get("members", []), 15, "rejoin")
+                c.wait(lambda v=victim: v in c.members(), 15, "rejoin")
                 tick()
         finally:
             watch = c.stop_watch()
@@ -95,7 +96,7 @@ def run_groups(args: argparse.Namespace, tick: Any) -> dict[str, Any]:
                     takeover.append((t - run["t0"]) * 1000)
             run.pop("t0")
     return {
-        "bench": "groups",
+        "bench": getattr(args, "bench_name", "groups"),
         "store": args.store,
         "nodes": args.nodes,
         "groups": args.groups,
@@ -125,6 +126,19 @@ def run_embedded(runs: int, interval_ms: int, tick: Any) -> dict[str, Any]:
         "dual_masters": r["dual_masters"],
         "failed_runs": r["failed_runs"],
     }
+
+
+def cmd_failover_store(args: argparse.Namespace) -> int:
+    """``nonstop bench failover --store etcd|embedded --nodes N --groups G``: the groups bench
+    with the failover parser's options (``--runs`` masters killed, as many pair runs)."""
+    if args.store != "etcd":
+        print("nonstop bench failover: --nodes/--groups need --store etcd", file=sys.stderr)
+        return EXIT_USAGE
+    args.nodes = 5 if args.nodes is None else args.nodes
+    args.groups = 20 if args.groups is None else args.groups
+    args.embedded_runs = args.runs
+    args.bench_name = "failover"
+    return cmd_groups(args)
 
 
 def cmd_groups(args: argparse.Namespace) -> int:

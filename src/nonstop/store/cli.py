@@ -5,7 +5,10 @@
     nonstop groups switchover G --to NODE --config node.toml [--wait S]
 
 ``status`` and ``switchover`` read the store itself (any node's config works: they need its
-endpoints, cluster name and groups); both take ``--format json``.
+endpoints, cluster name and groups); both take ``--format json``. ``status`` also reads what
+this node's agent decided (``<state_dir>/groups-status.json``, written by the agent on every
+change and once a second): which groups it holds, failsafe mode, its own lease deadline. So it
+still says something useful when the store cannot answer (exit 1 then, the local part printed).
 """
 
 from __future__ import annotations
@@ -54,8 +57,71 @@ def cmd_agent(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def local_status(cfg: StoreAgentConfig, now: float | None = None) -> dict[str, Any] | None:
+    """This node's agent's own state (None: no agent ever ran here). ``running`` is False when
+    its file is over 3 s old (the agent writes it at least once a second)."""
+    from nonstop.store.daemon import status_path
+
+    now = time.monotonic() if now is None else now
+    try:
+        with open(status_path(cfg)) as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(raw, dict) or "at" not in raw:
+        return None
+
+    def left(t: float | None) -> float | None:
+        return None if t is None else round(t - now, 3)
+
+    return {
+        "node": raw.get("node"),
+        "running": now - float(raw["at"]) < 3.0,
+        "session": raw.get("session"),
+        "lease_left_s": left(raw.get("lease_until")),
+        "last_renewal_s_ago": None if raw.get("renewed_at") is None
+        else round(now - raw["renewed_at"], 3),
+        "holds_until_s": left(raw.get("hold_deadline")),
+        "store_ok": raw.get("store_ok"),
+        "failsafe": raw.get("failsafe"),
+        "deferring_to": raw.get("deferring_to"),
+        "holding": raw.get("holding", []),
+        "standby": raw.get("standby", {}),
+        "peers": raw.get("peers", {}),
+        "counters": raw.get("counters", {}),
+    }  # fmt: skip
+
+
 async def cluster_status(cfg: StoreAgentConfig) -> dict[str, Any]:
-    """What ``nonstop groups status`` prints, read from the store now."""
+    """What ``nonstop groups status`` prints: the store now, merged with this node's agent."""
+    st = await store_status(cfg)
+    return merge_local(st, local_status(cfg), cfg)
+
+
+def merge_local(
+    st: dict[str, Any] | None, local: dict[str, Any] | None, cfg: StoreAgentConfig
+) -> dict[str, Any]:
+    """Per group: ``held_here`` (this node's VIP is up for it by its agent's decision) and
+    ``failsafe`` (held here in failsafe mode); the store's columns are None without a store."""
+    if st is None:
+        st = {"cluster": cfg.node.cluster, "revision": None, "members": None,
+              "groups": [{"group": g.name, "vip": g.vip, "master": None, "standby": None,
+                          "lease_ttl_s": None, "revision": None, "switchover_to": None}
+                         for g in cfg.groups]}  # fmt: skip
+    running = bool(local and local["running"])
+    held = set(local["holding"]) if local and running else set()
+    for g in st["groups"]:
+        g["held_here"] = g["group"] in held
+        g["failsafe"] = bool(running and local and local["failsafe"] and g["held_here"])
+        if g["standby"] is None and local and running:
+            g["standby"] = local["standby"].get(g["group"])
+    st["node"] = cfg.node.id
+    st["agent"] = local
+    return st
+
+
+async def store_status(cfg: StoreAgentConfig) -> dict[str, Any]:
+    """The cluster as the store has it now (StoreUnavailable when it cannot answer)."""
     from nonstop.store.core import GroupsCore
     from nonstop.store.daemon import core_config
     from nonstop.store.etcd import EtcdStore
@@ -99,40 +165,46 @@ def _print_status(st: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    members = st["members"]
+    alive = "store unavailable" if members is None else ", ".join(members) or "none"
     t = Table(title=f"cluster {st['cluster']} at revision {st['revision']}; "
-              f"members alive: {', '.join(st['members']) or 'none'}")  # fmt: skip
-    for col in ("group", "vip", "master", "standby", "lease TTL s", "revision", "switchover"):
-        t.add_column(col)
+              f"members alive: {alive}")  # fmt: skip
+    cols = {"group": "group", "vip": "vip", "master": "master", "standby": "standby",
+            "lease_ttl_s": "lease TTL s", "revision": "revision", "switchover_to": "switchover",
+            "held_here": f"held by {st['node']}", "failsafe": "failsafe"}  # fmt: skip
+    for title in cols.values():
+        t.add_column(title)
     for g in st["groups"]:
-        t.add_row(
-            *(
-                str(g[k]) if g[k] is not None else "-"
-                for k in (
-                    "group",
-                    "vip",
-                    "master",
-                    "standby",
-                    "lease_ttl_s",
-                    "revision",
-                    "switchover_to",
-                )
-            )
-        )
+        t.add_row(*(str(g[k]) if g[k] is not None else "-" for k in cols))
     Console().print(t)
+    a = st["agent"]
+    if a is None:
+        Console().print(f"no groups agent state on {st['node']}")
+    else:
+        state = "running" if a["running"] else "NOT running (stale state file)"
+        Console().print(
+            f"agent {a['node']}: {state}; session {a['session']}; lease left "
+            f"{a['lease_left_s']} s (last renewal {a['last_renewal_s_ago']} s ago); "
+            f"failsafe {'ON' if a['failsafe'] else 'off'}; holds {', '.join(a['holding']) or '-'}"
+            f"{'; deferring to ' + a['deferring_to'] if a['deferring_to'] else ''}"
+        )
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     cfg = _cfg(args.config)
+    rc, error = EXIT_OK, None
     try:
-        st = asyncio.run(cluster_status(cfg))
+        store: dict[str, Any] | None = asyncio.run(store_status(cfg))
     except StoreUnavailable as e:
+        rc, error, store = EXIT_FAIL, str(e), None
         print(f"nonstop groups: store unavailable: {e}", file=sys.stderr)
-        return EXIT_FAIL
+    st = merge_local(store, local_status(cfg), cfg)
+    st["store_error"] = error
     if args.format == "json":
         print(json.dumps(st, indent=1))
     else:
         _print_status(st)
-    return EXIT_OK
+    return rc
 
 
 async def switchover(cfg: StoreAgentConfig, group: str, target: str, wait: float) -> dict[str, Any]:

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import signal
 import time
 from typing import Any
@@ -33,6 +35,12 @@ from nonstop.store.base import AbstractStore, SessionLost, StoreUnavailable
 from nonstop.store.config import StoreAgentConfig
 
 log = logging.getLogger("nonstop.groups")
+
+STATUS_FILE = "groups-status.json"  # in node.state_dir: what this agent decided, for the CLI
+
+
+def status_path(cfg: StoreAgentConfig) -> str:
+    return os.path.join(cfg.node.state_dir, STATUS_FILE)
 
 
 def core_config(cfg: StoreAgentConfig) -> C.CoreConfig:
@@ -76,8 +84,6 @@ class _Udp(asyncio.DatagramProtocol):
 
 class GroupsAgent:
     def __init__(self, cfg: StoreAgentConfig, key: bytes, store: AbstractStore | None = None):
-        import os
-
         self.cfg, self._key = cfg, key
         os.makedirs(cfg.node.state_dir, exist_ok=True)
         self.incarnation = next_incarnation(cfg.node.state_dir)
@@ -110,6 +116,8 @@ class GroupsAgent:
         self._read_wanted = asyncio.Event()
         self._flags = -1
         self.counters: dict[str, int] = {}
+        self._status_key: object = None
+        self._status_at = float("-inf")
 
     def _count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
@@ -346,6 +354,7 @@ class GroupsAgent:
         for note in self.core.take_notes():
             log.warning("%s", note)
         self._rearm_guard(now)
+        self._write_status(now)
         flags = self.core.flags(now)
         role = Role.MASTER if self.core.holding else Role.BACKUP
         m.set_local(role=role, priority=1, flags=flags)
@@ -357,6 +366,43 @@ class GroupsAgent:
         if self._timer is not None:
             self._timer.cancel()
         self._timer = asyncio.get_running_loop().call_at(deadline, self._on_timer)
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """This agent's own decisions (times are ``time.monotonic()``, shared by the host)."""
+        c, s = self.core, self.core.s
+        return {
+            "node": self.cfg.node.id,
+            "pid": os.getpid(),
+            "at": now,
+            "session": f"{s.session:x}" if s.session is not None else None,
+            "renewed_at": s.renewed_at,
+            "lease_until": s.lease_until,
+            "hold_deadline": c.hold_deadline() if s.holding else None,
+            "store_ok": c.store_ok(now) and c.lease_ok(now),
+            "failsafe": c.failsafe_active,
+            "deferring_to": c.deferring(now),
+            "holding": sorted(s.holding),
+            "standby": {g: c.standby_of(g) for g in c.mine},
+            "peers": {p: h.alive for p, h in s.peers.items()},
+            "counters": dict(self.counters),
+        }
+
+    def _write_status(self, now: float) -> None:
+        """On every change of what matters, else once a second (``at`` shows it is alive)."""
+        c = self.core
+        key = (c.holding, c.failsafe_active, c.s.session, c.store_ok(now), c.deferring(now),
+               tuple(sorted(c.s.peers.items())))  # fmt: skip
+        if key == self._status_key and now - self._status_at < 1.0:
+            return
+        self._status_key, self._status_at = key, now
+        path = status_path(self.cfg)
+        try:
+            with open(path + ".tmp", "w") as f:
+                json.dump(self.snapshot(now), f)
+            os.replace(path + ".tmp", path)
+        except OSError as e:
+            self._count("status_write_failed")
+            log.debug("status file: %s", e)
 
     def _on_timer(self) -> None:
         self._timer = None

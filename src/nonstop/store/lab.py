@@ -196,11 +196,14 @@ class StoreCluster:
         return p.output() if p is not None else ""
 
     # -- observation --------------------------------------------------------------------------
-    def status(self) -> dict[str, Any] | None:
-        r = self.lab.host(self.nodes[0]).sh(
+    def status(self, node: str | None = None, *, store: bool = True) -> dict[str, Any] | None:
+        """``nonstop groups status`` run on ``node`` (default the first); None if it failed
+        (``store=False``: also when only the store is unavailable, exit 1 with JSON)."""
+        node = node or self.nodes[0]
+        r = self.lab.host(node).sh(
             [sys.executable, "-m", "nonstop", "groups", "status", "--format", "json",
-             "--config", self.config_paths[self.nodes[0]]], check=False)  # fmt: skip
-        if r.returncode != 0:
+             "--config", self.config_paths[node]], check=False)  # fmt: skip
+        if r.returncode != 0 and (store or r.returncode != 1 or not r.stdout.strip()):
             return None
         return json.loads(r.stdout)
 
