@@ -51,6 +51,7 @@ class AsyncNsConn(ConnCore):
         rest = self._to_send(data)
         if rest:
             await asyncio.get_running_loop().sock_sendall(self.sock, rest)
+        self.write_pos += len(data)
 
     async def commit(self, state: bytes = b"", *, upto: int | None = None) -> None:
         """Report the commit to the agent, then consume the input up to ``upto`` (default: all

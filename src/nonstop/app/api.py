@@ -120,8 +120,9 @@ class ConnCore:
         return b"" if peer_closed(self.sock) else None
 
     def _to_send(self, data: bytes) -> bytes:
-        """What of ``data`` the kernel has not had yet (after an adoption); moves write_pos."""
-        self.write_pos += len(data)
+        """What of ``data`` the kernel has not had yet (after an adoption). The caller adds
+        ``len(data)`` to write_pos once the rest is sent (a COMMIT meanwhile must not count
+        bytes the kernel does not hold yet)."""
         if self._skip:
             n = min(self._skip, len(data))
             self._skip -= n
@@ -173,6 +174,7 @@ class NsConn(ConnCore):
 
     def ns_send(self, data: bytes) -> None:
         self.sock.sendall(self._to_send(data))
+        self.write_pos += len(data)
 
     def commit(self, state: bytes = b"", *, upto: int | None = None) -> None:
         """Tell the agent the app has processed the input up to ``upto`` (absolute read position;

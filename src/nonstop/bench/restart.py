@@ -1,0 +1,321 @@
+"""Local crash recovery of a supervised service: the agent pair protects the stream checker's
+protected server (run by the agents' supervisors, ``[[services]]`` with a command); a peer
+streams both ways on N connections; the service on the master is SIGKILLed K times. The agent
+stays, the endpoint keeps every connection, the next instance adopts them from their last commit.
+
+Used by ``nonstop bench restart`` and tests/netns/test_app_restart_netns.py. The peer's client
+here is the stream checker's client that also records every arrival, so the interruption of each
+kill is measured as the peer sees it: last byte before the kill to the first byte after it.
+
+``python -m nonstop.bench.restart client ...`` runs that client (in the peer's namespace).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from bisect import bisect_right
+from typing import TYPE_CHECKING, Any
+
+from nonstop.cluster import Cluster, ClusterSpec
+
+if TYPE_CHECKING:
+    from nonstop.lab import Lab
+
+PORT = 7400
+SERVICE = "stream"
+SRC = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class SupervisedCluster(Cluster):
+    """A Cluster whose ``[[services]]`` entries carry extra lines (a command, its runtime...)."""
+
+    def __init__(self, lab: Lab, spec: ClusterSpec, extra: dict[str, list[str]]) -> None:
+        self.extra = extra
+        super().__init__(lab, spec)
+
+    def _write_node_config(self, name: str) -> str:
+        path = super()._write_node_config(name)
+        with open(path) as f:
+            text = f.read()
+        for svc, lines in self.extra.items():
+            head = f'[[services]]\nname = "{svc}"\n'
+            assert head in text
+            text = text.replace(head, head + "\n".join(lines) + "\n")
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+
+def service_lines(*, runtime: str = "process", instances: int = 2, rate: float = 50.0,
+                  size: int = 100, crash_if: str = "", image: str = "",
+                  crash_loop_deaths: int = 1000) -> list[str]:  # fmt: skip
+    """The ``[[services]]`` lines running the protected stream server. ``crash_if``: a path; when
+    it exists an instance exits at start (status 3), for crash-loop tests."""
+    py = sys.executable if runtime == "process" else os.path.realpath(sys.executable)
+    argv = [py, "-m", "nonstop.streams", "protected-server", "--host", "{vip}", "--port",
+            "{port}", "--agent", "{endpoint}", "--rate", str(rate),
+            "--size", str(size)]  # fmt: skip
+    if crash_if:
+        argv = ["sh", "-c", f'test -e "{crash_if}" && exit 3; exec "$@"', "sh", *argv]
+    lines = [
+        f"command = {json.dumps(argv)}",
+        f'runtime = "{runtime}"',
+        f"instances = {instances}",
+        "stop_timeout_ms = 2000",
+        # SIGKILLs in a row: restart at once every time (no growing backoff) ...
+        "backoff = { initial_ms = 1, max_ms = 1000, factor = 1.0, jitter = 0.0 }",
+        # ... and 20 kills in a minute are the test, not a crash loop (unless asked for)
+        f"crash_loop = {{ deaths = {crash_loop_deaths}, window_ms = 60000 }}",
+    ]
+    if runtime != "process":
+        lines.append("env = { PYTHONPATH = " + json.dumps(SRC) + " }")
+        lines.append(
+            f'container = {{ image = "{image}", network = "host", '
+            f'volumes = [{json.dumps(SRC + ":" + SRC + ":ro")}] }}'
+        )
+    else:
+        lines.append("env = { PYTHONPATH = " + json.dumps(SRC) + " }")
+    return lines
+
+
+def make_cluster(lab: Lab, lines: list[str], interval_ms: int = 50) -> SupervisedCluster:
+    # 50 ms heartbeats (100 ms fence): local restarts need no fast failover, and a loaded box
+    # (256 streams, other test runs) fenced healthy masters at 20 ms
+    spec = ClusterSpec(services={SERVICE: PORT}, preempt=False, interval_ms=interval_ms)
+    return SupervisedCluster(lab, spec, {SERVICE: lines})
+
+
+# ---- observation -------------------------------------------------------------------------------
+
+
+def listener_pid(c: Cluster, node: str, port: int = PORT) -> int | None:
+    """The pid of the process listening on ``port`` in ``node`` (the active instance)."""
+    r = c.lab.host(node).sh(f"ss -Hltnp 'sport = :{port}'", check=False)
+    m = re.search(r"pid=(\d+)", r.stdout)
+    return int(m.group(1)) if m else None
+
+
+def session(c: Cluster, node: str) -> dict[str, Any]:
+    st = c.status(node)
+    return {} if st is None or not st["sessions"] else st["sessions"][0]
+
+
+def instances(c: Cluster, node: str) -> list[dict[str, Any]]:
+    st = c.status(node)
+    return [] if st is None else st["services"]["instances"]
+
+
+def wait_active(c: Cluster, node: str, conns: int, standbys: int, timeout: float = 30.0,
+                not_pid: int | None = None) -> int:  # fmt: skip
+    """Until an instance listens (not ``not_pid``), the master's endpoint holds ``conns``
+    connections and ``standbys`` instances wait; returns the listener's pid."""
+    pid: int | None = None
+
+    def ok() -> bool:
+        nonlocal pid
+        pid = listener_pid(c, node)
+        if pid is None or pid == not_pid:
+            return False
+        s = session(c, node)
+        insts = instances(c, node)
+        return (
+            s.get("connections", 0) >= conns
+            and s.get("standby_waiting", 0) >= standbys
+            and all(i["state"] == "ready" and i["pid"] for i in insts)
+        )
+
+    c.wait(ok, timeout, f"{node}: an active instance, {conns} connections, {standbys} standbys",
+           poll=0.01)  # fmt: skip
+    assert pid is not None
+    return pid
+
+
+# ---- the peer's client: the stream checker's, with every arrival recorded ----------------------
+
+
+async def _client(host: str, port: int, conns: int, rate: float, size: int) -> dict[str, Any]:
+    from nonstop.streams.check import StreamError, StreamVerifier, make_message
+    from nonstop.streams.run import CLIENT, SERVER, summarize
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    verifiers: list[StreamVerifier] = []
+    errors: dict[str, int] = {}
+    kept = 0
+
+    async def one(cid: int) -> None:
+        nonlocal kept
+        v = StreamVerifier(SERVER, cid, record_arrivals=True)
+        verifiers.append(v)
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
+        except (OSError, TimeoutError) as e:
+            errors[f"connect_{type(e).__name__}"] = errors.get(f"connect_{type(e).__name__}", 0) + 1
+            return
+
+        async def read() -> bool:
+            while data := await reader.read(65536):
+                v.feed(data, time.monotonic())
+            return v.pending == 0 and v.last_len == 0
+
+        receiving = asyncio.create_task(read())
+        try:
+            seq, start = 0, time.monotonic()
+            while not stop.is_set():
+                writer.write(make_message(CLIENT, cid, seq, size))
+                seq += 1
+                await writer.drain()
+                delay = start + seq / rate - time.monotonic()
+                if delay > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), delay)
+            writer.write(make_message(CLIENT, cid, seq, 0))
+            await writer.drain()
+            writer.write_eof()
+            if await asyncio.wait_for(receiving, 30):
+                kept += 1
+            else:
+                errors["eof_without_trailer"] = errors.get("eof_without_trailer", 0) + 1
+        except (ConnectionError, OSError, TimeoutError, StreamError) as e:
+            errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
+        finally:
+            receiving.cancel()
+            with contextlib.suppress(BaseException):
+                await receiving
+            writer.transport.abort()
+
+    await asyncio.gather(*(one(i) for i in range(conns)))
+    out = summarize(verifiers, errors)
+    out["kept"] = kept
+    out["resets"] = errors.get("ConnectionResetError", 0)
+    out["arrivals"] = [[round(t, 5) for t in v.report.arrivals] for v in verifiers]
+    return out
+
+
+def start_client(c: Cluster, conns: int, rate: float, size: int, out: str) -> subprocess.Popen:
+    vip = c.spec.vip.split("/")[0]
+    argv = [sys.executable, "-m", "nonstop.bench.restart", "client", "--host", vip, "--port",
+            str(PORT), "--conns", str(conns), "--rate", str(rate), "--size", str(size),
+            "--out", out]  # fmt: skip
+    return c.lab.host("peer").run(argv, name="restart-client").popen
+
+
+def interruptions(arrivals: list[list[float]], kills: list[float]) -> tuple[list[float], list]:
+    """Per (kill, connection): last arrival before the kill to the first after it (ms), and
+    kill to the first arrival after it (ms)."""
+    gaps, after = [], []
+    for arr in arrivals:
+        for k in kills:
+            i = bisect_right(arr, k)
+            if 0 < i < len(arr):
+                gaps.append((arr[i] - arr[i - 1]) * 1000)
+                after.append((arr[i] - k) * 1000)
+    return gaps, after
+
+
+def pcts(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p99": None, "max": None}
+    v = sorted(values)
+
+    def at(q: float) -> float:
+        return round(v[min(len(v) - 1, int(q * len(v)))], 2)
+
+    return {"p50": at(0.5), "p99": at(0.99), "max": round(v[-1], 2)}
+
+
+# ---- one run -----------------------------------------------------------------------------------
+
+
+def run(lab: Lab, *, sessions: int = 256, kills: int = 20, runtime: str = "process",
+        instances_: int = 2, rate: float = 50.0, size: int = 100, image: str = "",
+        settle: float = 0.3, tick: Any = None) -> dict[str, Any]:  # fmt: skip
+    """Start the pair, stream on ``sessions`` connections, SIGKILL the master's active service
+    instance ``kills`` times; the result is the peer's view (kept, resets, lost, interruption)."""
+    lines = service_lines(runtime=runtime, instances=instances_, rate=rate, size=size,
+                          image=image)  # fmt: skip
+    c = make_cluster(lab, lines)
+    out_path = os.path.join(lab.host("peer").workdir, f"restart-{runtime}.json")
+    c.start()
+    try:
+        master = c.wait_ready(timeout=30)
+        standbys = instances_ - 1
+        wait_active(c, master, 0, standbys, timeout=60)
+        client = start_client(c, sessions, rate, size, out_path)
+        pid = wait_active(c, master, sessions, standbys, timeout=60)
+        time.sleep(settle)
+        kill_times: list[float] = []
+        restart_s: list[float] = []
+        for _ in range(kills):
+            t = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+            kill_times.append(t)
+            pid = wait_active(c, master, sessions, standbys, timeout=60, not_pid=pid)
+            restart_s.append(time.monotonic() - t)
+            time.sleep(settle)
+            if tick is not None:
+                tick()
+        assert c.role(master) == "master", "the master changed during local restarts"
+        client.send_signal(signal.SIGTERM)
+        client.wait(120)
+        with open(out_path) as f:
+            rep = json.load(f)
+        ses = session(c, master)
+        st = c.status(master) or {}
+        restarts = sum(i["restarts"] for i in st.get("services", {}).get("instances", []))
+    finally:
+        for p in list(c.procs.values()):
+            p.terminate(timeout=10)
+    gaps, after = interruptions(rep.pop("arrivals"), kill_times)
+    return {
+        "sessions": sessions,
+        "kills": kills,
+        "runtime": runtime,
+        "instances": instances_,
+        "rate_per_conn": rate,
+        "message_period_ms": round(1000 / rate, 2),
+        "kept": rep["kept"],
+        "resets": rep["resets"],
+        "bytes_lost": rep["lost"] * size,
+        "messages_lost": rep["lost"],
+        "duplicated": rep["duplicated"],
+        "corrupted": rep["corrupted"],
+        "errors": rep["errors"],
+        "interruption_ms": pcts(gaps),
+        "kill_to_first_byte_ms": pcts(after),
+        "service_back_s": pcts(restart_s),
+        "restarts_seen_by_supervisor": restarts,
+        "endpoint_counters": ses.get("endpoint_counters", {}),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m nonstop.bench.restart")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("client")
+    c.add_argument("--host", required=True)
+    c.add_argument("--port", type=int, default=PORT)
+    c.add_argument("--conns", type=int, default=1)
+    c.add_argument("--rate", type=float, default=50.0)
+    c.add_argument("--size", type=int, default=100)
+    c.add_argument("--out", required=True)
+    a = ap.parse_args(argv)
+    rep = asyncio.run(_client(a.host, a.port, a.conns, a.rate, a.size))
+    with open(a.out + ".tmp", "w") as f:
+        json.dump(rep, f)
+    os.replace(a.out + ".tmp", a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
