@@ -64,6 +64,19 @@ def test_lower_candidate_waits_its_rank() -> None:
     assert c2.cycle(0.45) == []  # the same, but its view is too old to act on
 
 
+def test_just_started_waits_for_a_better_node_to_come_up() -> None:
+    cfg = C.CoreConfig(node="c", nodes=NODES, groups=PRIO, startup_grace=3.0)
+    c = C.GroupsCore(cfg)
+    c.lease_renewed(7, 1.0, 0.0)
+    c.set_view(view(4, members=("b", "c")), 0.0)  # a (better) is not up yet
+    assert c.cycle(2.9) == []  # ranks do not matter: a may still come
+    c.set_view(view(4, members=("a", "b", "c")), 2.9)
+    assert c.cycle(2.95) == []  # a is up: it takes g, c waits its rank
+    c.set_view(view(4, members=("b", "c")), 3.4)
+    c.lease_renewed(7, 4.0, 3.4)
+    assert c.cycle(3.5) == [C.Acquire("g")]  # grace over, a never came: c is second live
+
+
 def test_lost_cas_takes_nothing() -> None:
     c = make()
     c.lease_renewed(1, 1.0, 0.0)

@@ -81,7 +81,7 @@ def run_groups(args: argparse.Namespace, tick: Any) -> dict[str, Any]:
                 runs[-1]["new"] = {g: after[g][0] for g in mine}
                 c.procs[victim].reap()
                 c.start_agent(victim)
-                c.wait(lambda v=victim: v in c.members(), 15, "rejoin")
+                c.wait(lambda v=victim: v in c.members(), 60, "rejoin")
                 tick()
         finally:
             watch = c.stop_watch()

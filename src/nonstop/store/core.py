@@ -25,8 +25,8 @@ Rules, per group G this node may serve (it has a priority for G):
 4. A free group is acquired by the switchover target when there is a live one, else by the live
    candidate of highest priority (ties: node id); the next ones wait ``stagger`` per rank, in
    case the best one cannot act. Live = its member key is in the store (its lease lives). For
-   ``startup_grace`` after its first renewal a node ranks itself among every configured
-   candidate, live or not, so the groups spread by priority when the nodes start together.
+   ``startup_grace`` after its first renewal a node takes no group for which a better configured
+   candidate is not live yet, so the groups spread by priority when the nodes start together.
 5. Switchover: the master drops the VIP first, then releases the key at the revision it holds.
    No automatic preemption: a healthy master keeps its groups until asked.
 """
@@ -403,12 +403,14 @@ class GroupsCore:
             if sw is not None and sw.target in cands:
                 target_is_me = sw.target == cfg.node
             elif cfg.node in cands:
-                if s.started_at is not None and now - s.started_at < cfg.startup_grace:
-                    # just started: a better node may be starting too; let it come up first
-                    prio = cfg.groups[g]
-                    cands = sorted(prio, key=lambda n: (-prio[n], n))
                 rank = cands.index(cfg.node)
                 target_is_me = now - s.free_since.get(g, now) >= rank * cfg.stagger
+                if s.started_at is not None and now - s.started_at < cfg.startup_grace:
+                    # just started: a better node may be starting too; let it come up first
+                    prio, live = cfg.groups[g], self.live()
+                    mine_key = (-prio[cfg.node], cfg.node)
+                    if any(n not in live and (-p, n) < mine_key for n, p in prio.items()):
+                        target_is_me = False
             else:
                 target_is_me = False
             if target_is_me:
