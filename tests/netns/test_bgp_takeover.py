@@ -26,7 +26,7 @@ from nonstop.bench.bgp_node import STREAM, BgpPair, bird_world, cluster, take_ov
 from nonstop.cluster import Cluster
 from nonstop.lab import Lab
 
-pytestmark = [pytest.mark.netns, pytest.mark.timeout(170)]
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(300)]  # ~35 s quiet, ~100 s at load 10
 TAKEOVERS = int(os.environ.get("NONSTOP_BGP_TAKEOVERS", "20"))
 @pytest.fixture
 def world(demo_lab: Lab, request: pytest.FixtureRequest) -> Iterator[tuple[Cluster, BgpPair,

@@ -135,7 +135,7 @@ def cluster(lab: Lab) -> Cluster:
     return c
 
 
-def take_over(c: Cluster, pair: BgpPair, master: str, timeout: float = 20.0
+def take_over(c: Cluster, pair: BgpPair, master: str, timeout: float = 30.0
               ) -> tuple[str, dict[str, Any], float]:
     """SIGKILL of ``master``'s agent and speaker; the other node's speaker takes over; the
     killed node comes back as the backup with a new standby speaker. Returns the new master,
@@ -147,12 +147,16 @@ def take_over(c: Cluster, pair: BgpPair, master: str, timeout: float = 20.0
     pair.procs[master].kill()
     c.wait_role(backup, "master", timeout=5)
     pid = pair.procs[backup].pid
-    s = wait_for(lambda: (x := pair.summary(backup)) and x["pid"] == pid and x, 10,
-                 "the standby took over")
+    try:
+        s = wait_for(lambda: (x := pair.summary(backup)) and x["pid"] == pid and x, timeout,
+                     "the standby took over")
+    except TimeoutError:
+        print(pair.procs[backup].output()[-4000:], file=sys.stderr)
+        raise
     tk = s["takeover"]
     pair.procs[master].reap()
-    c.start_agent(master)
-    c.wait_role(master, "backup", timeout=10)
+    c.start_agent(master)  # generous: an agent's start takes seconds on a loaded box
+    c.wait_role(master, "backup", timeout=30)
     pair.start(master)
     return backup, tk, (tk["resumed_at"] - killed) * 1000
 
