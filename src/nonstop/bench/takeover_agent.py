@@ -118,7 +118,16 @@ def _wait_protecting(c: Cluster, master: str, other: str, n: int, timeout: float
             and b[0].get("sync", {}).get("held_connections", 0) >= n
         )
 
-    c.wait(ok, timeout, f"{master} to protect {n} connections", poll=0.1)
+    try:
+        c.wait(ok, timeout, f"{master} to protect {n} connections", poll=0.1)
+    except TimeoutError:
+        m = ((c.status(master) or {}).get("sessions") or [{}])[0]
+        b = ((c.status(other) or {}).get("sessions") or [{}])[0]
+        raise TimeoutError(
+            f"after {timeout:.0f} s the master tracks {m.get('connections')} of {n} connections "
+            f"(protecting: {m.get('sync', {}).get('protecting')}), the backup holds "
+            f"{b.get('sync', {}).get('held_connections')}"
+        ) from None
 
 
 def _figures(rep: dict[str, Any], n: int, rate: float, size: int, t_kill: float,

@@ -45,6 +45,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from nonstop.session.nfq import AckClamp, FourTuple
@@ -542,10 +543,14 @@ class BackupSession:
             bytes(send_q), bytes(cs.rcv_data), 0, seen_at - self.ts_margin,
         )  # fmt: skip
 
-    def promote(self) -> list[RestoredConn]:
-        """Stop receiving and restore every connection (before the VIP is added)."""
+    def promote(self, before_restore: Callable[[], None] | None = None) -> list[RestoredConn]:
+        """Stop receiving and restore every connection (before the VIP is added).
+        ``before_restore`` runs once the states are computed, right before the first socket is
+        restored (e.g. lifting the rule that keeps a non-master quiet)."""
         self._halt()
         pairs = self.states()
+        if before_restore is not None:
+            before_restore()
         try:
             socks: list[socket.socket | None] = list(restore_many([st for _, st in pairs]))
         except RepairError:  # one by one: a connection that cannot come back costs only itself

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from typing import Any
 from nonstop.app.channel import AgentEndpoint, CommitRecord, HeldConn
 from nonstop.common import LocalProtocolError
 from nonstop.session.manager import BackupSession, MasterSession
+from nonstop.session.quiet import QuietRule
 from nonstop.session.repair import RepairError, disconnect_silently
 
 log = logging.getLogger("nonstop.session")
@@ -62,6 +64,8 @@ class ProtectedService:
         self.endpoint = AgentEndpoint(
             spec.endpoint, on_commit=self._on_commit, hold_adoption=True
         )
+        self.quiet = QuietRule(spec.vip, spec.port, spec.family)  # while not master
+        self._keep_quiet = False  # the agent died: the rule outlives this worker
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._serve, name=f"nonstop-app-{spec.name}", daemon=True
@@ -69,6 +73,7 @@ class ProtectedService:
 
     # -- lifecycle --
     def start(self) -> ProtectedService:
+        self.quiet.add()
         self._start_backup()
         self._thread.start()
         return self
@@ -82,6 +87,8 @@ class ProtectedService:
             self._stop_backup()
             self._silence_held()
             self.endpoint.close()
+            if not self._keep_quiet:
+                self.quiet.remove()
 
     def _serve(self) -> None:
         while not self._stop.is_set():
@@ -120,13 +127,14 @@ class ProtectedService:
             t0 = time.monotonic()
             restored = []
             assert self.backup is not None
+            self.quiet.start_removal()  # gone before the first restored segment leaves
             resumed = self.backup.seeded and own
             if not own and (dropped := self.backup.discard_seed()):
                 self.counters["parked_dropped"] += dropped
                 log.warning("%s: %d connections parked at the step-down dropped: another node "
                             "may have served them since", self.spec.name, dropped)
             try:
-                restored = self.backup.promote()
+                restored = self.backup.promote(before_restore=self.quiet.wait)
             except (RepairError, OSError) as e:
                 self.counters["restore_failures"] += 1
                 log.error("%s: restore failed, its connections are lost: %s", self.spec.name, e)
@@ -178,6 +186,7 @@ class ProtectedService:
         with self._lock:
             if self.role == "backup":
                 return {"service": self.spec.name, "silenced": 0}
+            self._quiet()
             parked = self.master.parked() if self.master is not None else []
             self._stop_master()
             n = self._silence_held()
@@ -199,11 +208,21 @@ class ProtectedService:
             if self.master is not None:
                 self.master.set_backup(peer)
 
-    def silence(self) -> int:
-        """The agent is gone: stop everything, let no FIN or RST out."""
+    def silence(self, *, agent_gone: bool = False) -> int:
+        """Stop everything, let no FIN or RST out. ``agent_gone``: the quiet rule stays after
+        this worker exits (this node may have been master; nothing of it may speak now)."""
         with self._lock:
+            if agent_gone:
+                self._keep_quiet = True
+                self._quiet()
             self._stop_master()
             return self._silence_held()
+
+    def _quiet(self) -> None:
+        try:
+            self.quiet.add()
+        except (OSError, subprocess.CalledProcessError) as e:  # the silencing below still runs
+            log.error("%s: quiet rule not installed: %s", self.spec.name, e)
 
     def _silence_held(self) -> int:
         with self.endpoint.lock:

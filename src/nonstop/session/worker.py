@@ -72,7 +72,7 @@ def serve(sock: socket.socket) -> int:
             except OSError:
                 raw = b""
             if not raw:  # the agent is gone: silence everything before anyone else can speak
-                n = sum(svc.silence() for svc in services)
+                n = sum(svc.silence(agent_gone=True) for svc in services)
                 log.warning("session worker: agent gone, %d connections silenced", n)
                 return 0
             req = _dec.decode(raw)

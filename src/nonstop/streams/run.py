@@ -145,6 +145,7 @@ async def client(host: str, port: int, *, conns: int, duration: float, rate: flo
     with contextlib.suppress(RuntimeError, ValueError):  # not in the main thread: no signal
         loop.add_signal_handler(signal.SIGTERM, stop.set)
     rows: list[tuple[int, float, int]] = []
+    opening = asyncio.Semaphore(128)
 
     async def sample() -> None:
         last: dict[int, int] = {}
@@ -162,9 +163,10 @@ async def client(host: str, port: int, *, conns: int, duration: float, rate: flo
         v = StreamVerifier(SERVER, conn, long_gap=long_gap)
         verifiers.append(v)
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port), connect_timeout
-            )
+            async with opening:  # thousands at once would overflow the server's accept queue
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(host, port), connect_timeout
+                )
         except (OSError, TimeoutError) as e:
             errors[f"connect_{type(e).__name__}"] = errors.get(f"connect_{type(e).__name__}", 0) + 1
             return

@@ -1,0 +1,70 @@
+"""The quiet rule: a node that does not serve VIP:port lets no segment from it leave.
+
+While a node is backup (and after it stepped down) every connection it parked or holds is in
+repair mode or disconnected, and so silent. A socket the session worker never heard of is not:
+a connection the service accepted but had not yet registered when the node stepped down, a
+service that closes what it still has. One FIN or RST from such a socket would reset a peer that
+the new master now serves. So, on every node that is not the master::
+
+    iptables -I OUTPUT -p tcp -s VIP --sport PORT \
+        -m comment --comment nonstop-ackclamp:quiet -j DROP
+
+added when the worker takes the backup side and removed at promotion, before the restore (the
+restored sockets' first segments must leave). The comment shares the ACK clamp's prefix, so
+``nfq.remove_rules`` clears a crashed worker's leftovers too. The rule stays when the agent dies
+(the node is not master any more: keeping it is the point) and goes on a graceful stop.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+from nonstop.session.nfq import COMMENT
+
+
+class QuietRule:
+    def __init__(self, vip: str, port: int, family: int) -> None:
+        self.vip, self.port = vip, port
+        self.cmd = "iptables" if family == 4 else "ip6tables"
+        self._pending: subprocess.Popen[bytes] | None = None
+
+    def spec(self) -> list[str]:
+        return ["-p", "tcp", "-s", self.vip, "--sport", str(self.port),
+                "-m", "comment", "--comment", f"{COMMENT}:quiet", "-j", "DROP"]  # fmt: skip
+
+    def _run(self, op: str) -> bool:
+        r = subprocess.run([self.cmd, "-w", op, "OUTPUT", *self.spec()], capture_output=True)
+        return r.returncode == 0
+
+    def add(self) -> None:
+        """Install it (once: an existing copy is kept). Raises CalledProcessError on failure."""
+        self.wait()
+        if not self._run("-C"):
+            subprocess.run([self.cmd, "-w", "-I", "OUTPUT", *self.spec()], check=True,
+                           capture_output=True)  # fmt: skip
+
+    def start_removal(self) -> None:
+        """Begin deleting every copy in the background (the caller prepares the restore
+        meanwhile); ``wait()`` before anything must leave."""
+        self.wait()
+        script = f'while {self.cmd} -w -D OUTPUT {" ".join(_quote(a) for a in self.spec())} ' \
+                 "2>/dev/null; do :; done"  # fmt: skip
+        self._pending = subprocess.Popen(["sh", "-c", script])
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            self._pending.wait()
+            self._pending = None
+
+    def remove(self) -> None:
+        self.start_removal()
+        self.wait()
+
+    @property
+    def present(self) -> bool:
+        self.wait()
+        return self._run("-C")
+
+
+def _quote(arg: str) -> str:
+    return "'" + arg.replace("'", "'\\''") + "'"
