@@ -188,7 +188,8 @@ class MasterSession:
     @property
     def protecting(self) -> bool:
         """The clamp is engaged: a backup holds a whole, acknowledged copy."""
-        return self.backup is not None and self.sender.resynced
+        with self._lock:  # the sync thread changes what ``resynced`` walks
+            return self.backup is not None and self.sender.resynced
 
     def adopt(self, rc: RestoredConn) -> None:
         """Track a connection restored on this node (a takeover): the mirror starts at its last

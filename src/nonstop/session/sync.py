@@ -235,6 +235,7 @@ class SyncSender(_Counted):
         self._reset_next = True  # the first batch of an incarnation is a RESET
         self._reset_seq = 0  # seq of the latest RESET batch (0: not sealed yet)
         self._resync_end = 0  # seq of the last batch of the latest resync
+        self._resynced = False  # cache of ``resynced`` (reset by resync and pause)
         self._sealed: deque[_Sent] = deque()  # sealed, waiting for room in the window
         self._inflight: dict[int, _Sent] = {}  # sent, not acknowledged, by seq (ordered)
         self._outbox: list[_Sent] = []
@@ -307,6 +308,7 @@ class SyncSender(_Counted):
             self._feed(conn_id, Direction.SND, state.snd_start, state.snd_data, now)
         self._seal(now)  # (nothing open: an empty RESET still clears the backup)
         self._resync_end = self._next_seq - 1
+        self._resynced = False
 
     def pause(self) -> None:
         """No backup to send to: forget what is queued or in flight (the mirror is kept, so a
@@ -317,14 +319,21 @@ class SyncSender(_Counted):
         self._outbox.clear()
         self._confirmed.clear()
         self._reset_next = True
+        self._resynced = False
 
     @property
     def resynced(self) -> bool:
-        """The backup acknowledged every batch of the latest resync (it holds a whole copy)."""
+        """The backup acknowledged every batch of the latest resync (it holds a whole copy).
+        Once true it stays true until the next resync or pause (cached: the clamp asks per
+        segment). Not thread safe: call it under the owner's lock."""
+        if self._resynced:
+            return True
         if self._reset_pending():
             return False
         end = self._resync_end
-        return all(seq > end for seq in self._inflight) and all(s.seq > end for s in self._sealed)
+        done = all(seq > end for seq in self._inflight) and all(s.seq > end for s in self._sealed)
+        self._resynced = done
+        return done
 
     def refresh_full(self, conn_id: int, full: FullRecord) -> None:
         """Replace the FULL record a later resync sends for ``conn_id`` (e.g. a fresher TSval);
