@@ -60,6 +60,22 @@ class QuietRule:
         self.start_removal()
         self.wait()
 
+    def reap(self) -> int:
+        """Abort every established socket of VIP:port on this node (SOCK_DESTROY, ``ss -K``):
+        call with the rule in place, so their RSTs die here. A socket the session worker never
+        held (accepted, not yet registered, at a step-down) would otherwise keep its 4-tuple
+        and make a later restore of it fail with EADDRNOTAVAIL. Returns how many (best effort:
+        0 if ss cannot)."""
+        src = f"[{self.vip}]" if ":" in self.vip else self.vip
+        try:
+            r = subprocess.run(
+                ["ss", "-K", "-tnH", "state", "established", "src", src, "sport", "=",
+                 f":{self.port}"], capture_output=True, text=True, timeout=10,
+            )  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired):
+            return 0
+        return sum(1 for ln in r.stdout.splitlines() if ln.strip()) if r.returncode == 0 else 0
+
     @property
     def present(self) -> bool:
         self.wait()

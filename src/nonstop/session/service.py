@@ -59,6 +59,7 @@ class ProtectedService:
         self.counters: dict[str, int] = {
             "promotions": 0, "demotions": 0, "restored": 0, "restore_failures": 0,
             "silenced": 0, "commit_errors": 0, "parked": 0, "parked_dropped": 0,
+            "reaped": 0,
         }  # fmt: skip
         self.last_promotion: dict[str, Any] | None = None
         self.endpoint = AgentEndpoint(
@@ -190,6 +191,10 @@ class ProtectedService:
             parked = self.master.parked() if self.master is not None else []
             self._stop_master()
             n = self._silence_held()
+            if reaped := self.quiet.reap():
+                self.counters["reaped"] += reaped
+                log.warning("%s: %d connections the worker did not hold were aborted silently",
+                            self.spec.name, reaped)
             self._start_backup()
             if parked:
                 assert self.backup is not None
