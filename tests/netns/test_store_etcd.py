@@ -59,12 +59,13 @@ def test_spread_and_status(cluster: StoreCluster) -> None:
         assert g["master"] == held[g["group"]][0]
         assert g["standby"] not in (None, g["master"])
         assert g["revision"] > 0
+        assert g["held_here"] == (g["master"] == cluster.nodes[0])  # n1's agent says the same
+        assert g["failsafe"] is False
+    assert st["agent"]["running"] and st["store_error"] is None
 
 
 def test_switchover(cluster: StoreCluster) -> None:
     old = master_of(cluster, "g0")
-    st = cluster.status()
-    assert st is not None
     target = next(n for n in cluster.nodes if n != old)
     r = cluster.lab.host(old).sh(
         f"{sys.executable} -m nonstop groups switchover g0 "
@@ -73,8 +74,8 @@ def test_switchover(cluster: StoreCluster) -> None:
     )
     assert r.returncode == 0, r.stderr
     cluster.wait(lambda: cluster.holders()["g0"] == [target], 5, "g0 on the target")
-    st = cluster.status()
-    assert st is not None and st["groups"][0]["switchover_to"] is None
+    left = cluster.etcdctl("get", "/nonstop/lab/groups/g0/switchover", "-w", "json")
+    assert '"kvs"' not in left.stdout, left.stdout  # the target cleared the request
 
 
 def test_kill_master(cluster: StoreCluster) -> None:
@@ -131,6 +132,11 @@ def test_quorum_lost_failsafe(cluster: StoreCluster) -> None:
                 print(f"----- {n}\n{cluster.log(n)[-2500:]}")
         assert cluster.holders() == before
         assert any("failsafe mode" in cluster.log(n) for n in cluster.nodes)
+        m = before["g0"][0]
+        st = cluster.status(m, store=False)  # no store: exit 1, the agent's own state shown
+        assert st is not None and st["store_error"] and st["members"] is None
+        assert {g["group"] for g in st["groups"] if g["failsafe"]} == set(st["agent"]["holding"])
+        assert st["groups"][0]["failsafe"] and st["agent"]["failsafe"]
         # a member goes: the masters can no longer prove nobody else acts; they drop
         gone = cluster.nodes[0]
         cluster.procs[gone].kill()

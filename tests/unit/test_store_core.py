@@ -75,6 +75,11 @@ def test_just_started_waits_for_a_better_node_to_come_up() -> None:
     c.set_view(view(4, members=("b", "c")), 3.4)
     c.lease_renewed(7, 4.0, 3.4)
     assert c.cycle(3.5) == [C.Acquire("g")]  # grace over, a never came: c is second live
+    d = C.GroupsCore(cfg)
+    d.lease_renewed(7, 1.0, 0.0)
+    d.set_view(view(4, holder="a", lease=1), 0.0)  # g had a master: not a cold start
+    d.set_view(view(5, members=("c",)), 0.1)  # a and b died
+    assert d.cycle(0.2) == [C.Acquire("g")]  # fails over at once, grace or not
 
 
 def test_lost_cas_takes_nothing() -> None:

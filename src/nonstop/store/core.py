@@ -25,8 +25,9 @@ Rules, per group G this node may serve (it has a priority for G):
 4. A free group is acquired by the switchover target when there is a live one, else by the live
    candidate of highest priority (ties: node id); the next ones wait ``stagger`` per rank, in
    case the best one cannot act. Live = its member key is in the store (its lease lives). For
-   ``startup_grace`` after its first renewal a node takes no group for which a better configured
-   candidate is not live yet, so the groups spread by priority when the nodes start together.
+   ``startup_grace`` after its first renewal a node takes no group that nobody held yet (a cold
+   start) while a better configured candidate is not live, so the groups spread by priority
+   when the nodes start together; a group that had a master fails over at once.
 5. Switchover: the master drops the VIP first, then releases the key at the revision it holds.
    No automatic preemption: a healthy master keeps its groups until asked.
 """
@@ -137,6 +138,7 @@ class _State:
     released: dict[str, tuple[int, float]] = field(default_factory=dict)  # group -> (rev, when)
     pending: set[str] = field(default_factory=set)
     free_since: dict[str, float] = field(default_factory=dict)
+    seen_held: set[str] = field(default_factory=set)  # groups some node held since we started
     failsafe_active: bool = False
     started_at: float | None = None
 
@@ -161,6 +163,7 @@ class GroupsCore:
         for g in self.cfg.groups:
             if g in view.groups:
                 s.free_since.pop(g, None)
+                s.seen_held.add(g)
             else:
                 s.free_since.setdefault(g, now)
 
@@ -405,7 +408,8 @@ class GroupsCore:
             elif cfg.node in cands:
                 rank = cands.index(cfg.node)
                 target_is_me = now - s.free_since.get(g, now) >= rank * cfg.stagger
-                if s.started_at is not None and now - s.started_at < cfg.startup_grace:
+                in_grace = s.started_at is not None and now - s.started_at < cfg.startup_grace
+                if in_grace and g not in s.seen_held:  # a cold start, not a failover
                     # just started: a better node may be starting too; let it come up first
                     prio, live = cfg.groups[g], self.live()
                     mine_key = (-prio[cfg.node], cfg.node)

@@ -57,7 +57,7 @@ class StoreCluster:
         keepalive_interval_ms: int = 100,
         drop_margin_ms: int = 200,
         failsafe: bool = True,
-        startup_grace_ms: int = 3000,
+        startup_grace_ms: int = 10000,  # load 20 on 2 CPUs: agents came up > 3 s apart
     ) -> None:
         self.lab = lab
         self.nodes = [f"n{i + 1}" for i in range(nodes)]
