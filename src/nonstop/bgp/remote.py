@@ -7,7 +7,8 @@ standby chose for this connection (so a frame from another connection does not v
 
     H  standby -> master   nonce (16 bytes): the first frame, in clear but for its own tag
     R  master -> standby   first sequence (u64) | records, each u32 length | record
-    A  standby -> master   records held (u64), sent as soon as a batch is received
+    A  standby -> master   records held (u64) | records applied (u64): on receipt of a batch
+                           (the master's wait) and after applying one (the standby is hot)
 
 Sequence numbers count records from the journal's first (the whole history goes first) and
 must follow each other: a replayed or reordered frame is a protocol error, the connection is
@@ -111,6 +112,7 @@ class _Standby:
         self.nonce = b""
         self.sent = 0  # records queued to it
         self.acked = 0
+        self.applied = 0  # records the standby has applied (hot up to there)
         self.progress = time.monotonic()  # last ack that moved (or the join)
         self.out = bytearray()
         self.reader: FrameReader | None = None
@@ -160,8 +162,9 @@ class JournalServer:
 
     @property
     def following(self) -> int:
-        """Standbys that hold the whole history (every record before their join acked)."""
-        return sum(1 for s in self.standbys if s.reader is not None and s.acked >= s.joined_at)
+        """Standbys that have applied the whole history (every record before their join): hot,
+        a takeover does not wait for them to catch up."""
+        return sum(1 for s in self.standbys if s.reader is not None and s.applied >= s.joined_at)
 
     def _record(self, rec: bytes) -> None:
         self.seq += 1
@@ -245,9 +248,10 @@ class JournalServer:
                 self._queue(s, 0, self.journal.records[: self.seq])
                 return
             for body in s.reader.feed(data):
-                if body[:1] != b"A" or len(body) != 9:
+                if body[:1] != b"A" or len(body) != 17:
                     raise RemoteProtocolError("bad standby ack", counter="bad_journal")
-                (n,) = _U64.unpack_from(body, 1)
+                n, applied = struct.unpack_from("!QQ", body, 1)
+                s.applied = max(s.applied, min(applied, n))
                 if not s.acked <= n <= s.sent:
                     raise RemoteProtocolError(f"standby acked {n} of {s.sent}",
                                               counter="bad_journal")
@@ -300,6 +304,8 @@ class JournalFollower:
         self._cv = threading.Condition()
         self._stop = threading.Event()
         self._sock: socket.socket | None = None
+        self._nonce = b""
+        self._send_lock = threading.Lock()
         self._reader = threading.Thread(target=self._read_loop, name="journal-reader",
                                         daemon=True)
         self._applier = threading.Thread(target=self._apply_loop, name="journal-applier",
@@ -335,7 +341,7 @@ class JournalFollower:
         self._sock = sock
         sock.settimeout(None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        nonce = os.urandom(NONCE_LEN)
+        nonce = self._nonce = os.urandom(NONCE_LEN)
         reader = FrameReader(self.key, nonce)
         try:
             sock.sendall(pack_frame(self.key, b"", b"H" + nonce))
@@ -357,7 +363,7 @@ class JournalFollower:
                         self._queue.extend(recs)
                         self.received += len(recs)
                     self._cv.notify()
-                sock.sendall(pack_frame(self.key, nonce, b"A" + _U64.pack(self.received)))
+                self._ack()
         except (OSError, RemoteProtocolError) as e:
             if not self._stop.is_set():
                 self.ended = f"{type(e).__name__}: {e}"
@@ -365,6 +371,14 @@ class JournalFollower:
         finally:
             with self._cv:
                 self._cv.notify()
+
+    def _ack(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        with self._send_lock:  # read inside: the counts the master sees never go back
+            body = b"A" + struct.pack("!QQ", self.received, self.standby.applied)
+            sock.sendall(pack_frame(self.key, self._nonce, body))
 
     def _apply_loop(self) -> None:
         while True:
@@ -384,6 +398,9 @@ class JournalFollower:
                     self._stop.set()
                     return
                 self.history.append(rec)
+            if not self._stop.is_set():
+                with contextlib.suppress(OSError):
+                    self._ack()  # the master learns the standby is hot
 
     def stop(self) -> None:
         """Stop following; apply everything received (returns when done)."""
