@@ -28,7 +28,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     add_format_option(f)
     f.set_defaults(func=run_fence)
 
-    s = sub.add_parser("status", help="roles and the Active Stations Table of a running agent")
+    s = sub.add_parser(
+        "status",
+        help="roles and the Active Stations Table of a running agent (every group, for a node "
+        "of groups on a store)",
+    )
     where = s.add_mutually_exclusive_group(required=True)
     where.add_argument("--config", help="the agent's config (its unix socket is found from it)")
     where.add_argument("--socket", help="the agent's unix socket (STATE_DIR/agent.sock)")
@@ -130,8 +134,24 @@ def fetch_status(*, socket_path: str | None = None, url: str | None = None) -> d
         conn.close()
 
 
+def _is_groups_config(path: str) -> bool:
+    """A groups-on-a-store node (``[store]`` + ``[[groups]]``, nonstop.store) rather than a pair."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError):
+        return False  # the pair's loader reports it with file, field and reason
+    return "store" in data and "groups" in data
+
+
 def run_status(args: argparse.Namespace) -> int:
     sock = args.socket
+    if args.config and _is_groups_config(args.config):
+        from nonstop.store.cli import cmd_status  # every group: the store's view + this node's
+
+        return cmd_status(args)
     if args.config:
         from nonstop.config import load_agent_config
 
