@@ -30,8 +30,8 @@ def add_parser(sub: Any) -> None:
                    help="SIGKILLs of the container (default 3; 0: no container run)")  # fmt: skip
     p.add_argument("--instances", type=int, default=2, choices=(1, 2),
                    help="2: a warm standby takes over (default); 1: cold restart")  # fmt: skip
-    p.add_argument("--rate", type=float, default=50.0,
-                   help="messages per second each way per connection (default 50)")  # fmt: skip
+    p.add_argument("--rate", type=float, default=20.0,
+                   help="messages per second each way per connection (default 20)")  # fmt: skip
     p.add_argument("--out", help="also write the JSON to this file")
     add_format_option(p)
     p.set_defaults(func=cmd_restart, format="json")
