@@ -42,7 +42,7 @@ log = logging.getLogger("nonstop.bgp.remote")
 MAX_FRAME = 64 << 20
 _U32, _U64 = struct.Struct("!I"), struct.Struct("!Q")
 NONCE_LEN = 16
-STALL_S = 3.0  # a standby without progress for this long is dropped (the master goes on)
+STALL_S = 5.0  # a standby without progress for this long is dropped (the master goes on)
 
 
 def parse_addr(text: str) -> tuple[str, int]:
