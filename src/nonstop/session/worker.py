@@ -10,7 +10,8 @@ reaches the peers, which the new master now serves) and exits.
 
 Control: a SOCK_SEQPACKET socketpair; each message is one msgpack map. The agent sends
 ``{"op": "init", "services": [...], "key": bytes}`` first, then requests
-(``promote`` with ``own`` = restore what this node parked at its last step-down, ``demote``,
+(``promote`` with ``own`` = restore what this node parked at its last step-down, ``demote``;
+both with an optional ``services`` = [names] to act on those only (a store group's services),
 ``set_backup`` with ``peers`` = per service [host, port] or None,
 ``status``, ``shutdown``); the worker answers each, in order, with ``{"ok": true, ...}`` or
 ``{"ok": false, "error": ...}``, except a request with ``"reply": false``.
@@ -115,12 +116,14 @@ def _urgent() -> Iterator[None]:
 
 def _handle(services: list[Any], req: dict[str, Any]) -> dict[str, Any]:
     op = req.get("op")
+    names = req.get("services")  # promote/demote: only these services (a group's), else all
+    chosen = services if names is None else [s for s in services if s.spec.name in names]
     if op == "promote":
         own = bool(req.get("own", False))
         with _urgent():
-            return {"ok": True, "services": [s.promote(own) for s in services]}
+            return {"ok": True, "services": [s.promote(own) for s in chosen]}
     if op == "demote":
-        return {"ok": True, "services": [s.demote() for s in services]}
+        return {"ok": True, "services": [s.demote() for s in chosen]}
     if op == "set_backup":
         for s, peer in zip(services, req["peers"], strict=True):
             s.set_backup(None if peer is None else (peer[0], int(peer[1])))
