@@ -13,6 +13,7 @@ so a master that misses ``keepalive_misses`` renewals in a row still drops its V
 from __future__ import annotations
 
 import ipaddress
+import os
 from typing import Annotated
 
 import msgspec
@@ -23,6 +24,7 @@ from nonstop.config import (
     HeartbeatConfig,
     HooksConfig,
     Name,
+    Port,
     PositiveMs,
     _check_ip,
     _decode,
@@ -82,6 +84,18 @@ class MemberConfig(_Strict, kw_only=True):
     addresses: dict[str, str]  # channel -> its address there (heartbeats)
 
 
+class GroupService(_Strict, kw_only=True):
+    """A protected TCP service on its group's VIP: its connections follow the group on every
+    move (the session worker: sync to the group's standby, TCP_REPAIR restore on takeover)."""
+
+    name: Name  # unique across every group (one session worker per node serves them all)
+    port: Port
+    sync_channel: str = ""  # "": the first channel; the standby's address there gets the sync
+    sync_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0  # UDP; 0: 7781 + its index
+    queue: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0  # NFQUEUE number; 0: 100 + index
+    endpoint: str = ""  # the app library's unix socket ("": <state_dir>/<name>.sock)
+
+
 class GroupConfig(_Strict, kw_only=True):
     name: Name
     vip: str  # with prefix length
@@ -89,6 +103,7 @@ class GroupConfig(_Strict, kw_only=True):
     priorities: dict[str, Annotated[int, msgspec.Meta(ge=1, le=254)]]  # node -> priority
     garp_count: Annotated[int, msgspec.Meta(ge=0, le=100)] = 3
     garp_interval_ms: int = 10
+    services: list[GroupService] = []
 
 
 class StoreAgentConfig(_Strict, kw_only=True):
@@ -103,6 +118,22 @@ class StoreAgentConfig(_Strict, kw_only=True):
     @property
     def node_ids(self) -> list[str]:
         return [m.id for m in self.members]
+
+    def services(self) -> list[tuple[GroupConfig, GroupService]]:
+        """Every (group, service), in config order (the index gives the defaults below)."""
+        return [(g, s) for g in self.groups for s in g.services]
+
+    def sync_channel(self, svc: GroupService) -> str:
+        return svc.sync_channel or self.channels[0].name
+
+    def sync_port(self, index: int) -> int:
+        return self.services()[index][1].sync_port or 7781 + index
+
+    def service_queue(self, index: int) -> int:
+        return self.services()[index][1].queue or 100 + index
+
+    def service_endpoint(self, svc: GroupService) -> str:
+        return svc.endpoint or os.path.join(self.node.state_dir, f"{svc.name}.sock")
 
     @property
     def failsafe_hold(self) -> float:
@@ -179,6 +210,43 @@ def check_store_config(path: str, cfg: StoreAgentConfig) -> None:
                 raise ConfigError(path, f"groups[{i}].priorities.{n}", f"no member {n!r}")
         if not g.priorities:
             raise ConfigError(path, f"groups[{i}].priorities", "no node may serve the group")
+    _check_services(path, cfg, names)
+
+
+def _check_services(path: str, cfg: StoreAgentConfig, channels: list[str]) -> None:
+    names: set[str] = set()
+    queues: dict[int, str] = {}
+    syncs: dict[tuple[str, int], str] = {}
+    index = 0
+    for gi, g in enumerate(cfg.groups):
+        for si, svc in enumerate(g.services):
+            at = f"groups[{gi}].services[{si}]"
+            if svc.name in names:
+                raise ConfigError(path, f"{at}.name", f"service {svc.name!r} is listed twice")
+            names.add(svc.name)
+            ch = cfg.sync_channel(svc)
+            if ch not in channels:
+                raise ConfigError(path, f"{at}.sync_channel", f"no channel named {ch!r}")
+            for n in g.priorities:
+                m = next(m for m in cfg.members if m.id == n)
+                if ch not in m.addresses:
+                    raise ConfigError(
+                        path, f"{at}.sync_channel",
+                        f"member {n!r} serves {g.name!r} but has no address on {ch!r}",
+                    )  # fmt: skip
+            port = cfg.sync_port(index)
+            if port == cfg.heartbeat.port:
+                raise ConfigError(path, f"{at}.sync_port", f"{port} is the heartbeat port")
+            if (ch, port) in syncs:
+                raise ConfigError(
+                    path, f"{at}.sync_port", f"{port} on {ch!r} is used by {syncs[(ch, port)]}"
+                )
+            syncs[(ch, port)] = at
+            q = cfg.service_queue(index)
+            if q in queues:
+                raise ConfigError(path, f"{at}.queue", f"NFQUEUE {q} is used by {queues[q]}")
+            queues[q] = at
+            index += 1
 
 
 def parse_store_config(path: str, raw: bytes) -> StoreAgentConfig:
