@@ -300,3 +300,68 @@ def test_held_only_before_the_deadline_the_guard_has(steps: list[tuple[float, st
             assert now < c.hold_deadline()
             u = c.s.lease_until
             assert c.hold_deadline() <= max(u - 0.2 if u is not None else granted, granted)
+
+
+def test_sync_target_is_the_heard_next_taker_and_only_while_master() -> None:
+    c = master()
+    c.set_view(view(5, holder="a"), 0.1)
+    assert c.sync_target("g") == "b"  # the best live candidate but this node
+    peers = hear_all(c)
+    peers["b"] = C.PeerHeard(False, 0)  # b is live in the store but the heartbeats lost it
+    c.set_peers(peers, 0.1)
+    assert c.sync_target("g") == "c"
+    c.set_peers(hear_all(c), 0.1)
+    c.set_view(view(6, holder="a", sw="c"), 0.1)
+    assert c.sync_target("g") == "c"  # the switchover target first
+    assert make("b").sync_target("g") is None  # not its master
+
+
+def test_synced_group_is_handed_over_only_once_the_target_has_a_whole_copy() -> None:
+    c = make(synced=frozenset({"g"}), handover_timeout=5.0)
+    c.lease_renewed(1, 1.0, 0.0)
+    c.set_view(view(4), 0.0)
+    c.set_peers(hear_all(c), 0.0)
+    assert c.cycle(0.0) == [C.Acquire("g")]
+    c.acquire_done("g", 5, 0.0)
+    assert c.cycle(0.0) == [C.TakeVip("g")]
+    c.lease_renewed(1, 1.1, 0.1)
+    c.set_view(view(5, holder="a", sw="c"), 0.1)
+    c.set_sync_ready("g", "b")  # the copy is on the old standby, not on the target
+    assert c.cycle(0.1) == [] and c.holding == {"g"}
+    c.set_sync_ready("g", "c")
+    assert c.cycle(0.15) == [C.DropVip("g"), C.Release("g", 5)]
+    assert "with its sessions synced there" in c.take_events()[-1].reason
+
+
+def test_synced_handover_goes_anyway_after_the_timeout() -> None:
+    c = make(synced=frozenset({"g"}), handover_timeout=0.5)
+    c.lease_renewed(1, 1.0, 0.0)
+    c.set_view(view(4), 0.0)
+    c.set_peers(hear_all(c), 0.0)
+    c.cycle(0.0)
+    c.acquire_done("g", 5, 0.0)
+    c.cycle(0.0)
+    c.set_view(view(5, holder="a", sw="c"), 0.1)
+    assert c.cycle(0.1) == []
+    c.lease_renewed(1, 1.5, 0.5)
+    assert c.cycle(0.55) == []
+    assert c.cycle(0.61) == [C.DropVip("g"), C.Release("g", 5)]
+    assert any("handing over anyway" in n for n in c.take_notes())
+
+
+def test_held_revision_is_the_park_proof() -> None:
+    c = master()
+    assert c.held_revision("g") == 5  # acquired, not read back yet
+    c.set_view(view(5, holder="a"), 0.1)
+    assert c.held_revision("g") == 5
+    c.set_view(view(8, holder="a", lease=9), 0.2)  # our name on another lease: not ours
+    assert c.held_revision("g") is None
+    c.set_view(view(9, holder="b", lease=2), 0.3)
+    assert c.held_revision("g") is None
+    c2 = master()
+    c2.set_view(view(5, holder="a"), 0.1)
+    c2.fenced("FENCED", 0.2)  # the VIP went, the key stays ours at 5: the proof still holds
+    assert c2.held_revision("g") == 5
+    c2.lease_renewed(1, 1.3, 0.3)
+    c2.set_view(view(6, holder="a"), 0.3)  # re-created by someone after a delete: new revision
+    assert c2.held_revision("g") == 6 != 5

@@ -29,7 +29,13 @@ Rules, per group G this node may serve (it has a priority for G):
    start) while a better configured candidate is not live, so the groups spread by priority
    when the nodes start together; a group that had a master fails over at once.
 5. Switchover: the master drops the VIP first, then releases the key at the revision it holds.
-   No automatic preemption: a healthy master keeps its groups until asked.
+   No automatic preemption: a healthy master keeps its groups until asked. A group with
+   protected services (``synced``) is handed over only once its session sync reaches the target
+   with a whole copy (``sync_ready``), or after ``handover_timeout`` (said in the reason).
+6. Session sync: as G's master, this node syncs G's connections to ``sync_target(G)`` (the node
+   that takes G next, among those the heartbeats hear). Its connections parked at a step-down are
+   restored later only if the key is still ours at the same revision on the same session
+   (``held_revision``): a key nobody deleted is a key nobody else held.
 """
 
 from __future__ import annotations
@@ -106,6 +112,8 @@ class CoreConfig:
     fence_timeout: float = 0.7  # how long one failsafe cycle lets this node keep its VIPs
     stagger: float = 0.2
     startup_grace: float = 1.0  # after our first renewal, rank among every candidate, live or not
+    synced: frozenset[str] = frozenset()  # groups with protected services (session sync)
+    handover_timeout: float = 5.0  # a switchover waits this long at most for the sync
 
     def __post_init__(self) -> None:
         if self.node not in self.nodes:
@@ -141,6 +149,8 @@ class _State:
     seen_held: set[str] = field(default_factory=set)  # groups some node held since we started
     failsafe_active: bool = False
     started_at: float | None = None
+    sync_ready: dict[str, str] = field(default_factory=dict)  # group -> node with a whole copy
+    handover_since: dict[tuple[str, str], float] = field(default_factory=dict)
 
 
 class GroupsCore:
@@ -204,6 +214,13 @@ class GroupsCore:
         if revision is not None:
             self.s.acquired[group] = revision
 
+    def set_sync_ready(self, group: str, node: str | None) -> None:
+        """The session worker says ``node`` holds a whole copy of ``group``'s connections."""
+        if node is None:
+            self.s.sync_ready.pop(group, None)
+        else:
+            self.s.sync_ready[group] = node
+
     def release_done(self, group: str, revision: int, now: float) -> None:
         """The release call returned (whatever its result): until a read sent after ``now``
         says otherwise, the key at ``revision`` is no longer ours."""
@@ -261,6 +278,39 @@ class GroupsCore:
         if sw is not None and sw.target in cands:
             return sw.target
         return cands[0] if cands else None
+
+    def sync_target(self, group: str) -> str | None:
+        """Where this node, as ``group``'s master, sends its session sync: the live switchover
+        target, else the best live candidate, among the nodes the heartbeats hear (a node that
+        went quiet would stall the clamp until its lease expires). None: not ours, or nobody."""
+        if group not in self.s.holding:
+            return None
+        heard = {p for p, h in self.s.peers.items() if h.alive}
+        cands = [n for n in self.candidates(group) if n != self.cfg.node and n in heard]
+        sw = self.s.view.switchovers.get(group) if self.s.view is not None else None
+        if sw is not None and sw.target in cands:
+            return sw.target
+        return cands[0] if cands else None
+
+    def held_revision(self, group: str) -> int | None:
+        """The revision of ``group``'s master key if it is ours on this session (None: not
+        ours). With the session, the proof used for parked connections."""
+        s = self.s
+        rec = s.view.groups.get(group) if s.view is not None else None
+        if rec is not None:
+            ours = rec.holder == self.cfg.node and rec.lease == s.session
+            return rec.revision if ours and s.session is not None else None
+        return s.acquired.get(group)
+
+    def _handover_ready(self, group: str, target: str, now: float) -> bool:
+        if group not in self.cfg.synced or self.s.sync_ready.get(group) == target:
+            return True
+        since = self.s.handover_since.setdefault((group, target), now)
+        if now - since < self.cfg.handover_timeout:
+            return False
+        self.notes.append(f"{group}: no whole session copy on {target} after "
+                          f"{self.cfg.handover_timeout:.1f} s: handing over anyway")  # fmt: skip
+        return True
 
     def flags(self, now: float) -> int:
         f = 0
@@ -373,11 +423,16 @@ class GroupsCore:
                         and sw.target in self.candidates(g)
                         and rec is not None
                         and g not in s.pending
+                        and self._handover_ready(g, sw.target, now)
                     ):
                         s.holding.discard(g)
                         s.pending.add(g)
+                        s.handover_since.pop((g, sw.target), None)
                         acts += [DropVip(g), Release(g, rec.revision)]
-                        self._say(g, False, f"handed {g} over to {sw.target} (switchover)", now)
+                        synced = " with its sessions synced there" if (
+                            s.sync_ready.get(g) == sw.target) else ""  # fmt: skip
+                        self._say(g, False, f"handed {g} over to {sw.target} (switchover)"
+                                  f"{synced}", now)  # fmt: skip
                 elif not keep:
                     s.holding.discard(g)
                     acts.append(DropVip(g))
