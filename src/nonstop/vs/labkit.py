@@ -6,13 +6,18 @@ Shared by the netns tests and ``nonstop bench vs`` so both run the front the way
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import secrets
+import subprocess
 import sys
+import sysconfig
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import nonstop
 from nonstop.lab import Topology
 
 if TYPE_CHECKING:
@@ -27,6 +32,35 @@ JOURNAL_PORT = 7802
 WORKER_HTTP = 8080
 WORKER_RPC = 7901
 WORKER_SINK = 9001
+CONTAINER_LABEL = "nonstop.vs-lab"  # value: the lab's prefix
+_PODMAN = ["podman", "--runtime", "runc"]
+
+
+@dataclass(eq=False)
+class ContainerWorker:
+    """A worker running in a podman container (``VsLab.start_container_worker``)."""
+
+    name: str  # the worker's id and lab host
+    container: str  # podman's container name
+    pid: int | None  # its main process as the host sees it
+    log_path: str  # podman's k8s-file log of the container's output
+
+    def output(self) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+
+def leftover_containers(prefix: str) -> list[str]:
+    """Names of the containers (any state) labelled with this lab's prefix."""
+    r = subprocess.run(
+        [*_PODMAN, "ps", "-a", "--filter", f"label={CONTAINER_LABEL}={prefix}",
+         "--format", "{{.Names}}"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    return r.stdout.split()
 
 
 def vs_topology(
@@ -58,6 +92,7 @@ class VsLab:
         self.procs: dict[str, LabProcess] = {}
         self.fronts: list[str] = []
         self.configs: dict[str, str] = {}
+        self.containers: dict[str, ContainerWorker] = {}
 
     # -- front ----------------------------------------------------------------------------------
     def front_config(
@@ -196,13 +231,28 @@ class VsLab:
         bad_primary: bool = False,
         wait: bool = True,
     ) -> LabProcess:
+        argv = [sys.executable, "-m", "nonstop", "vs", "worker"]
+        argv += self.worker_args(
+            name, fronts=fronts, register=register, wrong=wrong, bad_primary=bad_primary
+        )
+        p = self.lab.host(name).run(argv, name=f"worker-{name}")
+        self.procs[name] = p
+        if wait:
+            self.wait(lambda: "ready" in p.output(), 10, f"worker {name} ready")
+        return p
+
+    def worker_args(
+        self,
+        name: str,
+        *,
+        fronts: list[str] | None = None,
+        register: bool = True,
+        wrong: bool = False,
+        bad_primary: bool = False,
+    ) -> list[str]:
+        """The arguments of ``nonstop vs worker`` for the worker of host ``name``."""
         h = self.lab.host(name)
         argv = [
-            sys.executable,
-            "-m",
-            "nonstop",
-            "vs",
-            "worker",
             "--id",
             name,
             "--http",
@@ -226,11 +276,85 @@ class VsLab:
             argv.append("--wrong")
         if bad_primary:
             argv.append("--bad-primary")
-        p = h.run(argv, name=f"worker-{name}")
-        self.procs[name] = p
+        return argv
+
+    # -- workers in podman containers -----------------------------------------------------------
+    def start_container_worker(
+        self,
+        name: str,
+        *,
+        image: str | None = None,
+        fronts: list[str] | None = None,
+        wrong: bool = False,
+        wait: bool = True,
+        timeout: float = 30.0,
+    ) -> ContainerWorker:
+        """Run host ``name``'s worker (the same ``nonstop vs worker``) in a podman container that
+        joins the host's network namespace (``--network ns:/run/netns/<ns>``), through the
+        application manager's PodmanRuntime (runc, nofile 20000). The image is the local Python
+        base image (built once, cached); the code, the venv's packages and the key file are
+        bind-mounted read-only. Remove them with ``remove_containers()`` (also at exit)."""
+        import asyncio
+
+        from nonstop.app.runtime.container import PodmanRuntime, ensure_python_image
+        from nonstop.app.runtime.spec import ContainerConfig, ServiceConfig
+
+        image = image or ensure_python_image()
+        h = self.lab.host(name)
+        src = os.path.dirname(os.path.dirname(os.path.abspath(nonstop.__file__)))
+        purelib = sysconfig.get_paths()["purelib"]  # the venv's: pyroute2, rich... (the CLI)
+        mounts = dict.fromkeys([src, purelib, self.key_path])
+        args = self.worker_args(name, fronts=fronts, wrong=wrong)
+        svc = ServiceConfig(
+            name=f"vs-{self.lab.prefix}-{name}",
+            command=["/usr/bin/python3", "-m", "nonstop", "vs", "worker", *args],
+            runtime="podman",
+            env={"PYTHONPATH": f"{src}:{purelib}", "PYTHONUNBUFFERED": "1"},
+            container=ContainerConfig(
+                image=image,
+                network=f"ns:/run/netns/{h.ns}",
+                volumes=[f"{m}:{m}:ro" for m in mounts],
+                extra_args=["--label", f"{CONTAINER_LABEL}={self.lab.prefix}"],
+            ),
+        )
+        log_dir = os.path.join(h.workdir, "containers")
+        if not self.containers:
+            atexit.register(self.remove_containers)
+        log_path = os.path.join(log_dir, svc.name + ".log")
+        cw = ContainerWorker(name, svc.container_name, None, log_path)
+        self.containers[name] = cw  # before the launch: a half-started one is removed too
+        inst = asyncio.run(PodmanRuntime().launch(svc, log_dir))
+        cw.pid = inst.pid
         if wait:
-            self.wait(lambda: "ready" in p.output(), 10, f"worker {name} ready")
-        return p
+            self.wait(lambda: "ready" in cw.output(), timeout, f"container worker {name} ready",
+                      poll=0.05)  # fmt: skip
+        return cw
+
+    def kill_container(self, name: str, sig: str = "KILL") -> None:
+        """``podman kill --signal SIG`` the container of worker ``name``."""
+        cw = self.containers[name]
+        r = subprocess.run(
+            [*_PODMAN, "kill", "--signal", sig, cw.container], capture_output=True, text=True
+        )
+        if r.returncode != 0:
+            raise RuntimeError(f"podman kill {cw.container}: {r.stderr.strip()[-200:]}")
+
+    def container_state(self, name: str) -> str:
+        """podman's state of worker ``name``'s container (running, exited, ...; "" if none)."""
+        r = subprocess.run(
+            [*_PODMAN, "inspect", "--format", "{{.State.Status}}", self.containers[name].container],
+            capture_output=True,
+            text=True,
+        )
+        return r.stdout.strip() if r.returncode == 0 else ""
+
+    def remove_containers(self) -> list[str]:
+        """Remove every container this VsLab started (idempotent); the names still there after."""
+        names = [c.container for c in self.containers.values()]
+        if names:
+            subprocess.run([*_PODMAN, "rm", "-f", "-t", "0", "--ignore", *names],
+                           capture_output=True, timeout=120)  # fmt: skip
+        return leftover_containers(self.lab.prefix)
 
     def wait_states(self, front: str, want: dict[str, str | None], timeout: float = 5.0) -> float:
         """Wait until the front reports these states (None: the worker is gone)."""
