@@ -11,6 +11,10 @@ the last failsafe grant) plus half the drop margin, re-armed each time that dead
 live agent drops its VIPs itself and says why, a hung agent's VIPs go half a margin before its
 lease can expire at the store, and the guard never fires between the lease's end and failsafe
 mode taking over (one deadline, not two clocks racing).
+
+Protected services (``services`` in a ``[[groups]]`` entry) run in one session worker
+(:mod:`nonstop.store.sessions`): a group's services are promoted before its VIP is added, demoted
+after it is dropped (also by the guard), and synced to the group's next taker.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from nonstop.membership import Membership, MembershipConfig
 from nonstop.store import core as C
 from nonstop.store.base import AbstractStore, SessionLost, StoreUnavailable
 from nonstop.store.config import StoreAgentConfig
+from nonstop.store.sessions import GroupSessions, Proof
 
 log = logging.getLogger("nonstop.groups")
 
@@ -58,6 +63,7 @@ def core_config(cfg: StoreAgentConfig) -> C.CoreConfig:
         fence_timeout=st.fence_timeout,
         stagger=2 * st.interval,
         startup_grace=st.startup_grace,
+        synced=frozenset(g.name for g in cfg.groups if g.services),
     )
 
 
@@ -99,6 +105,9 @@ class GroupsAgent:
         self.hooks = {
             g: Hooks(cfg.hooks, node_id=cfg.node.id, group=i) for i, g in enumerate(self.vips)
         }
+        self.sessions = GroupSessions(cfg, key, self.vips)
+        self._serving: set[str] = set()  # groups whose services are promoted (or being)
+        self._take_gen: dict[str, int] = {}  # a promotion's VIP add is void once this moved
         self._peer_addr = {
             (m.id, ch): a
             for m in cfg.members
@@ -141,6 +150,9 @@ class GroupsAgent:
             self._transports[c.name] = t
         self.guard = GuardClient.spawn()
         loop.add_reader(self.guard.fileno(), self._guard_readable)
+        self.sessions.start(loop, self._worker_exited)  # before any group can be taken
+        if self.sessions.worker is not None:
+            self._spawn(self._watch_sessions())
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._stop.set)
@@ -176,6 +188,8 @@ class GroupsAgent:
             if g in self.core.s.holding:
                 self._say(C.GroupChanged(g, False, f"released {g}: agent stopping", 0.0))
         self.core.s.holding.clear()
+        self._serving.clear()
+        self.sessions.close(asyncio.get_running_loop())  # silences what it holds
         if self.guard is not None:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(self.guard.fileno())
@@ -280,6 +294,53 @@ class GroupsAgent:
         with contextlib.suppress(StoreUnavailable):
             await self.store.clear_switchover(group, revision)
 
+    # -- sessions -----------------------------------------------------------------------------
+    def _proof(self, group: str) -> Proof | None:
+        rev, session = self.core.held_revision(group), self.core.s.session
+        return None if rev is None or session is None else (session, rev)
+
+    def _take(self, group: str, gen: int) -> None:
+        """The group's connections are restored (or it has none): add its VIP, if still ours."""
+        if self._take_gen.get(group) != gen or group not in self.core.holding:
+            return
+        v = self.vips[group]
+        v.acquire()
+        self._spawn(v.announce())
+
+    def _standby(self, group: str) -> tuple[str, int] | None:
+        """(node, incarnation) of the group's sync target, if this node is its master."""
+        node = self.core.sync_target(group)
+        view = self.membership.peer(node) if node and self.membership else None
+        return None if node is None or view is None else (node, view.incarnation)
+
+    def _sync_targets(self) -> None:
+        want = {}
+        for g, names in self.sessions.by_group.items():
+            to = self._standby(g) if g in self._serving else None
+            for n in names:
+                want[n] = None if to is None else self.sessions.target(n, *to)
+        self.sessions.set_backups(want)
+
+    async def _watch_sessions(self) -> None:
+        """Refresh the worker's status; tell the core which groups' standbys hold a whole copy
+        (a switchover waits for it)."""
+        while True:
+            await self.sessions.refresh()
+            changed = False
+            for g in self.sessions.by_group:
+                to = self._standby(g)
+                ready = to[0] if to is not None and self.sessions.synced_to(g, *to) else None
+                if self.core.s.sync_ready.get(g) != ready:
+                    self.core.set_sync_ready(g, ready)
+                    changed = True
+            if changed:
+                self._pump(time.monotonic())
+            await asyncio.sleep(0.1)
+
+    def _worker_exited(self) -> None:
+        log.critical("session worker exited: this node can no longer keep TCP sessions; stopping")
+        self._stop.set()
+
     # -- heartbeats and the guard ---------------------------------------------------------------
     def datagram_received(self, data: bytes, channel: str) -> None:
         if self.membership is None:
@@ -349,6 +410,11 @@ class GroupsAgent:
         self.core.set_peers(peers, now)
         for act in self.core.cycle(now):
             self._act(act)
+        for g in sorted(self._serving - self.core.holding):  # dropped, fenced: VIP gone first
+            self._serving.discard(g)
+            self.core.set_sync_ready(g, None)
+            self.sessions.demote(g, self._proof(g))
+        self._sync_targets()
         for ev in self.core.take_events():
             self._say(ev)
         for note in self.core.take_notes():
@@ -385,6 +451,7 @@ class GroupsAgent:
             "standby": {g: c.standby_of(g) for g in c.mine},
             "peers": {p: h.alive for p, h in s.peers.items()},
             "counters": dict(self.counters),
+            "sessions": self.sessions.status() if self.sessions.entries else None,
         }
 
     def _write_status(self, now: float) -> None:
@@ -413,10 +480,15 @@ class GroupsAgent:
 
     def _act(self, act: C.Action) -> None:
         if isinstance(act, C.TakeVip):
-            v = self.vips[act.group]
-            v.acquire()
-            self._spawn(v.announce())
+            # the connections first, then the VIP (in _take): no segment of a peer finds this
+            # node without its connection; the loop goes on meanwhile
+            g = act.group
+            gen = self._take_gen[g] = self._take_gen.get(g, 0) + 1
+            self._serving.add(g)
+            if not self.sessions.promote(g, self._proof(g), lambda: self._take(g, gen)):
+                self._take(g, gen)
         elif isinstance(act, C.DropVip):
+            self._take_gen[act.group] = self._take_gen.get(act.group, 0) + 1
             self.vips[act.group].release()
         elif isinstance(act, C.Acquire):
             self._spawn(self._acquire(act.group))

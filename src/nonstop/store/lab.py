@@ -58,11 +58,13 @@ class StoreCluster:
         drop_margin_ms: int = 200,
         failsafe: bool = True,
         startup_grace_ms: int = 10000,  # load 20 on 2 CPUs: agents came up > 3 s apart
+        services: dict[str, dict[str, int]] | None = None,  # group -> {service: port}
     ) -> None:
         self.lab = lab
         self.nodes = [f"n{i + 1}" for i in range(nodes)]
         self.etcd = [f"e{i + 1}" for i in range(etcd)]
         self.groups = [f"g{i}" for i in range(groups)]
+        self.services = services or {}
         self.endpoints = [f"http://{lab.host(e).addr('st')}:{CLIENT_PORT}" for e in self.etcd]
         self.procs: dict[str, LabProcess] = {}
         self.key_path = os.path.join(lab.workdir, "cluster.key")
@@ -112,7 +114,10 @@ class StoreCluster:
         for i, g in enumerate(self.groups):
             prio = ", ".join(f"{n} = {p}" for n, p in self.priorities(i).items())
             lines += ["[[groups]]", f'name = "{g}"', f'vip = "{group_vip(i)}/24"',
-                      'interface = "lan"', f"priorities = {{ {prio} }}", ""]  # fmt: skip
+                      'interface = "lan"', f"priorities = {{ {prio} }}"]  # fmt: skip
+            svcs = ", ".join(f'{{ name = "{n}", port = {p}, sync_channel = "hb" }}'
+                             for n, p in self.services.get(g, {}).items())  # fmt: skip
+            lines += [f"services = [{svcs}]", ""]
         path = os.path.join(host.workdir, f"{name}.toml")
         with open(path, "w") as f:
             f.write("\n".join(lines))
@@ -190,6 +195,42 @@ class StoreCluster:
         for e in self.etcd:
             self.start_etcd(e)
         self.wait_etcd()
+
+    def state_dir(self, node: str) -> str:
+        return os.path.join(self.lab.host(node).workdir, "state")
+
+    def endpoint(self, node: str, service: str) -> str:
+        return os.path.join(self.state_dir(node), f"{service}.sock")
+
+    def local_status(self, node: str) -> dict[str, Any] | None:
+        """What ``node``'s agent wrote about itself (groups-status.json); None if unreadable."""
+        try:
+            with open(os.path.join(self.state_dir(node), "groups-status.json")) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def sessions(self, node: str, service: str) -> dict[str, Any]:
+        """The session worker's last status of ``service`` on ``node`` ({} if none)."""
+        st = self.local_status(node)
+        rows = ((st or {}).get("sessions") or {}).get("services") or []
+        return next((r for r in rows if r.get("name") == service), {})
+
+    def start_stream_service(
+        self, node: str, group: str, service: str, *, rate: float = 5.0, size: int = 100,
+        tag: str = "",
+    ) -> LabProcess:  # fmt: skip
+        """The stream checker's protected server for ``service`` of ``group`` on ``node`` (a
+        standby until its node takes the group). Start the agent first."""
+        path = self.endpoint(node, service)
+        self.wait(lambda: os.path.exists(path), 30, f"{path} to exist")
+        host = self.lab.host(node)
+        report = os.path.join(host.workdir, f"{service}{tag}.json")
+        argv = [sys.executable, "-m", "nonstop.streams", "protected-server",
+                "--host", group_vip(self.groups.index(group)),
+                "--port", str(self.services[group][service]), "--agent", path,
+                "--rate", str(rate), "--size", str(size), "--report", report]  # fmt: skip
+        return host.run(argv, name=f"{service}-{node}{tag}")
 
     def log(self, name: str) -> str:
         p = self.procs.get(name)
