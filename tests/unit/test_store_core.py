@@ -305,15 +305,17 @@ def test_held_only_before_the_deadline_the_guard_has(steps: list[tuple[float, st
 def test_sync_target_is_the_heard_next_taker_and_only_while_master() -> None:
     c = master()
     c.set_view(view(5, holder="a"), 0.1)
-    assert c.sync_target("g") == "b"  # the best live candidate but this node
+    assert c.sync_target("g", 0.1) == "b"  # the best live candidate but this node
     peers = hear_all(c)
     peers["b"] = C.PeerHeard(False, 0)  # b is live in the store but the heartbeats lost it
     c.set_peers(peers, 0.1)
-    assert c.sync_target("g") == "c"
-    c.set_peers(hear_all(c), 0.1)
-    c.set_view(view(6, holder="a", sw="c"), 0.1)
-    assert c.sync_target("g") == "c"  # the switchover target first
-    assert make("b").sync_target("g") is None  # not its master
+    assert c.sync_target("g", 0.3) == "b"  # a blip (a loaded box): the sync stays
+    assert c.sync_target("g", 0.41) == "c"  # quiet for interval * misses: the next one
+    c.set_peers(hear_all(c), 0.5)
+    assert c.sync_target("g", 0.5) == "b"
+    c.set_view(view(6, holder="a", sw="c"), 0.5)
+    assert c.sync_target("g", 0.5) == "c"  # the switchover target first
+    assert make("b").sync_target("g", 0.5) is None  # not its master
 
 
 def test_synced_group_is_handed_over_only_once_the_target_has_a_whole_copy() -> None:

@@ -150,6 +150,7 @@ class _State:
     failsafe_active: bool = False
     started_at: float | None = None
     sync_ready: dict[str, str] = field(default_factory=dict)  # group -> node with a whole copy
+    quiet_since: dict[str, float] = field(default_factory=dict)  # peer -> not heard since
     handover_since: dict[tuple[str, str], float] = field(default_factory=dict)
 
 
@@ -208,6 +209,10 @@ class GroupsCore:
         for p, h in peers.items():
             if h.alive and h.flags & FLAG_FAILSAFE:
                 self.s.failsafe_seen[p] = now
+            if h.alive:
+                self.s.quiet_since.pop(p, None)
+            else:
+                self.s.quiet_since.setdefault(p, now)
 
     def acquire_done(self, group: str, revision: int | None, now: float) -> None:
         self.s.pending.discard(group)
@@ -279,14 +284,18 @@ class GroupsCore:
             return sw.target
         return cands[0] if cands else None
 
-    def sync_target(self, group: str) -> str | None:
+    def sync_target(self, group: str, now: float) -> str | None:
         """Where this node, as ``group``'s master, sends its session sync: the live switchover
-        target, else the best live candidate, among the nodes the heartbeats hear (a node that
-        went quiet would stall the clamp until its lease expires). None: not ours, or nobody."""
+        target, else the best live candidate (``standby_of``), leaving out a node the heartbeats
+        have not heard for ``interval * misses`` (a dead standby would stall the clamp until
+        its lease expires; a shorter blip of a loaded box must not move the sync: each move
+        costs a whole copy). None: not ours, or nobody."""
         if group not in self.s.holding:
             return None
-        heard = {p for p, h in self.s.peers.items() if h.alive}
-        cands = [n for n in self.candidates(group) if n != self.cfg.node and n in heard]
+        grace = self.cfg.interval * self.cfg.misses
+        quiet = {p for p, t in self.s.quiet_since.items() if now - t > grace}
+        quiet |= {n for n in self.cfg.nodes if n not in self.s.peers and n != self.cfg.node}
+        cands = [n for n in self.candidates(group) if n != self.cfg.node and n not in quiet]
         sw = self.s.view.switchovers.get(group) if self.s.view is not None else None
         if sw is not None and sw.target in cands:
             return sw.target

@@ -309,7 +309,7 @@ class GroupsAgent:
 
     def _standby(self, group: str) -> tuple[str, int] | None:
         """(node, incarnation) of the group's sync target, if this node is its master."""
-        node = self.core.sync_target(group)
+        node = self.core.sync_target(group, time.monotonic())
         view = self.membership.peer(node) if node and self.membership else None
         return None if node is None or view is None else (node, view.incarnation)
 
@@ -449,6 +449,7 @@ class GroupsAgent:
             "deferring_to": c.deferring(now),
             "holding": sorted(s.holding),
             "standby": {g: c.standby_of(g) for g in c.mine},
+            "sync_ready": dict(s.sync_ready),
             "peers": {p: h.alive for p, h in s.peers.items()},
             "counters": dict(self.counters),
             "sessions": self.sessions.status() if self.sessions.entries else None,
