@@ -2,8 +2,8 @@
 
 One lab for the module (etcd start-up is the slow part); the scenarios run in order and each
 leaves every group held again. An ARP watcher in the peer runs through every scenario: no VIP may
-ever be answered by two MACs in one round. (TCP sessions across moves come with the session
-manager; these tests check the VIP, mastership and fencing.)
+ever be answered by two MACs in one round. (TCP sessions across moves:
+test_store_sessions.py; these tests check the VIP, mastership and fencing.)
 """
 
 from __future__ import annotations

@@ -3,10 +3,11 @@
 Three agent nodes, two groups; g0 carries a protected service (the stream checker's protected
 server on g0's VIP, on every node: a standby until its node takes g0, restarted whenever its
 agent drops it). A peer streams both ways on 24 connections through a planned switchover
-(``nonstop groups switchover``) and an unplanned move (SIGKILL of the master's agent and its
-service). Checked by the stream checker on both ends: every connection kept, 0 resets, 0 bytes
-lost, 0 duplicated; g1 (no services) stays put through g0's switchover; the ARP watcher in the
-peer sees no VIP answered by two nodes.
+(``nonstop groups switchover``) and two unplanned moves (SIGKILL of the master's agent and its
+service; the next master cut from the etcd members, alive and heard by the others). Checked by
+the stream checker on both ends: every connection kept, 0 resets, 0 bytes lost, 0 duplicated;
+g1 (no services) stays put through g0's switchover; the ARP watcher in the peer sees no VIP
+answered by two nodes.
 """
 
 from __future__ import annotations
@@ -175,8 +176,23 @@ def test_sessions_kept_across_switchover_and_master_kill(cluster: StoreCluster) 
             restore_ms.append(p["restore_ms"])
             assert p["handed_to_service"] == CONNS, p
             svcs.procs[standby].wait_output(f"serving: adopted {CONNS}", timeout=15)
-            time.sleep(1.0)  # the streams run on through the restored connections
             c.wait_all_held(10, exclude=(target,))
+
+            # unplanned, the master alive: cut from etcd (not from the peer nor the others)
+            last = wait_protecting(c, standby, CONNS)
+            faults = [c.lab.partition(standby, e) for e in c.etcd]
+            try:
+                t0 = time.monotonic()
+                c.wait(lambda: c.holders()[GROUP] == [last], 15, f"{GROUP} on {last}")
+                cut_s = time.monotonic() - t0
+                p = promoted(c, last, CONNS)
+                restore_ms.append(p["restore_ms"])
+                assert p["handed_to_service"] == CONNS, p
+            finally:
+                for f in faults:
+                    f.heal()
+            svcs.procs[last].wait_output(f"serving: adopted {CONNS}", timeout=15)
+            time.sleep(1.0)  # the streams run on through the restored connections
         finally:
             client.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -186,9 +202,10 @@ def test_sessions_kept_across_switchover_and_master_kill(cluster: StoreCluster) 
         assert report["resets"] == 0 and report["errors"] == {}, report
         assert report["lost"] == 0 and report["duplicated"] == 0, report
         assert report["corrupted"] == 0, report
-        server = svcs.report(standby)
+        server = svcs.report(last)
         assert server["adopted"] == CONNS and server["errors"] == {}, server
         assert server["lost"] == 0 and server["duplicated"] == 0, server
         print(f"{GROUP}: {first} -> {target} (switchover, {switch_ms} ms) -> {standby} (kill: "
-              f"VIP moved in {move_s:.2f} s); restore {restore_ms} ms; peer's longest silence "
-              f"per connection {report['max_gap_ms']} ms; service restarts {svcs.restarts}")
+              f"VIP moved in {move_s:.2f} s) -> {last} (cut from etcd: {cut_s:.2f} s); "
+              f"restore {restore_ms} ms; peer's longest silence per connection "
+              f"{report['max_gap_ms']} ms; service restarts {svcs.restarts}")
