@@ -1,13 +1,15 @@
-"""Takeovers of our BGP speaker by ANOTHER node, with a real BIRD as the peer (issue 5).
+"""Takeovers of our BGP speaker by ANOTHER node, with a real BIRD 2 and a real FRR bgpd as the
+peers (issue 5).
 
-The demo lab: BIRD in ``peer`` connects to the VIP; a nonstop agent pair (node-a, node-b) and a
-witness protect VIP:179; one speaker per node runs as the protected service (the master's serves
-the session, the other's follows its journal over the hb channel). 20 times, while BIRD streams
-updates: SIGKILL of the master's agent and speaker; the other node restores the TCP connection
-(TCP_REPAIR) and its speaker continues the BGP session (no OPEN); the killed node comes back as
-the backup, its new speaker catches up on the journal. Afterwards BIRD's own view: the session
-never went down (state and since unchanged), nothing learnt from us withdrawn, our RIB equal to
-what BIRD announces.
+The demo lab: BIRD (10.77.0.1) and FRR (10.77.0.2) in ``peer`` connect to the VIP; a nonstop agent
+pair (node-a, node-b) and a witness protect VIP:179; one speaker per node runs as the protected
+service (the master's serves the sessions, the other's follows its journal over the hb channel).
+20 times, while BIRD and FRR stream updates: SIGKILL of the master's agent and speaker; the other
+node restores the TCP connections (TCP_REPAIR) and its speaker continues both BGP sessions (no
+OPEN); the killed node comes back as the backup, its new speaker catches up on the journal.
+Afterwards the peers' own views: the sessions never went down (BIRD's state and since, FRR's
+Up/Down, 1 connection established, 0 dropped, no NOTIFICATION), nothing learnt from us withdrawn,
+our RIB equal to what the peers announce.
 """
 
 from __future__ import annotations
@@ -16,30 +18,45 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from nonstop.bench.bgp import BirdPeer, wait_for
-from nonstop.bench.bgp_node import STREAM, BgpPair, bird_world, cluster, take_over
+from nonstop.bench.bgp import BirdPeer, FrrPeer, wait_for
+from nonstop.bench.bgp_node import (
+    FRR_STATIC,
+    FRR_STREAM,
+    STREAM,
+    VIP,
+    BgpPair,
+    bird_world,
+    cluster,
+    frr_stream,
+    frr_world,
+    take_over,
+)
 from nonstop.cluster import Cluster
 from nonstop.lab import Lab
 
-pytestmark = [pytest.mark.netns, pytest.mark.timeout(300)]  # ~35 s quiet, ~100 s at load 10
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(300)]  # ~40 s quiet, ~100 s at load 10
 TAKEOVERS = int(os.environ.get("NONSTOP_BGP_TAKEOVERS", "20"))
-@pytest.fixture
-def world(demo_lab: Lab, request: pytest.FixtureRequest) -> Iterator[tuple[Cluster, BgpPair,
-                                                                             BirdPeer]]:
-    c = cluster(demo_lab)
-    pair = BgpPair(c)
+BIRD_OWN = {"10.77.50.0/24", "10.77.51.0/24", "fd77:50::/48"}
+OURS = {"10.77.100.0/24", "fd77:100::/48"}
+
+
+@contextlib.contextmanager
+def dump_on_failure(request: pytest.FixtureRequest, c: Cluster, pair: BgpPair,
+                    frr: list[FrrPeer]) -> Iterator[None]:
     try:
-        bird = bird_world(demo_lab)
-        bird.start()
-        yield c, pair, bird
+        yield
     finally:
         rep = getattr(request.node, "rep_call", None)
         if rep is not None and rep.failed:
+            for f in frr:
+                if f.proc is not None:
+                    print(f"----- FRR\n{f.proc.output()[-4000:]}\n"
+                          f"{f.vtysh(f'show bgp neighbors {VIP}')[:3000]}")
             for n in c.spec.nodes:
                 with contextlib.suppress(OSError):
                     print(f"----- agent log of {n}\n{c.log_text(n)[-6000:]}")
@@ -47,68 +64,142 @@ def world(demo_lab: Lab, request: pytest.FixtureRequest) -> Iterator[tuple[Clust
                 print(f"----- speaker on {n}\n{p.output()[-6000:]}")
 
 
-def test_takeovers_to_the_other_node_keep_the_session(
-        world: tuple[Cluster, BgpPair, BirdPeer]) -> None:
-    c, pair, bird = world
+def start_pair(c: Cluster, pair: BgpPair) -> str:
     master = c.master()
     assert master is not None
     backup = next(x for x in c.spec.nodes if x != master)
     pair.start(master).wait_output("serving", 15)
     pair.start(backup).wait_output("standby", 15)
     try:
-        wait_for(lambda: pair.ready(master), 30, "session established and protected")
+        wait_for(lambda: pair.ready(master), 30, "sessions established and protected")
     except TimeoutError:
         print(pair.summary(master), c.status(master), c.status(backup))
         raise
-    wait_for(lambda: "10.77.100.0/24" in bird.routes("master4", "ours"), 10, "our route at BIRD")
-    since = bird.protocol("ours")["since"]
+    return master
 
+
+def takeovers(c: Cluster, pair: BgpPair, master: str, n: int,
+              streams: list[Callable[[bool], None]]) -> str:
+    """n takeovers to the other node while every ``streams`` toggles its routes; the new master."""
     stop = threading.Event()
 
-    def stream() -> None:  # BIRD keeps announcing and withdrawing while we take over
-        on = True
+    def stream(toggle: Callable[[bool], None]) -> None:
+        on = False
         while not stop.is_set():
-            bird.cli("disable" if on else "enable", "stream")
+            toggle(on)
             on = not on
             time.sleep(0.15)
-        bird.cli("enable", "stream")
+        toggle(True)
 
-    t = threading.Thread(target=stream, daemon=True)
-    t.start()
-    takeovers: list[float] = []
+    threads = [threading.Thread(target=stream, args=(s,), daemon=True) for s in streams]
+    for t in threads:
+        t.start()
+    times: list[float] = []
     infos: list[dict[str, Any]] = []
     try:
-        for _ in range(TAKEOVERS):
+        for _ in range(n):
             try:
                 master, tk, ms = take_over(c, pair, master)
             except TimeoutError:
-                print(pair.summary(master), c.status(master), c.status(backup))
+                print(pair.summary(master), *(c.status(x) for x in c.spec.nodes))
                 raise
-            backup = next(x for x in c.spec.nodes if x != master)
-            assert tk["resets"] == 0 and tk["resumed"] == ["bird"], tk
-            takeovers.append(ms)
+            assert tk["resets"] == 0 and sorted(tk["resumed"]) == sorted(pair.peers), tk
+            times.append(ms)
             infos.append(tk)
     finally:
         stop.set()
-        t.join()
-    takeovers.sort()
-    print(f"\n{TAKEOVERS} takeovers to the other node: SIGKILL -> KEEPALIVE written, ms: "
-          f"median {takeovers[len(takeovers) // 2]:.1f}, max {takeovers[-1]:.1f}; "
-          f"input bytes the standby had already (dropped from the restored stream): "
-          f"{[i['skipped']['bird'] for i in infos]}; written bytes sent again: "
-          f"{[i['resent']['bird'] for i in infos]}")
+        for t in threads:
+            t.join()
+    times.sort()
+    print(f"\n{n} takeovers to the other node: SIGKILL -> KEEPALIVE written, ms: "
+          f"median {times[len(times) // 2]:.1f}, max {times[-1]:.1f}; input bytes the standby "
+          f"had already (dropped from the restored stream): {[i['skipped'] for i in infos]}; "
+          f"written bytes sent again: {[i['resent'] for i in infos]}")
+    return master
 
-    # BIRD's own view: the session never went down
-    time.sleep(1.0)
+
+def bird_never_down(bird: BirdPeer, since: str) -> None:
     p = bird.protocol("ours")
     assert p["info"].startswith("Established") and p["since"] == since, p
     st = bird.stats("ours")
     assert st["ipv4"]["import_withdraws"] == 0 and st["ipv6"]["import_withdraws"] == 0, st
+
+
+def frr_learnt(frr: FrrPeer, prefixes: set[str]) -> dict[str, Any]:
+    """prefix -> FRR's lastUpdate epoch of its best path (a withdrawal and re-announcement, or
+    any change of the path, would move it)."""
+    out = {}
+    for p in sorted(prefixes):
+        fam = "ipv6" if ":" in p else "ipv4"
+        paths = frr.json(f"show bgp {fam} unicast {p}").get("paths", [])
+        out[p] = paths[0].get("lastUpdate", {}).get("epoch") if paths else None
+    return out
+
+
+@pytest.fixture
+def world(demo_lab: Lab, request: pytest.FixtureRequest
+          ) -> Iterator[tuple[Cluster, BgpPair, BirdPeer, FrrPeer]]:
+    c = cluster(demo_lab)
+    pair = BgpPair(c, peers=("bird", "frr"))
+    frrs: list[FrrPeer] = []
+    with dump_on_failure(request, c, pair, frrs):
+        bird = bird_world(demo_lab)
+        frr = frr_world(demo_lab)
+        frrs.append(frr)
+        bird.start()
+        frr.start()
+        yield c, pair, bird, frr
+
+
+def test_takeovers_to_the_other_node_keep_the_sessions(
+        world: tuple[Cluster, BgpPair, BirdPeer, FrrPeer]) -> None:
+    c, pair, bird, frr = world
+    master = start_pair(c, pair)
+    wait_for(lambda: "10.77.100.0/24" in bird.routes("master4", "ours"), 10, "our route at BIRD")
+    stable_at_frr = OURS | BIRD_OWN  # what FRR learns from us and never changes
+    wait_for(lambda: stable_at_frr <= set(frr.routes("ipv4")) | set(frr.routes("ipv6")), 10,
+             "our and BIRD's routes at FRR")
+    since = bird.protocol("ours")["since"]
+    n0, t0 = frr.neighbour(VIP), time.monotonic()
+    assert n0["connectionsEstablished"] == 1, n0
+    learnt = frr_learnt(frr, stable_at_frr)
+    assert None not in learnt.values(), learnt
+    time.sleep(2.1)  # FRR's epoch is wall time minus the path's age, +-1 s from call to call:
+    # anything that moves a path after this moves its epoch by >= 2
+
+    def bird_stream(on: bool) -> None:
+        bird.cli("enable" if on else "disable", "stream")
+
+    master = takeovers(c, pair, master, TAKEOVERS,
+                       [bird_stream, lambda on: frr_stream(frr, on)])
+
+    # the peers' own views: the sessions never went down, nothing learnt from us withdrawn
+    time.sleep(1.0)
+    bird_never_down(bird, since)
     assert {"10.77.100.0/24"} <= set(bird.routes("master4", "ours"))
-    want = {"10.77.50.0/24", "10.77.51.0/24", "fd77:50::/48", "10.77.100.0/24",
-            "fd77:100::/48", *STREAM}
-    rib = wait_for(lambda: (r := pair.routes(master)) == want and r, 10, "our RIB = BIRD's")
+    t1 = time.monotonic()
+    n = frr.neighbour(VIP)
+    assert n["bgpState"] == "Established", n
+    assert n["connectionsEstablished"] == 1 and n["connectionsDropped"] == 0, n
+    # up the whole time: FRR's Up/Down grew by the time between the two reads (its epoch
+    # form moves by +-1 s from call to call)
+    up_for = (t1 - t0) * 1000
+    assert n["bgpTimerUpMsec"] - n0["bgpTimerUpMsec"] >= up_for - 1000, (n0, n, up_for)
+    assert n["messageStats"]["notificationsRecv"] == 0, n["messageStats"]
+    assert n["messageStats"]["notificationsSent"] == 0, n["messageStats"]
+    assert n["messageStats"]["opensRecv"] == 1 and n["messageStats"]["opensSent"] == 1, n
+    after = frr_learnt(frr, stable_at_frr)
+    assert all(abs(after[p] - learnt[p]) <= 1 for p in learnt), (learnt, after)
+    # our RIB equals what the peers announce; FRR's table equals our RIB (its own routes, ours,
+    # BIRD's through us)
+    want = BIRD_OWN | OURS | set(STREAM) | set(FRR_STATIC) | set(FRR_STREAM)
+    rib = wait_for(lambda: (r := pair.routes(master)) == want and r, 10, "our RIB = the peers'")
     assert rib == want
+    table = wait_for(lambda: (r := set(frr.routes("ipv4")) | set(frr.routes("ipv6"))) == want
+                     and r, 10, "FRR's table = our RIB")
+    assert table == want
     s = pair.summary(master)
-    assert s is not None and s["peers"][0]["counters"].get("received_open") == 1, s
-    assert "received_notification" not in s["peers"][0]["counters"], s
+    assert s is not None
+    for row in s["peers"]:
+        assert row["counters"].get("received_open") == 1, row
+        assert "received_notification" not in row["counters"], row

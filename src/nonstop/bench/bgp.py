@@ -160,6 +160,8 @@ class FrrPeer:
             lines.append(f" neighbor {n['address']} timers {n.get('keepalive', 3)} "
                          f"{n.get('hold', 9)}")
             lines.append(f" neighbor {n['address']} timers connect 1")
+            if n.get("update_source"):
+                lines.append(f" neighbor {n['address']} update-source {n['update_source']}")
         for fam, nets in (("ipv4", networks4), ("ipv6", networks6)):
             lines.append(f" address-family {fam} unicast")
             lines += [f"  network {p}" for p in nets]
@@ -181,6 +183,15 @@ class FrrPeer:
         r = subprocess.run(["vtysh", "--vty_socket", str(self.dir), "-c", cmd],
                            capture_output=True, text=True, timeout=timeout)
         return r.stdout
+
+    def configure(self, *lines: str, timeout: float = 60) -> str:
+        """``configure terminal`` then ``lines`` in one vtysh call (e.g. ``router bgp N``,
+        ``address-family ipv4 unicast``, ``network P``); returns what vtysh printed."""
+        argv = ["vtysh", "--vty_socket", str(self.dir), "-c", "configure terminal"]
+        for line in lines:
+            argv += ["-c", line]
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        return r.stdout + r.stderr
 
     def json(self, cmd: str) -> Any:
         out = self.vtysh(cmd + " json")

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nonstop.bench.bgp import BirdPeer, rss_mb, wait_for, write_static
+from nonstop.bench.bgp import BirdPeer, FrrPeer, rss_mb, wait_for, write_static
 from nonstop.cluster import Cluster, ClusterSpec
 from nonstop.lab import Lab, LabProcess
 
@@ -29,14 +29,6 @@ key_file = "{key}"
 journal_listen = "{me}:{jport}"
 journal_peer = "{other}:{jport}"
 
-[[peers]]
-name = "bird"
-address = "10.77.0.1"
-asn = 65002
-passive = true
-hold_time = 9
-next_hop6 = "fd77::11"
-
 [[originate]]
 prefix = "10.77.100.0/24"
 
@@ -44,12 +36,37 @@ prefix = "10.77.100.0/24"
 prefix = "fd77:100::/48"
 """
 
+# the peers in host ``peer``: BIRD on its lan address, FRR on a second address of the same lan
+PEERS: dict[str, dict[str, Any]] = {
+    "bird": {"address": "10.77.0.1", "asn": 65002},
+    "frr": {"address": "10.77.0.2", "asn": 65003},
+}
+FRR_STREAM = [f"10.77.{90 + i}.0/24" for i in range(4)]  # FRR announces and withdraws these
+FRR_STATIC = ["10.77.60.0/24", "fd77:60::/48"]
+# with FRR on board, FRR's stream is not exported to BIRD: BIRD imports only routes that never
+# churn, so any withdrawal BIRD counts is ours (the same holds for FRR through lastUpdate)
+_NO_FRR_STREAM = ('export = { terms = [ { prefixes = [ { prefix = "10.77.88.0/21", le = 24 } ], '
+                  'action = "reject" } ] }')
+
+
+def peer_block(name: str, md5: str | None, others: tuple[str, ...]) -> str:
+    p = PEERS[name]
+    lines = ["[[peers]]", f'name = "{name}"', f'address = "{p["address"]}"', f"asn = {p['asn']}",
+             "passive = true", "hold_time = 9", 'next_hop6 = "fd77::11"']
+    if md5:
+        lines.append(f'md5_password = "{md5}"')
+    if name == "bird" and "frr" in others:
+        lines.append(_NO_FRR_STREAM)
+    return "\n".join(lines) + "\n"
+
 
 class BgpPair:
     """The two speakers under the cluster; ``start(node)`` runs one (a standby on a backup)."""
 
-    def __init__(self, c: Cluster, routes: list[str] | None = None) -> None:
+    def __init__(self, c: Cluster, routes: list[str] | None = None, *,
+                 peers: tuple[str, ...] = ("bird",), md5: dict[str, str] | None = None) -> None:
         self.c = c
+        self.peers = peers
         self.procs: dict[str, LabProcess] = {}
         self.n = 0
         self.configs: dict[str, str] = {}
@@ -62,6 +79,7 @@ class BgpPair:
             text = SPEAKER.format(vip=VIP, dir=d, agent=c.endpoint(node, "bgp"), key=c.key_path,
                                   me=host.addr("hb"), other=c.lab.host(other).addr("hb"),
                                   jport=JOURNAL_PORT)
+            text += "".join("\n" + peer_block(p, (md5 or {}).get(p), peers) for p in peers)
             path = d / "speaker.toml"
             path.write_text(text)
             self.configs[node] = str(path)
@@ -108,28 +126,58 @@ class BgpPair:
         if not st or not bt or not st["sessions"] or not bt["sessions"]:
             return False
         m, b = st["sessions"][0], bt["sessions"][0]
-        return m["connections"] >= 1 and bool(m.get("sync", {}).get("protecting")) and \
-            b.get("sync", {}).get("held_connections", 0) >= 1
+        n = len(self.peers)
+        return m["connections"] >= n and bool(m.get("sync", {}).get("protecting")) and \
+            b.get("sync", {}).get("held_connections", 0) >= n
 
 
 def bird_world(lab: Lab, static4: list[str] | None = None,
-               static_file: Any = None) -> BirdPeer:
+               static_file: Any = None, password: str | None = None) -> BirdPeer:
     bird = BirdPeer(lab.host("peer"), asn=65002, router_id="10.77.0.1")
     bird.write_config(
         [{"name": "ours", "local": "10.77.0.1", "address": VIP, "asn": 65001,
-          "next_hop6": "fd77::1", "hold": 9}],
+          "next_hop6": "fd77::1", "hold": 9, "password": password,
+          "extra": "strict bind yes; "}],  # listen on 10.77.0.1 only: FRR listens on .2
         static4=static4 if static4 is not None else ["10.77.50.0/24", "10.77.51.0/24"],
         static6=["fd77:50::/48"], static_file=static_file,
         extra="protocol static stream { ipv4; " + " ".join(
             f"route {p} blackhole;" for p in STREAM) + " }")
     return bird
 
+def frr_world(lab: Lab, password: str | None = None) -> FrrPeer:
+    """FRR bgpd in ``peer`` on a second lan address (10.77.0.2, added in the lab namespace and
+    gone with it), connecting to the VIP from there: a host route to the VIP with that source
+    (BIRD binds 10.77.0.1 itself; FRR's ``update-source`` needs zebra's interface list, and
+    bgpd runs without zebra)."""
+    host, addr = lab.host("peer"), PEERS["frr"]["address"]
+    dev = host.ifname("lan")
+    host.sh(["ip", "addr", "add", f"{addr}/{host.prefixlen('lan')}", "dev", dev])
+    host.sh(["ip", "route", "add", f"{VIP}/32", "dev", dev, "src", addr])
+    frr = FrrPeer(host, asn=PEERS["frr"]["asn"], router_id=addr, listen=addr)
+    frr.write_config([{"address": VIP, "asn": 65001, "password": password}],
+                     networks4=[p for p in FRR_STATIC if ":" not in p],
+                     networks6=[p for p in FRR_STATIC if ":" in p])
+    return frr
 
 
-def cluster(lab: Lab) -> Cluster:
+def frr_stream(frr: FrrPeer, on: bool) -> None:
+    """FRR announces (on) or withdraws its stream prefixes: one UPDATE burst each way."""
+    no = "" if on else "no "
+    frr.configure(f"router bgp {PEERS['frr']['asn']}", "address-family ipv4 unicast",
+                  *(f"{no}network {p}" for p in FRR_STREAM))
+
+
+def cluster(lab: Lab, md5: dict[str, str] | None = None) -> Cluster:
     # 50 ms heartbeats: a 100 ms fence timeout (a SIGKILLed agent is detected at once anyway,
     # by its closed link), so a loaded box does not fence a healthy master
     c = Cluster(lab, ClusterSpec(services={"bgp": 179}, preempt=False, interval_ms=50))
+    if md5:  # the service's TCP-MD5 keys ([[services]] md5): ClusterSpec has no field for them
+        for path in c.config_paths.values():
+            text = Path(path).read_text()
+            keys = ", ".join(f'"{a}" = "{pw}"' for a, pw in md5.items())
+            if "port = 179\n" in text:
+                Path(path).write_text(text.replace("port = 179\n",
+                                                   f"port = 179\nmd5 = {{ {keys} }}\n", 1))
     c.start()
     c.wait_ready(timeout=20)
     return c
