@@ -19,6 +19,11 @@ segments) they are not refilled in repair mode but sent normally with the tail, 
 peer already had are dropped there as duplicates. Larger flights stay in flight: an ACK beyond
 snd_nxt would be dropped and stall the connection for good. See docs/tcp-repair.md.
 
+TCP-MD5 (RFC 2385): ``md5`` maps a peer address to its key; a connection to that peer gets
+TCP_MD5SIG right after connect, in repair mode, so the window probe at repair off and every
+segment after it are signed, and the peer's signed segments are accepted. (Without the key the
+peer drops every segment of ours and we drop every one of its: the connection is dead.)
+
 Sequence numbers are unsigned 32-bit: the kernel hands them back through a signed int.
 """
 
@@ -26,11 +31,12 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import ipaddress
 import os
 import socket
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 __all__ = [
@@ -39,6 +45,7 @@ __all__ = [
     "close_silently",
     "dump",
     "dump_many",
+    "md5sig",
     "restore",
     "restore_many",
 ]
@@ -50,6 +57,9 @@ TCP_QUEUE_SEQ = 21
 TCP_REPAIR_OPTIONS = 22
 TCP_TIMESTAMP = 24
 TCP_REPAIR_WINDOW = 29
+TCP_MD5SIG = 14
+TCP_MD5SIG_MAXKEYLEN = 80
+_MD5_OPT_LEN = 20  # TCPOLEN_MD5SIG_ALIGNED: taken from every signed segment's payload
 TCP_RECV_QUEUE = 1
 TCP_SEND_QUEUE = 2
 TCPOPT_MSS = 2
@@ -287,16 +297,30 @@ def _fill(sock: socket.socket, data: bytes | memoryview, flags: int = 0) -> None
         view = view[n:]
 
 
-def _resend_limit(state: TcpState) -> int:
+def md5sig(address: str, key: bytes) -> bytes:
+    """struct tcp_md5sig for TCP_MD5SIG: ``key`` (1..80 bytes) for the peer ``address``."""
+    if not 1 <= len(key) <= TCP_MD5SIG_MAXKEYLEN:
+        raise ValueError(f"TCP-MD5 key of {len(key)} bytes (1..{TCP_MD5SIG_MAXKEYLEN})")
+    ip = ipaddress.ip_address(address)
+    if ip.version == 4:
+        ss = struct.pack("=H", socket.AF_INET) + b"\0\0" + ip.packed
+    else:  # sockaddr_in6: family, port, flowinfo, address
+        ss = struct.pack("=H", socket.AF_INET6) + b"\0\0" + b"\0" * 4 + ip.packed
+    return struct.pack("=128sBBHI80s", ss, 0, 0, len(key), 0, key)
+
+
+def _resend_limit(state: TcpState, signed: bool = False) -> int:
     """Most unacknowledged bytes that are safe to resend as new data: what the restored socket's
     initial congestion window sends at once. The peer may already hold all of them (its ACKs lost
     in the takeover); an ACK beyond snd_nxt is dropped by the kernel, so snd_nxt must reach the
     old one in the first flight or the connection stalls for good."""
-    return _INIT_CWND * (state.mss - (_TS_OPT_LEN if state.timestamps else 0))
+    opts = (_TS_OPT_LEN if state.timestamps else 0) + (_MD5_OPT_LEN if signed else 0)
+    return _INIT_CWND * (state.mss - opts)
 
 
 def _restore_one(
-    state: TcpState, freebind: bool, with_queues: bool, resend: bool, now: float
+    state: TcpState, freebind: bool, with_queues: bool, resend: bool, now: float,
+    md5: Mapping[str, bytes] | None = None,
 ) -> socket.socket:
     fam = state.family
     send_q = state.send_queue if with_queues else b""
@@ -336,11 +360,15 @@ def _restore_one(
         sock.bind((state.src, state.sport))
         step = "connect"
         sock.connect((state.dst, state.dport))
+        key = md5.get(state.dst) if md5 else None
+        if key is not None:
+            step = "TCP_MD5SIG"  # in repair mode: nothing leaves unsigned
+            so(_TCP, TCP_MD5SIG, md5sig(state.dst, key))
         step = "TCP_REPAIR_OPTIONS"
-        key = (state.mss, state.snd_wscale, state.rcv_wscale, state.sack, state.timestamps)
-        opts = _OPTS_CACHE.get(key)
+        ok = (state.mss, state.snd_wscale, state.rcv_wscale, state.sack, state.timestamps)
+        opts = _OPTS_CACHE.get(ok)
         if opts is None:
-            opts = _OPTS_CACHE[key] = _repair_options(*key)
+            opts = _OPTS_CACHE[ok] = _repair_options(*ok)
         so(_TCP, TCP_REPAIR_OPTIONS, opts)
         if state.timestamps and state.ts_val is not None:
             step = "TCP_TIMESTAMP"
@@ -349,7 +377,7 @@ def _restore_one(
             step = "refill recv queue"  # still TCP_RECV_QUEUE
             _fill(sock, recv_q)
         sent = len(send_q) - state.unsent_len if send_q else 0
-        if resend and 0 < sent <= _resend_limit(state):
+        if resend and 0 < sent <= _resend_limit(state, key is not None):
             sent = 0  # the unacknowledged part counts as never sent: snd_nxt = snd_una
         if sent > 0:
             step = "refill send queue"
@@ -382,13 +410,15 @@ def _restore_one(
 
 
 def restore(
-    state: TcpState, *, freebind: bool = True, with_queues: bool = True, resend: bool = True
+    state: TcpState, *, freebind: bool = True, with_queues: bool = True, resend: bool = True,
+    md5: Mapping[str, bytes] | None = None,
 ) -> socket.socket:
     """A connected, established socket with ``state``'s 4-tuple, sequence numbers and queues, out
     of repair mode. ``freebind`` sets IP(V6)_TRANSPARENT so the local address need not be
     configured yet (add the VIP after restoring: no RST can escape meanwhile). ``resend`` sends
-    an unacknowledged part of up to 10 segments again at once (module docstring)."""
-    return _restore_one(state, freebind, with_queues, resend, time.monotonic())
+    an unacknowledged part of up to 10 segments again at once (module docstring). ``md5``: peer
+    address (as ``state.dst`` writes it) -> TCP-MD5 key, set before repair off."""
+    return _restore_one(state, freebind, with_queues, resend, time.monotonic(), md5)
 
 
 def restore_many(
@@ -397,6 +427,7 @@ def restore_many(
     freebind: bool = True,
     with_queues: bool = True,
     resend: bool = True,
+    md5: Mapping[str, bytes] | None = None,
 ) -> list[socket.socket]:
     """``restore`` for many states, with one clock read for the batch. On a failure the sockets
     restored so far are closed silently and the RepairError propagates."""
@@ -404,7 +435,7 @@ def restore_many(
     out: list[socket.socket] = []
     try:
         for st in states:
-            out.append(_restore_one(st, freebind, with_queues, resend, now))
+            out.append(_restore_one(st, freebind, with_queues, resend, now, md5))
     except BaseException:
         for s in out:
             close_silently(s)
