@@ -38,6 +38,13 @@ socket and every iptables call are made in the network namespace that was curren
 AckClamp was built (or ``netns=``, a name under /run/netns), whatever thread calls ``open`` /
 ``close`` later.
 
+TCP-MD5 (RFC 2385): ``md5`` maps a peer address to its key. A signed segment the clamp
+changes is signed again with the peer's key (``segment.clamp_ack(..., md5_key=)``), so the peer
+accepts it; one with no key here is dropped and counted (``unsigned``): the peer would drop it
+anyway, and letting it through unclamped would break the guarantee. Signed segments never take
+the fast path (their options are not Linux's NOP NOP TS), and Linux never builds GSO packets for
+a signed connection.
+
 GSO: the queue carries whole GSO packets (up to 64 KB, NFQA_CFG_F_GSO), which needs a 64 MB
 netlink receive buffer; an ENOBUFS overflow (the kernel dropped a queued segment: TCP resends it)
 is counted and the loop carries on. No fail-open flag: a full queue drops, never lets a segment
@@ -56,12 +63,20 @@ import socket
 import struct
 import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from nonstop.common import LocalProtocolError, RemoteProtocolError
-from nonstop.session.segment import ACK, Segment, addr_str, clamp_ack, parse
+from nonstop.session.segment import (
+    ACK,
+    Md5KeyMissing,
+    Segment,
+    addr_str,
+    clamp_ack,
+    md5_option,
+    parse,
+)
 
 FourTuple = tuple[str, int, str, int]  # (VIP, port, peer address, peer port) of an outgoing segment
 Limit = Callable[[FourTuple], int | None]
@@ -123,6 +138,8 @@ class ClampStats:
     # on); the error is kept in AckClamp.error
     batches: int = 0  # batch verdicts sent (each accepts every passed segment before it)
     truncated: int = 0  # header-only copies that needed a clamp: dropped, full copy from then on
+    resigned: int = 0  # clamped segments signed again with the peer's TCP-MD5 key
+    unsigned: int = 0  # signed segments to clamp without a key for their peer: dropped
 
 
 def _iptables(family: int) -> str:
@@ -192,6 +209,7 @@ class AckClamp:
         maxlen: int = 4096,
         batch: int = 32,
         header_copy: int = HEADER_COPY,
+        md5: Mapping[str, bytes] | None = None,
     ) -> None:
         if family not in (4, 6):
             raise LocalProtocolError(f"family must be 4 or 6, not {family}")
@@ -202,6 +220,8 @@ class AckClamp:
         self.port = port
         self.family = family
         self.limit = limit
+        # peer address (as parse() writes it) -> TCP-MD5 key
+        self.md5 = {str(ipaddress.ip_address(a)): k for a, k in (md5 or {}).items()}
         self.capture = capture
         self.capture_out = capture_out
         self.rcvbuf = rcvbuf
@@ -432,12 +452,18 @@ class AckClamp:
             pkt = bytearray(mv[p : p + plen])
             seg = parse(pkt)
             limit = self._limit(seg.four_tuple)
-            if limit is None or not clamp_ack(pkt, limit):
+            key = self.md5.get(seg.dst) if self.md5 else None
+            if limit is None or not clamp_ack(pkt, limit, key):
                 self._pass(pid)
                 return
             self._verdict(sock, pid, NF_ACCEPT, bytes(pkt))
             st.clamped += 1
+            if key is not None and md5_option(pkt) is not None:
+                st.resigned += 1
         except _LimitFailed:  # a bug in the caller's limit: fail closed, keep going
+            self._verdict(sock, pid, NF_DROP)
+        except Md5KeyMissing:
+            st.unsigned += 1
             self._verdict(sock, pid, NF_DROP)
         except RemoteProtocolError:
             st.dropped += 1

@@ -8,6 +8,12 @@ checksum is recomputed. An incremental update would be wrong here: a locally gen
 carries only the pseudo-header sum in its checksum field (CHECKSUM_PARTIAL), and the kernel marks
 a mangled NFQUEUE packet CHECKSUM_NONE, so the checksum we write must be complete.
 
+TCP-MD5 (RFC 2385): a segment signed by its sender carries an MD5 option (kind 19) whose digest
+covers the pseudo-header, the fixed TCP header with the checksum zeroed (options excluded, so
+trimming SACK blocks does not matter, lowering the ACK number does), the payload and the key.
+``clamp_ack(..., md5_key=K)`` signs a changed segment again with K; a signed segment that must
+change while no key is given raises ``Md5KeyMissing`` (the caller drops it: the peer would).
+
 Sequence numbers compare modulo 2**32 (RFC 1982 style): ``seq_lt(a, b)`` is true when b is less
 than 2**31 ahead of a. Malformed input raises ``RemoteProtocolError`` and nothing else.
 
@@ -18,6 +24,7 @@ is non-zero), so one ``int.from_bytes`` and one ``%`` in C replace a Python loop
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import struct
 from dataclasses import dataclass
@@ -32,6 +39,8 @@ FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = (1 << i for i in range(8))
 
 # TCP option kinds
 OPT_EOL, OPT_NOP, OPT_MSS, OPT_WSCALE, OPT_SACK_PERM, OPT_SACK, OPT_TS = 0, 1, 2, 3, 4, 5, 8
+OPT_MD5, MD5_LEN = 19, 18  # RFC 2385: kind, length 18, 16-byte digest (other lengths: not
+# an MD5 option, as Linux's tcp_parse_md5sig_option reads them)
 _FIXED_LEN = {OPT_MSS: 4, OPT_WSCALE: 3, OPT_SACK_PERM: 2, OPT_TS: 10}
 
 IPPROTO_TCP = 6
@@ -270,28 +279,93 @@ def set_checksum(packet: bytearray) -> None:
     packet[t + 16 : t + 18] = tcp_checksum(packet).to_bytes(2, "big")
 
 
+# -- TCP-MD5 (RFC 2385) ----------------------------------------------------------------------------
+
+
+class Md5KeyMissing(LookupError):
+    """A segment signed with TCP-MD5 had to change and no key was given to sign it again."""
+
+
+def md5_option(packet: bytes | bytearray | memoryview) -> int | None:
+    """Offset of the 16-byte digest of the MD5 option in ``packet``, or None (not signed)."""
+    _, t, end = _tcp_span(packet)
+    doff = (packet[t + 12] >> 4) * 4
+    if doff < 20 or t + doff > end:
+        raise _bad(f"TCP data offset {doff}")
+    for kind, i, length in _walk_options(packet, t + 20, t + doff):
+        if kind == OPT_MD5 and length == MD5_LEN:
+            return i + 2
+    return None
+
+
+def md5_digest(packet: bytes | bytearray | memoryview, key: bytes) -> bytes:
+    """The RFC 2385 digest of the segment in ``packet`` under ``key``: MD5 of the pseudo-header
+    (addresses, protocol, TCP length; RFC 2460's form for IPv6, as Linux hashes it), the fixed
+    20-byte TCP header with the checksum zeroed, the payload, then the key."""
+    family, t, end = _tcp_span(packet)
+    mv = memoryview(packet)
+    doff = (packet[t + 12] >> 4) * 4
+    tcp_len = end - t
+    if family == 4:
+        pseudo = bytes(mv[12:20]) + struct.pack("!BBH", 0, IPPROTO_TCP, tcp_len)
+    else:
+        pseudo = bytes(mv[8:40]) + struct.pack("!II", tcp_len, IPPROTO_TCP)
+    h = hashlib.md5(pseudo, usedforsecurity=False)
+    h.update(mv[t : t + 16])
+    h.update(b"\0\0")
+    h.update(mv[t + 18 : t + 20])
+    h.update(mv[t + doff : end])
+    h.update(key)
+    return h.digest()
+
+
+def md5_sign(packet: bytearray, key: bytes) -> bool:
+    """Write the digest of ``packet`` under ``key`` into its MD5 option; False if it has none.
+    The checksum is left alone (the caller recomputes it: it covers the option)."""
+    at = md5_option(packet)
+    if at is None:
+        return False
+    packet[at : at + 16] = md5_digest(packet, key)
+    return True
+
+
+def md5_ok(packet: bytes | bytearray | memoryview, key: bytes) -> bool:
+    """True when ``packet`` carries an MD5 option whose digest is right under ``key``."""
+    at = md5_option(packet)
+    return at is not None and bytes(packet[at : at + 16]) == md5_digest(packet, key)
+
+
 # -- the clamp -------------------------------------------------------------------------------------
 
 
-def clamp_ack(packet: bytearray, max_ack: int) -> bool:
+def clamp_ack(packet: bytearray, max_ack: int, md5_key: bytes | None = None) -> bool:
     """Make ``packet`` acknowledge nothing past ``max_ack``; True if it changed anything.
 
     Lowers the ACK number (when the ACK flag is set and the ACK is beyond max_ack), trims SACK
     blocks whose right edge is beyond max_ack and removes those left empty (their bytes become
-    NOPs), then recomputes the full TCP checksum. A packet needing no change is left untouched,
-    checksum included. Raises RemoteProtocolError for a malformed packet (untouched then).
+    NOPs), signs it again when it carries a TCP-MD5 option (with ``md5_key``), then recomputes
+    the full TCP checksum. A packet needing no change is left untouched, checksum included.
+    Raises RemoteProtocolError for a malformed packet, Md5KeyMissing for a signed packet that
+    must change when ``md5_key`` is None (untouched then).
     """
     max_ack %= SEQ_MOD
     seg = parse(packet)
     t = seg.tcp_offset
+    lower = bool(seg.flags & ACK and seq_lt(max_ack, seg.ack))
+    opts = _walk_options(packet, t + 20, seg.payload_offset)
+    signed = any(kind == OPT_MD5 and n == MD5_LEN for kind, _, n in opts)
+    if signed and md5_key is None and (lower or any(
+            kind == OPT_SACK and any(seq_lt(max_ack, r) for _, r in _sack_blocks(packet, i, n))
+            for kind, i, n in opts)):
+        raise Md5KeyMissing(f"{seg.src}:{seg.sport} > {seg.dst}:{seg.dport} is signed")
     changed = False
-    if seg.flags & ACK and seq_lt(max_ack, seg.ack):
+    if lower:
         struct.pack_into("!I", packet, t + 8, max_ack)
         changed = True
-    for kind, i, length in _walk_options(packet, t + 20, seg.payload_offset):
+    for kind, i, length in opts:
         if kind != OPT_SACK:
             continue
-        blocks = [struct.unpack_from("!II", packet, j) for j in range(i + 2, i + length, 8)]
+        blocks = _sack_blocks(packet, i, length)
         kept: list[tuple[int, int]] = []
         for left, right in blocks:
             if seq_lt(max_ack, right):
@@ -309,8 +383,16 @@ def clamp_ack(packet: bytearray, max_ack: int) -> bool:
             new = b""
         packet[i : i + length] = new + bytes([OPT_NOP]) * (length - len(new))
     if changed:
+        if signed:
+            assert md5_key is not None
+            md5_sign(packet, md5_key)
         set_checksum(packet)
     return changed
+
+
+def _sack_blocks(packet: bytes | bytearray | memoryview, i: int, length: int
+                 ) -> list[tuple[int, int]]:
+    return [struct.unpack_from("!II", packet, j) for j in range(i + 2, i + length, 8)]
 
 
 # -- building (tests, and the probes the session manager sends) ------------------------------------
