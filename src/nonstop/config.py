@@ -111,6 +111,9 @@ class ServiceConfig(_Strict, kw_only=True):
     sync_port: Port = 7781  # UDP, on this node's address on sync_channel (the backup listens)
     queue: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0  # NFQUEUE number (0: 100 + index)
     endpoint: str = ""  # the app library's unix socket ("": <state_dir>/<name>.sock)
+    # TCP-MD5 (RFC 2385) keys: peer address -> password (e.g. a BGP session's): a restored
+    # connection gets its key before repair off, and the ACK clamp signs what it rewrites again
+    md5: dict[str, str] = {}
     # -- run by the agent (issue 4; nonstop.agent.services): with a command, the agent's
     # Supervisor starts it on every node (a standby on a backup), restarts it with backoff, and
     # gives the VIP up on a crash loop. The same keys as a services file (docs/app-manager.md).
@@ -325,6 +328,10 @@ def _check_services(path: str, cfg: AgentConfig, channels: list[str]) -> None:
         if q in queues:
             raise ConfigError(path, f"{at}.queue", f"NFQUEUE {q} is used by services[{queues[q]}]")
         queues[q] = i
+        for addr, pw in svc.md5.items():
+            _check_ip(path, f"{at}.md5", addr)
+            if not 1 <= len(pw.encode()) <= 80:
+                raise ConfigError(path, f"{at}.md5", f"the key for {addr} is not 1..80 bytes")
         if svc.command:  # the supervised part: checked with the services file's own rules
             from nonstop.agent.services import supervised_config
 

@@ -58,7 +58,7 @@ class Sessions:
                 "name": s.name, "vip": s.vip, "port": s.port,
                 "family": ipaddress.ip_address(s.vip).version, "queue": cfg.service_queue(i),
                 "endpoint": cfg.service_endpoint(s), "sync_addr": addr[cfg.sync_channel(s)],
-                "sync_port": s.sync_port,
+                "sync_port": s.sync_port, "md5": dict(s.md5),
             })  # fmt: skip
         return out
 

@@ -39,13 +39,14 @@ peer's PAWS check; one behind it gets our segments dropped).
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import itertools
 import select
 import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from nonstop.session.nfq import AckClamp, FourTuple
@@ -105,6 +106,7 @@ class MasterSession:
         sync_bind: tuple[str, int] = ("", 0),
         rto: float = 0.05,
         max_delay: float = 0.001,
+        md5: Mapping[str, bytes] | None = None,
     ) -> None:
         self.vip, self.port, self.family, self.backup = vip, port, family, backup
         self.adopted = 0  # connections taken over from a previous master (adopt())
@@ -126,6 +128,7 @@ class MasterSession:
             limit=self._limit,
             capture=self._inbound,
             capture_out=self._outbound,
+            md5=md5,  # TCP-MD5 keys per peer: clamped segments are signed again
         )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -409,8 +412,11 @@ class BackupSession:
         family: int = 4,
         incarnation: int | None = None,
         ts_margin: float = 0.05,
+        md5: Mapping[str, bytes] | None = None,
     ) -> None:
         inc = incarnation if incarnation is not None else time.time_ns() // 1000
+        # peer address (as the sync records write it) -> TCP-MD5 key, set on a restored socket
+        self.md5 = {str(ipaddress.ip_address(a)): k for a, k in (md5 or {}).items()}
         self.receiver = SyncReceiver(key, now=time.monotonic(), incarnation=inc)
         self.ts_margin = ts_margin
         self.restore_failures: list[str] = []  # connections promote() could not bring back
@@ -553,12 +559,13 @@ class BackupSession:
         if before_restore is not None:
             before_restore()
         try:
-            socks: list[socket.socket | None] = list(restore_many([st for _, st in pairs]))
+            socks: list[socket.socket | None] = list(
+                restore_many([st for _, st in pairs], md5=self.md5))
         except RepairError:  # one by one: a connection that cannot come back costs only itself
             socks = []
             for _, st in pairs:
                 try:
-                    socks.append(restore(st))
+                    socks.append(restore(st, md5=self.md5))
                 except RepairError as e:
                     self.restore_failures.append(f"{st.dst}:{st.dport}: {e}")
                     socks.append(None)

@@ -46,11 +46,13 @@ class ServiceSpec:
     endpoint: str  # unix socket path of the app channel
     sync_addr: str  # this node's address on the sync channel
     sync_port: int
+    md5: dict[str, str] = dataclasses.field(default_factory=dict)  # peer -> TCP-MD5 password
 
 
 class ProtectedService:
     def __init__(self, spec: ServiceSpec, key: bytes) -> None:
         self.spec, self._key = spec, key
+        self._md5 = {a: pw.encode() for a, pw in spec.md5.items()}
         self._lock = threading.RLock()
         self.role = "backup"
         self.master: MasterSession | None = None
@@ -102,7 +104,7 @@ class ProtectedService:
     def _start_backup(self) -> None:
         s = self.spec
         self.backup = BackupSession(
-            self._key, bind=(s.sync_addr, s.sync_port), family=s.family
+            self._key, bind=(s.sync_addr, s.sync_port), family=s.family, md5=self._md5
         ).open()
         self.role = "backup"
 
@@ -148,7 +150,7 @@ class ProtectedService:
             s = self.spec
             self.master = MasterSession(
                 s.vip, s.port, self._key, backup=None, queue_num=s.queue, family=s.family,
-                sync_bind=(s.sync_addr, 0),
+                sync_bind=(s.sync_addr, 0), md5=self._md5,
             ).open()  # fmt: skip
             for rc in restored:
                 self.master.adopt(rc)
