@@ -38,7 +38,7 @@ from typing import Any
 from nonstop.app.aio import AsyncNsConn, AsyncNsListener, ns_listen
 from nonstop.app.channel import Close, Commit, CommitRecord
 from nonstop.auth import load_key
-from nonstop.bgp.aio import SpeakerService, _Conn
+from nonstop.bgp.aio import SpeakerService, _Conn, set_md5
 from nonstop.bgp.config import SpeakerConfig
 from nonstop.bgp.fsm import State
 from nonstop.bgp.journal import ACKED, Journal
@@ -273,6 +273,9 @@ async def run_protected(cfg: SpeakerConfig) -> None:
     assert cfg.listen and cfg.agent and cfg.key_file and cfg.journal_peer
     key = load_key(cfg.key_file, field="key_file")
     listener = await ns_listen(cfg.listen, cfg.port, agent=cfg.agent, backlog=16)
+    for pc in cfg.peers:  # TCP-MD5: the listener signs SYN-ACKs and checks SYNs; accepted
+        if pc.md5_password:  # sockets inherit the key, the agent sets it on restored ones
+            set_md5(listener.sock, pc.address, pc.md5_password)
     follower = JournalFollower(cfg, key, parse_addr(cfg.journal_peer)).start()
     print("standby: waiting for this node to serve the VIP", flush=True)
     adopted = await listener.adopted()
