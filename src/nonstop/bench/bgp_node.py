@@ -168,9 +168,10 @@ def frr_stream(frr: FrrPeer, on: bool) -> None:
 
 
 def cluster(lab: Lab, md5: dict[str, str] | None = None) -> Cluster:
-    # 50 ms heartbeats: a 100 ms fence timeout (a SIGKILLed agent is detected at once anyway,
-    # by its closed link), so a loaded box does not fence a healthy master
-    c = Cluster(lab, ClusterSpec(services={"bgp": 179}, preempt=False, interval_ms=50))
+    # 100 ms heartbeats: a 200 ms fence timeout (a SIGKILLed agent is detected at once anyway,
+    # by its closed link), so a loaded box does not fence a healthy master (at 50 ms an 83 ms
+    # stall fenced the new master once, and a fenced master drops the sessions: docs/bgp.md)
+    c = Cluster(lab, ClusterSpec(services={"bgp": 179}, preempt=False, interval_ms=100))
     if md5:  # the service's TCP-MD5 keys ([[services]] md5): ClusterSpec has no field for them
         for path in c.config_paths.values():
             text = Path(path).read_text()
