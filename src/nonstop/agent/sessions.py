@@ -19,32 +19,25 @@ Nothing here blocks the agent's loop: requests are sent at once and the replies 
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import ipaddress
 import logging
 from collections.abc import Callable
 from typing import Any
 
-from nonstop.common import LocalProtocolError, Role
+from nonstop.common import Role
 from nonstop.config import AgentConfig
-from nonstop.session.worker import SessionWorker
+from nonstop.session.driver import Reply, WorkerDriver
 
 log = logging.getLogger("nonstop.agent")
 
-Reply = dict[str, Any]
 
 
-class Sessions:
+class Sessions(WorkerDriver):
     def __init__(self, cfg: AgentConfig, key: bytes, *, verbose: int = 0) -> None:
-        self.cfg, self._key, self._verbose = cfg, key, verbose
-        self.worker: SessionWorker | None = None
+        super().__init__(key, verbose=verbose)
+        self.cfg = cfg
         self._peers: list[list[Any] | None] = [None] * len(cfg.services)
-        self._waiting: collections.deque[Callable[[Reply | None], None]] = collections.deque()
-        self._on_exit: Callable[[], None] | None = None
-        self.counters: dict[str, int] = {"promote_errors": 0, "worker_errors": 0}
         self.last_promotion: list[dict[str, Any]] = []
-        self.cached: list[dict[str, Any]] = []  # the last status the worker gave
         self.lease_term: tuple[int, int] | None = None  # (run, term) of the last witness grant
         self._park: tuple[int, int] | None = None  # lease term at the step-down; None: invalid
         self.park_note = ""  # why the parked connections were (or will be) dropped
@@ -61,63 +54,6 @@ class Sessions:
                 "sync_port": s.sync_port, "md5": dict(s.md5),
             })  # fmt: skip
         return out
-
-    # -- lifecycle --
-    def start(self, loop: asyncio.AbstractEventLoop, on_exit: Callable[[], None]) -> None:
-        if not self.cfg.services:
-            return
-        self.worker = SessionWorker.spawn(self.specs(), self._key, verbose=self._verbose)
-        self._on_exit = on_exit
-        loop.add_reader(self.worker.fileno(), self._readable)
-
-    def close(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self.worker is None:
-            return
-        loop.remove_reader(self.worker.fileno())
-        self._fail_waiting()
-        self.worker.close()  # silences what it holds
-        self.worker = None
-
-    # -- requests --
-    def _send(self, req: dict[str, Any], done: Callable[[Reply | None], None] | None) -> bool:
-        if self.worker is None:
-            return False
-        if done is None:
-            req = {**req, "reply": False}
-        try:
-            self.worker.send(req)
-        except LocalProtocolError as e:
-            self.counters["worker_errors"] += 1
-            log.error("%s", e)
-            return False
-        if done is not None:
-            self._waiting.append(done)
-        return True
-
-    def _readable(self) -> None:
-        assert self.worker is not None
-        replies = self.worker.read_replies()
-        if replies is None:  # EOF: the worker died
-            asyncio.get_running_loop().remove_reader(self.worker.fileno())
-            self._fail_waiting()
-            self.worker = None
-            if self._on_exit is not None:
-                self._on_exit()
-            return
-        for r in replies:
-            if not self._waiting:
-                log.error("session worker: unexpected reply %r", r)
-                continue
-            cb = self._waiting.popleft()
-            if not r.get("ok"):
-                self.counters["worker_errors"] += 1
-                log.error("session worker: %s", r.get("error"))
-                r = None
-            cb(r)
-
-    def _fail_waiting(self) -> None:
-        while self._waiting:
-            self._waiting.popleft()(None)
 
     # -- what the agent asks --
     def promote(self, done: Callable[[], None]) -> bool:
@@ -182,23 +118,6 @@ class Sessions:
         if want != self._peers and self._send({"op": "set_backup", "peers": want}, None):
             self._peers = want
             log.info("session sync to %s", [w and f"{w[0]}:{w[1]}" for w in want])
-
-    async def refresh(self, timeout: float = 1.0) -> list[dict[str, Any]]:
-        """Ask the worker for its status (``cached`` keeps the answer)."""
-        fut: asyncio.Future[Reply | None] = asyncio.get_running_loop().create_future()
-
-        def on_reply(r: Reply | None) -> None:
-            if not fut.done():
-                fut.set_result(r)
-
-        if self._send({"op": "status"}, on_reply):
-            try:
-                r = await asyncio.wait_for(asyncio.shield(fut), timeout)
-            except TimeoutError:
-                r = None
-            if r is not None:
-                self.cached = r["services"]
-        return self.cached
 
     def status(self) -> dict[str, Any]:
         return {

@@ -18,42 +18,34 @@ Requests never block the agent's loop: replies are read by ``loop.add_reader``, 
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import ipaddress
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from nonstop.common import LocalProtocolError
-from nonstop.session.worker import SessionWorker
+from nonstop.session.driver import Reply, WorkerDriver
 from nonstop.store.config import StoreAgentConfig
 
 log = logging.getLogger("nonstop.groups")
 
-Reply = dict[str, Any]
 Proof = tuple[int, int]  # (store session, revision of the group's master key)
 Target = tuple[str, int, int]  # host, UDP port, the target's incarnation
 
 
-class GroupSessions:
+class GroupSessions(WorkerDriver):
     def __init__(
         self, cfg: StoreAgentConfig, key: bytes, groups: Iterable[str], *, verbose: int = 0
     ) -> None:
-        self.cfg, self._key, self._verbose = cfg, key, verbose
+        super().__init__(key, verbose=verbose)
+        self.cfg = cfg
         mine = set(groups)
         self.entries = [(i, g.name, s) for i, (g, s) in enumerate(cfg.services()) if g.name in mine]
         self.by_group: dict[str, list[str]] = {}
         for _, g, s in self.entries:
             self.by_group.setdefault(g, []).append(s.name)
-        self.worker: SessionWorker | None = None
-        self._waiting: collections.deque[Callable[[Reply | None], None]] = collections.deque()
-        self._on_exit: Callable[[], None] | None = None
         self._sent: dict[str, Target | None] = {s.name: None for _, _, s in self.entries}
         self._park: dict[str, Proof] = {}
-        self.counters: dict[str, int] = {"promote_errors": 0, "worker_errors": 0}
         self.last_promotion: dict[str, list[dict[str, Any]]] = {}
-        self.cached: list[dict[str, Any]] = []
 
     def specs(self) -> list[dict[str, Any]]:
         cfg = self.cfg
@@ -77,62 +69,6 @@ class GroupSessions:
                 host = m.addresses.get(self.cfg.sync_channel(s))
                 return None if host is None else (host, self.cfg.sync_port(i), incarnation)
         return None
-
-    # -- lifecycle --
-    def start(self, loop: asyncio.AbstractEventLoop, on_exit: Callable[[], None]) -> None:
-        if not self.entries:
-            return
-        self.worker = SessionWorker.spawn(self.specs(), self._key, verbose=self._verbose)
-        self._on_exit = on_exit
-        loop.add_reader(self.worker.fileno(), self._readable)
-
-    def close(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self.worker is None:
-            return
-        loop.remove_reader(self.worker.fileno())
-        self._fail_waiting()
-        self.worker.close()  # silences what it holds
-        self.worker = None
-
-    def _send(self, req: dict[str, Any], done: Callable[[Reply | None], None] | None) -> bool:
-        if self.worker is None:
-            return False
-        if done is None:
-            req = {**req, "reply": False}
-        try:
-            self.worker.send(req)
-        except LocalProtocolError as e:
-            self.counters["worker_errors"] += 1
-            log.error("%s", e)
-            return False
-        if done is not None:
-            self._waiting.append(done)
-        return True
-
-    def _readable(self) -> None:
-        assert self.worker is not None
-        replies = self.worker.read_replies()
-        if replies is None:  # EOF: the worker died
-            asyncio.get_running_loop().remove_reader(self.worker.fileno())
-            self._fail_waiting()
-            self.worker = None
-            if self._on_exit is not None:
-                self._on_exit()
-            return
-        for r in replies:
-            if not self._waiting:
-                log.error("session worker: unexpected reply %r", r)
-                continue
-            cb = self._waiting.popleft()
-            if not r.get("ok"):
-                self.counters["worker_errors"] += 1
-                log.error("session worker: %s", r.get("error"))
-                r = None
-            cb(r)
-
-    def _fail_waiting(self) -> None:
-        while self._waiting:
-            self._waiting.popleft()(None)
 
     # -- what the agent asks --
     def promote(self, group: str, proof: Proof | None, done: Callable[[], None]) -> bool:
@@ -217,23 +153,6 @@ class GroupSessions:
             if sync.get("backup") != f"{t[0]}:{t[1]}" or not sync.get("protecting"):
                 return False
         return True
-
-    async def refresh(self, timeout: float = 1.0) -> list[dict[str, Any]]:
-        """Ask the worker for its status (``cached`` keeps the answer)."""
-        fut: asyncio.Future[Reply | None] = asyncio.get_running_loop().create_future()
-
-        def on_reply(r: Reply | None) -> None:
-            if not fut.done():
-                fut.set_result(r)
-
-        if self._send({"op": "status"}, on_reply):
-            try:
-                r = await asyncio.wait_for(asyncio.shield(fut), timeout)
-            except TimeoutError:
-                r = None
-            if r is not None:
-                self.cached = r["services"]
-        return self.cached
 
     def status(self) -> dict[str, Any]:
         return {
