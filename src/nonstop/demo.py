@@ -28,6 +28,7 @@ import time
 from typing import Any
 
 from nonstop.cli import EXIT_FAIL, EXIT_OK, add_format_option
+from nonstop.report.timeline import write_stream_timeline
 
 SERVICE_PORT = 5000
 STREAM_PORT, STREAM_CONNS = 7400, 8
@@ -311,7 +312,8 @@ def run(args: argparse.Namespace) -> int:
             sv = {"error": str(e)}
         report["tcp_sessions"] = sv
         png = os.path.splitext(args.out)[0] + "-timeline.png"
-        if _draw_timeline(png, samples_path, marks):
+        title = f"make demo: {STREAM_CONNS} protected TCP sessions through three takeovers"
+        if write_stream_timeline(png, samples_path, marks, title):
             report["timeline_png"] = png
             say(f"timeline of the {STREAM_CONNS} TCP sessions: {png}")
         kept = sv.get("kept") == STREAM_CONNS and not sv.get("resets") and not sv.get("lost")
@@ -354,24 +356,3 @@ def run(args: argparse.Namespace) -> int:
         )
     return EXIT_OK if ok else EXIT_FAIL
 
-
-def _draw_timeline(png: str, samples_path: str, marks: list[tuple[float, str]]) -> bool:
-    """The protected streams' progress over the whole demo, every fault and promotion marked."""
-    from nonstop.report.timeline import Marker, Sample, write_timeline
-
-    try:
-        with open(samples_path) as f:
-            rows = json.load(f)
-    except (OSError, ValueError):
-        return False
-    if not rows:
-        return False
-    t0 = min(r[1] for r in rows)
-    os.makedirs(os.path.dirname(png) or ".", exist_ok=True)
-    write_timeline(
-        png,
-        [Sample(conn=str(r[0]), t=r[1] - t0, bytes=r[2]) for r in rows],
-        [Marker(t - t0, label) for t, label in marks if t >= t0],
-        f"make demo: {STREAM_CONNS} protected TCP sessions through three takeovers",
-    )
-    return True

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import re
@@ -143,63 +142,11 @@ def wait_active(c: Cluster, node: str, conns: int, standbys: int, timeout: float
 
 
 async def _client(host: str, port: int, conns: int, rate: float, size: int) -> dict[str, Any]:
-    from nonstop.streams.check import StreamError, StreamVerifier, make_message
-    from nonstop.streams.run import CLIENT, SERVER, summarize
+    """The stream checker's client until SIGTERM, with every arrival recorded."""
+    from nonstop.streams.run import client
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    verifiers: list[StreamVerifier] = []
-    errors: dict[str, int] = {}
-    kept = 0
-
-    async def one(cid: int) -> None:
-        nonlocal kept
-        v = StreamVerifier(SERVER, cid, record_arrivals=True)
-        verifiers.append(v)
-        try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
-        except (OSError, TimeoutError) as e:
-            errors[f"connect_{type(e).__name__}"] = errors.get(f"connect_{type(e).__name__}", 0) + 1
-            return
-
-        async def read() -> bool:
-            while data := await reader.read(65536):
-                v.feed(data, time.monotonic())
-            return v.pending == 0 and v.last_len == 0
-
-        receiving = asyncio.create_task(read())
-        try:
-            seq, start = 0, time.monotonic()
-            while not stop.is_set():
-                writer.write(make_message(CLIENT, cid, seq, size))
-                seq += 1
-                await writer.drain()
-                delay = start + seq / rate - time.monotonic()
-                if delay > 0:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), delay)
-            writer.write(make_message(CLIENT, cid, seq, 0))
-            await writer.drain()
-            writer.write_eof()
-            if await asyncio.wait_for(receiving, 30):
-                kept += 1
-            else:
-                errors["eof_without_trailer"] = errors.get("eof_without_trailer", 0) + 1
-        except (ConnectionError, OSError, TimeoutError, StreamError) as e:
-            errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
-        finally:
-            receiving.cancel()
-            with contextlib.suppress(BaseException):
-                await receiving
-            writer.transport.abort()
-
-    await asyncio.gather(*(one(i) for i in range(conns)))
-    out = summarize(verifiers, errors)
-    out["kept"] = kept
-    out["resets"] = errors.get("ConnectionResetError", 0)
-    out["arrivals"] = [[round(t, 5) for t in v.report.arrivals] for v in verifiers]
-    return out
+    return await client(host, port, conns=conns, duration=1e9, rate=rate, size=size,
+                        connect_timeout=10.0, record_arrivals=True)  # fmt: skip
 
 
 def start_client(c: Cluster, conns: int, rate: float, size: int, out: str) -> subprocess.Popen:

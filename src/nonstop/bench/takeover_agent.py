@@ -38,6 +38,7 @@ from typing import Any
 
 from nonstop.cluster import Cluster, ClusterSpec
 from nonstop.lab import Lab, demo_topology
+from nonstop.report.timeline import write_stream_timeline
 
 PORT = 7400
 VIP = "10.77.0.100"
@@ -102,8 +103,9 @@ def run(
         promo = (st.get("sessions") or [{}])[0].get("last_promotion") or {}
         result = _figures(rep, sessions, rate, size, t_kill, promo, before)
         result["new_master_seen_ms"] = round((t_master - t_kill) * 1000, 1)
-        if png:
-            _draw(png, samples_path, t_kill, t_master, sessions, rate)
+        marks = [(t_kill, "master killed"), (t_master, "backup is master")]
+        title = f"TCP session takeover: {sessions} connections, {rate:g} msg/s each way"
+        if png and write_stream_timeline(png, samples_path, marks, title):
             result["timeline_png"] = png
         return result
 
@@ -135,13 +137,13 @@ def _figures(rep: dict[str, Any], n: int, rate: float, size: int, t_kill: float,
     gaps: list[float] = []
     firsts: list[float] = []
     natural = 1000.0 / rate
-    quiet = 0  # connections whose stream never paused longer than 1.2 intervals around the kill
     for spans in rep.get("long_gaps", {}).values():
         around = [(a, b) for a, b in spans if a <= t_kill <= b]
         if around:
             a, b = around[0]
             gaps.append((b - a) * 1000)
             firsts.append((b - t_kill) * 1000)
+    # connections whose stream never paused longer than 1.2 intervals around the kill
     quiet = max(0, n - len(gaps))
     gaps += [natural * 1.2] * quiet  # an upper bound for those: counted, not dropped
     records = before.get("records", 0)
@@ -178,17 +180,3 @@ def _figures(rep: dict[str, Any], n: int, rate: float, size: int, t_kill: float,
         if records else None,
     }
 
-
-def _draw(png: str, samples_path: str, t_kill: float, t_master: float, n: int,
-          rate: float) -> None:  # fmt: skip
-    from nonstop.report.timeline import Marker, Sample, write_timeline
-
-    with open(samples_path) as f:
-        rows = json.load(f)
-    if not rows:
-        return
-    t0 = min(r[1] for r in rows)
-    samples = [Sample(conn=str(r[0]), t=r[1] - t0, bytes=r[2]) for r in rows]
-    markers = [Marker(t_kill - t0, "master killed"), Marker(t_master - t0, "backup is master")]
-    write_timeline(png, samples, markers,
-                   f"TCP session takeover: {n} connections, {rate:g} msg/s each way")  # fmt: skip

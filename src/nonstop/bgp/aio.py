@@ -62,8 +62,13 @@ class _Conn:
         self.svc.speaker.sent(self.peer, n)
 
     def _readable(self) -> None:
+        self._peek(65536)
+
+    def _peek(self, size: int) -> None:
+        """Hand what the kernel holds (peeked: consumed only once journaled) to the service;
+        EOF or an error: the connection is lost."""
         try:
-            data = self.sock.recv(65536, socket.MSG_PEEK)
+            data = self.sock.recv(size, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:

@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import fcntl
 import logging
-import socket
 import struct
 import time
 from collections import deque
@@ -89,16 +88,7 @@ class _PConn(_Conn):
             return
         if self.pending:
             return
-        try:
-            data = self.sock.recv(1 << 18, socket.MSG_PEEK)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self.svc.on_lost(self.peer, self)
-            return
-        self.svc.on_data(self.peer, data, self)
+        self._peek(1 << 18)
 
     def pause(self) -> None:
         if not self.paused and not self.closed:

@@ -18,6 +18,7 @@ file and renamed into place.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections import defaultdict
@@ -27,7 +28,8 @@ from pathlib import Path
 
 import msgspec
 
-__all__ = ["HEIGHT", "WIDTH", "Marker", "Sample", "Timeline", "write_timeline"]
+__all__ = ["HEIGHT", "WIDTH", "Marker", "Sample", "Timeline", "write_stream_timeline",
+           "write_timeline"]
 
 WIDTH, HEIGHT, DPI = 1200, 700, 100
 BINS = 100  # throughput bins over the sampled span
@@ -166,3 +168,30 @@ def write_timeline(
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_stream_timeline(
+    path_png: str | os.PathLike[str],
+    samples_path: str | os.PathLike[str],
+    marks: Sequence[tuple[float, str]],
+    title: str,
+) -> bool:
+    """Draw the stream checker client's ``--samples`` file (``[[conn, t, bytes], ...]``, t on
+    the monotonic clock) with ``marks`` (monotonic t, label); time starts at the first sample.
+    False (nothing written) when the file is missing, unreadable or empty."""
+    try:
+        with open(samples_path) as f:
+            rows = json.load(f)
+    except (OSError, ValueError):
+        return False
+    if not rows:
+        return False
+    t0 = min(r[1] for r in rows)
+    os.makedirs(os.path.dirname(os.fspath(path_png)) or ".", exist_ok=True)
+    write_timeline(
+        path_png,
+        [Sample(conn=str(r[0]), t=r[1] - t0, bytes=r[2]) for r in rows],
+        [Marker(t - t0, label) for t, label in marks if t >= t0],
+        title,
+    )
+    return True

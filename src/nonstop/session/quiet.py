@@ -18,6 +18,7 @@ restored sockets' first segments must leave). The comment shares the ACK clamp's
 from __future__ import annotations
 
 import subprocess
+import threading
 
 from nonstop.session.nfq import COMMENT
 
@@ -26,7 +27,7 @@ class QuietRule:
     def __init__(self, vip: str, port: int, family: int) -> None:
         self.vip, self.port = vip, port
         self.cmd = "iptables" if family == 4 else "ip6tables"
-        self._pending: subprocess.Popen[bytes] | None = None
+        self._pending: threading.Thread | None = None
 
     def spec(self) -> list[str]:
         return ["-p", "tcp", "-s", self.vip, "--sport", str(self.port),
@@ -47,18 +48,21 @@ class QuietRule:
         """Begin deleting every copy in the background (the caller prepares the restore
         meanwhile); ``wait()`` before anything must leave."""
         self.wait()
-        script = f'while {self.cmd} -w -D OUTPUT {" ".join(_quote(a) for a in self.spec())} ' \
-                 "2>/dev/null; do :; done"  # fmt: skip
-        self._pending = subprocess.Popen(["sh", "-c", script])
+        self._pending = threading.Thread(target=self._remove_all, name="nonstop-quiet", daemon=True)
+        self._pending.start()
+
+    def _remove_all(self) -> None:
+        while self._run("-D"):
+            pass
 
     def wait(self) -> None:
         if self._pending is not None:
-            self._pending.wait()
+            self._pending.join()
             self._pending = None
 
     def remove(self) -> None:
-        self.start_removal()
         self.wait()
+        self._remove_all()
 
     def reap(self) -> int:
         """Abort every established socket of VIP:port on this node (SOCK_DESTROY, ``ss -K``):
@@ -75,12 +79,3 @@ class QuietRule:
         except (OSError, subprocess.TimeoutExpired):
             return 0
         return sum(1 for ln in r.stdout.splitlines() if ln.strip()) if r.returncode == 0 else 0
-
-    @property
-    def present(self) -> bool:
-        self.wait()
-        return self._run("-C")
-
-
-def _quote(arg: str) -> str:
-    return "'" + arg.replace("'", "'\\''") + "'"

@@ -127,7 +127,7 @@ async def serve(host: str, port: int, *, rate: float, size: int, report: str | N
 
 async def client(host: str, port: int, *, conns: int, duration: float, rate: float, size: int,
                  connect_timeout: float = 5.0, long_gap: float | None = None,
-                 samples: str | None = None,
+                 samples: str | None = None, record_arrivals: bool = False,
                  sample_every: float = 0.05) -> dict[str, Any]:  # fmt: skip
     """Stream on ``conns`` connections for ``duration`` seconds, or until SIGTERM (then every
     connection ends cleanly with its trailer, and the report is complete).
@@ -135,7 +135,9 @@ async def client(host: str, port: int, *, conns: int, duration: float, rate: flo
     ``long_gap``: the report's ``long_gaps`` lists, per connection, every silence of the server's
     stream longer than that (monotonic (from, to): a benchmark finds the one around its fault).
     ``samples``: write ``[[conn, t, bytes], ...]`` there at the end (bytes received so far on
-    each connection every ``sample_every`` s, monotonic t), the data of a timeline picture."""
+    each connection every ``sample_every`` s, monotonic t), the data of a timeline picture.
+    ``record_arrivals``: the report's ``arrivals`` lists every message's arrival (monotonic), per
+    connection."""
     verifiers: list[StreamVerifier] = []
     errors: dict[str, int] = {}
     kept = 0
@@ -160,7 +162,7 @@ async def client(host: str, port: int, *, conns: int, duration: float, rate: flo
 
     async def one(conn: int) -> None:
         nonlocal kept
-        v = StreamVerifier(SERVER, conn, long_gap=long_gap)
+        v = StreamVerifier(SERVER, conn, long_gap=long_gap, record_arrivals=record_arrivals)
         verifiers.append(v)
         try:
             async with opening:  # thousands at once would overflow the server's accept queue
@@ -196,6 +198,8 @@ async def client(host: str, port: int, *, conns: int, duration: float, rate: flo
     out = summarize(verifiers, errors)
     out["kept"] = kept
     out["resets"] = errors.get("ConnectionResetError", 0)
+    if record_arrivals:
+        out["arrivals"] = [[round(t, 5) for t in v.report.arrivals] for v in verifiers]
     if long_gap is not None:
         out["long_gaps"] = {v.conn: v.report.long_gaps for v in verifiers if v.report.long_gaps}
     if sampler is not None and samples:
