@@ -212,6 +212,53 @@ def test_commit_sent_but_not_consumed_is_trimmed_at_adoption(endpoint: AgentEndp
     lst.close()
 
 
+def test_abort_resets_the_peer_although_the_agent_holds_a_copy(endpoint: AgentEndpoint) -> None:
+    lst = ns_listen("127.0.0.1", 0, agent=endpoint.path)
+    cli = socket.create_connection(("127.0.0.1", lst.port), timeout=5)
+    conn = lst.ns_accept()
+    wait_for(lambda: conn.conn_id in endpoint.conns)
+    conn.ns_abort()
+    with pytest.raises(ConnectionResetError):
+        cli.recv(10)
+    wait_for(lambda: conn.conn_id not in endpoint.conns)
+    cli.close()
+    lst.close()
+
+
+def test_kernel_positions_are_exact_when_a_segment_lands_between_the_reads(
+        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """The read position is a TCP_INFO counter minus a queue length: two syscalls. A segment
+    landing between them must not skew it (it did under load: a successor's queue was trimmed a
+    whole message too far). Here a segment is made to land exactly there, every first time."""
+    from nonstop.app import channel
+
+    lsock = socket.create_server(("127.0.0.1", 0))
+    cli = socket.create_connection(lsock.getsockname()[:2], timeout=5)
+    srv, _ = lsock.accept()
+    real = channel._queue_len
+    calls = 0
+
+    def racing_queue_len(sock: socket.socket, request: int) -> int:
+        nonlocal calls
+        calls += 1
+        if calls % 2 == 1:  # between the counter and the queue: 100 more bytes arrive
+            before = real(srv, channel._SIOCINQ)
+            cli.sendall(b"y" * 100)
+            wait_for(lambda: real(srv, channel._SIOCINQ) == before + 100)
+        return real(sock, request)
+
+    cli.sendall(b"x" * 50)
+    wait_for(lambda: len(srv.recv(100, socket.MSG_PEEK)) == 50)
+    assert srv.recv(20) == b"x" * 20
+    monkeypatch.setattr(channel, "_queue_len", racing_queue_len)
+    assert channel.kernel_read_pos(srv) == 20
+    srv.sendall(b"z" * 30)
+    assert channel.kernel_write_pos(srv) == 30  # (queued or acked: the same position)
+    assert channel.kernel_read_pos(srv) == 20  # still: more bytes queued do not move it
+    for s_ in (cli, srv, lsock):
+        s_.close()
+
+
 def test_adopted_filters_by_port_and_is_empty_without_orphans(endpoint: AgentEndpoint) -> None:
     lst = ns_listen("127.0.0.1", 0, agent=endpoint.path)
     cli = socket.create_connection(("127.0.0.1", lst.port), timeout=5)

@@ -63,6 +63,10 @@ class AsyncNsConn(ConnCore):
     async def ns_close(self) -> None:
         self._close()
 
+    def ns_abort(self) -> None:
+        """The peer sees a RST (see ``NsConn.ns_abort``)."""
+        self._close(abort=True)
+
     def getpeername(self) -> tuple[str, int]:
         host, port = self.sock.getpeername()[:2]
         return (host, port)

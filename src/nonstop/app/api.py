@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
 import socket
+import struct
 import threading
 import time
 
@@ -27,6 +29,7 @@ from nonstop.common import LocalProtocolError, RemoteProtocolError
 # TCP states (include/net/tcp_states.h) in which the peer has sent its FIN or the socket is gone.
 _PEER_DONE = {6, 7, 8, 9, 11}  # TIME_WAIT, CLOSE, CLOSE_WAIT, LAST_ACK, CLOSING
 _IP_FREEBIND, _IPV6_FREEBIND = 15, 78
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets
 
 
 def _addr(sa: tuple) -> tuple[str, int]:
@@ -150,12 +153,17 @@ class ConnCore:
             count -= len(got)
             self.read_pos += len(got)
 
-    def _close(self) -> None:
+    def _close(self, *, abort: bool = False) -> None:
         if self.closed:
             return
         self.closed = True
+        if abort:  # linger 0: whichever close of the socket is the last (ours or the agent's
+            # duplicate) sends a RST instead of a FIN
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
         if self.agent is not None:
-            self.agent.send(Close(self.conn_id, deliberate=True))
+            with contextlib.suppress(OSError) if abort else contextlib.nullcontext():
+                self.agent.send(Close(self.conn_id, deliberate=True))
         self.sock.close()
 
 
@@ -186,6 +194,11 @@ class NsConn(ConnCore):
     def ns_close(self) -> None:
         """Deliberate close: the agent drops its duplicate, the peer sees a FIN."""
         self._close()
+
+    def ns_abort(self) -> None:
+        """Give up on the connection: the agent drops its duplicate, the peer sees a RST. (A
+        plain ``sock.close()`` would not reach the peer: the agent still holds the socket.)"""
+        self._close(abort=True)
 
     def fileno(self) -> int:
         return self.sock.fileno()

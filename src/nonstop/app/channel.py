@@ -181,28 +181,41 @@ def recv_msgs(sock: socket.socket, dec: FrameDecoder) -> list[Received] | None:
     return dec.feed(data, fds)
 
 
-def kernel_read_pos(sock: socket.socket) -> int:
-    """Bytes the application side has read from ``sock`` since it opened (received - queued)."""
+def _queue_len(sock: socket.socket, request: int) -> int:
     import fcntl
-    import termios
 
-    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
-    (received,) = struct.unpack_from("=Q", info, _TCP_INFO_BYTES_RECEIVED)
-    if info[0] in _FIN_RECEIVED:
-        received -= 1  # the peer's FIN takes one sequence number and is counted
-    inq = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
-    return received - inq
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), request, b"\0\0\0\0"))[0]
+
+
+def _stable_position(sock: socket.socket, offset: int, request: int, sign: int) -> int:
+    """A TCP_INFO byte counter (at ``offset``) combined with a queue length (``request``), read
+    so that both describe the same moment: the counter is read before and after the queue, and
+    again until it did not move (a segment or an ACK that lands between two unlocked syscalls
+    would otherwise skew the position by a whole segment)."""
+    for _ in range(1000):
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+        (before,) = struct.unpack_from("=Q", info, offset)
+        queued = _queue_len(sock, request)
+        again = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+        (after,) = struct.unpack_from("=Q", again, offset)
+        if before == after and info[0] == again[0]:
+            fin = 1 if request == _SIOCINQ and info[0] in _FIN_RECEIVED else 0
+            return before - fin + sign * queued
+    raise OSError("TCP counters kept moving while reading a queue position")
+
+
+_SIOCINQ, _SIOCOUTQ = 0x541B, 0x5411  # FIONREAD, TIOCOUTQ
+
+
+def kernel_read_pos(sock: socket.socket) -> int:
+    """Bytes the application side has read from ``sock`` since it opened (received - queued;
+    the peer's FIN takes one sequence number and is counted in received, not queued)."""
+    return _stable_position(sock, _TCP_INFO_BYTES_RECEIVED, _SIOCINQ, -1)
 
 
 def kernel_write_pos(sock: socket.socket) -> int:
     """Bytes the application side has written to ``sock`` since it opened (acked + queued)."""
-    import fcntl
-    import termios
-
-    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
-    (acked,) = struct.unpack_from("=Q", info, _TCP_INFO_BYTES_ACKED)
-    outq = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
-    return acked + outq
+    return _stable_position(sock, _TCP_INFO_BYTES_ACKED, _SIOCOUTQ, +1)
 
 
 # -- the agent side ------------------------------------------------------------------------------

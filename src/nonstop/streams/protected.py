@@ -88,9 +88,10 @@ class ProtectedServer:
         try:
             await _Conn(self, conn, state).run()
         except (ConnectionError, OSError, StreamError) as e:
+            if type(e).__name__ not in self.errors:  # logged once per kind, all counted
+                print(f"conn {conn.conn_id}: {type(e).__name__}: {e}", flush=True)
             self._count(type(e).__name__)
-            with contextlib.suppress(OSError):
-                conn.sock.close()  # abort: a reset the client sees (the agent keeps a copy)
+            conn.ns_abort()  # a reset the client sees (and the agent drops its copy)
 
     def _count(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
