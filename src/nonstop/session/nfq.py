@@ -6,7 +6,7 @@ backup holds the peer's bytes (``SyncSender.confirmed(conn)[0]``); ``None`` lets
 unchanged. The rule:
 
     iptables -I OUTPUT -p tcp -s VIP --sport PORT -m comment --comment nonstop-ackclamp:q<N>
-             -j NFQUEUE --queue-num N --queue-bypass
+             -j NFQUEUE --queue-num N
 
 With ``capture=``, the peer's segments to VIP:port pass through the same queue (an INPUT rule
 with ``-d VIP --dport PORT``): ``capture(segment, payload)`` sees each one before TCP does (the
@@ -16,8 +16,13 @@ With ``capture_out=``, ``capture_out(segment, payload)`` sees every outgoing seg
 the SYN-ACK's options, DATA(SND), the service's windows. An exception in either hook is counted
 (``stats.errors``, ``error``) and the segment goes on: the clamp keeps it safe, the backup may lag.
 
-``--queue-bypass``: while no listener is bound the segments pass unclamped (the agent died; the
-service keeps working, without the takeover guarantee). Segments the clamp cannot parse, and
+No ``--queue-bypass``: fail closed. While the rule is in place and nothing is bound to the queue
+(the agent and its session worker were killed) the kernel drops every segment of VIP:port. It
+used to let them pass, and a killed master's kernel then acknowledged, in the moments before the
+peer moved to the new master, bytes the backup never got: the restored connection waited
+forever for bytes the peer would not send again. The rule goes in after the bind and out before
+the unbind, so a clean start or stop loses nothing; a crashed worker's rules are removed by the
+next one once its quiet rule is in (``remove_rules``). Segments the clamp cannot parse, and
 truncated copies, are dropped and counted: TCP sends them again, and nothing unclamped escapes.
 
 The hot path (issue 3 wants a protected stream at >= 0.8x an unprotected one) speaks nfnetlink
@@ -48,7 +53,7 @@ a signed connection.
 GSO: the queue carries whole GSO packets (up to 64 KB, NFQA_CFG_F_GSO), which needs a 64 MB
 netlink receive buffer; an ENOBUFS overflow (the kernel dropped a queued segment: TCP resends it)
 is counted and the loop carries on. No fail-open flag: a full queue drops, never lets a segment
-pass unclamped; only ``--queue-bypass`` (no listener at all) does.
+pass unclamped.
 """
 
 from __future__ import annotations
@@ -167,9 +172,10 @@ def _in_ns(ns_fd: int, fn: Callable[..., Any], *args: Any) -> Any:
     return box.get("result")
 
 
-def remove_rules(family: int = 4, *, netns_fd: int | None = None) -> int:
+def remove_rules(family: int = 4, *, netns_fd: int | None = None, keep_quiet: bool = False) -> int:
     """Delete every nonstop ACK-clamp rule from OUTPUT/INPUT (a crashed agent's leftovers); how
-    many. Runs in the current namespace, or the one behind ``netns_fd``."""
+    many. ``keep_quiet``: not the quiet rules (``session.quiet``). Runs in the current namespace,
+    or the one behind ``netns_fd``."""
 
     def body() -> int:
         ipt = _iptables(family)
@@ -177,6 +183,8 @@ def remove_rules(family: int = 4, *, netns_fd: int | None = None) -> int:
         n = 0
         for line in out.stdout.splitlines():
             if line.startswith("-A ") and COMMENT in line:
+                if keep_quiet and f"{COMMENT}:quiet" in line:
+                    continue
                 spec = shlex.split(line)[1:]  # -S quotes the comment
                 subprocess.run([ipt, "-w", "-D", *spec], capture_output=True, check=True)
                 n += 1
@@ -247,7 +255,7 @@ class AckClamp:
         return [
             "-p", "tcp", *match, str(self.port),
             "-m", "comment", "--comment", f"{COMMENT}:q{self.queue_num}",
-            "-j", "NFQUEUE", "--queue-num", str(self.queue_num), "--queue-bypass",
+            "-j", "NFQUEUE", "--queue-num", str(self.queue_num),
         ]  # fmt: skip
 
     # -- lifecycle ------------------------------------------------------------------------------

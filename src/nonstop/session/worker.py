@@ -53,18 +53,19 @@ def serve(sock: socket.socket) -> int:
     if init.get("op") != "init":
         return 2
     specs = [ServiceSpec(**s) for s in init["services"]]
-    for fam in sorted({s.family for s in specs}):  # a crashed predecessor's NFQUEUE rules
-        with contextlib.suppress(OSError, subprocess.CalledProcessError):
-            remove_rules(fam)
     services: list[ProtectedService] = []
     try:
-        for spec in specs:
+        for spec in specs:  # each starts quiet (a backup): its quiet rule goes in first ...
             services.append(ProtectedService(spec, init["key"]).start())
     except Exception as e:
         sock.send(_enc.encode({"ok": False, "error": f"{type(e).__name__}: {e}"}))
         for svc in services:
             svc.close()
         return 1
+    for fam in sorted({s.family for s in specs}):  # ... then a crashed predecessor's NFQUEUE
+        # rules go (they drop everything of VIP:port while nobody is bound: fail closed)
+        with contextlib.suppress(OSError, subprocess.CalledProcessError):
+            remove_rules(fam, keep_quiet=True)
     sock.send(_enc.encode({"ok": True, "pid": os.getpid()}))
     try:
         while True:
