@@ -7,6 +7,7 @@ operations and once the link is quiet, the backup must hold exactly what the mod
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -332,6 +333,40 @@ def test_a_batch_not_yet_handed_out_is_not_retransmitted_twice() -> None:
     tx.open(1, full(1, 1, 1), 0.0)  # sealed and queued at 0.0, handed out only at 1.0
     assert len(tx.datagrams_to_send(1.0)) == 1
     assert tx.get_timer() == pytest.approx(1.02) and tx.counters["retransmits"] == 0
+
+
+def test_timeout_adapts_to_a_slow_backup_and_backs_off() -> None:
+    """A backup that answers in 60 ms: after a few samples nothing is resent (a fixed 20 ms timer
+    resent every batch, and a busy backup only got busier); with no answer at all the timer
+    doubles up to max_rto."""
+    tx = SyncSender(KEY, incarnation=1, now=0.0, max_batch=1, rto=0.02, max_rto=0.25)
+    rx = SyncReceiver(KEY, now=0.0, incarnation=1)
+    now, late = 0.0, []
+    for i in range(1, 41):
+        tx.open(i, full(i, i, i), now)
+        for d in tx.datagrams_to_send(now):
+            late += [(now + 0.06, a) for a in rx.receive(d, now)]
+        for _ in range(10):  # 10 ms per connection, ACKs come back 60 ms after the batch
+            now += 0.001
+            late += [(now + 0.06, a) for d in tx.datagrams_to_send(now) for a in rx.receive(d, now)]
+            for _, a in [x for x in late if x[0] <= now]:
+                tx.receive_ack(a, now)
+            late = [x for x in late if x[0] > now]
+        if i == 10:
+            early = tx.counters["retransmits"]
+    assert tx.srtt == pytest.approx(0.06, abs=0.005)
+    assert tx.current_rto > 0.06
+    assert early > 0 and tx.counters["retransmits"] == early  # none once the RTT is known
+    lost = SyncSender(KEY, incarnation=1, now=0.0, max_batch=1, rto=0.02, max_rto=0.25)
+    lost.open(1, full(1, 1, 1), 0.0)
+    t, sends = 0.0, []
+    while t < 1.5:
+        if lost.datagrams_to_send(t):
+            sends.append(round(t, 3))
+        t += 0.001
+    gaps = [round(b - a, 3) for a, b in itertools.pairwise(sends)]
+    assert gaps[:5] == pytest.approx([0.02, 0.04, 0.08, 0.16, 0.25], abs=0.002)
+    assert gaps[4:] == pytest.approx([0.25] * len(gaps[4:]), abs=0.002)
 
 
 def test_full_batch_goes_at_once_and_window_limits_flight() -> None:

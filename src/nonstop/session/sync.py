@@ -11,8 +11,12 @@ Rules, all in one place:
   when the next one would not fit in ``max_datagram``, or ``max_delay`` after the first one.
 - Delivery is reliable and in order: batches carry (incarnation, seq); the receiver applies them in
   seq order, buffers ones that arrive early, and ACKs the highest seq applied. The sender
-  retransmits a batch every ``rto`` until it is acknowledged, and keeps at most ``window`` batches
-  in flight so the receiver's ReplayWindow never discards a legitimate one as too old.
+  retransmits a batch until it is acknowledged, and keeps at most ``window`` batches in flight so
+  the receiver's ReplayWindow never discards a legitimate one as too old. The retransmission
+  timeout is TCP's (RFC 6298): smoothed RTT + 4 x its variation, from batches acknowledged
+  after one transmission (Karn), never below ``rto`` nor above ``max_rto``, doubled at each
+  timeout until such a sample comes. A fixed 20 ms timer made a busy backup's late ACKs cost a
+  resend of the whole window every 20 ms, which kept it busier: 85% of the datagrams were resends.
 - A RESET batch (the first of an incarnation and of every resync) tells the receiver to drop all
   it holds: the batches that follow rebuild every connection (FULL, UPDATE, COMMIT, DATA). A
   receiver without a base (it just started) ACKs with NEED_RESYNC and the sender resyncs, unless
@@ -201,6 +205,7 @@ class _Sent:
     # conn id -> (the mirror's conn object, (rcv end, snd end)) after this batch; None: closed
     marks: dict[int, tuple[_Conn, tuple[int, int]] | None]
     sent_at: float = 0.0  # when it was last handed out (or queued, while ``queued``)
+    tries: int = 0  # how many times it was handed out (an RTT sample needs exactly one)
     queued: bool = False  # in the outbox, not yet handed out by datagrams_to_send
 
 
@@ -215,15 +220,20 @@ class SyncSender(_Counted):
 
     def __init__(self, key: bytes, *, incarnation: int, max_batch: int = 64,
                  max_delay: float = 0.001, now: float, rto: float = 0.02,
-                 max_datagram: int = 1472, window: int = 256) -> None:
+                 max_rto: float = 0.25, max_datagram: int = 1472, window: int = 256) -> None:
         if len(key) < MIN_KEY_LEN:
             raise ValueError(f"key must be at least {MIN_KEY_LEN} bytes")
-        if max_batch < 1 or max_delay < 0 or rto <= 0 or window < 1:
-            raise ValueError("max_batch, window >= 1; max_delay >= 0; rto > 0")
+        if max_batch < 1 or max_delay < 0 or rto <= 0 or max_rto < rto or window < 1:
+            raise ValueError("max_batch, window >= 1; max_delay >= 0; max_rto >= rto > 0")
         if max_datagram < OVERHEAD + max(FULL_LEN, DATA_LEN + 1):
             raise ValueError(f"max_datagram {max_datagram} cannot hold a FULL record")
         self._key, self.incarnation = key, incarnation
         self.max_batch, self.max_delay, self.rto = max_batch, max_delay, rto
+        self.max_rto = max_rto
+        self._srtt: float | None = None  # smoothed RTT of the sync channel (s)
+        self._rttvar = 0.0
+        self._rto = rto  # the current timeout before backoff
+        self._backoff = 1  # doubled at each timeout, back to 1 when an ACK moves
         self.max_datagram, self.window = max_datagram, window
         self._conns: dict[int, _Conn] = {}
         self._held: dict[tuple[int, Direction], dict[int, bytes]] = {}  # data past a gap
@@ -370,12 +380,37 @@ class SyncSender(_Counted):
             return
         if ack.applied < self._reset_seq:
             return  # from before our latest RESET
-        for seq in [s for s in self._inflight if s <= ack.applied]:
+        acked = [s for s in self._inflight if s <= ack.applied]
+        if acked:  # Karn: only a batch sent once gives a sample, and the backoff stays until
+            # one does (an ACK of a resent batch says nothing about how long the first took)
+            last = self._inflight[acked[-1]]
+            if last.tries == 1 and not last.queued:
+                self._rtt_sample(now - last.sent_at)
+                self._backoff = 1
+        for seq in acked:
             for conn_id, mark in self._inflight.pop(seq).marks.items():
                 if mark is None:
                     self._confirmed.pop(conn_id, None)
                 elif self._conns.get(conn_id) is mark[0]:  # not a later conn with the same id
                     self._confirmed[conn_id] = mark[1]
+
+    def _rtt_sample(self, rtt: float) -> None:
+        if self._srtt is None:
+            self._srtt, self._rttvar = rtt, rtt / 2
+        else:
+            self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - rtt)
+            self._srtt = 0.875 * self._srtt + 0.125 * rtt
+        self._rto = min(self.max_rto, max(self.rto, self._srtt + 4 * self._rttvar))
+
+    @property
+    def current_rto(self) -> float:
+        """The retransmission timeout in force now (s), backoff included."""
+        return min(self.max_rto, self._rto * self._backoff)
+
+    @property
+    def srtt(self) -> float | None:
+        """The smoothed RTT of the sync channel (s); None before the first sample."""
+        return self._srtt
 
     def confirmed(self, conn_id: int) -> tuple[int, int] | None:
         """(rcv end, snd end) the backup holds for ``conn_id``; None if it holds nothing yet.
@@ -401,7 +436,8 @@ class SyncSender(_Counted):
 
     # -- timers and output -------------------------------------------------------------------
     def get_timer(self) -> float | None:
-        times = [s.sent_at if s.queued else s.sent_at + self.rto for s in self._inflight.values()]
+        rto = self.current_rto
+        times = [s.sent_at if s.queued else s.sent_at + rto for s in self._inflight.values()]
         if self._pending:
             times.append(self._pending_since + self.max_delay)
         return min(times, default=None)
@@ -409,11 +445,15 @@ class SyncSender(_Counted):
     def handle_timer(self, now: float) -> None:
         if self._pending and now >= self._pending_since + self.max_delay:
             self._seal(now)
+        rto, fired = self.current_rto, False
         for sent in self._inflight.values():
-            if not sent.queued and now >= sent.sent_at + self.rto:
+            if not sent.queued and now >= sent.sent_at + rto:
                 sent.sent_at, sent.queued = now, True
                 self._outbox.append(sent)
                 self.counters["retransmits"] += 1
+                fired = True
+        if fired:
+            self._backoff = min(self._backoff * 2, 64)
         self._transmit(now)
 
     def datagrams_to_send(self, now: float) -> list[bytes]:
@@ -421,6 +461,7 @@ class SyncSender(_Counted):
         out, self._outbox = self._outbox, []
         for sent in out:
             sent.sent_at, sent.queued = now, False
+            sent.tries += 1
         self.counters["tx"] += len(out)
         return [sent.data for sent in out]
 
