@@ -277,6 +277,8 @@ class ProtectedService:
                     "protecting": m.protecting,
                     "adopted": m.adopted,
                     "tx_bytes": m.tx_bytes,
+                    "srtt_ms": None if m.sender.srtt is None else round(m.sender.srtt * 1e3, 3),
+                    "rto_ms": round(m.sender.current_rto * 1e3, 3),
                     **m.sender.counters,
                 }
                 out["clamp"] = dataclasses.asdict(m.clamp.stats)
