@@ -14,12 +14,16 @@ capture and ``capture_out`` on the outbound segments the clamp already queues) a
   never holds a commit whose written bytes it lacks.
 
 The clamp's limit is ``SyncSender.confirmed(conn)[0]`` (the backup holds the peer's bytes up to
-there), IRS+1 until the first confirmation, None for segments of unknown connections. Without a
-backup (``set_backup(None)``: the peer is gone) nothing is sent and nothing is clamped: no
+there), and never below the highest ACK that already left this node (an older ACK tells the peer
+nothing, and what left cannot be taken back); None for segments of unknown connections. Without
+a backup (``set_backup(None)``: the peer is gone) nothing is sent and nothing is clamped: no
 surviving node but this one could deliver the bytes, and holding ACKs would only stall the peer.
-When a backup appears (``set_backup(addr)``) the sender resyncs it from its mirror (every FULL
-with a fresh TSval, the commit, the uncommitted input, the unacknowledged output); the clamp
-engages again once the backup has acknowledged that copy. Batches go
+When a backup appears (``set_backup(addr)``) the clamp engages at once and the sender resyncs
+the backup from its mirror (every FULL with a fresh TSval, the commit, the uncommitted input,
+the unacknowledged output): until the backup confirms a connection's copy, its ACKs stay where
+they were. (The clamp used to engage only once the whole resync was acknowledged: the bytes
+acknowledged meanwhile came after the resync in the stream, and a master killed right after
+``protecting`` turned true had told the peer about bytes its backup never got.) Batches go
 to the backup over UDP at once (``max_delay`` 0: one batch per segment seen) from the verdict
 thread; a second thread reads the backup's ACKs and retransmits.
 
@@ -81,6 +85,7 @@ class _Tracked:
     ts_at: float  # when full.ts_val was the connection's TCP timestamp (time.monotonic())
     fins: int = 0  # FIN seen: 1 inbound, 2 outbound
     pending_commit: tuple[int, int, bytes] | None = None  # (rpos, wpos, state) as sequence numbers
+    acked_out: int | None = None  # the highest ACK that left this node (None: none yet)
 
 
 @dataclass(slots=True)
@@ -190,7 +195,8 @@ class MasterSession:
 
     @property
     def protecting(self) -> bool:
-        """The clamp is engaged: a backup holds a whole, acknowledged copy."""
+        """A backup holds a whole, acknowledged copy: every connection is covered. (The clamp is
+        engaged as soon as a backup is set; this says the resync is done.)"""
         with self._lock:  # the sync thread changes what ``resynced`` walks
             return self.backup is not None and self.sender.resynced
 
@@ -216,7 +222,7 @@ class MasterSession:
             snd = self.sender
             snd.open(full.conn_id, full, now)  # refuses an id already open
             self._conns[ft] = _Tracked(full.conn_id, full, st.snd_seq, snd_una, snd_wnd, rcv_wnd,
-                                       now)
+                                       now, acked_out=rcv_end)  # its window probe acks that
             self._ids = itertools.count(max(next(self._ids), full.conn_id + 1))
             snd.update(full.conn_id, rcv_nxt=rcv_end, snd_una=snd_una, snd_nxt=st.snd_seq,
                        snd_wnd=snd_wnd & _U32, rcv_wnd=rcv_wnd & _U32, now=now)
@@ -256,11 +262,17 @@ class MasterSession:
 
     # -- the packet path (verdict thread) --
     def _limit(self, ft: FourTuple) -> int | None:
-        t = self._conns.get(ft)
-        if t is None or not self.protecting:
+        with self._lock:
+            t = self._conns.get(ft)
+            return None if t is None else self._limit_of(t)
+
+    def _limit_of(self, t: _Tracked) -> int | None:
+        """The highest ACK ``t`` may send now (call under the lock); None: any."""
+        if self.backup is None:
             return None
+        floor = t.full.rcv_seq if t.acked_out is None else t.acked_out
         conf = self.sender.confirmed(t.conn_id)
-        return t.full.rcv_seq if conf is None else conf[0]
+        return floor if conf is None or seq_lt(conf[0], floor) else conf[0]
 
     def _inbound(self, seg: Segment, payload: bytes) -> None:
         ft = (seg.dst, seg.dport, seg.src, seg.sport)
@@ -314,6 +326,11 @@ class MasterSession:
                 self._close(ft, t, CloseReason.RESET, now)
                 return
             t.rcv_wnd = seg.window << t.full.rcv_wscale
+            if seg.flags & ACK:  # what the clamp lets out of this segment, right after this
+                lim = self._limit_of(t)
+                sent = seg.ack if lim is None or not seq_lt(lim, seg.ack) else lim
+                if t.acked_out is None or seq_lt(t.acked_out, sent):
+                    t.acked_out = sent
             if payload:
                 self.sender.data(t.conn_id, Direction.SND, seg.seq, payload, now)
                 end = seq_add(seg.seq, len(payload))

@@ -1,0 +1,116 @@
+"""The ACK clamp while a backup joins (nonstop.session.manager.MasterSession).
+
+Without a backup the master acknowledges freely (no other node could deliver the bytes). The
+moment a backup is set, no byte may be acknowledged that the backup does not hold: not after the
+resync is acknowledged, from the start. Here the backup first does not answer at all: the peer's
+new bytes reach the master's kernel but its acknowledged count must not move; then the backup
+answers (a real SyncReceiver) and the acknowledgement catches up. (It used to engage only once
+the resync was acknowledged: a master killed right then had told the peer about bytes its backup
+never got, and the restored connection waited forever for bytes the peer would not resend.)
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from nonstop.lab import Lab, Topology, nsops
+from nonstop.session.manager import MasterSession
+from nonstop.session.sync import SyncReceiver
+
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(60)]
+
+A, B, PORT, SYNC = "10.77.0.11", "10.77.0.12", 7350, 7351
+KEY = bytes(range(32))
+
+
+@pytest.fixture
+def lab(lab_factory: Callable[..., Lab]) -> Lab:
+    topo = Topology(source="<clamp-resync>")
+    topo.channel("lan", v4="10.77.0.0/24")
+    topo.host("a", channels={"lan": 11})
+    topo.host("b", channels={"lan": 12})
+    return lab_factory(topo)
+
+
+def acked(sock: socket.socket) -> int:
+    return struct.unpack_from("Q", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232),
+                              120)[0]  # fmt: skip
+
+
+def settle(fn: Callable[[], int], period: float = 0.4, timeout: float = 10.0) -> int:
+    deadline, last, since = time.monotonic() + timeout, fn(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+        now = fn()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= period:
+            return now
+    raise AssertionError(f"never settled: {last}")
+
+
+def test_no_byte_acknowledged_past_the_backup_while_it_resyncs(lab: Lab) -> None:
+    a, b = lab.host("a"), lab.host("b")
+    m = nsops.in_netns(a.ns, lambda: MasterSession(A, PORT, KEY, backup=None, queue_num=11))
+    m.open()
+    sync = b.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sync.bind((B, SYNC))
+    stop = threading.Event()
+    threads: list[threading.Thread] = []
+    try:
+        with a.socket() as lsock, b.socket() as cli:
+            lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            lsock.bind((A, PORT))
+            lsock.listen(1)
+            cli.connect((A, PORT))
+            srv, _ = lsock.accept()
+            with srv:
+                base = acked(cli)
+                cli.sendall(b"x" * 1000)  # no backup: acknowledged at once
+                assert settle(lambda: acked(cli)) - base == 1000
+                m.set_backup((B, SYNC))  # a backup that does not answer yet
+                cli.sendall(b"y" * 1000)
+                got = b""
+                srv.settimeout(5)
+                while len(got) < 2000:
+                    got += srv.recv(4096)  # the master's kernel holds it all ...
+                assert settle(lambda: acked(cli)) - base == 1000  # ... the peer is told nothing
+                assert not m.protecting
+
+                rx = SyncReceiver(KEY, now=time.monotonic(), incarnation=1)
+
+                def answer() -> None:
+                    sync.settimeout(0.1)
+                    while not stop.is_set():
+                        try:
+                            data, src = sync.recvfrom(65536)
+                        except TimeoutError:
+                            continue
+                        for ack in rx.receive(data, time.monotonic()):
+                            sync.sendto(ack, src)
+
+                t = threading.Thread(target=answer, daemon=True)
+                threads.append(t)
+                t.start()
+                srv.sendall(b"z")  # a segment carrying the ACK, no need to wait for a timer
+                deadline = time.monotonic() + 10
+                while acked(cli) - base < 2000 and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                    if not m.protecting:
+                        continue
+                    srv.sendall(b"z")
+                assert acked(cli) - base == 2000 and m.protecting
+                (held,) = rx.connections().values()
+                assert held.rcv_end - held.full.rcv_seq == 2000  # the backup holds every byte
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(5)
+        m.close()
+        sync.close()
