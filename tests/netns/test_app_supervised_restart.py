@@ -44,9 +44,7 @@ def dump_logs(c: R.SupervisedCluster) -> None:
 
 
 def test_twenty_sigkills_of_the_service_process(demo_lab) -> None:
-    # 64, not the 256: at 256 one stream in a CI run never got the server's trailer (no
-    # loss, no reset): the open bug of docs/session-takeover.md ("trailer"), also seen here
-    n = 64
+    n = 256
     try:
         res = R.run(demo_lab, sessions=n, kills=20, instances_=1, rate=20.0, settle=0.2)
     except BaseException:

@@ -155,10 +155,7 @@ def test_master_node_cut_off(run: Run) -> None:
 
 
 def test_twenty_failovers_back_and_forth(run: Run) -> None:
-    # 64, not the 256: at 256 x 20 rounds about half the streams did not end cleanly
-    # (the client waited in vain for the server's trailer; no loss, no reset): an open bug,
-    # see docs/session-takeover.md
-    c, n, rounds = run.c, 64, 20
+    c, n, rounds = run.c, 256, 20
     master = c.master()
     assert master is not None
     client = run.client(n, duration=3600)  # until SIGTERM: then every stream ends cleanly
