@@ -113,6 +113,18 @@ def run(demo_lab, request) -> Iterator[Run]:
                     print(f"----- log of {n}\n{c.log_text(n)[-12000:]}")
 
 
+def explain(run: Run, master: str, report: dict) -> None:
+    """Print both ends of the connections that did not end cleanly, and the master's view."""
+    for u in report.get("unclean", [])[:4]:
+        port = u["port"]
+        print(f"--- conn {u['conn']} (peer port {port}): {u}")
+        for node in ("peer", master):
+            r = run.c.lab.host(node).sh(f"ss -tanoie '( dport = :{port} or sport = :{port} )'",
+                                        check=False)  # fmt: skip
+            print(f"{node}:\n{r.stdout}")
+    print(json.dumps(run.sessions(master), indent=1)[:4000])
+
+
 def assert_clean(client: dict, conns: int) -> None:
     if client.get("kept") != conns or client.get("errors"):
         print("client report:", json.dumps(client))
@@ -171,7 +183,10 @@ def test_twenty_failovers_back_and_forth(run: Run) -> None:
     run.wait_protecting(master, n)
     assert restored == [n] * rounds, restored
     client.send_signal(signal.SIGTERM)
-    assert_clean(run.finish(client, timeout=60), n)
+    report = run.finish(client, timeout=60)
+    if report.get("kept") != n:
+        explain(run, master, report)
+    assert_clean(report, n)
     server = run.server_report(master)
     assert server["errors"] == {} and server["lost"] == 0 and server["duplicated"] == 0, server
 

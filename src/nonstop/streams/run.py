@@ -148,6 +148,7 @@ async def client(host: str, port: int, *, conns: int, duration: float, rate: flo
         loop.add_signal_handler(signal.SIGTERM, stop.set)
     rows: list[tuple[int, float, int]] = []
     opening = asyncio.Semaphore(128)
+    unclean: list[dict[str, Any]] = []  # connections that did not end cleanly (diagnostics)
 
     async def sample() -> None:
         last: dict[int, int] = {}
@@ -187,6 +188,10 @@ async def client(host: str, port: int, *, conns: int, duration: float, rate: flo
         except (ConnectionError, OSError, TimeoutError, StreamError) as e:
             kind = type(e).__name__
             errors[kind] = errors.get(kind, 0) + 1
+            sockname = writer.get_extra_info("sockname") or ("", 0)
+            unclean.append({"conn": conn, "port": sockname[1], "error": kind,
+                            "rx_messages": v.report.messages, "rx_pending": v.pending,
+                            "last_rx": v.report.last_at})  # fmt: skip
         finally:
             receiving.cancel()
             with contextlib.suppress(BaseException):
@@ -198,6 +203,8 @@ async def client(host: str, port: int, *, conns: int, duration: float, rate: flo
     out = summarize(verifiers, errors)
     out["kept"] = kept
     out["resets"] = errors.get("ConnectionResetError", 0)
+    if unclean:
+        out["unclean"] = sorted(unclean, key=lambda u: u["conn"])[:32]
     if record_arrivals:
         out["arrivals"] = [[round(t, 5) for t in v.report.arrivals] for v in verifiers]
     if long_gap is not None:
