@@ -67,18 +67,24 @@ class QuietRule:
         self.wait()
         self._remove_all()
 
-    def reap(self) -> int:
+    def reap(self, *, orphans: bool = False) -> int:
         """Abort every established socket of VIP:port on this node (SOCK_DESTROY, ``ss -K``):
         call with the rule in place, so their RSTs die here. A socket the session worker never
         held (accepted, not yet registered, at a step-down) would otherwise keep its 4-tuple
-        and make a later restore of it fail with EADDRNOTAVAIL. Returns how many (best effort:
-        0 if ss cannot)."""
+        and make a later restore of it fail with EADDRNOTAVAIL. ``orphans``: every state but
+        listening and time-wait too (what a killed worker and service left closing). Returns
+        how many (best effort: 0 if ss cannot)."""
         src = f"[{self.vip}]" if ":" in self.vip else self.vip
+        states = ["state", "established"]
+        if orphans:
+            for st in ("syn-recv", "fin-wait-1", "fin-wait-2", "close-wait", "last-ack",
+                       "closing"):  # fmt: skip
+                states += ["state", st]
         try:
             r = subprocess.run(
-                ["ss", "-K", "-tnH", "state", "established", "src", src, "sport", "=",
-                 f":{self.port}"], capture_output=True, text=True, timeout=10,
-            )  # fmt: skip
+                ["ss", "-K", "-tnH", *states, "src", src, "sport", "=", f":{self.port}"],
+                capture_output=True, text=True, timeout=10,
+            )
         except (OSError, subprocess.TimeoutExpired):
             return 0
         return sum(1 for ln in r.stdout.splitlines() if ln.strip()) if r.returncode == 0 else 0

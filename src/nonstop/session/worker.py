@@ -66,6 +66,11 @@ def serve(sock: socket.socket) -> int:
         # rules go (they drop everything of VIP:port while nobody is bound: fail closed)
         with contextlib.suppress(OSError, subprocess.CalledProcessError):
             remove_rules(fam, keep_quiet=True)
+    for svc in services:  # and the sockets it left: nobody holds them, their 4-tuples would
+        # make a later restore of the same connections fail (their RSTs die on the quiet rule)
+        if n := svc.quiet.reap(orphans=True):
+            log.warning("session worker: %s: %d sockets left by a predecessor aborted",
+                        svc.spec.name, n)
     sock.send(_enc.encode({"ok": True, "pid": os.getpid()}))
     try:
         while True:
@@ -137,9 +142,22 @@ def _handle(services: list[Any], req: dict[str, Any]) -> dict[str, Any]:
     return {"ok": False, "error": f"unknown op {op!r}"}
 
 
+def _die_with_parent(parent: int) -> bool:
+    """PR_SET_PDEATHSIG(SIGKILL); False if ``parent`` is already gone (0: nothing to watch)."""
+    if not parent:
+        return True
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
+        log.warning("session worker: PR_SET_PDEATHSIG failed (errno %d)", ctypes.get_errno())
+    return os.getppid() == parent
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m nonstop.session.worker")
     ap.add_argument("--fd", type=int, required=True)
+    ap.add_argument("--parent", type=int, default=0, help="the agent's pid (0: do not watch)")
     ap.add_argument("-v", "--verbose", action="count", default=0)
     args = ap.parse_args(argv)
     logging.basicConfig(
@@ -147,7 +165,15 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s session-worker[%(process)d] %(levelname)s %(message)s",
     )
     with contextlib.suppress(OSError):
-        os.setsid()  # a kill of the agent's process group must leave us to silence the sockets
+        os.setsid()  # Ctrl-C at the agent's terminal is the agent's
+    # Die with the agent, at once. A master's worker that outlived its agent kept its kernel
+    # sending for ~100 ms while the backup took over (it learns of the death from an EOF it
+    # reads late on a busy node): segments with bytes the new master never had reached the
+    # peer, whose ACKs the new master's kernel then refused forever. Dead, the worker's NFQUEUE
+    # rules stay with nobody bound, and they drop everything of VIP:port (fail closed); the
+    # next worker on this node clears them once its quiet rule is in, and aborts the orphans.
+    if not _die_with_parent(args.parent):
+        return 0
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the agent's; we act on its EOF
     sock = socket.socket(fileno=args.fd)
     return serve(sock)
@@ -168,7 +194,8 @@ class SessionWorker:
         verbose: int = 0,
     ) -> SessionWorker:  # fmt: skip
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        cmd = [sys.executable, "-m", "nonstop.session.worker", "--fd", str(theirs.fileno())]
+        cmd = [sys.executable, "-m", "nonstop.session.worker", "--fd", str(theirs.fileno()),
+               "--parent", str(os.getpid())]  # fmt: skip
         cmd += ["-v"] * verbose
         proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()])
         theirs.close()
