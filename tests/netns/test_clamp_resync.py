@@ -12,12 +12,12 @@ never got, and the restored connection waited forever for bytes the peer would n
 from __future__ import annotations
 
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
 
 import pytest
+from tcpwatch import bytes_acked, wait_stable
 
 from nonstop.lab import Lab, Topology, nsops
 from nonstop.session.manager import MasterSession
@@ -38,23 +38,6 @@ def lab(lab_factory: Callable[..., Lab]) -> Lab:
     return lab_factory(topo)
 
 
-def acked(sock: socket.socket) -> int:
-    return struct.unpack_from("Q", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232),
-                              120)[0]  # fmt: skip
-
-
-def settle(fn: Callable[[], int], period: float = 0.4, timeout: float = 10.0) -> int:
-    deadline, last, since = time.monotonic() + timeout, fn(), time.monotonic()
-    while time.monotonic() < deadline:
-        time.sleep(0.02)
-        now = fn()
-        if now != last:
-            last, since = now, time.monotonic()
-        elif time.monotonic() - since >= period:
-            return now
-    raise AssertionError(f"never settled: {last}")
-
-
 def test_no_byte_acknowledged_past_the_backup_while_it_resyncs(lab: Lab) -> None:
     a, b = lab.host("a"), lab.host("b")
     m = nsops.in_netns(a.ns, lambda: MasterSession(A, PORT, KEY, backup=None, queue_num=11))
@@ -71,16 +54,17 @@ def test_no_byte_acknowledged_past_the_backup_while_it_resyncs(lab: Lab) -> None
             cli.connect((A, PORT))
             srv, _ = lsock.accept()
             with srv:
-                base = acked(cli)
+                base = bytes_acked(cli)
                 cli.sendall(b"x" * 1000)  # no backup: acknowledged at once
-                assert settle(lambda: acked(cli)) - base == 1000
+                assert wait_stable(lambda: bytes_acked(cli)) - base == 1000
                 m.set_backup((B, SYNC))  # a backup that does not answer yet
                 cli.sendall(b"y" * 1000)
                 got = b""
                 srv.settimeout(5)
                 while len(got) < 2000:
                     got += srv.recv(4096)  # the master's kernel holds it all ...
-                assert settle(lambda: acked(cli)) - base == 1000  # ... the peer is told nothing
+                # ... and the peer is told nothing of it
+                assert wait_stable(lambda: bytes_acked(cli)) - base == 1000
                 assert not m.protecting
 
                 rx = SyncReceiver(KEY, now=time.monotonic(), incarnation=1)
@@ -100,12 +84,12 @@ def test_no_byte_acknowledged_past_the_backup_while_it_resyncs(lab: Lab) -> None
                 t.start()
                 srv.sendall(b"z")  # a segment carrying the ACK, no need to wait for a timer
                 deadline = time.monotonic() + 10
-                while acked(cli) - base < 2000 and time.monotonic() < deadline:
+                while bytes_acked(cli) - base < 2000 and time.monotonic() < deadline:
                     time.sleep(0.02)
                     if not m.protecting:
                         continue
                     srv.sendall(b"z")
-                assert acked(cli) - base == 2000 and m.protecting
+                assert bytes_acked(cli) - base == 2000 and m.protecting
                 (held,) = rx.connections().values()
                 assert held.rcv_end - held.full.rcv_seq == 2000  # the backup holds every byte
     finally:

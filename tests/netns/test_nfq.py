@@ -13,14 +13,12 @@ import hashlib
 import os
 import random
 import socket
-import struct
 import subprocess
 import sys
 import threading
-import time
-from typing import Any
 
 import pytest
+from tcpwatch import tcp_info, wait_stable
 
 from nonstop.lab import Lab
 from nonstop.session.nfq import COMMENT, AckClamp, FourTuple, remove_rules
@@ -32,12 +30,6 @@ pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
 A, B = "10.77.0.11", "10.77.0.12"
 PORT = 7100
 QUEUE = 3
-
-
-def tcp_info(sock: socket.socket) -> tuple[int, int]:
-    """(tcpi_unacked segments, tcpi_bytes_acked) of a socket."""
-    raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232)
-    return struct.unpack_from("I", raw, 24)[0], struct.unpack_from("Q", raw, 120)[0]
 
 
 def rules(lab: Lab, family: int = 4) -> str:
@@ -56,20 +48,6 @@ class Reader(threading.Thread):
         while k := self.sock.recv_into(buf):
             self.sha.update(buf[:k])
             self.count += k
-
-
-def wait_stable(fn: Any, period: float = 0.3, timeout: float = 10.0) -> Any:
-    """fn()'s value once it stayed the same for ``period`` seconds."""
-    deadline = time.monotonic() + timeout
-    last, since = fn(), time.monotonic()
-    while time.monotonic() < deadline:
-        time.sleep(0.02)
-        now = fn()
-        if now != last:
-            last, since = now, time.monotonic()
-        elif time.monotonic() - since >= period:
-            return now
-    raise AssertionError(f"never stable: {last}")
 
 
 @pytest.mark.parametrize("family", [4, 6])
