@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import time
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -31,3 +33,19 @@ def wait_stable(fn: Any, period: float = 0.3, timeout: float = 10.0) -> Any:
         elif time.monotonic() - since >= period:
             return now
     raise AssertionError(f"never stable: {last}")
+
+
+@contextlib.contextmanager
+def connected(
+    server: Any, client: Any, addr: str, port: int, family: int = socket.AF_INET
+) -> Iterator[tuple[socket.socket, socket.socket]]:
+    """One TCP connection from lab host ``client`` to ``addr``:``port`` on lab host ``server``:
+    (the client's socket, the server's accepted one); all closed on exit."""
+    with server.socket(family) as lsock, client.socket(family) as cli:
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lsock.bind((addr, port))
+        lsock.listen(1)
+        cli.connect((addr, port))
+        conn, _ = lsock.accept()
+        with conn:
+            yield cli, conn

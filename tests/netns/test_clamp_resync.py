@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 
 import pytest
-from tcpwatch import bytes_acked, wait_stable
+from tcpwatch import bytes_acked, connected, wait_stable
 
 from nonstop.lab import Lab, Topology, nsops
 from nonstop.session.manager import MasterSession
@@ -47,51 +47,45 @@ def test_no_byte_acknowledged_past_the_backup_while_it_resyncs(lab: Lab) -> None
     stop = threading.Event()
     threads: list[threading.Thread] = []
     try:
-        with a.socket() as lsock, b.socket() as cli:
-            lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            lsock.bind((A, PORT))
-            lsock.listen(1)
-            cli.connect((A, PORT))
-            srv, _ = lsock.accept()
-            with srv:
-                base = bytes_acked(cli)
-                cli.sendall(b"x" * 1000)  # no backup: acknowledged at once
-                assert wait_stable(lambda: bytes_acked(cli)) - base == 1000
-                m.set_backup((B, SYNC))  # a backup that does not answer yet
-                cli.sendall(b"y" * 1000)
-                got = b""
-                srv.settimeout(5)
-                while len(got) < 2000:
-                    got += srv.recv(4096)  # the master's kernel holds it all ...
-                # ... and the peer is told nothing of it
-                assert wait_stable(lambda: bytes_acked(cli)) - base == 1000
-                assert not m.protecting
+        with connected(a, b, A, PORT) as (cli, srv):
+            base = bytes_acked(cli)
+            cli.sendall(b"x" * 1000)  # no backup: acknowledged at once
+            assert wait_stable(lambda: bytes_acked(cli)) - base == 1000
+            m.set_backup((B, SYNC))  # a backup that does not answer yet
+            cli.sendall(b"y" * 1000)
+            got = b""
+            srv.settimeout(5)
+            while len(got) < 2000:
+                got += srv.recv(4096)  # the master's kernel holds it all ...
+            # ... and the peer is told nothing of it
+            assert wait_stable(lambda: bytes_acked(cli)) - base == 1000
+            assert not m.protecting
 
-                rx = SyncReceiver(KEY, now=time.monotonic(), incarnation=1)
+            rx = SyncReceiver(KEY, now=time.monotonic(), incarnation=1)
 
-                def answer() -> None:
-                    sync.settimeout(0.1)
-                    while not stop.is_set():
-                        try:
-                            data, src = sync.recvfrom(65536)
-                        except TimeoutError:
-                            continue
-                        for ack in rx.receive(data, time.monotonic()):
-                            sync.sendto(ack, src)
-
-                t = threading.Thread(target=answer, daemon=True)
-                threads.append(t)
-                t.start()
-                srv.sendall(b"z")  # a segment carrying the ACK, no need to wait for a timer
-                deadline = time.monotonic() + 10
-                while bytes_acked(cli) - base < 2000 and time.monotonic() < deadline:
-                    time.sleep(0.02)
-                    if not m.protecting:
+            def answer() -> None:
+                sync.settimeout(0.1)
+                while not stop.is_set():
+                    try:
+                        data, src = sync.recvfrom(65536)
+                    except TimeoutError:
                         continue
-                    srv.sendall(b"z")
-                assert bytes_acked(cli) - base == 2000 and m.protecting
-                (held,) = rx.connections().values()
-                assert held.rcv_end - held.full.rcv_seq == 2000  # the backup holds every byte
+                    for ack in rx.receive(data, time.monotonic()):
+                        sync.sendto(ack, src)
+
+            t = threading.Thread(target=answer, daemon=True)
+            threads.append(t)
+            t.start()
+            srv.sendall(b"z")  # a segment carrying the ACK, no need to wait for a timer
+            deadline = time.monotonic() + 10
+            while bytes_acked(cli) - base < 2000 and time.monotonic() < deadline:
+                time.sleep(0.02)
+                if not m.protecting:
+                    continue
+                srv.sendall(b"z")
+            assert bytes_acked(cli) - base == 2000 and m.protecting
+            (held,) = rx.connections().values()
+            assert held.rcv_end - held.full.rcv_seq == 2000  # the backup holds every byte
     finally:
         stop.set()
         for t in threads:

@@ -18,7 +18,7 @@ import sys
 import threading
 
 import pytest
-from tcpwatch import tcp_info, wait_stable
+from tcpwatch import connected, tcp_info, wait_stable
 
 from nonstop.lab import Lab
 from nonstop.session.nfq import COMMENT, AckClamp, FourTuple, remove_rules
@@ -304,33 +304,28 @@ def test_rule_left_by_a_dead_listener_fails_closed(lab: Lab) -> None:
     clamp.open()
     fd = os.open(f"/run/netns/{a.ns}", os.O_RDONLY)
     try:
-        with a.socket(socket.AF_INET) as srv, b.socket(socket.AF_INET) as cli:
-            srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            srv.bind((A, PORT))
-            srv.listen(1)
-            cli.connect((A, PORT))
-            conn, _ = srv.accept()
-            with conn:
-                acked0 = tcp_info(cli)[1]
-                kept = list(clamp._chains)
-                clamp._chains.clear()  # a crash: the socket goes, the rules stay
-                clamp.close()
-                assert f"{COMMENT}:q{QUEUE}" in rules(lab) and kept
-                conn.sendall(b"from the dead master")
-                cli.sendall(b"to the dead master")
-                cli.settimeout(1.0)
-                with pytest.raises(TimeoutError):
-                    cli.recv(100)
-                assert tcp_info(cli)[1] == acked0  # not even an ACK got out
-                a.sh(["iptables", "-w", "-I", "OUTPUT", "-p", "udp", "--dport", "9", "-m",
-                      "comment", "--comment", f"{COMMENT}:quiet", "-j", "DROP"])  # fmt: skip
-                assert remove_rules(4, netns_fd=fd, keep_quiet=True) == 2
-                assert f"{COMMENT}:quiet" in rules(lab)
-                assert f"{COMMENT}:q{QUEUE}" not in rules(lab)
-                cli.settimeout(10)  # the server's retransmission now gets through
-                assert cli.recv(100) == b"from the dead master"
-                assert remove_rules(4, netns_fd=fd) == 1  # the quiet one
+        with connected(a, b, A, PORT) as (cli, conn):
+            acked0 = tcp_info(cli)[1]
+            kept = list(clamp._chains)
+            clamp._chains.clear()  # a crash: the socket goes, the rules stay
+            clamp.close()
+            assert f"{COMMENT}:q{QUEUE}" in rules(lab) and kept
+            conn.sendall(b"from the dead master")
+            cli.sendall(b"to the dead master")
+            cli.settimeout(1.0)
+            with pytest.raises(TimeoutError):
+                cli.recv(100)
+            assert tcp_info(cli)[1] == acked0  # not even an ACK got out
+            a.sh(["iptables", "-w", "-I", "OUTPUT", "-p", "udp", "--dport", "9", "-m",
+                  "comment", "--comment", f"{COMMENT}:quiet", "-j", "DROP"])  # fmt: skip
+            assert remove_rules(4, netns_fd=fd, keep_quiet=True) == 2
+            assert f"{COMMENT}:quiet" in rules(lab)
+            assert f"{COMMENT}:q{QUEUE}" not in rules(lab)
+            cli.settimeout(10)  # the server's retransmission now gets through
+            assert cli.recv(100) == b"from the dead master"
+            assert remove_rules(4, netns_fd=fd) == 1  # the quiet one
     finally:
+        clamp.close()  # (closed above already unless the test failed before)
         os.close(fd)
     assert COMMENT not in rules(lab)
 
