@@ -69,43 +69,37 @@ def test_clamp_holds_the_ack_then_the_stream_finishes(lab: Lab, family: int) -> 
 
     with AckClamp(QUEUE, vip=va, port=PORT, family=family, limit=lim, netns=a.ns) as clamp:
         assert f"{COMMENT}:q{QUEUE}" in rules(lab, family)
-        with a.socket(fam) as srv, b.socket(fam) as cli:
-            srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            srv.bind((va, PORT))
-            srv.listen(1)
-            cli.connect((va, PORT))
-            conn, _ = srv.accept()
-            with conn:
-                base = dump(cli).snd_seq  # the client's ISN + 1: nothing sent yet
-                acked0 = tcp_info(cli)[1]
-                limit["ack"] = seq_add(base, n_held)
-                reader = Reader(conn)
-                reader.start()
+        with connected(a, b, va, PORT, fam) as (cli, conn):
+            base = dump(cli).snd_seq  # the client's ISN + 1: nothing sent yet
+            acked0 = tcp_info(cli)[1]
+            limit["ack"] = seq_add(base, n_held)
+            reader = Reader(conn)
+            reader.start()
 
-                def write() -> None:
-                    cli.sendall(data)
-                    cli.shutdown(socket.SHUT_WR)
+            def write() -> None:
+                cli.sendall(data)
+                cli.shutdown(socket.SHUT_WR)
 
-                writer = threading.Thread(target=write, daemon=True)
-                writer.start()
-                _, held = wait_stable(lambda: tcp_info(cli))
-                print(
-                    f"held: client bytes_acked {held - acked0}, server kernel delivered "
-                    f"{reader.count}, clamped {clamp.stats.clamped}"
-                )
-                assert held - acked0 == n_held
-                assert reader.count > n_held  # the server's kernel has more: only the ACK lies
-                assert clamp.stats.clamped > 0 and clamp.stats.dropped == 0
-                assert asked[0][:2] == (va, PORT) and asked[0][2] == vb
+            writer = threading.Thread(target=write, daemon=True)
+            writer.start()
+            _, held = wait_stable(lambda: tcp_info(cli))
+            print(
+                f"held: client bytes_acked {held - acked0}, server kernel delivered "
+                f"{reader.count}, clamped {clamp.stats.clamped}"
+            )
+            assert held - acked0 == n_held
+            assert reader.count > n_held  # the server's kernel has more: only the ACK lies
+            assert clamp.stats.clamped > 0 and clamp.stats.dropped == 0
+            assert asked[0][:2] == (va, PORT) and asked[0][2] == vb
 
-                limit["ack"] = None
-                conn.sendall(b"x")  # a segment with the true ACK, no need to wait for an RTO
-                writer.join(timeout=30)
-                reader.join(timeout=30)
-                assert not writer.is_alive() and not reader.is_alive()
-                assert reader.count == len(data)
-                assert reader.sha.digest() == hashlib.sha256(data).digest()
-                assert wait_stable(lambda: tcp_info(cli))[1] - acked0 >= len(data)
+            limit["ack"] = None
+            conn.sendall(b"x")  # a segment with the true ACK, no need to wait for an RTO
+            writer.join(timeout=30)
+            reader.join(timeout=30)
+            assert not writer.is_alive() and not reader.is_alive()
+            assert reader.count == len(data)
+            assert reader.sha.digest() == hashlib.sha256(data).digest()
+            assert wait_stable(lambda: tcp_info(cli))[1] - acked0 >= len(data)
         assert clamp.error is None
     assert rules(lab, family) == before
 
@@ -139,14 +133,9 @@ def test_capture_sees_every_inbound_byte(lab: Lab) -> None:
             segs.append((seg.seq, payload))
 
     clamp = AckClamp(QUEUE, vip=A, port=PORT, limit=lambda t: None, capture=capture, netns=a.ns)
-    with clamp, a.socket() as srv, b.socket() as cli:
+    with clamp:
         assert "--dport 7100" in rules(lab) and f"{COMMENT}:q{QUEUE}" in rules(lab)
-        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        srv.bind((A, PORT))
-        srv.listen(1)
-        cli.connect((A, PORT))
-        conn, _ = srv.accept()
-        with conn:
+        with connected(a, b, A, PORT) as (cli, conn):
             reader = Reader(conn)
             reader.start()
             cli.sendall(data)
@@ -192,24 +181,18 @@ def test_capture_out_sees_every_outbound_segment_before_the_clamp(lab: Lab) -> N
         return synacks[0].ack if synacks else None
 
     clamp = AckClamp(QUEUE, vip=A, port=PORT, limit=lim, capture_out=capture_out, netns=a.ns)
-    with clamp, a.socket() as srv, b.socket() as cli:
-        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        srv.bind((A, PORT))
-        srv.listen(1)
-        cli.connect((A, PORT))
-        conn, _ = srv.accept()
-        with conn:
-            acked0 = tcp_info(cli)[1]
-            cli.sendall(b"hello")
-            assert conn.recv(5) == b"hello"
-            reader = Reader(cli)
-            reader.start()
-            conn.sendall(data)
-            conn.shutdown(socket.SHUT_WR)
-            reader.join(timeout=30)
-            assert reader.count == len(data)
-            assert reader.sha.digest() == hashlib.sha256(data).digest()
-            assert tcp_info(cli)[1] == acked0  # the wire carried the clamped ACK only
+    with clamp, connected(a, b, A, PORT) as (cli, conn):
+        acked0 = tcp_info(cli)[1]
+        cli.sendall(b"hello")
+        assert conn.recv(5) == b"hello"
+        reader = Reader(cli)
+        reader.start()
+        conn.sendall(data)
+        conn.shutdown(socket.SHUT_WR)
+        reader.join(timeout=30)
+        assert reader.count == len(data)
+        assert reader.sha.digest() == hashlib.sha256(data).digest()
+        assert tcp_info(cli)[1] == acked0  # the wire carried the clamped ACK only
     assert COMMENT not in rules(lab)
     (synack,) = synacks
     assert synack.options.mss and synack.options.timestamps

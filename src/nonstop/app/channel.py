@@ -187,20 +187,19 @@ def _queue_len(sock: socket.socket, request: int) -> int:
     return struct.unpack("i", fcntl.ioctl(sock.fileno(), request, b"\0\0\0\0"))[0]
 
 
-def _stable_position(sock: socket.socket, offset: int, request: int, sign: int) -> int:
-    """A TCP_INFO byte counter (at ``offset``) combined with a queue length (``request``), read
+def _stable_counters(sock: socket.socket, offset: int, request: int) -> tuple[int, int, int]:
+    """(TCP state, the TCP_INFO byte counter at ``offset``, the queue length ``request``), read
     so that both describe the same moment: the counter is read before and after the queue, and
     again until it did not move (a segment or an ACK that lands between two unlocked syscalls
-    would otherwise skew the position by a whole segment)."""
+    would otherwise skew a position by a whole segment)."""
     for _ in range(1000):
         info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
-        (before,) = struct.unpack_from("=Q", info, offset)
         queued = _queue_len(sock, request)
         again = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+        (before,) = struct.unpack_from("=Q", info, offset)
         (after,) = struct.unpack_from("=Q", again, offset)
         if before == after and info[0] == again[0]:
-            fin = 1 if request == _SIOCINQ and info[0] in _FIN_RECEIVED else 0
-            return before - fin + sign * queued
+            return info[0], before, queued
     raise OSError("TCP counters kept moving while reading a queue position")
 
 
@@ -210,12 +209,14 @@ _SIOCINQ, _SIOCOUTQ = 0x541B, 0x5411  # FIONREAD, TIOCOUTQ
 def kernel_read_pos(sock: socket.socket) -> int:
     """Bytes the application side has read from ``sock`` since it opened (received - queued;
     the peer's FIN takes one sequence number and is counted in received, not queued)."""
-    return _stable_position(sock, _TCP_INFO_BYTES_RECEIVED, _SIOCINQ, -1)
+    state, received, queued = _stable_counters(sock, _TCP_INFO_BYTES_RECEIVED, _SIOCINQ)
+    return received - (1 if state in _FIN_RECEIVED else 0) - queued
 
 
 def kernel_write_pos(sock: socket.socket) -> int:
     """Bytes the application side has written to ``sock`` since it opened (acked + queued)."""
-    return _stable_position(sock, _TCP_INFO_BYTES_ACKED, _SIOCOUTQ, +1)
+    _, acked, queued = _stable_counters(sock, _TCP_INFO_BYTES_ACKED, _SIOCOUTQ)
+    return acked + queued
 
 
 # -- the agent side ------------------------------------------------------------------------------

@@ -64,19 +64,23 @@ class _Conn:
     def _readable(self) -> None:
         self._peek(65536)
 
-    def _peek(self, size: int) -> None:
-        """Hand what the kernel holds (peeked: consumed only once journaled) to the service;
-        EOF or an error: the connection is lost."""
+    def _recv(self, size: int, flags: int = 0) -> bytes | None:
+        """Up to ``size`` bytes the kernel holds; None: nothing yet. EOF or an error: the service
+        is told the connection is lost, and b"" returned."""
         try:
-            data = self.sock.recv(size, socket.MSG_PEEK)
+            data = self.sock.recv(size, flags)
         except (BlockingIOError, InterruptedError):
-            return
+            return None
         except OSError:
             data = b""
         if not data:
             self.svc.on_lost(self.peer, self)
-            return
-        self.svc.on_data(self.peer, data, self)
+        return data
+
+    def _peek(self, size: int) -> None:
+        """Hand what the kernel holds (peeked: consumed only once journaled) to the service."""
+        if data := self._recv(size, socket.MSG_PEEK):
+            self.svc.on_data(self.peer, data, self)
 
     def consume(self, n: int) -> None:
         while n > 0:

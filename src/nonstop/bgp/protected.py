@@ -74,17 +74,9 @@ class _PConn(_Conn):
 
     def _readable(self) -> None:
         if self.skip:
-            try:
-                got = self.sock.recv(min(self.skip, 1 << 20))
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                got = b""
-            if not got:
-                self.svc.on_lost(self.peer, self)
-                return
-            self.skip -= len(got)
-            self.read_pos += len(got)
+            if got := self._recv(min(self.skip, 1 << 20)):
+                self.skip -= len(got)
+                self.read_pos += len(got)
             return
         if self.pending:
             return
