@@ -36,7 +36,7 @@ from nonstop.app.aio import AsyncNsConn, AsyncNsListener
 from nonstop.common import RemoteProtocolError
 from nonstop.vs.http import RequestParser, error_response
 from nonstop.vs.journal import ConnJournal, ConnKey, JournalGap, JournalLink, JournalStore
-from nonstop.vs.proxy import HttpProxy
+from nonstop.vs.proxy import HttpProxy, requests
 
 log = logging.getLogger("nonstop.vs.protected")
 
@@ -147,49 +147,39 @@ class ProtectedHttp:
         client = peer[0].encode()
         parser = RequestParser()
         try:
-            while True:
-                try:
-                    req = parser.next_request()
-                except RemoteProtocolError as e:
-                    self.counters["bad_request"] += 1
-                    await conn.ns_send(error_response(400, e.reason))
-                    break
-                if req is None:
-                    data = await conn.ns_recv(65536)
-                    if not data:
+            async with contextlib.aclosing(
+                requests(parser, conn.ns_recv, conn.ns_send, self.counters)
+            ) as reqs:
+                async for req in reqs:
+                    rend = conn.delivered - parser.pending
+                    wpos = conn.write_pos
+                    out: bytes | None = None
+                    keep = req.keep_alive
+                    if journal is not None:
+                        entry = journal.at(wpos, rend)  # JournalGap: ends the connection below
+                        if entry is None:
+                            journal = None  # nothing written here: from now on, a fresh stream
+                        elif entry.inflight:
+                            self.counters["inflight_not_retried"] += 1
+                            msg = (f"{req.method.decode()} was in flight on the failed front; "
+                                   "not idempotent, not retried")  # fmt: skip
+                            out = error_response(502, msg, keep_alive=keep)
+                            journal = None
+                        else:
+                            self.counters["replayed"] += 1
+                            out = entry.data
+                    if out is None:
+                        if not req.idempotent and self.link is not None:
+                            await self.link.record(key, wpos, rend, inflight=True)
+                        out, keep = await self.proxy.handle(req, client)
+                    if self.link is not None:
+                        await self.link.record(key, wpos, rend, out)
+                    await conn.ns_send(out)
+                    if self.commit_delay:
+                        await asyncio.sleep(self.commit_delay)
+                    await conn.commit(upto=rend)
+                    if not keep:
                         break
-                    parser.feed(data)
-                    continue
-                rend = conn.delivered - parser.pending
-                wpos = conn.write_pos
-                self.counters["requests"] += 1
-                out: bytes | None = None
-                keep = req.keep_alive
-                if journal is not None:
-                    entry = journal.at(wpos, rend)  # JournalGap: ends the connection below
-                    if entry is None:
-                        journal = None  # nothing written here: from now on, a fresh stream
-                    elif entry.inflight:
-                        self.counters["inflight_not_retried"] += 1
-                        msg = (f"{req.method.decode()} was in flight on the failed front; "
-                               "not idempotent, not retried")  # fmt: skip
-                        out = error_response(502, msg, keep_alive=keep)
-                        journal = None
-                    else:
-                        self.counters["replayed"] += 1
-                        out = entry.data
-                if out is None:
-                    if not req.idempotent and self.link is not None:
-                        await self.link.record(key, wpos, rend, inflight=True)
-                    out, keep = await self.proxy.handle(req, client)
-                if self.link is not None:
-                    await self.link.record(key, wpos, rend, out)
-                await conn.ns_send(out)
-                if self.commit_delay:
-                    await asyncio.sleep(self.commit_delay)
-                await conn.commit(upto=rend)
-                if not keep:
-                    break
         except JournalGap as e:
             self.counters["journal_gap"] += 1
             log.warning("connection %s:%d closed: %s", peer[0], peer[1], e)

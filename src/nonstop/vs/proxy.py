@@ -16,6 +16,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from nonstop.common import RemoteProtocolError
@@ -31,6 +32,29 @@ from nonstop.vs.http import (
 from nonstop.vs.pool import Policy, Pool, Worker
 
 log = logging.getLogger("nonstop.vs.proxy")
+
+
+async def requests(parser: RequestParser, read: Callable[[int], Awaitable[bytes]],
+                   reject: Callable[[bytes], Awaitable[None]],
+                   counters: Counter[str]) -> AsyncIterator[Request]:  # fmt: skip
+    """The requests of one client connection, each counted: ``parser`` fed from ``read`` until
+    EOF. A malformed request is counted (``bad_request``), answered 400 through ``reject`` and
+    ends the stream (its framing cannot be trusted any more)."""
+    while True:
+        try:
+            req = parser.next_request()
+        except RemoteProtocolError as e:
+            counters["bad_request"] += 1
+            await reject(error_response(400, e.reason))
+            return
+        if req is None:
+            data = await read(65536)
+            if not data:
+                return
+            parser.feed(data)
+            continue
+        counters["requests"] += 1
+        yield req
 
 
 class UpstreamError(Exception):
@@ -69,28 +93,20 @@ class HttpProxy:
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         client = peer[0].encode() if peer else b""
-        parser = RequestParser()
+        async def reject(data: bytes) -> None:
+            writer.write(data)
+
         try:
-            while True:
-                try:
-                    req = parser.next_request()
-                except RemoteProtocolError as e:
-                    self.counters["bad_request"] += 1
-                    writer.write(error_response(400, e.reason))
-                    break
-                if req is None:
-                    data = await reader.read(65536)
-                    if not data:
+            async with contextlib.aclosing(
+                requests(RequestParser(), reader.read, reject, self.counters)
+            ) as reqs:
+                async for req in reqs:
+                    out, keep = await self.handle(req, client)
+                    writer.write(out)
+                    if not keep:
                         break
-                    parser.feed(data)
-                    continue
-                self.counters["requests"] += 1
-                out, keep = await self.handle(req, client)
-                writer.write(out)
-                if not keep:
-                    break
-                if writer.transport.get_write_buffer_size() > 1 << 20:
-                    await writer.drain()
+                    if writer.transport.get_write_buffer_size() > 1 << 20:
+                        await writer.drain()
             await writer.drain()
         except (ConnectionError, OSError):
             pass
