@@ -13,10 +13,11 @@ import contextlib
 import errno
 import ipaddress
 import logging
+import signal
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from nonstop.bgp.config import PeerConfig, SpeakerConfig
@@ -398,8 +399,6 @@ def take_over(cfg: SpeakerConfig) -> tuple[Speaker, Any, Any, dict[str, Any]]:
 async def run(cfg: SpeakerConfig, *, standby: bool = False) -> None:
     """``nonstop bgp speaker``: run until SIGINT/SIGTERM. With ``standby``, first follow the
     master (cfg.replica_socket) and take its sessions over when it goes away."""
-    import signal
-
     from nonstop.bgp.journal import Journal
     from nonstop.bgp.replica import ReplicaServer
 
@@ -420,6 +419,11 @@ async def run(cfg: SpeakerConfig, *, standby: bool = False) -> None:
         if cfg.replica_socket:
             svc.replica = ReplicaServer(svc, cfg.replica_socket, Journal(svc.speaker))
         await svc.start()
+    await serve_until_signal(svc.close)
+
+
+async def serve_until_signal(close: Callable[[], Awaitable[None]]) -> None:
+    """Wait for SIGINT or SIGTERM, then ``close()`` (also if the wait is cancelled)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -430,4 +434,4 @@ async def run(cfg: SpeakerConfig, *, standby: bool = False) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
-        await svc.close()
+        await close()

@@ -37,7 +37,7 @@ from typing import Any
 from nonstop.app.aio import AsyncNsConn, AsyncNsListener, ns_listen
 from nonstop.app.channel import Close, Commit, CommitRecord
 from nonstop.auth import load_key
-from nonstop.bgp.aio import SpeakerService, _Conn, set_md5
+from nonstop.bgp.aio import SpeakerService, _Conn, serve_until_signal, set_md5
 from nonstop.bgp.config import SpeakerConfig
 from nonstop.bgp.fsm import State
 from nonstop.bgp.journal import ACKED, Journal
@@ -248,8 +248,6 @@ def _resumable(follower: JournalFollower, name: str, w: int) -> bool:
 async def run_protected(cfg: SpeakerConfig) -> None:
     """``nonstop bgp speaker`` with ``agent`` set: a standby until this node serves the VIP,
     then the master (after a takeover: the same sessions, no OPEN)."""
-    import signal
-
     import nonstop.bgp.api  # noqa: F401  (imported now, not during the takeover)
 
     assert cfg.listen and cfg.agent and cfg.key_file and cfg.journal_peer
@@ -318,11 +316,4 @@ async def run_protected(cfg: SpeakerConfig) -> None:
         if adopted:
             svc.takeover = info
     print("serving", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        await svc.close()
+    await serve_until_signal(svc.close)
