@@ -46,6 +46,17 @@ def cluster() -> Iterator[StoreCluster]:
         assert not problems
 
 
+@pytest.fixture(autouse=True)
+def _logs_on_failure(request: pytest.FixtureRequest, cluster: StoreCluster) -> Iterator[None]:
+    """A failed scenario prints every node's and etcd member's log (the module's lab lives on,
+    so its own teardown would print them only at the end, if at all)."""
+    yield
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        for n in (*cluster.nodes, *cluster.etcd):
+            print(f"----- {n}\n{cluster.log(n)[-3000:]}")
+
+
 def master_of(c: StoreCluster, group: str) -> str:
     return c.wait_all_held(10)[group][0]
 
