@@ -276,6 +276,45 @@ def test_throughput_through_the_queue(lab: Lab) -> None:
         print(f"{k}: {v:.2f}" if isinstance(v, float) else f"{k}: {v}")
 
 
+def test_hold_keeps_data_until_kicked_then_every_byte_once(lab: Lab) -> None:
+    """The send-side hold: the server's data past ``hold`` waits in the queue (the client gets
+    exactly the bytes below it) while pure ACKs still pass (the client's own stream goes on);
+    raising the hold and kick() lets the rest out, every byte once, in order."""
+    a, b = lab.host("a"), lab.host("b")
+    data = random.Random(11).randbytes(2 << 20)
+    up = random.Random(12).randbytes(256 << 10)
+    n_out = 50_000
+    hold: dict[str, int | None] = {"end": None}
+    clamp = AckClamp(QUEUE, vip=A, port=PORT, limit=lambda t: None,
+                     hold=lambda t: hold["end"], netns=a.ns)  # fmt: skip
+    with clamp, connected(a, b, A, PORT) as (cli, conn):
+        hold["end"] = seq_add(dump(conn).snd_seq, n_out)
+        got = Reader(cli)
+        got.start()
+        sent = Reader(conn)  # the client's stream: acknowledged, not held
+        sent.start()
+        writer = threading.Thread(target=conn.sendall, args=(data,), daemon=True)
+        writer.start()
+        cli.sendall(up)
+        # not one byte past the hold (a segment across it waits whole)
+        assert 0 < wait_stable(lambda: got.count) <= n_out
+        assert wait_stable(lambda: sent.count) == len(up)
+        assert clamp.stats.held_now > 0 and clamp.stats.passed > 0
+        hold["end"] = None
+        clamp.kick()
+        writer.join(timeout=30)
+        conn.shutdown(socket.SHUT_WR)
+        got.join(timeout=30)
+        assert not got.is_alive() and got.count == len(data)
+        assert got.sha.digest() == hashlib.sha256(data).digest()
+        assert clamp.stats.held_now == 0 and clamp.stats.held > 0
+        cli.shutdown(socket.SHUT_WR)
+        sent.join(timeout=30)
+        assert sent.sha.digest() == hashlib.sha256(up).digest()
+    assert clamp.error is None
+    assert COMMENT not in rules(lab)
+
+
 def test_rule_left_by_a_dead_listener_fails_closed(lab: Lab) -> None:
     """The worker holding the queue dies (its socket closes, its rules stay): nothing of VIP:port
     leaves, not even an ACK, until the rules are removed (they passed unclamped, once: a killed

@@ -29,9 +29,10 @@ class AsyncNsConn(ConnCore):
     """A protected TCP connection (asyncio)."""
 
     def __init__(self, sock: socket.socket, conn_id: int, agent: AgentLink | None,
-                 record: CommitRecord | None = None, sent: int = 0) -> None:
+                 record: CommitRecord | None = None, sent: int = 0,
+                 stream_pos: int | None = None) -> None:  # fmt: skip
         sock.setblocking(False)
-        super().__init__(sock, conn_id, agent, record, sent)
+        super().__init__(sock, conn_id, agent, record, sent, stream_pos)
 
     async def ns_recv(self, n: int) -> bytes:
         """Up to ``n`` new bytes (peeked, kept in the kernel until commit); b"" at EOF."""
@@ -95,8 +96,8 @@ class AsyncNsListener:
         self._adopted = None
         if got is None:
             got = await asyncio.to_thread(self.agent.adopt, self.port)
-        return [(AsyncNsConn(s, a.conn_id, self.agent, a.record, a.sent if self.replay else 0),
-                 a.record) for a, s in got]
+        return [(AsyncNsConn(s, a.conn_id, self.agent, a.record, a.sent if self.replay else 0,
+                             a.sent), a.record) for a, s in got]  # fmt: skip
 
     def close(self) -> None:
         self.sock.close()

@@ -87,7 +87,8 @@ class ConnCore:
     """
 
     def __init__(self, sock: socket.socket, conn_id: int, agent: AgentLink | None,
-                 record: CommitRecord | None = None, sent: int = 0) -> None:
+                 record: CommitRecord | None = None, sent: int = 0,
+                 stream_pos: int | None = None) -> None:  # fmt: skip
         self.sock = sock
         self.conn_id = conn_id
         self.agent = agent
@@ -97,6 +98,9 @@ class ConnCore:
         # that replays its output from its commit (ns_listen(replay=True)) writes the bytes in
         # ``[write_pos, sent)`` again; they are not sent twice (_to_send). Pass 0 otherwise.
         self.sent = sent
+        # where the kernel's outgoing stream is (bytes since the connection opened) when it was
+        # handed over: past ``write_pos`` when the dead owner wrote after its commit. An app
+        # without replay that keeps its own output (a journal) sends on from here.
         self._skip = 0
         self._lowat = 1
         if record is not None:
@@ -104,6 +108,13 @@ class ConnCore:
             self.write_pos = record.write_pos
             self._skip = max(0, sent - record.write_pos)
             self._lowat = 0  # a dead owner's SO_RCVLOWAT may still be set: set ours at once
+        self.stream_pos = max(self.write_pos, stream_pos or 0)
+
+    @property
+    def replaying(self) -> int:
+        """Bytes the dead owner wrote past this connection's commit that the app has not
+        written again yet (replay=True): its next writes are dropped up to there."""
+        return self._skip
 
     def _set_lowat(self) -> None:
         want = self.delivered - self.read_pos + 1
@@ -254,8 +265,8 @@ class NsListener:
             return []
         got = self._adopted if self._adopted is not None else self.agent.adopt(self.port)
         self._adopted = None
-        return [(NsConn(s, a.conn_id, self.agent, a.record, a.sent if self.replay else 0),
-                 a.record) for a, s in got]
+        return [(NsConn(s, a.conn_id, self.agent, a.record, a.sent if self.replay else 0,
+                        a.sent), a.record) for a, s in got]  # fmt: skip
 
     def close(self) -> None:
         self.sock.close()

@@ -392,14 +392,17 @@ class AgentEndpoint:
             case _:
                 raise RemoteProtocolError(f"{type(msg).__name__} is agent -> library only")
 
-    def add(self, conn_id: int, sock: socket.socket, record: CommitRecord) -> None:
+    def add(self, conn_id: int, sock: socket.socket, record: CommitRecord, *,
+            sent_pos: int | None = None) -> None:  # fmt: skip
         """Hold a connection restored elsewhere (e.g. by TCP_REPAIR after a failover) as an orphan.
-        Its receive queue must start at ``record.read_pos``."""
+        Its receive queue must start at ``record.read_pos``; its send stream is at ``sent_pos``
+        (default ``record.write_pos``; more when it holds bytes written after the commit)."""
         local, remote = sock.getsockname()[:2], sock.getpeername()[:2]
         held = HeldConn(conn_id, sock, local, remote, record)
         try:
             held.read_base = record.read_pos - kernel_read_pos(sock)
-            held.write_base = record.write_pos - kernel_write_pos(sock)
+            sent = record.write_pos if sent_pos is None else max(sent_pos, record.write_pos)
+            held.write_base = sent - kernel_write_pos(sock)
         except OSError:
             pass
         self.conns[conn_id] = held

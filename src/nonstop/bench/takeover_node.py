@@ -92,13 +92,18 @@ def backup(vip: str, iface: str, bind: str, sync_port: int, key: bytes) -> None:
         f"vip_garp_ms={(t2 - t1) * 1e3:.2f} counters={session.receiver.counters}"
     )
 
-    def serve(conn: socket.socket) -> None:
+    def serve(conn: socket.socket, skip: int) -> None:
+        """Echo from the commit on; the restored stream holds ``skip`` bytes of it already."""
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         while data := conn.recv(65536):
-            conn.sendall(data)
+            n = min(skip, len(data))
+            skip -= n
+            if data[n:]:
+                conn.sendall(data[n:])
         say("EOF")
 
-    threads = [threading.Thread(target=serve, args=(r.sock,)) for r in restored]
+    threads = [threading.Thread(target=serve, args=(r.sock, r.sent_pos - r.write_pos))
+               for r in restored]  # fmt: skip
     for t in threads:
         t.start()
     for t in threads:

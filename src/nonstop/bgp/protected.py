@@ -273,6 +273,9 @@ async def run_protected(cfg: SpeakerConfig) -> None:
         taken: dict[str, tuple[AsyncNsConn, CommitRecord, int]] = {}
         written: dict[str, int] = {}
         for conn, rec in adopted:
+            if conn.stream_pos != rec.write_pos:  # the restored stream holds bytes written
+                # after the last commit: the kernel accepted up to there (our write_pos)
+                rec = CommitRecord(rec.read_pos, conn.stream_pos, rec.state)
             name = svc.peer_by_address(conn.getpeername()[0])
             skip = -1
             if name is not None and name not in taken and \

@@ -29,11 +29,13 @@ thread; a second thread reads the backup's ACKs and retransmits.
 
 ``BackupSession`` feeds a :class:`SyncReceiver` from UDP. ``promote()`` restores every connection
 with ``repair.restore_many`` (call it before the VIP is added) from the last COMMIT: the receive
-queue holds the peer's bytes after the committed read position, the send queue the written bytes
-up to the committed write position that the peer has not acknowledged. Bytes the dead service
-wrote after its last commit are dropped: the restarted service produces them again from the
-uncommitted input (exact for a deterministic service such as an echo; a general service needs the
-master to hold transmission past the backup's snd end, not done yet).
+queue holds the peer's bytes after the committed read position, the send queue every byte the
+old master's kernel took that the peer has not acknowledged, also those written after the last
+commit (``RestoredConn.sent_pos``; the agent hands it to the service as the adoption's ``sent``,
+as after a local restart): a service that produces them again from its commit skips them.
+Bytes the old master sent before the backup held them are still a gap (the peer may hold bytes
+the restored stream does not reach); closing it needs the master to hold transmission at the
+backup's confirmed send point, not done yet.
 
 TCP timestamps: the restored clock is the SYN-ACK's TSval advanced by the time since the backup
 first saw the FULL record, plus ``ts_margin`` (a TSval ahead of the real clock is harmless to the
@@ -54,7 +56,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from nonstop.session.nfq import AckClamp, FourTuple
-from nonstop.session.repair import RepairError, TcpState, restore, restore_many, ts_later
+from nonstop.session.repair import (
+    RepairError,
+    TcpState,
+    close_silently,
+    restore,
+    restore_many,
+    ts_later,
+)
 from nonstop.session.segment import ACK, FIN, RST, SYN, Segment
 from nonstop.session.sync import ConnState, SyncReceiver, SyncSender, seq_add, seq_diff, seq_lt
 from nonstop.session.wire import CloseReason, Direction, FullRecord
@@ -133,6 +142,7 @@ class MasterSession:
             limit=self._limit,
             capture=self._inbound,
             capture_out=self._outbound,
+            hold=self._hold,
             md5=md5,  # TCP-MD5 keys per peer: clamped segments are signed again
         )
         self._stop = threading.Event()
@@ -176,6 +186,7 @@ class MasterSession:
             self.backup = backup
             if backup is None:
                 self.sender.pause()
+                self._clamp.kick()  # nothing is held with no backup
                 return
             for t in self._conns.values():  # a resynced FULL carries the TSval of now
                 if t.full.timestamps:
@@ -274,6 +285,16 @@ class MasterSession:
         conf = self.sender.confirmed(t.conn_id)
         return floor if conf is None or seq_lt(conf[0], floor) else conf[0]
 
+    def _hold(self, ft: FourTuple) -> int | None:
+        """How far ``ft``'s outgoing stream may reach the wire (the clamp holds data segments
+        past it): what the backup confirmed; None: no hold (no backup, unknown connection)."""
+        with self._lock:
+            t = self._conns.get(ft)
+            if t is None or self.backup is None:
+                return None
+            conf = self.sender.confirmed(t.conn_id)
+            return t.snd_una if conf is None else conf[1]
+
     def _inbound(self, seg: Segment, payload: bytes) -> None:
         ft = (seg.dst, seg.dport, seg.src, seg.sport)
         now = time.monotonic()
@@ -364,6 +385,7 @@ class MasterSession:
     def _close(self, ft: FourTuple, t: _Tracked, reason: CloseReason, now: float) -> None:
         del self._conns[ft]
         self.sender.close(t.conn_id, reason, now)
+        self._clamp.kick()  # its held segments go (a reset connection)
 
     def _rcv_end(self, t: _Tracked) -> int:
         return self.sender.stream_end(t.conn_id, Direction.RCV)
@@ -396,14 +418,18 @@ class MasterSession:
                     continue
                 with self._lock:
                     self.sender.receive_ack(data, now)
+                self._clamp.kick()  # the backup confirmed more: held segments may go
             with self._lock:
                 self._flush(now)
 
 
 @dataclass(slots=True)
 class RestoredConn:
-    """One connection restored on promotion: ``sock`` reads on from ``read_pos`` and writes on
-    from ``write_pos`` (bytes since the connection opened, as last committed)."""
+    """One connection restored on promotion: ``sock`` reads on from ``read_pos`` (bytes since
+    the connection opened, as last committed); the service's last commit wrote up to
+    ``write_pos``; the restored stream already holds up to ``sent_pos`` (>= write_pos when the
+    old master wrote past its commit): a service that replays from its commit skips
+    ``sent_pos - write_pos`` bytes."""
 
     conn_id: int
     sock: socket.socket
@@ -416,6 +442,7 @@ class RestoredConn:
     tcp: TcpState  # what was restored
     four_tuple: FourTuple = ("", 0, "", 0)
     extra: dict[str, int] = field(default_factory=dict)
+    sent_pos: int = 0
 
 
 class BackupSession:
@@ -548,14 +575,13 @@ class BackupSession:
 
     def _tcp_state(self, cs: ConnState, seen_at: float) -> TcpState:
         f = cs.full
-        rpos, wpos = (cs.commit.rpos, cs.commit.wpos) if cs.commit else (f.rcv_seq, f.snd_seq)
-        del rpos  # the receiver already trimmed rcv_data at the commit's read position
-        n = seq_diff(wpos, cs.snd_start)
-        if n >= 0:
-            send_q = cs.snd_data[:n]
-            snd_seq = seq_add(cs.snd_start, len(send_q))
-        else:  # the peer acknowledged bytes past the commit: the service writes them again
-            send_q, snd_seq = b"", wpos
+        # every byte the old master's kernel took that the peer has not acknowledged, also those
+        # written after the last commit: the peer may hold some of them already, and an ACK
+        # beyond snd_nxt is discarded, so the restored stream must reach them in its first
+        # flight (they used to be dropped and left to the service to write again: the peer's
+        # ACK raced that and the connection stalled for good). The service hears where the
+        # stream is (RestoredConn.sent_pos, the adoption's ``sent``) and skips what it replays.
+        send_q, snd_seq = cs.snd_data, cs.snd_end
         rcv_seq = cs.rcv_end
         snd_wnd = cs.snd_wnd or f.snd_wnd
         rcv_wnd = cs.rcv_wnd or f.rcv_wnd
@@ -592,10 +618,17 @@ class BackupSession:
                 continue
             f = cs.full
             commit = cs.commit
-            rpos = commit.rpos if commit else f.rcv_seq
+            rpos, wpos = (commit.rpos, commit.wpos) if commit else (f.rcv_seq, f.snd_seq)
+            if seq_lt(st.snd_seq, wpos):  # never seen: a commit is synced after its bytes
+                self.restore_failures.append(
+                    f"{st.dst}:{st.dport}: the commit wrote up to {wpos}, the copy ends at "
+                    f"{st.snd_seq}: not handed to the service")
+                close_silently(sock)  # no FIN, no RST: the peer just waits
+                continue
             out.append(RestoredConn(
                 f.conn_id, sock, seq_diff(rpos, f.rcv_seq) % (1 << 32),
-                seq_diff(st.snd_seq, f.snd_seq) % (1 << 32), commit.state if commit else b"",
+                seq_diff(wpos, f.snd_seq) % (1 << 32), commit.state if commit else b"",
                 len(st.send_queue), len(st.recv_queue), cs, st,
-                (f.local_addr, f.local_port, f.peer_addr, f.peer_port)))  # fmt: skip
+                (f.local_addr, f.local_port, f.peer_addr, f.peer_port),
+                sent_pos=seq_diff(st.snd_seq, f.snd_seq) % (1 << 32)))  # fmt: skip
         return out

@@ -16,6 +16,13 @@ With ``capture_out=``, ``capture_out(segment, payload)`` sees every outgoing seg
 the SYN-ACK's options, DATA(SND), the service's windows. An exception in either hook is counted
 (``stats.errors``, ``error``) and the segment goes on: the clamp keeps it safe, the backup may lag.
 
+The send-side hold (``hold=``): an outgoing segment with payload whose last byte is past
+``hold(four_tuple)`` (the backup's confirmed end of our stream) waits in the queue, unanswered,
+until ``kick()`` (the backup confirmed more) finds it covered; its ACK is clamped when it leaves.
+So the peer never holds a byte of ours that the backup lacks: a restored connection's send queue
+always reaches the peer's ACK. Segments passed while some are held are answered one by one (a
+batch verdict would release the held ones too), packed into one datagram per drain.
+
 No ``--queue-bypass``: fail closed. While the rule is in place and nothing is bound to the queue
 (the agent and its session worker were killed) the kernel drops every segment of VIP:port. It
 used to let them pass, and a killed master's kernel then acknowledged, in the moments before the
@@ -58,6 +65,7 @@ pass unclamped.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import ipaddress
@@ -145,6 +153,8 @@ class ClampStats:
     truncated: int = 0  # header-only copies that needed a clamp: dropped, full copy from then on
     resigned: int = 0  # clamped segments signed again with the peer's TCP-MD5 key
     unsigned: int = 0  # signed segments to clamp without a key for their peer: dropped
+    held: int = 0  # outgoing data segments held until the backup confirmed their bytes
+    held_now: int = 0  # of those, still waiting
 
 
 def _iptables(family: int) -> str:
@@ -193,6 +203,21 @@ def remove_rules(family: int = 4, *, netns_fd: int | None = None, keep_quiet: bo
     return body() if netns_fd is None else _in_ns(netns_fd, body)
 
 
+def _send_packed(sock: socket.socket, msgs: list[bytes], most: int = 96 << 10) -> None:
+    """Send netlink messages packed into datagrams of up to ``most`` bytes (one bigger message
+    goes alone): one syscall per drain, not one per verdict."""
+    chunk: list[bytes] = []
+    size = 0
+    for m in msgs:
+        if chunk and size + len(m) > most:
+            sock.send(b"".join(chunk))
+            chunk, size = [], 0
+        chunk.append(m)
+        size += len(m)
+    if chunk:
+        sock.send(b"".join(chunk))
+
+
 class AckClamp:
     """Clamp the ACK of every segment leaving ``vip``:``port`` to ``limit(four_tuple)``.
 
@@ -218,6 +243,7 @@ class AckClamp:
         batch: int = 32,
         header_copy: int = HEADER_COPY,
         md5: Mapping[str, bytes] | None = None,
+        hold: Limit | None = None,
     ) -> None:
         if family not in (4, 6):
             raise LocalProtocolError(f"family must be 4 or 6, not {family}")
@@ -232,10 +258,12 @@ class AckClamp:
         self.md5 = {str(ipaddress.ip_address(a)): k for a, k in (md5 or {}).items()}
         self.capture = capture
         self.capture_out = capture_out
+        self.hold = hold
         self.rcvbuf = rcvbuf
         self.maxlen = maxlen
         self.batch = batch
-        full = capture is not None or capture_out is not None or header_copy == 0
+        full = capture is not None or capture_out is not None or hold is not None or \
+            header_copy == 0
         self.copy_range = MAX_PAYLOAD if full else header_copy
         self.stats = ClampStats()
         path = f"/run/netns/{netns}" if netns is not None else "/proc/thread-self/ns/net"
@@ -248,6 +276,10 @@ class AckClamp:
         self._seq = 0
         self._pending = -1  # highest packet id passed but not yet answered (-1: none)
         self._waiting = 0  # how many passed segments wait for the batch verdict
+        # held segments, oldest first: (packet id, four-tuple, sequence after the payload, packet)
+        self._held: list[tuple[int, FourTuple, int, bytes]] = []
+        self._loose: list[int] = []  # passed while some are held: answered one by one
+        self._kick: tuple[int, int] | None = None  # pipe: a byte on [1] re-checks the held ones
 
     def rule(self, chain: str = "OUTPUT") -> list[str]:
         """The iptables rule spec for ``chain`` (OUTPUT: our segments, INPUT: the peer's)."""
@@ -275,6 +307,7 @@ class AckClamp:
         try:
             self._sock = _in_ns(self._ns_fd, self._bind)
             self._wake = os.pipe()
+            self._kick = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self._thread = threading.Thread(
                 target=self._loop, name=f"nonstop-ackclamp-q{self.queue_num}", daemon=True
             )
@@ -299,10 +332,11 @@ class AckClamp:
             if self._thread is not None:
                 self._thread.join(timeout=5)
                 self._thread = None
-            if self._wake is not None:
-                os.close(self._wake[0])
-                os.close(self._wake[1])
-                self._wake = None
+            for pipe in (self._wake, self._kick):
+                if pipe is not None:
+                    os.close(pipe[0])
+                    os.close(pipe[1])
+            self._wake = self._kick = None
             sock, self._sock = self._sock, None
             if sock is not None:
                 sock.close()  # the kernel unbinds the queue with the socket
@@ -315,6 +349,14 @@ class AckClamp:
         """The last error of the verdict thread: what stopped it, or what limit(), capture() or
         capture_out() raised (also counted in ``stats.errors``)."""
         return self._error
+
+    def kick(self) -> None:
+        """The hold may have moved (the backup confirmed more, or is gone): re-check the held
+        segments. Thread-safe, cheap; a no-op when closed."""
+        kick = self._kick  # always written: a segment held right after a check must not wait
+        if kick is not None:
+            with contextlib.suppress(OSError):  # full (a check is due anyway) or closing
+                os.write(kick[1], b"k")
 
     # -- inside the namespace -------------------------------------------------------------------
 
@@ -360,8 +402,8 @@ class AckClamp:
     # -- the verdict loop -----------------------------------------------------------------------
 
     def _loop(self) -> None:
-        sock, wake = self._sock, self._wake
-        assert sock is not None and wake is not None
+        sock, wake, kick = self._sock, self._wake, self._kick
+        assert sock is not None and wake is not None and kick is not None
         buf = bytearray(MAX_PAYLOAD + 4096)
         mv = memoryview(buf)
         recv_into, dontwait = sock.recv_into, socket.MSG_DONTWAIT
@@ -371,10 +413,14 @@ class AckClamp:
                     n = recv_into(buf, len(buf), dontwait)
                 except BlockingIOError:  # drained: answer what waits, then sleep
                     self._release(sock)
-                    ready, _, _ = select.select([sock, wake[0]], [], [])
+                    ready, _, _ = select.select([sock, wake[0], kick[0]], [], [])
                     if wake[0] in ready:  # closing: the rules are gone already
                         self._release(sock)
-                        return
+                        return  # the held ones are dropped at the unbind: TCP resends them
+                    if kick[0] in ready:
+                        with contextlib.suppress(BlockingIOError):
+                            os.read(kick[0], 4096)
+                        self._unhold(sock)
                     continue
                 except OSError as e:
                     if e.errno != errno.ENOBUFS:
@@ -399,15 +445,58 @@ class AckClamp:
             off += (length + 3) & ~3
 
     def _release(self, sock: socket.socket) -> None:
-        """Accept every passed segment still waiting (one batch verdict)."""
+        """Accept every passed segment still waiting: one batch verdict, or (some are held)
+        one verdict each, in one datagram."""
+        if self._loose:
+            _send_packed(sock, [self._accept(pid) for pid in self._loose])
+            self._loose.clear()
         if self._pending >= 0:
             attrs = _attr(_A_VERDICT_HDR, struct.pack("!II", NF_ACCEPT, self._pending))
             sock.send(_nlmsg(_MSG_VERDICT_BATCH, _NLM_F_REQUEST, 0, self.queue_num, attrs))
             self._pending, self._waiting = -1, 0
             self.stats.batches += 1
 
+    def _accept(self, pid: int, payload: bytes = b"") -> bytes:
+        attrs = _attr(_A_VERDICT_HDR, struct.pack("!II", NF_ACCEPT, pid))
+        if payload:
+            attrs += _attr(_A_PAYLOAD, payload)
+        return _nlmsg(_MSG_VERDICT, _NLM_F_REQUEST, 0, self.queue_num, attrs)
+
+    def _unhold(self, sock: socket.socket) -> None:
+        """Let out the held segments the hold now covers (their ACK clamped as of now)."""
+        out, keep = [], []
+        for h in self._held:
+            pid, ft, end, raw = h
+            try:
+                lim = self._holding(ft)
+                if lim is not None and 0 < (end - lim) % (1 << 32) < _HALF:
+                    keep.append(h)
+                    continue
+                pkt = bytearray(raw)
+                limit = self._limit(ft)
+                key = self.md5.get(ft[2]) if self.md5 else None
+                changed = limit is not None and clamp_ack(pkt, limit, key)
+                out.append(self._accept(pid, bytes(pkt) if changed else b""))
+                self.stats.clamped += changed
+            except (_LimitFailed, Md5KeyMissing):
+                out.append(_nlmsg(_MSG_VERDICT, _NLM_F_REQUEST, 0, self.queue_num,
+                                  _attr(_A_VERDICT_HDR, struct.pack("!II", NF_DROP, pid))))
+        if len(keep) != len(self._held):
+            self._held = keep
+            self.stats.held_now = len(keep)
+            self._release(sock)  # passes first: with no hold left they go in one batch again
+            _send_packed(sock, out)
+
+    def _holding(self, ft: FourTuple) -> int | None:
+        try:
+            return self.hold(ft) if self.hold is not None else None
+        except Exception as e:
+            self.stats.errors += 1
+            self._error = e
+            raise _LimitFailed from e
+
     def _verdict(self, sock: socket.socket, pid: int, verdict: int, payload: bytes = b"") -> None:
-        self._release(sock)  # those before it leave first: nothing is reordered
+        self._release(sock)  # those before it leave first: nothing is reordered (but held ones)
         attrs = _attr(_A_VERDICT_HDR, struct.pack("!II", verdict, pid))
         if payload:
             attrs += _attr(_A_PAYLOAD, payload)
@@ -444,8 +533,11 @@ class AckClamp:
                     self._capture(mv[p : p + plen], inbound=True)
                 self._pass(pid)
                 return
+            seg = None
             if self.capture_out is not None:  # as the kernel wrote it, before the clamp
-                self._capture(mv[p : p + plen], inbound=False)
+                seg = self._capture(mv[p : p + plen], inbound=False)
+            if self.hold is not None and self._must_hold(pid, seg, mv[p : p + plen], truncated):
+                return
             if self._fast_pass(buf, p, plen):
                 self._pass(pid)
                 return
@@ -478,9 +570,29 @@ class AckClamp:
             self._verdict(sock, pid, NF_DROP)
 
     def _pass(self, pid: int) -> None:
-        self._pending = pid
-        self._waiting += 1
+        if self._held:  # a batch verdict would let the held ones out too
+            self._loose.append(pid)
+        else:
+            self._pending = pid
+            self._waiting += 1
         self.stats.passed += 1
+
+    def _must_hold(self, pid: int, seg: Segment | None, pkt: memoryview, truncated: bool) -> bool:
+        """Hold this outgoing segment (True) if its payload reaches past ``hold``."""
+        if seg is None:
+            seg = parse(pkt)
+        if not seg.payload_length:
+            return False
+        if truncated:  # cannot be let out later as it was: TCP sends it again
+            raise RemoteProtocolError("truncated data segment", counter="nfq_truncated")
+        lim = self._holding(seg.four_tuple)
+        end = (seg.seq + seg.payload_length) % (1 << 32)
+        if lim is None or not 0 < (end - lim) % (1 << 32) < _HALF:
+            return False
+        self._held.append((pid, seg.four_tuple, end, bytes(pkt)))
+        self.stats.held += 1
+        self.stats.held_now = len(self._held)
+        return True
 
     def _fast_pass(self, buf: bytearray, p: int, plen: int) -> bool:
         """True when the outgoing segment at ``buf[p:p+plen]`` surely needs no change: read in
@@ -525,7 +637,7 @@ class AckClamp:
             self._error = e
             raise _LimitFailed from e
 
-    def _capture(self, pkt: memoryview, *, inbound: bool) -> None:
+    def _capture(self, pkt: memoryview, *, inbound: bool) -> Segment:
         hook = self.capture if inbound else self.capture_out
         assert hook is not None
         seg = parse(pkt)  # malformed: RemoteProtocolError, the segment is dropped
@@ -538,6 +650,7 @@ class AckClamp:
         except Exception as e:  # the segment still goes on: the ACK clamp keeps us safe
             self.stats.errors += 1
             self._error = e
+        return seg
 
 
 class _LimitFailed(Exception):

@@ -156,7 +156,8 @@ class ProtectedService:
                 self.master.adopt(rc)
                 with self.endpoint.lock:
                     self.endpoint.add(
-                        rc.conn_id, rc.sock, CommitRecord(rc.read_pos, rc.write_pos, rc.state)
+                        rc.conn_id, rc.sock, CommitRecord(rc.read_pos, rc.write_pos, rc.state),
+                        sent_pos=rc.sent_pos,
                     )
             with self.endpoint.lock:
                 woken = self.endpoint.release_adoptions()

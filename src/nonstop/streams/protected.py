@@ -171,11 +171,25 @@ class _Conn:
             await self.commit()
 
     async def _send(self) -> None:
+        """Messages at the rate, then the trailer once the client's trailer was read. After an
+        adoption it first writes again what the dead process sent past the commit (the library
+        drops those bytes): whole messages, or its trailer, which it wrote only once the
+        client's trailer was in (so stop comes). A remainder of exactly one header is taken for
+        that trailer (a message cut right after its header would be misread: rare, not seen)."""
         assert self.cid is not None
-        while not self.stop.is_set():
+        whole = HEADER.size + self.size
+        while True:
+            left = self.conn.replaying
+            if left == HEADER.size != whole:  # the dead process's trailer
+                await self.stop.wait()
+                break
+            if self.stop.is_set() and not left:
+                break
             await self.conn.ns_send(make_message(SERVER, self.cid, self.tx, self.size))
             self.tx += 1
             await self.commit()
+            if left:
+                continue  # written before: no pacing
             delay = self.epoch + self.tx / self.srv.rate - time.time()
             if delay < -1.0:  # more than a second behind: catch up one second's worth, no more
                 self.epoch -= delay + 1.0

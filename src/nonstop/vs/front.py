@@ -232,7 +232,9 @@ class Front:
         assert agent is not None
 
         async def reopen() -> Any:
-            return await ns_listen(host, port, agent=agent, backlog=4096)
+            # replay: after an adoption it writes its journaled response again from the
+            # commit; the bytes the kernel already holds (written after it) are skipped
+            return await ns_listen(host, port, agent=agent, backlog=4096, replay=True)
 
         ph = ProtectedHttp(proxy, await reopen(), link=self.journal_link, store=self.journal,
                            commit_delay=self.cfg.front.test_commit_delay_ms / 1000,
