@@ -41,6 +41,7 @@ B = "10.77.0.12"
 NODE = ["-m", "nonstop.bench.takeover_node"]  # the node script, shared with the benchmark
 LINES, KILL_AT, PACE = 3000, 1000, 0.001
 STALL_LINES = 100
+COMMIT_LAG = 600  # ten lines
 
 
 def line(i: int) -> bytes:
@@ -88,6 +89,21 @@ def test_takeover_restores_what_a_stalled_service_never_committed(lab: Lab) -> N
     assert acked > done  # a's kernel did take (and ACK) bytes the service never committed
 
 
+def test_takeover_sends_on_from_what_the_peer_got_past_the_last_commit(lab: Lab) -> None:
+    """The service's commits trail its echoes by COMMIT_LAG bytes: the peer holds echoed bytes
+    past the last commit. They were held until b had them (the send-side hold), b restores them
+    in the send queue (sent_pos past write_pos), and its service, replaying from the commit,
+    skips them: every line once, in order, no stall."""
+    res = takeover(lab, stall_at=None, commit_lag=COMMIT_LAG)
+    rm = re.search(r"RESTORED conn=1 read_pos=(\d+) write_pos=(\d+) resent=\d+ pending=(\d+) "
+                   r"sent_pos=(\d+)", res["backup"])  # fmt: skip
+    assert rm is not None, res["backup"]
+    read_pos, write_pos, pending, sent_pos = map(int, rm.groups())
+    print(f"commit at {write_pos}, restored stream at {sent_pos}, {pending} B to read again")
+    assert sent_pos > write_pos == read_pos
+    assert sent_pos - write_pos <= pending  # echoed bytes are input the service reads again
+
+
 def test_takeover_keeps_64_concurrent_connections(lab: Lab) -> None:
     """64 connections stream at once; a dies mid-stream; b takes every one of them over."""
     n = 64
@@ -104,7 +120,7 @@ def test_takeover_keeps_64_concurrent_connections(lab: Lab) -> None:
     assert fields["dropped"] == fields["errors"] == "0"
 
 
-def takeover(lab: Lab, *, stall_at: int | None) -> dict[str, object]:
+def takeover(lab: Lab, *, stall_at: int | None, commit_lag: int = 0) -> dict[str, object]:
     peer, a, b = lab.host("peer"), lab.host("a"), lab.host("b")
     key = os.urandom(32).hex()
     a.sh(f"ip addr add {VIP}/24 dev lan")
@@ -116,7 +132,9 @@ def takeover(lab: Lab, *, stall_at: int | None) -> dict[str, object]:
     )
     backup.wait_output("READY")
     master = a.run(
-        [sys.executable, *NODE, "master", VIP, PORT, B, SYNC_PORT, key], name="master", env=env
+        [sys.executable, *NODE, "master", VIP, PORT, B, SYNC_PORT, key, commit_lag],
+        name="master",
+        env=env,
     )
     master.wait_output("READY")
 

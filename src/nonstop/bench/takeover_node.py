@@ -1,10 +1,12 @@
 """A node of the takeover scenario (tests/netns/test_takeover.py, ``nonstop bench takeover``), run
 inside a lab host as ``python -m nonstop.bench.takeover_node``.
 
-``master VIP PORT BACKUP_HOST SYNC_PORT KEYHEX``: an echo service on VIP:PORT (reads, echoes,
-commits after each echo) behind a MasterSession that syncs to the backup. On SIGUSR2 the service
-stalls: it stops reading and committing (after the echo it is in, if any) and prints
-``STALLED done=N``, its last commit; the kernel keeps receiving the peer's bytes.
+``master VIP PORT BACKUP_HOST SYNC_PORT KEYHEX [LAG]``: an echo service on VIP:PORT (reads,
+echoes, commits after each echo; with LAG, a position LAG bytes back, as a service whose
+checkpoints trail its output: the peer holds echoed bytes past the last commit) behind a
+MasterSession that syncs to the backup. On
+SIGUSR2 the service stalls: it stops reading and committing (after the echo it is in, if any)
+and prints ``STALLED done=N``, its last commit; the kernel keeps receiving the peer's bytes.
 ``backup VIP/LEN IFACE SYNC_BIND SYNC_PORT KEYHEX``: a BackupSession; on SIGUSR1 it promotes:
 restores every connection, adds the VIP, announces it, echoes on the restored sockets.
 Progress lines go to stdout (the lab's log file), flushed.
@@ -27,7 +29,8 @@ def say(*args: object) -> None:
     print(*args, flush=True)
 
 
-def master(vip: str, port: int, backup: str, sync_port: int, key: bytes) -> None:
+def master(vip: str, port: int, backup: str, sync_port: int, key: bytes,
+           lag: int = 0) -> None:  # fmt: skip
     session = MasterSession(vip, port, key, backup=(backup, sync_port)).open()
     srv = socket.socket()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -57,7 +60,8 @@ def master(vip: str, port: int, backup: str, sync_port: int, key: bytes) -> None
         while not stall.is_set() and (data := conn.recv(65536)):
             conn.sendall(data)
             done += len(data)
-            session.commit(ft, done, done)  # type: ignore[arg-type]
+            if done > lag:  # an echo's output is its input: replay from any point is exact
+                session.commit(ft, done - lag, done - lag)  # type: ignore[arg-type]
         if stall.is_set():
             say(f"STALLED done={done}")
             threading.Event().wait()  # until SIGKILL: neither reads nor commits any more
@@ -85,7 +89,7 @@ def backup(vip: str, iface: str, bind: str, sync_port: int, key: bytes) -> None:
     for r in restored:
         say(
             f"RESTORED conn={r.conn_id} read_pos={r.read_pos} write_pos={r.write_pos} "
-            f"resent={r.resent} pending={r.pending}"
+            f"resent={r.resent} pending={r.pending} sent_pos={r.sent_pos}"
         )
     say(
         f"PROMOTED conns={len(restored)} restore_ms={(t1 - t0) * 1e3:.2f} "
@@ -113,6 +117,7 @@ def backup(vip: str, iface: str, bind: str, sync_port: int, key: bytes) -> None:
 if __name__ == "__main__":
     mode, *rest = sys.argv[1:]
     if mode == "master":
-        master(rest[0], int(rest[1]), rest[2], int(rest[3]), bytes.fromhex(rest[4]))
+        master(rest[0], int(rest[1]), rest[2], int(rest[3]), bytes.fromhex(rest[4]),
+               int(rest[5]) if len(rest) > 5 else 0)
     else:
         backup(rest[0], rest[1], rest[2], int(rest[3]), bytes.fromhex(rest[4]))
