@@ -89,6 +89,7 @@ def run(
         _wait_protecting(c, master, other, sessions, timeout=30 + sessions / 100)
         time.sleep(settle)
         before = _sync(c.status(master))
+        held_at_kill = _sync(c.status(other)).get("held_connections")
         t_kill = time.monotonic()
         c.procs[master].kill()
         svc[master].kill()
@@ -100,8 +101,11 @@ def run(
         client.send_signal(signal.SIGTERM)
         out, _ = client.popen.communicate(timeout=60 + sessions / 50)
         rep = json.loads(out.decode().strip().splitlines()[-1])
-        promo = (st.get("sessions") or [{}])[0].get("last_promotion") or {}
+        ss = (st.get("sessions") or [{}])[0]
+        promo = ss.get("last_promotion") or {}
         result = _figures(rep, sessions, rate, size, t_kill, promo, before)
+        result["restore_failures"] = (ss.get("counters") or {}).get("restore_failures")
+        result["held_by_backup_at_kill"] = held_at_kill
         result["new_master_seen_ms"] = round((t_master - t_kill) * 1000, 1)
         marks = [(t_kill, "master killed"), (t_master, "backup is master")]
         title = f"TCP session takeover: {sessions} connections, {rate:g} msg/s each way"

@@ -531,10 +531,10 @@ class BackupSession:
         """Note new FULL records. A snapshot of every connection per batch costs O(connections)
         per batch, so this runs at most every _SCAN; a FULL found now arrived after the previous
         scan, and that earlier time is kept (the restored TSval runs ahead, never behind)."""
-        for cid, cs in self.receiver.connections().items():
+        for cid, full in self.receiver.fulls().items():
             seen = self._seen.get(cid)
-            if seen is None or seen[0] is not cs.full:
-                self._seen[cid] = (cs.full, self._scanned)
+            if seen is None or seen[0] is not full:
+                self._seen[cid] = (full, self._scanned)
         self._scanned, self._dirty = now, False
 
     def connections(self) -> dict[int, ConnState]:

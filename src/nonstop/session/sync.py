@@ -642,3 +642,8 @@ class SyncReceiver(_Counted):
 
     def connections(self) -> dict[int, ConnState]:
         return {k: c.snapshot() for k, c in self._conns.items()}
+
+    def fulls(self) -> dict[int, FullRecord]:
+        """Each held connection's FULL record: no copy of the stream bytes (``connections()``
+        copies every queue)."""
+        return {k: c.full for k, c in self._conns.items()}
