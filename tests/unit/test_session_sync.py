@@ -14,6 +14,7 @@ import pytest
 
 from nonstop.common import LocalProtocolError
 from nonstop.session.sync import (
+    RESEND_BURST,
     ConnState,
     SyncReceiver,
     SyncSender,
@@ -367,6 +368,27 @@ def test_timeout_adapts_to_a_slow_backup_and_backs_off() -> None:
     gaps = [round(b - a, 3) for a, b in itertools.pairwise(sends)]
     assert gaps[:5] == pytest.approx([0.02, 0.04, 0.08, 0.16, 0.25], abs=0.002)
     assert gaps[4:] == pytest.approx([0.25] * len(gaps[4:]), abs=0.002)
+
+
+def test_a_timeout_resends_only_the_oldest_few() -> None:
+    """40 batches in flight, the backup silent: a timeout resends RESEND_BURST of them, the
+    oldest (it used to resend the whole window at every timeout)."""
+    tx = SyncSender(KEY, incarnation=1, now=0.0, max_batch=1, rto=0.02)
+    for i in range(1, 41):
+        tx.open(i, full(i, i, i), 0.0)
+    first = tx.datagrams_to_send(0.0)
+    assert len(first) == 40
+    again = tx.datagrams_to_send(0.02)
+    assert again == first[:RESEND_BURST]
+    rx = SyncReceiver(KEY, now=0.0, incarnation=1)
+    for d in first[1:]:  # all but the oldest reached it: buffered, the ACK still says nothing
+        rx.receive(d, 0.03)
+    for d in again[:1]:  # the resent oldest fills the gap: everything applies
+        (ack,) = rx.receive(d, 0.03)
+    tx.receive_ack(ack, 0.03)
+    assert tx.in_flight == 0 and rx.open_connections == 40
+    assert [cid for cid, _ in rx.take_new_fulls()] == list(range(1, 41))
+    assert rx.take_new_fulls() == []
 
 
 def test_full_batch_goes_at_once_and_window_limits_flight() -> None:

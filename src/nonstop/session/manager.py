@@ -30,12 +30,13 @@ thread; a second thread reads the backup's ACKs and retransmits.
 ``BackupSession`` feeds a :class:`SyncReceiver` from UDP. ``promote()`` restores every connection
 with ``repair.restore_many`` (call it before the VIP is added) from the last COMMIT: the receive
 queue holds the peer's bytes after the committed read position, the send queue every byte the
-old master's kernel took that the peer has not acknowledged, also those written after the last
+old master's kernel sent that the peer has not acknowledged, also those written after the last
 commit (``RestoredConn.sent_pos``; the agent hands it to the service as the adoption's ``sent``,
-as after a local restart): a service that produces them again from its commit skips them.
-Bytes the old master sent before the backup held them are still a gap (the peer may hold bytes
-the restored stream does not reach); closing it needs the master to hold transmission at the
-backup's confirmed send point, not done yet.
+exactly as after a local restart): a service that replays its output from its commit skips
+them. The send-side hold makes that whole: the clamp keeps each outgoing data segment in the
+queue until the backup confirmed its bytes (``_hold``), so the peer never holds a byte the
+restored send queue does not reach (its ACK would be beyond the restored snd_nxt and dropped:
+the connection stalled for good when that raced the service's replay).
 
 TCP timestamps: the restored clock is the SYN-ACK's TSval advanced by the time since the backup
 first saw the FULL record, plus ``ts_margin`` (a TSval ahead of the real clock is harmless to the
@@ -74,6 +75,16 @@ _U32 = 0xFFFF_FFFF
 _POLL = 0.002  # the sync thread's longest sleep (s)
 _SCAN = 0.005  # the backup looks for new connections at most this often (s)
 _TCP_TIMESTAMP = 24
+
+
+def _big_buffers(sock: socket.socket, size: int) -> None:
+    """Socket buffers of ``size`` bytes each way, past the sysctl limits when allowed (root):
+    a sync datagram dropped for room costs a retransmission timeout."""
+    for force, opt in ((33, socket.SO_RCVBUF), (32, socket.SO_SNDBUF)):  # SO_*BUFFORCE
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, size)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, opt, size)
 
 
 def _get_u32(sock: socket.socket, opt: int) -> int:
@@ -133,6 +144,7 @@ class MasterSession:
         self._ids = itertools.count(1)
         fam = socket.AF_INET if family == 4 else socket.AF_INET6
         self._udp = socket.socket(fam, socket.SOCK_DGRAM)
+        _big_buffers(self._udp, 1 << 20)
         self._udp.bind(sync_bind)
         self._clamp = AckClamp(
             queue_num,
@@ -467,6 +479,7 @@ class BackupSession:
         self._udp = socket.socket(
             socket.AF_INET if family == 4 else socket.AF_INET6, socket.SOCK_DGRAM
         )
+        _big_buffers(self._udp, 8 << 20)  # a burst of batches must wait, not be dropped
         self._udp.bind(bind)
         self._lock = threading.Lock()
         self._seen: dict[int, tuple[FullRecord, float]] = {}  # conn id -> (FULL, first seen)
@@ -528,10 +541,10 @@ class BackupSession:
                     self._udp.sendto(a, src)
 
     def _scan(self, now: float) -> None:
-        """Note new FULL records. A snapshot of every connection per batch costs O(connections)
-        per batch, so this runs at most every _SCAN; a FULL found now arrived after the previous
-        scan, and that earlier time is kept (the restored TSval runs ahead, never behind)."""
-        for cid, full in self.receiver.fulls().items():
+        """Note the FULL records applied since the last scan (at most every _SCAN): each arrived
+        after the previous scan, and that earlier time is kept (the restored TSval runs ahead,
+        never behind)."""
+        for cid, full in self.receiver.take_new_fulls():
             seen = self._seen.get(cid)
             if seen is None or seen[0] is not full:
                 self._seen[cid] = (full, self._scanned)

@@ -66,21 +66,59 @@ pass unclamped.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import ipaddress
 import os
 import select
-import shlex
 import socket
 import struct
 import subprocess
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
 
 from nonstop.common import LocalProtocolError, RemoteProtocolError
+from nonstop.session.nfnl import (
+    A_CAP_LEN,
+    A_PACKET_HDR,
+    A_PAYLOAD,
+    A_VERDICT_HDR,
+    ATTR,
+    CFG_CMD,
+    CFG_FLAGS,
+    CFG_MASK,
+    CFG_PARAMS,
+    CFG_QUEUE_MAXLEN,
+    CMD_BIND,
+    COMMENT,
+    COPY_PACKET,
+    F_GSO,
+    HALF,
+    HEADER_COPY,
+    MAX_PAYLOAD,
+    MSG_CONFIG,
+    MSG_PACKET,
+    MSG_VERDICT,
+    MSG_VERDICT_BATCH,
+    NETLINK_NETFILTER,
+    NF_ACCEPT,
+    NF_DROP,
+    NF_INET_LOCAL_IN,
+    NLM_F_ACK,
+    NLM_F_REQUEST,
+    NLMSG_ERROR,
+    NLMSGHDR,
+    PORTS,
+    SO_RCVBUFFORCE,
+    TCP_ACK,
+    U32BE,
+    ClampStats,
+    attr,
+    in_ns,
+    iptables_cmd,
+    nlmsg,
+    remove_rules,
+    send_packed,
+)
 from nonstop.session.segment import (
     ACK,
     Md5KeyMissing,
@@ -91,131 +129,12 @@ from nonstop.session.segment import (
     parse,
 )
 
+__all__ = ["COMMENT", "HEADER_COPY", "MAX_PAYLOAD", "AckClamp", "ClampStats", "FourTuple",
+           "remove_rules"]
+
 FourTuple = tuple[str, int, str, int]  # (VIP, port, peer address, peer port) of an outgoing segment
 Limit = Callable[[FourTuple], int | None]
 Capture = Callable[[Segment, bytes], None]
-
-COMMENT = "nonstop-ackclamp"
-CLONE_NEWNET = 0x40000000
-SO_RCVBUFFORCE = 33
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-# nfnetlink_queue (linux/netfilter/nfnetlink_queue.h)
-NETLINK_NETFILTER = 12
-_NLMSG_ERROR = 2
-_NLM_F_REQUEST, _NLM_F_ACK = 1, 4
-_QUEUE = 3 << 8  # NFNL_SUBSYS_QUEUE
-_MSG_PACKET, _MSG_VERDICT, _MSG_CONFIG, _MSG_VERDICT_BATCH = (
-    _QUEUE | 0, _QUEUE | 1, _QUEUE | 2, _QUEUE | 3,
-)  # fmt: skip
-_CFG_CMD, _CFG_PARAMS, _CFG_QUEUE_MAXLEN, _CFG_MASK, _CFG_FLAGS = 1, 2, 3, 4, 5
-_CMD_BIND, _CMD_UNBIND = 1, 2
-_COPY_PACKET = 2
-_F_GSO = 4
-_A_PACKET_HDR, _A_VERDICT_HDR, _A_PAYLOAD, _A_CAP_LEN = 1, 2, 10, 13
-NF_DROP, NF_ACCEPT = 0, 1
-NF_INET_LOCAL_IN = 1
-_NLMSGHDR = struct.Struct("=IHHII")
-_ATTR = struct.Struct("=HH")
-_U32BE = struct.Struct("!I")
-_TCP_ACK = struct.Struct("!I")
-_PORTS = struct.Struct("!HH")
-_HALF = 1 << 31
-MAX_PAYLOAD = 0xFFFF
-HEADER_COPY = 192  # bytes copied without capture: IPv4/IPv6 + TCP headers with options
-
-
-def _attr(kind: int, data: bytes) -> bytes:
-    n = 4 + len(data)
-    return _ATTR.pack(n, kind) + data + bytes(-n & 3)
-
-
-def _nlmsg(kind: int, flags: int, seq: int, queue: int, attrs: bytes) -> bytes:
-    body = struct.pack("!BBH", socket.AF_UNSPEC, 0, queue) + attrs
-    return _NLMSGHDR.pack(16 + len(body), kind, flags, seq, 0) + body
-
-
-@dataclass(slots=True)
-class ClampStats:
-    """Counters of one AckClamp (written by its thread only)."""
-
-    seen: int = 0  # segments through the queue
-    passed: int = 0  # accepted unchanged (limit None, or nothing beyond the limit)
-    clamped: int = 0  # ACK or SACK rewritten, checksum recomputed
-    dropped: int = 0  # malformed or truncated: dropped so nothing unclamped escapes
-    overflows: int = 0  # ENOBUFS on the netlink socket (the kernel dropped segments)
-    captured: int = 0  # inbound segments handed to capture()
-    captured_out: int = 0  # outbound segments handed to capture_out()
-    errors: int = 0  # limit() raised (segment dropped) or a capture hook raised (segment goes
-    # on); the error is kept in AckClamp.error
-    batches: int = 0  # batch verdicts sent (each accepts every passed segment before it)
-    truncated: int = 0  # header-only copies that needed a clamp: dropped, full copy from then on
-    resigned: int = 0  # clamped segments signed again with the peer's TCP-MD5 key
-    unsigned: int = 0  # signed segments to clamp without a key for their peer: dropped
-    held: int = 0  # outgoing data segments held until the backup confirmed their bytes
-    held_now: int = 0  # of those, still waiting
-
-
-def _iptables(family: int) -> str:
-    return "iptables" if family == 4 else "ip6tables"
-
-
-def _in_ns(ns_fd: int, fn: Callable[..., Any], *args: Any) -> Any:
-    """Run fn(*args) in a short-lived thread that joined the namespace behind ``ns_fd``."""
-    box: dict[str, Any] = {}
-
-    def body() -> None:
-        try:
-            if _libc.setns(ns_fd, CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"setns: {os.strerror(err)}")
-            box["result"] = fn(*args)
-        except BaseException as e:  # handed back to the caller
-            box["error"] = e
-
-    t = threading.Thread(target=body, name="nonstop-netns", daemon=True)
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box.get("result")
-
-
-def remove_rules(family: int = 4, *, netns_fd: int | None = None, keep_quiet: bool = False) -> int:
-    """Delete every nonstop ACK-clamp rule from OUTPUT/INPUT (a crashed agent's leftovers); how
-    many. ``keep_quiet``: not the quiet rules (``session.quiet``). Runs in the current namespace,
-    or the one behind ``netns_fd``."""
-
-    def body() -> int:
-        ipt = _iptables(family)
-        out = subprocess.run([ipt, "-w", "-S"], capture_output=True, text=True, check=True)
-        n = 0
-        for line in out.stdout.splitlines():
-            if line.startswith("-A ") and COMMENT in line:
-                if keep_quiet and f"{COMMENT}:quiet" in line:
-                    continue
-                spec = shlex.split(line)[1:]  # -S quotes the comment
-                subprocess.run([ipt, "-w", "-D", *spec], capture_output=True, check=True)
-                n += 1
-        return n
-
-    return body() if netns_fd is None else _in_ns(netns_fd, body)
-
-
-def _send_packed(sock: socket.socket, msgs: list[bytes], most: int = 96 << 10) -> None:
-    """Send netlink messages packed into datagrams of up to ``most`` bytes (one bigger message
-    goes alone): one syscall per drain, not one per verdict."""
-    chunk: list[bytes] = []
-    size = 0
-    for m in msgs:
-        if chunk and size + len(m) > most:
-            sock.send(b"".join(chunk))
-            chunk, size = [], 0
-        chunk.append(m)
-        size += len(m)
-    if chunk:
-        sock.send(b"".join(chunk))
 
 
 class AckClamp:
@@ -239,7 +158,7 @@ class AckClamp:
         capture_out: Capture | None = None,
         netns: str | None = None,
         rcvbuf: int = 64 << 20,
-        maxlen: int = 4096,
+        maxlen: int = 16384,
         batch: int = 32,
         header_copy: int = HEADER_COPY,
         md5: Mapping[str, bytes] | None = None,
@@ -305,7 +224,7 @@ class AckClamp:
         if self._sock is not None:
             raise LocalProtocolError("AckClamp already open")
         try:
-            self._sock = _in_ns(self._ns_fd, self._bind)
+            self._sock = in_ns(self._ns_fd, self._bind)
             self._wake = os.pipe()
             self._kick = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self._thread = threading.Thread(
@@ -313,7 +232,7 @@ class AckClamp:
             )
             self._thread.start()
             for chain in ("OUTPUT", "INPUT") if self.capture is not None else ("OUTPUT",):
-                _in_ns(self._ns_fd, self._iptables, "-I", chain)
+                in_ns(self._ns_fd, self._iptables, "-I", chain)
                 self._chains.append(chain)
         except BaseException:
             self.close()
@@ -325,7 +244,7 @@ class AckClamp:
         still queued at the unbind is dropped by the kernel (TCP sends it again)."""
         try:
             while self._chains:
-                _in_ns(self._ns_fd, self._iptables, "-D", self._chains.pop())
+                in_ns(self._ns_fd, self._iptables, "-D", self._chains.pop())
         finally:
             if self._wake is not None:
                 os.write(self._wake[1], b"x")
@@ -361,7 +280,7 @@ class AckClamp:
     # -- inside the namespace -------------------------------------------------------------------
 
     def _iptables(self, op: str, chain: str) -> None:
-        argv = [_iptables(self.family), "-w", op, chain, *self.rule(chain)]
+        argv = [iptables_cmd(self.family), "-w", op, chain, *self.rule(chain)]
         res = subprocess.run(argv, capture_output=True, text=True)
         if res.returncode != 0:
             raise OSError(f"{' '.join(argv)}: {res.stderr.strip()}")
@@ -371,29 +290,29 @@ class AckClamp:
         try:
             sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self.rcvbuf)
             sock.bind((0, 0))
-            cmd = struct.pack("!BxH", _CMD_BIND, socket.AF_UNSPEC)
-            self._config(sock, _attr(_CFG_CMD, cmd))
+            cmd = struct.pack("!BxH", CMD_BIND, socket.AF_UNSPEC)
+            self._config(sock, attr(CFG_CMD, cmd))
             self._config(sock, self._params())
-            self._config(sock, _attr(_CFG_QUEUE_MAXLEN, _U32BE.pack(self.maxlen)))
-            flags = _U32BE.pack(_F_GSO)
-            self._config(sock, _attr(_CFG_FLAGS, flags) + _attr(_CFG_MASK, flags))
+            self._config(sock, attr(CFG_QUEUE_MAXLEN, U32BE.pack(self.maxlen)))
+            flags = U32BE.pack(F_GSO)
+            self._config(sock, attr(CFG_FLAGS, flags) + attr(CFG_MASK, flags))
         except BaseException:
             sock.close()
             raise
         return sock
 
     def _params(self) -> bytes:
-        return _attr(_CFG_PARAMS, struct.pack("!IB", self.copy_range, _COPY_PACKET))
+        return attr(CFG_PARAMS, struct.pack("!IB", self.copy_range, COPY_PACKET))
 
     def _config(self, sock: socket.socket, attrs: bytes) -> None:
         """Send one NFQNL_MSG_CONFIG and wait for the kernel's answer (before the loop runs)."""
         self._seq += 1
-        flags = _NLM_F_REQUEST | _NLM_F_ACK
-        sock.send(_nlmsg(_MSG_CONFIG, flags, self._seq, self.queue_num, attrs))
+        flags = NLM_F_REQUEST | NLM_F_ACK
+        sock.send(nlmsg(MSG_CONFIG, flags, self._seq, self.queue_num, attrs))
         while True:
             data = sock.recv(65536)
-            _, kind, _, seq, _ = _NLMSGHDR.unpack_from(data)
-            if kind == _NLMSG_ERROR and seq == self._seq:
+            _, kind, _, seq, _ = NLMSGHDR.unpack_from(data)
+            if kind == NLMSG_ERROR and seq == self._seq:
                 err = -struct.unpack_from("=i", data, 16)[0]
                 if err:
                     raise OSError(err, f"nfqueue config: {os.strerror(err)}")
@@ -437,10 +356,10 @@ class AckClamp:
     def _messages(self, sock: socket.socket, buf: bytearray, mv: memoryview, n: int) -> None:
         off = 0
         while off + 16 <= n:
-            length, kind = _NLMSGHDR.unpack_from(buf, off)[:2]
+            length, kind = NLMSGHDR.unpack_from(buf, off)[:2]
             if length < 16 or off + length > n:
                 return  # a truncated datagram: nothing more to read in it
-            if kind == _MSG_PACKET:
+            if kind == MSG_PACKET:
                 self._packet(sock, buf, mv, off + 20, off + length)
             off += (length + 3) & ~3
 
@@ -448,19 +367,19 @@ class AckClamp:
         """Accept every passed segment still waiting: one batch verdict, or (some are held)
         one verdict each, in one datagram."""
         if self._loose:
-            _send_packed(sock, [self._accept(pid) for pid in self._loose])
+            send_packed(sock, [self._accept(pid) for pid in self._loose])
             self._loose.clear()
         if self._pending >= 0:
-            attrs = _attr(_A_VERDICT_HDR, struct.pack("!II", NF_ACCEPT, self._pending))
-            sock.send(_nlmsg(_MSG_VERDICT_BATCH, _NLM_F_REQUEST, 0, self.queue_num, attrs))
+            attrs = attr(A_VERDICT_HDR, struct.pack("!II", NF_ACCEPT, self._pending))
+            sock.send(nlmsg(MSG_VERDICT_BATCH, NLM_F_REQUEST, 0, self.queue_num, attrs))
             self._pending, self._waiting = -1, 0
             self.stats.batches += 1
 
     def _accept(self, pid: int, payload: bytes = b"") -> bytes:
-        attrs = _attr(_A_VERDICT_HDR, struct.pack("!II", NF_ACCEPT, pid))
+        attrs = attr(A_VERDICT_HDR, struct.pack("!II", NF_ACCEPT, pid))
         if payload:
-            attrs += _attr(_A_PAYLOAD, payload)
-        return _nlmsg(_MSG_VERDICT, _NLM_F_REQUEST, 0, self.queue_num, attrs)
+            attrs += attr(A_PAYLOAD, payload)
+        return nlmsg(MSG_VERDICT, NLM_F_REQUEST, 0, self.queue_num, attrs)
 
     def _unhold(self, sock: socket.socket) -> None:
         """Let out the held segments the hold now covers (their ACK clamped as of now)."""
@@ -469,7 +388,7 @@ class AckClamp:
             pid, ft, end, raw = h
             try:
                 lim = self._holding(ft)
-                if lim is not None and 0 < (end - lim) % (1 << 32) < _HALF:
+                if lim is not None and 0 < (end - lim) % (1 << 32) < HALF:
                     keep.append(h)
                     continue
                 pkt = bytearray(raw)
@@ -479,13 +398,13 @@ class AckClamp:
                 out.append(self._accept(pid, bytes(pkt) if changed else b""))
                 self.stats.clamped += changed
             except (_LimitFailed, Md5KeyMissing):
-                out.append(_nlmsg(_MSG_VERDICT, _NLM_F_REQUEST, 0, self.queue_num,
-                                  _attr(_A_VERDICT_HDR, struct.pack("!II", NF_DROP, pid))))
+                out.append(nlmsg(MSG_VERDICT, NLM_F_REQUEST, 0, self.queue_num,
+                                  attr(A_VERDICT_HDR, struct.pack("!II", NF_DROP, pid))))
         if len(keep) != len(self._held):
             self._held = keep
             self.stats.held_now = len(keep)
             self._release(sock)  # passes first: with no hold left they go in one batch again
-            _send_packed(sock, out)
+            send_packed(sock, out)
 
     def _holding(self, ft: FourTuple) -> int | None:
         try:
@@ -497,10 +416,10 @@ class AckClamp:
 
     def _verdict(self, sock: socket.socket, pid: int, verdict: int, payload: bytes = b"") -> None:
         self._release(sock)  # those before it leave first: nothing is reordered (but held ones)
-        attrs = _attr(_A_VERDICT_HDR, struct.pack("!II", verdict, pid))
+        attrs = attr(A_VERDICT_HDR, struct.pack("!II", verdict, pid))
         if payload:
-            attrs += _attr(_A_PAYLOAD, payload)
-        sock.send(_nlmsg(_MSG_VERDICT, _NLM_F_REQUEST, 0, self.queue_num, attrs))
+            attrs += attr(A_PAYLOAD, payload)
+        sock.send(nlmsg(MSG_VERDICT, NLM_F_REQUEST, 0, self.queue_num, attrs))
 
     def _packet(
         self, sock: socket.socket, buf: bytearray, mv: memoryview, a: int, end: int
@@ -509,14 +428,14 @@ class AckClamp:
         pid = hook = p = plen = -1
         truncated = False
         while a + 4 <= end:
-            alen, kind = _ATTR.unpack_from(buf, a)
+            alen, kind = ATTR.unpack_from(buf, a)
             kind &= 0x3FFF
-            if kind == _A_PACKET_HDR:
-                pid = _U32BE.unpack_from(buf, a + 4)[0]
+            if kind == A_PACKET_HDR:
+                pid = U32BE.unpack_from(buf, a + 4)[0]
                 hook = buf[a + 10]
-            elif kind == _A_PAYLOAD:
+            elif kind == A_PAYLOAD:
                 p, plen = a + 4, alen - 4
-            elif kind == _A_CAP_LEN:
+            elif kind == A_CAP_LEN:
                 truncated = True
             if alen < 4:
                 break
@@ -545,7 +464,7 @@ class AckClamp:
                 st.truncated += 1
                 self.copy_range = MAX_PAYLOAD
                 self._seq += 1
-                msg = _nlmsg(_MSG_CONFIG, _NLM_F_REQUEST, self._seq, self.queue_num, self._params())
+                msg = nlmsg(MSG_CONFIG, NLM_F_REQUEST, self._seq, self.queue_num, self._params())
                 sock.send(msg)
                 self._verdict(sock, pid, NF_DROP)
                 return
@@ -587,7 +506,7 @@ class AckClamp:
             raise RemoteProtocolError("truncated data segment", counter="nfq_truncated")
         lim = self._holding(seg.four_tuple)
         end = (seg.seq + seg.payload_length) % (1 << 32)
-        if lim is None or not 0 < (end - lim) % (1 << 32) < _HALF:
+        if lim is None or not 0 < (end - lim) % (1 << 32) < HALF:
             return False
         self._held.append((pid, seg.four_tuple, end, bytes(pkt)))
         self.stats.held += 1
@@ -616,18 +535,18 @@ class AckClamp:
             return False
         doff = buf[t + 12] >> 4
         if doff == 8:  # the only options taken here: Linux's NOP NOP TS
-            if _U32BE.unpack_from(buf, t + 20)[0] != 0x0101080A:
+            if U32BE.unpack_from(buf, t + 20)[0] != 0x0101080A:
                 return False
         elif doff != 5:
             return False  # other options (SACK?) or garbage: the full check
-        sport, dport = _PORTS.unpack_from(buf, t)
+        sport, dport = PORTS.unpack_from(buf, t)
         limit = self._limit((addr_str(bytes(src)), sport, addr_str(bytes(dst)), dport))
         if limit is None:
             return True
         if not buf[t + 13] & ACK:
             return True
-        ack = _TCP_ACK.unpack_from(buf, t + 8)[0]
-        return not 0 < (ack - limit) % (1 << 32) < _HALF  # ack <= limit
+        ack = TCP_ACK.unpack_from(buf, t + 8)[0]
+        return not 0 < (ack - limit) % (1 << 32) < HALF  # ack <= limit
 
     def _limit(self, ft: FourTuple) -> int | None:
         try:

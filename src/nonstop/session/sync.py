@@ -17,6 +17,10 @@ Rules, all in one place:
   after one transmission (Karn), never below ``rto`` nor above ``max_rto``, doubled at each
   timeout until such a sample comes. A fixed 20 ms timer made a busy backup's late ACKs cost a
   resend of the whole window every 20 ms, which kept it busier: 85% of the datagrams were resends.
+  A timeout resends at most ``RESEND_BURST`` batches, the oldest (the receiver buffers batches
+  that arrive early, so one lost datagram costs one resend; with 10,000 connections a backup
+  behind by more than the RTO got the whole window again at every timeout: half of the
+  datagrams were resends).
 - A RESET batch (the first of an incarnation and of every resync) tells the receiver to drop all
   it holds: the batches that follow rebuild every connection (FULL, UPDATE, COMMIT, DATA). A
   receiver without a base (it just started) ACKs with NEED_RESYNC and the sender resyncs, unless
@@ -209,6 +213,7 @@ class _Sent:
     queued: bool = False  # in the outbox, not yet handed out by datagrams_to_send
 
 
+RESEND_BURST = 8  # batches resent per timeout at most, oldest first
 SENDER_COUNTERS = ("tx", "batches", "records", "payload_bytes", "sealed_bytes", "retransmits",
                    "resyncs", "rx_ack", "malformed",
                    "bad_version", "bad_auth", "stale", "ack_reordered", "wrong_kind", "bogus_ack",
@@ -445,13 +450,15 @@ class SyncSender(_Counted):
     def handle_timer(self, now: float) -> None:
         if self._pending and now >= self._pending_since + self.max_delay:
             self._seal(now)
-        rto, fired = self.current_rto, False
-        for sent in self._inflight.values():
+        rto, fired = self.current_rto, 0
+        for sent in self._inflight.values():  # oldest first
+            if fired >= RESEND_BURST:
+                break
             if not sent.queued and now >= sent.sent_at + rto:
                 sent.sent_at, sent.queued = now, True
                 self._outbox.append(sent)
                 self.counters["retransmits"] += 1
-                fired = True
+                fired += 1
         if fired:
             self._backoff = min(self._backoff * 2, 64)
         self._transmit(now)
@@ -562,6 +569,7 @@ class SyncReceiver(_Counted):
         self.last_rx: float | None = None
         self.seeded = False  # holds a parked copy (seed()), no master's sync since
         self.counters: dict[str, int] = dict.fromkeys(RECEIVER_COUNTERS, 0)
+        self._new: list[tuple[int, FullRecord]] = []  # FULLs applied since take_new_fulls()
         del now  # nothing is timed on this side yet; kept for symmetry with the sender
 
     def receive(self, data: bytes, now: float) -> list[bytes]:
@@ -600,6 +608,8 @@ class SyncReceiver(_Counted):
             self.counters["no_base"] += 1
         while self._next is not None and self._next in self._early:
             for rec in self._early.pop(self._next).records:
+                if isinstance(rec, FullRecord):
+                    self._new.append((rec.conn_id, rec))
                 problem = _apply(self._conns, rec)
                 if problem is not None:
                     self._drop(problem, f"{type(rec).__name__} for conn {rec.conn_id}")
@@ -624,6 +634,7 @@ class SyncReceiver(_Counted):
         then ``seeded`` is True and ``discard_seed`` drops them."""
         self._conns = {cid: _Conn.from_state(cs) for cid, cs in states.items()}
         self.seeded = bool(states)
+        self._new.clear()  # the caller knows when these were taken
 
     def discard_seed(self) -> int:
         """Drop parked connections that no master synced since (another node may have served
@@ -643,7 +654,8 @@ class SyncReceiver(_Counted):
     def connections(self) -> dict[int, ConnState]:
         return {k: c.snapshot() for k, c in self._conns.items()}
 
-    def fulls(self) -> dict[int, FullRecord]:
-        """Each held connection's FULL record: no copy of the stream bytes (``connections()``
-        copies every queue)."""
-        return {k: c.full for k, c in self._conns.items()}
+    def take_new_fulls(self) -> list[tuple[int, FullRecord]]:
+        """(conn id, FULL) of every FULL applied since the last call (O(new), unlike
+        ``connections()``, which copies every queue)."""
+        new, self._new = self._new, []
+        return new

@@ -1,0 +1,137 @@
+"""nfnetlink_queue on the wire, the clamp's iptables rules and namespace hopping: the plumbing
+under ``nonstop.session.nfq.AckClamp`` (constants from linux/netfilter/nfnetlink_queue.h)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shlex
+import socket
+import struct
+import subprocess
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+COMMENT = "nonstop-ackclamp"
+CLONE_NEWNET = 0x40000000
+SO_RCVBUFFORCE = 33
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+# nfnetlink_queue (linux/netfilter/nfnetlink_queue.h)
+NETLINK_NETFILTER = 12
+NLMSG_ERROR = 2
+NLM_F_REQUEST, NLM_F_ACK = 1, 4
+QUEUE = 3 << 8  # NFNL_SUBSYS_QUEUE
+MSG_PACKET, MSG_VERDICT, MSG_CONFIG, MSG_VERDICT_BATCH = (
+    QUEUE | 0, QUEUE | 1, QUEUE | 2, QUEUE | 3,
+)  # fmt: skip
+CFG_CMD, CFG_PARAMS, CFG_QUEUE_MAXLEN, CFG_MASK, CFG_FLAGS = 1, 2, 3, 4, 5
+CMD_BIND, CMD_UNBIND = 1, 2
+COPY_PACKET = 2
+F_GSO = 4
+A_PACKET_HDR, A_VERDICT_HDR, A_PAYLOAD, A_CAP_LEN = 1, 2, 10, 13
+NF_DROP, NF_ACCEPT = 0, 1
+NF_INET_LOCAL_IN = 1
+NLMSGHDR = struct.Struct("=IHHII")
+ATTR = struct.Struct("=HH")
+U32BE = struct.Struct("!I")
+TCP_ACK = struct.Struct("!I")
+PORTS = struct.Struct("!HH")
+HALF = 1 << 31
+MAX_PAYLOAD = 0xFFFF
+HEADER_COPY = 192  # bytes copied without capture: IPv4/IPv6 + TCP headers with options
+
+
+def attr(kind: int, data: bytes) -> bytes:
+    n = 4 + len(data)
+    return ATTR.pack(n, kind) + data + bytes(-n & 3)
+
+
+def nlmsg(kind: int, flags: int, seq: int, queue: int, attrs: bytes) -> bytes:
+    body = struct.pack("!BBH", socket.AF_UNSPEC, 0, queue) + attrs
+    return NLMSGHDR.pack(16 + len(body), kind, flags, seq, 0) + body
+
+
+@dataclass(slots=True)
+class ClampStats:
+    """Counters of one AckClamp (written by its thread only)."""
+
+    seen: int = 0  # segments through the queue
+    passed: int = 0  # accepted unchanged (limit None, or nothing beyond the limit)
+    clamped: int = 0  # ACK or SACK rewritten, checksum recomputed
+    dropped: int = 0  # malformed or truncated: dropped so nothing unclamped escapes
+    overflows: int = 0  # ENOBUFS on the netlink socket (the kernel dropped segments)
+    captured: int = 0  # inbound segments handed to capture()
+    captured_out: int = 0  # outbound segments handed to capture_out()
+    errors: int = 0  # limit() raised (segment dropped) or a capture hook raised (segment goes
+    # on); the error is kept in AckClamp.error
+    batches: int = 0  # batch verdicts sent (each accepts every passed segment before it)
+    truncated: int = 0  # header-only copies that needed a clamp: dropped, full copy from then on
+    resigned: int = 0  # clamped segments signed again with the peer's TCP-MD5 key
+    unsigned: int = 0  # signed segments to clamp without a key for their peer: dropped
+    held: int = 0  # outgoing data segments held until the backup confirmed their bytes
+    held_now: int = 0  # of those, still waiting
+
+
+def iptables_cmd(family: int) -> str:
+    return "iptables" if family == 4 else "ip6tables"
+
+
+def in_ns(ns_fd: int, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run fn(*args) in a short-lived thread that joined the namespace behind ``ns_fd``."""
+    box: dict[str, Any] = {}
+
+    def body() -> None:
+        try:
+            if _libc.setns(ns_fd, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"setns: {os.strerror(err)}")
+            box["result"] = fn(*args)
+        except BaseException as e:  # handed back to the caller
+            box["error"] = e
+
+    t = threading.Thread(target=body, name="nonstop-netns", daemon=True)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box.get("result")
+
+
+def remove_rules(family: int = 4, *, netns_fd: int | None = None, keep_quiet: bool = False) -> int:
+    """Delete every nonstop ACK-clamp rule from OUTPUT/INPUT (a crashed agent's leftovers); how
+    many. ``keep_quiet``: not the quiet rules (``session.quiet``). Runs in the current namespace,
+    or the one behind ``netns_fd``."""
+
+    def body() -> int:
+        ipt = iptables_cmd(family)
+        out = subprocess.run([ipt, "-w", "-S"], capture_output=True, text=True, check=True)
+        n = 0
+        for line in out.stdout.splitlines():
+            if line.startswith("-A ") and COMMENT in line:
+                if keep_quiet and f"{COMMENT}:quiet" in line:
+                    continue
+                spec = shlex.split(line)[1:]  # -S quotes the comment
+                subprocess.run([ipt, "-w", "-D", *spec], capture_output=True, check=True)
+                n += 1
+        return n
+
+    return body() if netns_fd is None else in_ns(netns_fd, body)
+
+
+def send_packed(sock: socket.socket, msgs: list[bytes], most: int = 96 << 10) -> None:
+    """Send netlink messages packed into datagrams of up to ``most`` bytes (one bigger message
+    goes alone): one syscall per drain, not one per verdict."""
+    chunk: list[bytes] = []
+    size = 0
+    for m in msgs:
+        if chunk and size + len(m) > most:
+            sock.send(b"".join(chunk))
+            chunk, size = [], 0
+        chunk.append(m)
+        size += len(m)
+    if chunk:
+        sock.send(b"".join(chunk))
