@@ -8,6 +8,8 @@ object (a bug).
 from __future__ import annotations
 
 import enum
+import select
+from typing import Any
 
 
 class Role(enum.IntEnum):
@@ -53,3 +55,17 @@ class ConfigError(NonstopError):
         self.file = file
         self.field = field
         self.reason = reason
+
+
+def readable(objs: list[Any], timeout: float | None = None) -> list[Any]:
+    """Those of ``objs`` (sockets or fds) that are readable within ``timeout`` seconds (None:
+    wait). poll(), not select(): a process holding 10,000 connections has fds past 1024, which
+    select() refuses (a clamp thread died of that, and its queue dropped every segment)."""
+    p = select.poll()
+    by_fd = {}
+    for o in objs:
+        fd = o if isinstance(o, int) else o.fileno()
+        by_fd[fd] = o
+        p.register(fd, select.POLLIN)
+    ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
+    return [by_fd[fd] for fd, _ in p.poll(ms)]

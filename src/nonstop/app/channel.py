@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import selectors
 import socket
 import struct
@@ -35,7 +34,7 @@ from typing import Annotated
 
 import msgspec
 
-from nonstop.common import LocalProtocolError, RemoteProtocolError
+from nonstop.common import LocalProtocolError, RemoteProtocolError, readable
 
 STATE_MAX = 255
 MAX_BODY = 4096
@@ -459,7 +458,7 @@ class AgentEndpoint:
             # until it has nothing more (its data and its EOF come in separate reads); bounded,
             # a live client may keep committing
             for _ in range(64):
-                if c not in self.clients or not select.select([c.sock], [], [], 0)[0]:
+                if c not in self.clients or not readable([c.sock], 0):
                     break
                 self.readable(c)
 

@@ -48,7 +48,6 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import itertools
-import select
 import socket
 import struct
 import threading
@@ -56,6 +55,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
+from nonstop.common import readable
 from nonstop.session.nfq import AckClamp, FourTuple
 from nonstop.session.repair import (
     RepairError,
@@ -419,7 +419,7 @@ class MasterSession:
             # the verdict thread queues records without waking this one: poll often enough that
             # a partial batch leaves within ~max_delay + _POLL
             wait = _POLL if timer is None else min(_POLL, max(0.0, timer - time.monotonic()))
-            ready, _, _ = select.select([self._udp], [], [], wait)
+            ready = readable([self._udp], wait)
             now = time.monotonic()
             if ready:
                 try:
@@ -522,7 +522,7 @@ class BackupSession:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            ready, _, _ = select.select([self._udp, self._wake_r], [], [])
+            ready = readable([self._udp, self._wake_r])
             if self._udp not in ready:
                 continue  # woken: the loop condition sees the stop
             try:

@@ -69,14 +69,13 @@ import contextlib
 import errno
 import ipaddress
 import os
-import select
 import socket
 import struct
 import subprocess
 import threading
 from collections.abc import Callable, Mapping
 
-from nonstop.common import LocalProtocolError, RemoteProtocolError
+from nonstop.common import LocalProtocolError, RemoteProtocolError, readable
 from nonstop.session.nfnl import (
     A_CAP_LEN,
     A_PACKET_HDR,
@@ -332,7 +331,7 @@ class AckClamp:
                     n = recv_into(buf, len(buf), dontwait)
                 except BlockingIOError:  # drained: answer what waits, then sleep
                     self._release(sock)
-                    ready, _, _ = select.select([sock, wake[0], kick[0]], [], [])
+                    ready = readable([sock, wake[0], kick[0]])
                     if wake[0] in ready:  # closing: the rules are gone already
                         self._release(sock)
                         return  # the held ones are dropped at the unbind: TCP resends them

@@ -283,6 +283,8 @@ class ProtectedService:
                     **m.sender.counters,
                 }
                 out["clamp"] = dataclasses.asdict(m.clamp.stats)
+                if m.clamp.error is not None:
+                    out["clamp"]["error"] = f"{type(m.clamp.error).__name__}: {m.clamp.error}"
             elif self.backup is not None:
                 out["sync"] = {
                     "held_connections": self.backup.receiver.open_connections,
