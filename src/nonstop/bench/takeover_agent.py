@@ -107,6 +107,7 @@ def run(
         result["restore_failures"] = (ss.get("counters") or {}).get("restore_failures")
         result["held_by_backup_at_kill"] = held_at_kill
         result["new_master_seen_ms"] = round((t_master - t_kill) * 1000, 1)
+        result["heartbeat_interval_ms"] = interval_ms
         marks = [(t_kill, "master killed"), (t_master, "backup is master")]
         title = f"TCP session takeover: {sessions} connections, {rate:g} msg/s each way"
         if png and write_stream_timeline(png, samples_path, marks, title):

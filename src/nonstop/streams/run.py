@@ -23,6 +23,8 @@ from nonstop.streams.check import HEADER, StreamError, StreamVerifier, make_mess
 CLIENT, SERVER = 0, 1
 
 
+CONNECT_TRIES = 3  # a connection that cannot be set up is tried again, then counted
+
 def _pcts(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {"p50": None, "p99": None, "max": None}
@@ -165,13 +167,19 @@ async def client(host: str, port: int, *, conns: int, duration: float, rate: flo
         nonlocal kept
         v = StreamVerifier(SERVER, conn, long_gap=long_gap, record_arrivals=record_arrivals)
         verifiers.append(v)
-        try:
-            async with opening:  # thousands at once would overflow the server's accept queue
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(host, port), connect_timeout
-                )
-        except (OSError, TimeoutError) as e:
-            errors[f"connect_{type(e).__name__}"] = errors.get(f"connect_{type(e).__name__}", 0) + 1
+        for attempt in range(CONNECT_TRIES):  # a loaded server drops SYNs: try again
+            try:
+                async with opening:  # thousands at once would overflow the server's accept queue
+                    reader, writer = await asyncio.wait_for(
+                        asyncio.open_connection(host, port), connect_timeout
+                    )
+                break
+            except (OSError, TimeoutError) as e:
+                kind = f"connect_{type(e).__name__}"
+                if attempt + 1 < CONNECT_TRIES:
+                    kind = "connect_retried"
+                errors[kind] = errors.get(kind, 0) + 1
+        else:
             return
         # read while sending: the verifier's gaps are then the real silences of the server's
         # stream (a takeover's interruption), not an artefact of reading at the end
