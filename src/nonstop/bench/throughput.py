@@ -5,7 +5,9 @@ with nothing on its path and ``PORT_PROTECTED`` behind an :class:`AckClamp` run 
 session manager runs it (``python -m nonstop.bench.throughput queue``, its own process, so its CPU
 time is its own): inbound capture and ``capture_out`` on, the peer's payload and ours copied to
 Python for every segment, the clamp's limit the point up to which the peer's bytes were captured
-(what an instantly confirming backup would hold). One stream per measurement, ``secs`` long, in
+and the send-side hold at the end of our bytes seen leaving (what an instantly confirming backup
+would hold: the checks run, nothing waits; a real backup adds one sync round trip per data
+segment, see ``bench takeover``). One stream per measurement, ``secs`` long, in
 one ``direction``: ``up`` the peer sends (the service's ACKs are clamped, the peer's data
 captured), ``down`` the service sends (its GSO data segments pass through the queue). Unprotected
 and protected streams alternate in the same lab, on an unshaped veth and on a tbf-shaped one.
@@ -173,13 +175,19 @@ def queue_node(vip: str, port: int, queue: int) -> None:
                 new = r if seq_lt(new, r) else new
         captured[ft] = end
 
+    sent: dict[FourTuple, int] = {}  # connection -> end of our bytes seen leaving
+
     def capture_out(seg: Segment, payload: bytes) -> None:
         totals["out_bytes"] += len(payload)
+        end = seq_add(seg.seq, len(payload) + bool(seg.flags & SYN))
+        if seq_lt(sent.get(seg.four_tuple, end), end) or seg.four_tuple not in sent:
+            sent[seg.four_tuple] = end
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     clamp = AckClamp(
-        queue, vip=vip, port=port, limit=captured.get, capture=capture, capture_out=capture_out
+        queue, vip=vip, port=port, limit=captured.get, capture=capture, capture_out=capture_out,
+        hold=sent.get,  # the send-side hold at what an instant backup holds: checked, never held
     )
     with clamp:
         t0 = os.times()
