@@ -197,3 +197,34 @@ def test_library_rejects_a_malformed_agent(tmp_path: Path) -> None:
     link.close()
     peer.close()
     srv.close()
+
+
+def test_a_service_waits_for_its_agent_to_come_back(tmp_path: Path) -> None:
+    """The endpoint's socket file is left by a dead agent (connect refused) and a new agent
+    binds it 0.2 s later: AgentLink waits instead of failing (a service started beside a
+    restarting agent died at once and its connections went unserved). Without an agent at
+    all it gives up after ``wait``."""
+    path = str(tmp_path / "agent.sock")
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(path)
+    dead.close()  # the file stays, nobody listens: ECONNREFUSED
+    with pytest.raises(ConnectionRefusedError):
+        AgentLink(path, wait=0.1)
+
+    def agent_back() -> None:
+        time.sleep(0.2)
+        os.unlink(path)
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        srv.bind(path)
+        srv.listen(1)
+        got.append(srv.accept()[0])
+        srv.close()
+
+    got: list[socket.socket] = []
+    t = threading.Thread(target=agent_back)
+    t.start()
+    link = AgentLink(path, wait=5.0)
+    t.join()
+    assert got and link.sock.getpeername() == path
+    link.sock.close()
+    got[0].close()

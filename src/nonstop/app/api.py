@@ -41,12 +41,34 @@ def peer_closed(sock: socket.socket) -> bool:
     return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0] in _PEER_DONE
 
 
+AGENT_WAIT = 10.0  # seconds a service waits for its agent's endpoint (agent starting too)
+
+
+def _connect_agent(path: str, wait: float) -> socket.socket:
+    """Connect to the agent's endpoint at ``path``, waiting up to ``wait`` seconds while it is
+    absent or refuses (an agent restarting: its old socket file is still there for a moment;
+    a service started beside it used to die at once, and its connections waited unserved)."""
+    deadline = time.monotonic() + wait
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+            return sock
+        except (ConnectionRefusedError, FileNotFoundError):
+            sock.close()
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
+        except BaseException:
+            sock.close()
+            raise
+
+
 class AgentLink:
     """The library's end of the channel to the agent (blocking, thread safe sends)."""
 
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(path)
+    def __init__(self, path: str, wait: float = AGENT_WAIT) -> None:
+        self.sock = _connect_agent(path, wait)
         self._lock = threading.Lock()
         self._dec = FrameDecoder()
         self.send(Hello(os.getpid()))
