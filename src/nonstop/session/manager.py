@@ -129,7 +129,8 @@ class MasterSession:
         family: int = 4,
         incarnation: int | None = None,
         sync_bind: tuple[str, int] = ("", 0),
-        rto: float = 0.05,
+        rto: float = 0.02,  # the floor and first timeout; adaptive after (a resync to a backup
+        # that is still binding its socket waits one timeout per lost RESET)
         max_delay: float = 0.001,
         md5: Mapping[str, bytes] | None = None,
     ) -> None:
