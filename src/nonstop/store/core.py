@@ -26,8 +26,10 @@ Rules, per group G this node may serve (it has a priority for G):
    candidate of highest priority (ties: node id); the next ones wait ``stagger`` per rank, in
    case the best one cannot act. Live = its member key is in the store (its lease lives). For
    ``startup_grace`` after its first renewal a node takes no group that nobody held yet (a cold
-   start) while a better configured candidate is not live, so the groups spread by priority
-   when the nodes start together; a group that had a master fails over at once.
+   start) while a better configured candidate exists, live or not (a live one may be holding
+   back: a slow first lease grant put a starting node in failsafe mode, its peers deferred, and
+   it took their groups by stagger), so the groups spread by priority when the nodes start
+   together; a group that had a master fails over at once.
 5. Switchover: the master drops the VIP first, then releases the key at the revision it holds.
    No automatic preemption: a healthy master keeps its groups until asked. A group with
    protected services (``synced``) is handed over only once its session sync reaches the target
@@ -474,10 +476,12 @@ class GroupsCore:
                 target_is_me = now - s.free_since.get(g, now) >= rank * cfg.stagger
                 in_grace = s.started_at is not None and now - s.started_at < cfg.startup_grace
                 if in_grace and g not in s.seen_held:  # a cold start, not a failover
-                    # just started: a better node may be starting too; let it come up first
-                    prio, live = cfg.groups[g], self.live()
+                    # just started: a better node may be starting too, or be live but holding
+                    # back (it heard a failsafe master: ours, when the store was slow to grant
+                    # our first lease); let it come up and act first
+                    prio = cfg.groups[g]
                     mine_key = (-prio[cfg.node], cfg.node)
-                    if any(n not in live and (-p, n) < mine_key for n, p in prio.items()):
+                    if any((-p, n) < mine_key for n, p in prio.items()):
                         target_is_me = False
             else:
                 target_is_me = False
