@@ -32,6 +32,7 @@ from nonstop.common import LocalProtocolError
 from nonstop.session.manager import BackupSession, MasterSession
 from nonstop.session.quiet import QuietRule
 from nonstop.session.repair import RepairError, disconnect_silently
+from nonstop.session.sync import ConnState
 
 log = logging.getLogger("nonstop.session")
 
@@ -101,11 +102,18 @@ class ProtectedService:
                 log.error("%s: app endpoint: %s", self.spec.name, e)
                 time.sleep(0.1)
 
-    def _start_backup(self) -> None:
+    def _start_backup(self, parked: list[tuple[ConnState, float]] | None = None) -> None:
+        """The backup side, holding ``parked`` (this node's own connections at a step-down)
+        before it reads its first datagram: a new master's RESET that came in first used to be
+        overwritten by the seed, and the next promotion dropped the stale copy (8 resets)."""
         s = self.spec
-        self.backup = BackupSession(
+        backup = BackupSession(
             self._key, bind=(s.sync_addr, s.sync_port), family=s.family, md5=self._md5
-        ).open()
+        )  # bound: datagrams wait in its socket until open()
+        if parked:
+            backup.seed(parked)
+            self.counters["parked"] += len(parked)
+        self.backup = backup.open()
         self.role = "backup"
 
     def _stop_backup(self) -> None:
@@ -198,11 +206,7 @@ class ProtectedService:
                 self.counters["reaped"] += reaped
                 log.warning("%s: %d connections the worker did not hold were aborted silently",
                             self.spec.name, reaped)
-            self._start_backup()
-            if parked:
-                assert self.backup is not None
-                self.backup.seed(parked)
-                self.counters["parked"] += len(parked)
+            self._start_backup(parked)
             with self.endpoint.lock:
                 for c in list(self.endpoint.clients):  # the service must restart as a standby
                     self.endpoint.drop(c)
