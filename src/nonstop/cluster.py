@@ -244,18 +244,26 @@ class Cluster:
     def wait_role(self, name: str, role: str, timeout: float = 5.0) -> float:
         return self.wait(lambda: self.role(name) == role, timeout, f"{name} to be {role}")
 
-    def wait_ready(self, timeout: float = 10.0) -> str:
-        """Wait until exactly one master and every other node backup; return the master. With
-        preemption on, the master must be the node of highest priority (the settled state)."""
+    def wait_ready(self, timeout: float = 10.0, settle: float = 0.3) -> str:
+        """Wait until exactly one master and every other node backup, unchanged for ``settle``
+        seconds; return the master. With preemption on, the master must be the node of
+        highest priority (the settled state). (Agents just started on a loaded 2-CPU box may
+        stall past a 20 ms fence and hand the role back and forth once: a test that acts on
+        the first master seen then acts on a node that is already stepping down.)"""
         want = None
         if self.spec.preempt:
             want = max(self.spec.nodes, key=lambda n: (self.spec.priorities.get(n, 100), n))
+        since: list[Any] = [None, 0.0]  # (the roles seen, since when)
 
         def ready() -> bool:
             roles = [self.role(n) for n in self.spec.nodes]
+            now = time.monotonic()
+            if roles != since[0]:
+                since[:] = [roles, now]
             if want is not None and self.role(want) != "master":
                 return False
-            return roles.count("master") == 1 and roles.count("backup") == len(roles) - 1
+            good = roles.count("master") == 1 and roles.count("backup") == len(roles) - 1
+            return good and now - since[1] >= settle
 
         self.wait(ready, timeout, "one master and the rest backups", poll=0.02)
         return self.master() or ""
