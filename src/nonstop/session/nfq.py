@@ -366,7 +366,7 @@ class AckClamp:
         """Accept every passed segment still waiting: one batch verdict, or (some are held)
         one verdict each, in one datagram."""
         if self._loose:
-            send_packed(sock, [self._accept(pid) for pid in self._loose])
+            send_packed(sock, [self._verdict_msg(pid) for pid in self._loose])
             self._loose.clear()
         if self._pending >= 0:
             attrs = attr(A_VERDICT_HDR, struct.pack("!II", NF_ACCEPT, self._pending))
@@ -374,8 +374,9 @@ class AckClamp:
             self._pending, self._waiting = -1, 0
             self.stats.batches += 1
 
-    def _accept(self, pid: int, payload: bytes = b"") -> bytes:
-        attrs = attr(A_VERDICT_HDR, struct.pack("!II", NF_ACCEPT, pid))
+    def _verdict_msg(self, pid: int, verdict: int = NF_ACCEPT, payload: bytes = b"") -> bytes:
+        """One NFQNL_MSG_VERDICT for packet ``pid`` (``payload``: the packet as changed)."""
+        attrs = attr(A_VERDICT_HDR, struct.pack("!II", verdict, pid))
         if payload:
             attrs += attr(A_PAYLOAD, payload)
         return nlmsg(MSG_VERDICT, NLM_F_REQUEST, 0, self.queue_num, attrs)
@@ -394,11 +395,10 @@ class AckClamp:
                 limit = self._limit(ft)
                 key = self.md5.get(ft[2]) if self.md5 else None
                 changed = limit is not None and clamp_ack(pkt, limit, key)
-                out.append(self._accept(pid, bytes(pkt) if changed else b""))
+                out.append(self._verdict_msg(pid, NF_ACCEPT, bytes(pkt) if changed else b""))
                 self.stats.clamped += changed
             except (_LimitFailed, Md5KeyMissing):
-                out.append(nlmsg(MSG_VERDICT, NLM_F_REQUEST, 0, self.queue_num,
-                                  attr(A_VERDICT_HDR, struct.pack("!II", NF_DROP, pid))))
+                out.append(self._verdict_msg(pid, NF_DROP))
         if len(keep) != len(self._held):
             self._held = keep
             self.stats.held_now = len(keep)
@@ -415,10 +415,7 @@ class AckClamp:
 
     def _verdict(self, sock: socket.socket, pid: int, verdict: int, payload: bytes = b"") -> None:
         self._release(sock)  # those before it leave first: nothing is reordered (but held ones)
-        attrs = attr(A_VERDICT_HDR, struct.pack("!II", verdict, pid))
-        if payload:
-            attrs += attr(A_PAYLOAD, payload)
-        sock.send(nlmsg(MSG_VERDICT, NLM_F_REQUEST, 0, self.queue_num, attrs))
+        sock.send(self._verdict_msg(pid, verdict, payload))
 
     def _packet(
         self, sock: socket.socket, buf: bytearray, mv: memoryview, a: int, end: int
