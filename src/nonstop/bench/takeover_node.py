@@ -46,7 +46,7 @@ def master(vip: str, port: int, backup: str, sync_port: int, key: bytes,
             st = session.clamp.stats
             c = session.sender.counters
             say(
-                f"STATS seen={st.seen} clamped={st.clamped} captured={st.captured} "
+                f"STATS seen={st.seen} clamped={st.clamped} held={st.held} captured={st.captured} "
                 f"dropped={st.dropped} errors={st.errors} batches={c['batches']} "
                 f"records={c['records']} retransmits={c['retransmits']} rx_ack={c['rx_ack']} "
                 f"tx_bytes={session.tx_bytes}"
