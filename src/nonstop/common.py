@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import select
+from collections.abc import Iterable
 from typing import Any
 
 
@@ -69,3 +70,20 @@ def readable(objs: list[Any], timeout: float | None = None) -> list[Any]:
         p.register(fd, select.POLLIN)
     ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
     return [by_fd[fd] for fd, _ in p.poll(ms)]
+
+
+def joined_chunks(parts: Iterable[bytes], most: int) -> list[bytes]:
+    """``parts`` joined, in order, into chunks of at most ``most`` bytes (a part bigger than
+    ``most`` is a chunk of its own): the prefixes of one UPDATE, the verdicts of one datagram."""
+    out: list[bytes] = []
+    cur: list[bytes] = []
+    size = 0
+    for p in parts:
+        if cur and size + len(p) > most:
+            out.append(b"".join(cur))
+            cur, size = [], 0
+        cur.append(p)
+        size += len(p)
+    if cur:
+        out.append(b"".join(cur))
+    return out

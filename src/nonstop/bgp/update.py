@@ -25,6 +25,7 @@ from nonstop.bgp.wire import (
     NotifyError,
     frame,
 )
+from nonstop.common import joined_chunks
 
 Family = tuple[int, int]
 
@@ -107,19 +108,7 @@ def _mp_unreach(fam: Family, withdrawn: bytes) -> bytes:
 
 
 def _chunks(keys: list[int], bits: int, room: int) -> list[bytes]:
-    out: list[bytes] = []
-    cur: list[bytes] = []
-    size = 0
-    for k in keys:
-        p = encode_prefix(k, bits)
-        if size + len(p) > room and cur:
-            out.append(b"".join(cur))
-            cur, size = [], 0
-        cur.append(p)
-        size += len(p)
-    if cur:
-        out.append(b"".join(cur))
-    return out
+    return joined_chunks((encode_prefix(k, bits) for k in keys), room)
 
 
 def encode_update(

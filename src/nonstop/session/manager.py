@@ -56,6 +56,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from nonstop.common import readable
+from nonstop.session.nfnl import SO_RCVBUFFORCE, SO_SNDBUFFORCE
 from nonstop.session.nfq import AckClamp, FourTuple
 from nonstop.session.repair import (
     RepairError,
@@ -80,7 +81,7 @@ _TCP_TIMESTAMP = 24
 def _big_buffers(sock: socket.socket, size: int) -> None:
     """Socket buffers of ``size`` bytes each way, past the sysctl limits when allowed (root):
     a sync datagram dropped for room costs a retransmission timeout."""
-    for force, opt in ((33, socket.SO_RCVBUF), (32, socket.SO_SNDBUF)):  # SO_*BUFFORCE
+    for force, opt in ((SO_RCVBUFFORCE, socket.SO_RCVBUF), (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
         try:
             sock.setsockopt(socket.SOL_SOCKET, force, size)
         except OSError:

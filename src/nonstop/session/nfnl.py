@@ -14,9 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from nonstop.common import joined_chunks
+
 COMMENT = "nonstop-ackclamp"
 CLONE_NEWNET = 0x40000000
-SO_RCVBUFFORCE = 33
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -125,13 +127,5 @@ def remove_rules(family: int = 4, *, netns_fd: int | None = None, keep_quiet: bo
 def send_packed(sock: socket.socket, msgs: list[bytes], most: int = 96 << 10) -> None:
     """Send netlink messages packed into datagrams of up to ``most`` bytes (one bigger message
     goes alone): one syscall per drain, not one per verdict."""
-    chunk: list[bytes] = []
-    size = 0
-    for m in msgs:
-        if chunk and size + len(m) > most:
-            sock.send(b"".join(chunk))
-            chunk, size = [], 0
-        chunk.append(m)
-        size += len(m)
-    if chunk:
-        sock.send(b"".join(chunk))
+    for datagram in joined_chunks(msgs, most):
+        sock.send(datagram)
