@@ -8,7 +8,7 @@ import time
 
 from test_session_sync import KEY, full
 
-from nonstop.session.manager import BackupSession
+from nonstop.session.backup import BackupSession
 from nonstop.session.sync import SyncSender
 
 

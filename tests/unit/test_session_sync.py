@@ -13,15 +13,8 @@ import random
 import pytest
 
 from nonstop.common import LocalProtocolError
-from nonstop.session.sync import (
-    RESEND_BURST,
-    ConnState,
-    SyncReceiver,
-    SyncSender,
-    seq_add,
-    seq_diff,
-    seq_lt,
-)
+from nonstop.session.mirror import ConnState, seq_add, seq_diff, seq_lt
+from nonstop.session.sync import RESEND_BURST, SyncReceiver, SyncSender
 from nonstop.session.wire import CloseReason, Commit, Direction, FullRecord
 
 KEY = bytes(range(32))

@@ -22,7 +22,8 @@ import threading
 import time
 
 from nonstop.failover.vip import VipManager, VipSpec
-from nonstop.session.manager import BackupSession, MasterSession
+from nonstop.session.backup import BackupSession
+from nonstop.session.manager import MasterSession
 
 
 def say(*args: object) -> None:

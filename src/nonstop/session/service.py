@@ -29,10 +29,11 @@ from typing import Any
 
 from nonstop.app.channel import AgentEndpoint, CommitRecord, HeldConn
 from nonstop.common import LocalProtocolError
-from nonstop.session.manager import BackupSession, MasterSession
+from nonstop.session.backup import BackupSession
+from nonstop.session.manager import MasterSession
+from nonstop.session.mirror import ConnState
 from nonstop.session.quiet import QuietRule
 from nonstop.session.repair import RepairError, disconnect_silently
-from nonstop.session.sync import ConnState
 
 log = logging.getLogger("nonstop.session")
 

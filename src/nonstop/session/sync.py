@@ -4,9 +4,9 @@ No sockets, no clocks: every entry point takes ``now`` (seconds, ``time.monotoni
 
 Rules, all in one place:
 
-- The sender keeps a mirror of what the backup must hold, per connection (:class:`ConnState`),
-  and applies every record to it as it queues it; the receiver applies the same records with the
-  same code (``_apply``), in batch order, so after delivery both hold the same state.
+- The sender keeps a mirror of what the backup must hold, per connection, and applies every
+  record to it as it queues it; the receiver applies the same records with the same code, in
+  batch order, so after delivery both hold the same state (both in nonstop.session.mirror).
 - Records are queued in call order and sealed into a batch when ``max_batch`` records are queued,
   when the next one would not fit in ``max_datagram``, or ``max_delay`` after the first one.
 - Delivery is reliable and in order: batches carry (incarnation, seq); the receiver applies them in
@@ -28,10 +28,9 @@ Rules, all in one place:
 - ``confirmed(conn_id)`` is (rcv end, snd end) as of the last batch the backup acknowledged: the
   master may ACK the peer up to rcv end and no further. It is forgotten at a resync, and never
   ahead of what the receiver ACKed.
-- Stream positions are TCP sequence numbers, compared mod 2**32 (``seq_diff``). Received bytes are
-  trimmed at the service's committed read position, sent bytes at the peer's snd_una: both sides
-  hold exactly what a restore needs. Positions only move forward: the sender refuses a commit or
-  an update that moves one back (LocalProtocolError).
+- Stream positions are TCP sequence numbers, compared mod 2**32; how each side trims them is in
+  nonstop.session.mirror. Positions only move forward: the sender refuses a commit or an update
+  that moves one back (LocalProtocolError).
 """
 
 from __future__ import annotations
@@ -42,6 +41,7 @@ from dataclasses import dataclass
 
 from nonstop.auth import MIN_KEY_LEN, ReplayWindow
 from nonstop.common import LocalProtocolError, RemoteProtocolError
+from nonstop.session.mirror import ConnMirror, ConnState, apply_record, seq_add, seq_diff, seq_lt
 from nonstop.session.wire import (
     DATA_LEN,
     FULL_LEN,
@@ -64,132 +64,7 @@ from nonstop.session.wire import (
 
 log = logging.getLogger("nonstop.session")
 
-SEQ_MOD = 1 << 32
 LOG_EVERY = 1000
-
-
-def seq_add(a: int, n: int) -> int:
-    return (a + n) % SEQ_MOD
-
-
-def seq_diff(a: int, b: int) -> int:
-    """``a - b`` as a signed distance mod 2**32, in [-2**31, 2**31)."""
-    return (a - b + (1 << 31)) % SEQ_MOD - (1 << 31)
-
-
-def seq_lt(a: int, b: int) -> bool:
-    return seq_diff(a, b) < 0
-
-
-@dataclass(frozen=True, slots=True)
-class ConnState:
-    """Everything to restore one connection, as the backup holds it.
-
-    ``rcv_data`` starts at ``rcv_start`` (the committed read position, or FULL's rcv_seq): bytes
-    received from the peer that the service has not committed, in order, no gap, no duplicate.
-    ``snd_data`` starts at ``snd_start`` (the peer's snd_una): bytes the service wrote that the
-    peer has not acknowledged. ``commit`` is the service's last checkpoint, if any.
-    """
-
-    full: FullRecord
-    rcv_start: int
-    rcv_data: bytes
-    snd_start: int
-    snd_data: bytes
-    rcv_nxt: int
-    snd_una: int
-    snd_nxt: int
-    snd_wnd: int
-    rcv_wnd: int
-    commit: Commit | None
-
-    @property
-    def rcv_end(self) -> int:
-        return seq_add(self.rcv_start, len(self.rcv_data))
-
-    @property
-    def snd_end(self) -> int:
-        return seq_add(self.snd_start, len(self.snd_data))
-
-
-class _Conn:
-    __slots__ = ("commit", "full", "rcv_data", "rcv_nxt", "rcv_start", "rcv_wnd", "snd_data",
-                 "snd_nxt", "snd_start", "snd_una", "snd_wnd")
-
-    def __init__(self, full: FullRecord) -> None:
-        self.full = full
-        self.rcv_start = self.rcv_nxt = full.rcv_seq
-        self.snd_start = self.snd_una = self.snd_nxt = full.snd_seq
-        self.rcv_data = bytearray()
-        self.snd_data = bytearray()
-        self.snd_wnd, self.rcv_wnd = full.snd_wnd, full.rcv_wnd
-        self.commit: Commit | None = None
-
-    @classmethod
-    def from_state(cls, cs: ConnState) -> _Conn:
-        c = cls(cs.full)
-        c.rcv_start, c.rcv_data = cs.rcv_start, bytearray(cs.rcv_data)
-        c.snd_start, c.snd_data = cs.snd_start, bytearray(cs.snd_data)
-        c.rcv_nxt, c.snd_una, c.snd_nxt = cs.rcv_nxt, cs.snd_una, cs.snd_nxt
-        c.snd_wnd, c.rcv_wnd, c.commit = cs.snd_wnd, cs.rcv_wnd, cs.commit
-        return c
-
-    def end(self, d: Direction) -> int:
-        if d is Direction.RCV:
-            return seq_add(self.rcv_start, len(self.rcv_data))
-        return seq_add(self.snd_start, len(self.snd_data))
-
-    def ends(self) -> tuple[int, int]:
-        return self.end(Direction.RCV), self.end(Direction.SND)
-
-    def trim(self, d: Direction, pos: int) -> None:
-        buf, start = (self.rcv_data, self.rcv_start) if d is Direction.RCV else (
-            self.snd_data, self.snd_start)
-        n = seq_diff(pos, start)
-        if n <= 0:
-            return
-        del buf[:n]  # all of it if pos is past the end: the start moves to pos
-        if d is Direction.RCV:
-            self.rcv_start = pos
-        else:
-            self.snd_start = pos
-
-    def append(self, d: Direction, seq: int, payload: bytes) -> bool:
-        """Add stream bytes at ``seq``; drop what is already held. False if it leaves a gap."""
-        buf = self.rcv_data if d is Direction.RCV else self.snd_data
-        off = seq_diff(seq, self.end(d))
-        if off > 0:
-            return False
-        if -off < len(payload):
-            buf += payload[-off:]
-        return True
-
-    def snapshot(self) -> ConnState:
-        return ConnState(self.full, self.rcv_start, bytes(self.rcv_data), self.snd_start,
-                         bytes(self.snd_data), self.rcv_nxt, self.snd_una, self.snd_nxt,
-                         self.snd_wnd, self.rcv_wnd, self.commit)
-
-
-def _apply(conns: dict[int, _Conn], rec: Record) -> str | None:
-    """Apply one record. Returns the name of a drop counter if it could not be applied."""
-    if isinstance(rec, FullRecord):
-        conns[rec.conn_id] = _Conn(rec)
-        return None
-    c = conns.get(rec.conn_id)
-    if c is None:
-        return "unknown_conn"
-    if isinstance(rec, Data):
-        return None if c.append(rec.direction, rec.seq, rec.payload) else "data_gap"
-    if isinstance(rec, Update):
-        c.rcv_nxt, c.snd_una, c.snd_nxt = rec.rcv_nxt, rec.snd_una, rec.snd_nxt
-        c.snd_wnd, c.rcv_wnd = rec.snd_wnd, rec.rcv_wnd
-        c.trim(Direction.SND, rec.snd_una)
-    elif isinstance(rec, Commit):
-        c.commit = rec
-        c.trim(Direction.RCV, rec.rpos)
-    else:
-        del conns[rec.conn_id]
-    return None
 
 
 class _Counted:
@@ -207,7 +82,7 @@ class _Sent:
     seq: int
     data: bytes
     # conn id -> (the mirror's conn object, (rcv end, snd end)) after this batch; None: closed
-    marks: dict[int, tuple[_Conn, tuple[int, int]] | None]
+    marks: dict[int, tuple[ConnMirror, tuple[int, int]] | None]
     sent_at: float = 0.0  # when it was last handed out (or queued, while ``queued``)
     tries: int = 0  # how many times it was handed out (an RTT sample needs exactly one)
     queued: bool = False  # in the outbox, not yet handed out by datagrams_to_send
@@ -240,12 +115,12 @@ class SyncSender(_Counted):
         self._rto = rto  # the current timeout before backoff
         self._backoff = 1  # doubled at each timeout, back to 1 when an ACK moves
         self.max_datagram, self.window = max_datagram, window
-        self._conns: dict[int, _Conn] = {}
+        self._conns: dict[int, ConnMirror] = {}
         self._held: dict[tuple[int, Direction], dict[int, bytes]] = {}  # data past a gap
         self._pending: list[Record] = []
         self._pending_size = 0
         self._pending_since = now
-        self._marks: dict[int, tuple[_Conn, tuple[int, int]] | None] = {}
+        self._marks: dict[int, tuple[ConnMirror, tuple[int, int]] | None] = {}
         self._next_seq = 1
         self._reset_next = True  # the first batch of an incarnation is a RESET
         self._reset_seq = 0  # seq of the latest RESET batch (0: not sealed yet)
@@ -473,7 +348,7 @@ class SyncSender(_Counted):
         return [sent.data for sent in out]
 
     # -- internals ---------------------------------------------------------------------------
-    def _conn(self, conn_id: int) -> _Conn:
+    def _conn(self, conn_id: int) -> ConnMirror:
         c = self._conns.get(conn_id)
         if c is None:
             raise LocalProtocolError(f"conn {conn_id} is not open")
@@ -508,7 +383,7 @@ class SyncSender(_Counted):
             self._seal(now)
         if not self._pending:
             self._pending_since = now
-        problem = _apply(self._conns, rec)
+        problem = apply_record(self._conns, rec)
         if problem is not None:
             raise LocalProtocolError(f"{rec!r} does not apply: {problem}")
         c = self._conns.get(rec.conn_id)
@@ -560,7 +435,7 @@ class SyncReceiver(_Counted):
         if len(key) < MIN_KEY_LEN:
             raise ValueError(f"key must be at least {MIN_KEY_LEN} bytes")
         self._key, self.incarnation, self.window = key, incarnation, window
-        self._conns: dict[int, _Conn] = {}
+        self._conns: dict[int, ConnMirror] = {}
         self._replay = ReplayWindow(window)
         self._master_inc = -1
         self._next: int | None = None  # next batch seq to apply; None: no base yet
@@ -610,7 +485,7 @@ class SyncReceiver(_Counted):
             for rec in self._early.pop(self._next).records:
                 if isinstance(rec, FullRecord):
                     self._new.append((rec.conn_id, rec))
-                problem = _apply(self._conns, rec)
+                problem = apply_record(self._conns, rec)
                 if problem is not None:
                     self._drop(problem, f"{type(rec).__name__} for conn {rec.conn_id}")
             self.counters["applied"] += 1
@@ -632,7 +507,7 @@ class SyncReceiver(_Counted):
         """Hold ``states`` as if a master had synced them: a master that stepped down parks its
         own mirror here. The next master's RESET replaces them (it has the connections); until
         then ``seeded`` is True and ``discard_seed`` drops them."""
-        self._conns = {cid: _Conn.from_state(cs) for cid, cs in states.items()}
+        self._conns = {cid: ConnMirror.from_state(cs) for cid, cs in states.items()}
         self.seeded = bool(states)
         self._new.clear()  # the caller knows when these were taken
 

@@ -1,0 +1,273 @@
+"""The role machine's state and its decision cycle: rules 1-5 and 8 of nonstop.failover.roles.
+
+``DecisionCycle`` holds what the machine knows (its role, the peers it hears, the lease, the
+timers) and decides on it: one ``_evaluate(now)`` per input for the current role (Patroni's
+``_run_cycle``, much shorter), ``_change`` to move the role, queue its actions (AcquireVips,
+Announce, ReleaseVips, ReleaseLease, SendHeartbeatNow) and its RoleChanged with the one-sentence
+reason. Which input runs what, and the rules themselves, are in nonstop.failover.roles
+(``RoleMachine`` subclasses this and adds the inputs, the outputs and ``TRANSITIONS``).
+
+Known limit: a BACKUP waits for a better live candidate to promote; if that one cannot get the
+lease (it cannot reach the witness) nobody promotes until it is lost.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from nonstop.common import Role
+from nonstop.failover.actions import (
+    AcquireVips,
+    Action,
+    Announce,
+    PeerView,
+    ReleaseLease,
+    ReleaseVips,
+    RequestLease,
+    RoleChanged,
+    RoleConfig,
+    SendHeartbeatNow,
+)
+from nonstop.membership.wire import FLAG_HANDOVER_REQUEST
+
+__all__ = ["DecisionCycle"]
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms"
+
+
+class DecisionCycle:
+    """What the role machine knows (its role, the peers, the lease) and the decision cycle that
+    acts on it: ``_evaluate(now)`` runs after every input, ``_change`` moves the role and queues
+    its actions and event. ``RoleMachine`` adds the inputs, the outputs and the table."""
+
+    def __init__(self, config: RoleConfig, *, now: float) -> None:
+        self.config = config
+        self.role = Role.INIT
+        self.reason = f"listening for {_ms(config.dead_after * config.interval)} before deciding"
+        self.peers: dict[str, PeerView] = {}
+        self._now = now
+        self._init_deadline = now + config.dead_after * config.interval
+        self._actions: deque[Action] = deque()
+        self._events: deque[RoleChanged] = deque()
+        self._cause = "no master"  # why the last master went away (for the promotion sentence)
+        self._lease_until: float | None = None
+        self._want_lease = False  # a BACKUP asking for the lease in order to promote
+        self._next_request: float | None = None
+        self._preempt_since: float | None = None
+        self._handover = False
+        # set by the adapter: False while a planned handover would lose state the backup does
+        # not hold yet (the session sync of a rejoined backup is still under way)
+        self.handover_ready = True
+        self._hold_until: float | None = None
+        # Peers whose agent is proven dead, and, after promoting on such a proof, how long a
+        # master may wait for the lease the dead master's grant still blocks.
+        self._dead: set[str] = set()
+        self._proof_until: float | None = None
+        self._proven_master_lost = False
+
+    # ---- what the cycle reads ---------------------------------------------------------------
+
+    def _masters(self) -> list[tuple[int, str]]:
+        return sorted(
+            ((p.priority, n) for n, p in self.peers.items() if p.role == Role.MASTER),
+            reverse=True,
+        )
+
+    def _best_candidate(self) -> tuple[int, str]:
+        me = (self.config.priority, self.config.node_id)
+        others = [
+            (p.priority, n) for n, p in self.peers.items() if p.role in (Role.INIT, Role.BACKUP)
+        ]
+        return max([me, *others])
+
+    def _lease_valid(self, now: float) -> bool:
+        return self._lease_until is not None and now < self._lease_until
+
+    # ---- transitions ------------------------------------------------------------------------
+
+    def _change(self, new: Role, reason: str, now: float) -> None:
+        old = self.role
+        if old == Role.MASTER:
+            self._actions.append(ReleaseVips())
+            if self.config.witness:
+                self._actions.append(ReleaseLease())
+            self._lease_until = None
+            self._next_request = None
+        self.role, self.reason = new, reason
+        self._want_lease = False
+        self._proven_master_lost = False
+        if new != Role.MASTER:
+            self._proof_until = None
+        self._preempt_since, self._handover = None, False
+        if new == Role.MASTER:
+            self._actions.append(AcquireVips())
+            self._actions.append(Announce())
+            # keep the renewal schedule started by the granted request (rule 3)
+            if self.config.witness and self._next_request is None:
+                self._next_request = now + self.config.interval
+        else:
+            self._next_request = None
+        self._actions.append(SendHeartbeatNow())
+        self._events.append(RoleChanged(old, new, reason, now))
+
+    def _evaluate(self, now: float) -> None:
+        """One decision cycle for the current role (Patroni's _run_cycle, much shorter)."""
+        if self.role == Role.INIT:
+            self._evaluate_init(now)
+        elif self.role == Role.BACKUP:
+            self._evaluate_backup(now)
+        elif self.role == Role.MASTER:
+            self._evaluate_master(now)
+
+    def _evaluate_init(self, now: float) -> None:
+        masters = self._masters()
+        if masters:
+            m = masters[0][1]
+            self._change(Role.BACKUP, f"joined as backup: {m} is master", now)
+            self._evaluate_backup(now)
+            return
+        if now < self._init_deadline:
+            return
+        listened = _ms(self.config.dead_after * self.config.interval)
+        best = self._best_candidate()
+        if best[1] != self.config.node_id:
+            self._change(
+                Role.BACKUP,
+                f"decided backup: no master after {listened}; {best[1]} (priority {best[0]}) "
+                "is the best candidate",
+                now,
+            )
+        elif self.config.witness:
+            self._cause = f"no master seen in {listened} of listening"
+            self._change(
+                Role.BACKUP,
+                f"decided: no master after {listened}; {self.config.node_id} is the best "
+                "candidate and asks the witness for the lease",
+                now,
+            )
+        else:
+            self._change(
+                Role.MASTER,
+                f"promoted: no master seen in {listened} of listening and "
+                f"{self.config.node_id} is the best live candidate",
+                now,
+            )
+            return
+        self._evaluate_backup(now)
+
+    def _evaluate_backup(self, now: float) -> None:
+        cfg = self.config
+        if self._hold_until is not None and now >= self._hold_until:
+            self._hold_until = None
+        masters = self._masters()
+        if masters:
+            self._proven_master_lost = False
+            if self._want_lease:
+                self._want_lease, self._next_request = False, None
+            if self._lease_until is not None:  # a vote we no longer need
+                self._lease_until = None
+                self._actions.append(ReleaseLease())
+            prio, m = masters[0]
+            if cfg.preempt and cfg.priority > prio:
+                if self._preempt_since is None:
+                    self._preempt_since = now
+                if not self._handover and now >= self._preempt_since + cfg.preempt_delay:
+                    self._handover = True
+                    self._actions.append(SendHeartbeatNow())
+                    self.reason = (
+                        f"requested handover from master {m} (priority {prio} < {cfg.priority})"
+                    )
+            else:
+                self._preempt_since = None
+                if self._handover:
+                    self._handover = False
+                    self._actions.append(SendHeartbeatNow())
+                self.reason = f"following master {m}"
+            return
+        if self._handover:
+            self._handover = False
+            self._actions.append(SendHeartbeatNow())
+        self._preempt_since = None
+        if self._hold_until is not None:
+            self.reason = f"fenced: holding off promotion for {_ms(self._hold_until - now)}"
+            return
+        best = self._best_candidate()
+        if best[1] != cfg.node_id:
+            self._want_lease, self._next_request = False, None
+            self.reason = f"waiting: {best[1]} (priority {best[0]}) is next in line"
+            return
+        if not cfg.witness:
+            self._change(
+                Role.MASTER,
+                f"promoted: {self._cause}; {cfg.node_id} is the best live candidate",
+                now,
+            )
+        elif self._lease_valid(now):
+            self._change(
+                Role.MASTER, f"promoted: {self._cause} and the witness granted the lease", now
+            )
+        elif self._proven_master_lost:
+            # The witness guards against a master that is alive but unheard. This one's agent
+            # is proven dead and its guard fenced its VIPs on that same EOF: promote now and
+            # take the lease over as master once the dead holder's grant runs out.
+            self._proof_until = now + self.config.lease_length + 2 * cfg.interval
+            self._change(
+                Role.MASTER,
+                f"promoted: {self._cause}; its agent is proven dead, so the lease is taken "
+                "over after promoting",
+                now,
+            )
+            self._next_request = now
+        elif not self._want_lease or (self._next_request is not None and now >= self._next_request):
+            self._want_lease = True
+            self._next_request = now + cfg.interval
+            self._actions.append(RequestLease())
+            self.reason = f"{self._cause}; asking the witness for the lease"
+
+    def _evaluate_master(self, now: float) -> None:
+        cfg = self.config
+        me = (cfg.priority, cfg.node_id)
+        for prio, m in self._masters():
+            if (prio, m) > me:
+                self._change(
+                    Role.BACKUP,
+                    f"demoted: {m} is also master and wins (priority {prio}, ours {cfg.priority})",
+                    now,
+                )
+                self._evaluate_backup(now)
+                return
+        for n, p in sorted(self.peers.items()):
+            if (
+                p.role == Role.BACKUP
+                and p.flags & FLAG_HANDOVER_REQUEST
+                and p.priority > cfg.priority
+                and self.handover_ready
+            ):
+                self._change(
+                    Role.BACKUP,
+                    f"handed over: {n} (priority {p.priority} > {cfg.priority}) requested it",
+                    now,
+                )
+                self._evaluate_backup(now)
+                return
+        if self._proof_until is not None and (self._lease_valid(now) or now >= self._proof_until):
+            self._proof_until = None
+        if (
+            cfg.witness
+            and not self._lease_valid(now)
+            and not self.peers
+            and self._proof_until is None
+        ):
+            self._change(
+                Role.BACKUP,
+                "demoted: no peer is heard and the witness lease expired, so a backup may "
+                "already be master",
+                now,
+            )
+            self._evaluate_backup(now)
+            return
+        if cfg.witness and self._next_request is not None and now >= self._next_request:
+            self._next_request = now + cfg.interval
+            self._actions.append(RequestLease())
