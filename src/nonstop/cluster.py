@@ -45,6 +45,15 @@ class ClusterSpec:
     # protected TCP services: name -> port on the VIP; their session sync runs on sync_channel
     services: dict[str, int] = field(default_factory=dict)
     sync_channel: str = "hb"
+    service_family: int = 4  # the services listen on vip (4) or vip6 (6)
+
+    @property
+    def service_vip(self) -> str:
+        """The address the protected services listen on (``vip`` or ``vip6``, no prefix)."""
+        vip = self.vip6 if self.service_family == 6 else self.vip
+        if not vip:
+            raise ValueError(f"service_family {self.service_family} needs vip6")
+        return vip.split("/")[0]
 
 
 class Cluster:
@@ -111,7 +120,7 @@ class Cluster:
             lines += [
                 "[[services]]",
                 f'name = "{svc}"',
-                f'vip = "{s.vip.split("/")[0]}"',
+                f'vip = "{s.service_vip}"',
                 f"port = {port}",
                 f'sync_channel = "{s.sync_channel}"',
                 "",
@@ -196,7 +205,7 @@ class Cluster:
         return host.run(
             [
                 sys.executable, "-m", "nonstop.streams", "protected-server",
-                "--host", self.spec.vip.split("/")[0],
+                "--host", self.spec.service_vip,
                 "--port", str(self.spec.services[service]), "--agent", path,
                 "--rate", str(rate), "--size", str(size), "--report", report,
             ],

@@ -231,6 +231,13 @@ def _check_ip(path: str, field: str, value: str, *, prefix: bool = False) -> Non
         raise ConfigError(path, field, f"{value!r} is not a valid address: {e}") from e
 
 
+def _check_family(path: str, field: str, value: str, ours: str, what: str) -> None:
+    """``value`` is reached from ``ours`` (this node's address on a channel): same IP version."""
+    v, o = ipaddress.ip_address(value).version, ipaddress.ip_address(ours).version
+    if v != o:
+        raise ConfigError(path, field, f"{value} is IPv{v}, {what} is IPv{o} ({ours})")
+
+
 def check_agent_config(path: str, cfg: AgentConfig) -> None:
     """Cross-field checks (Patroni's _validate_and_adjust_timeouts, minus the adjusting)."""
     hb, fo = cfg.heartbeat, cfg.failover
@@ -252,6 +259,8 @@ def check_agent_config(path: str, cfg: AgentConfig) -> None:
             if ch not in names:
                 raise ConfigError(path, f"peers[{i}].addresses.{ch}", f"no channel named {ch!r}")
             _check_ip(path, f"peers[{i}].addresses.{ch}", addr)
+            _check_family(path, f"peers[{i}].addresses.{ch}", addr,
+                          cfg.channels[names.index(ch)].address, f"this node's address on {ch}")
         if not p.addresses:
             raise ConfigError(
                 path, f"peers[{i}].addresses", "the peer has no address on any channel"
@@ -263,6 +272,8 @@ def check_agent_config(path: str, cfg: AgentConfig) -> None:
             if ch not in names:
                 raise ConfigError(path, f"witness.addresses.{ch}", f"no channel named {ch!r}")
             _check_ip(path, f"witness.addresses.{ch}", addr)
+            _check_family(path, f"witness.addresses.{ch}", addr,
+                          cfg.channels[names.index(ch)].address, f"this node's address on {ch}")
         if not cfg.witness.addresses:
             raise ConfigError(path, "witness.addresses", "the witness has no address")
         lease_ms = cfg.lease * 1000
@@ -330,6 +341,7 @@ def _check_services(path: str, cfg: AgentConfig, channels: list[str]) -> None:
         queues[q] = i
         for addr, pw in svc.md5.items():
             _check_ip(path, f"{at}.md5", addr)
+            _check_family(path, f"{at}.md5", addr, svc.vip, "the service's vip")
             if not 1 <= len(pw.encode()) <= 80:
                 raise ConfigError(path, f"{at}.md5", f"the key for {addr} is not 1..80 bytes")
         if svc.command:  # the supervised part: checked with the services file's own rules

@@ -71,7 +71,7 @@ class BackupSession:
         key: bytes,
         *,
         bind: tuple[str, int],
-        family: int = 4,
+        family: int = 4,  # the sync socket's (each connection's own comes in its FULL record)
         incarnation: int | None = None,
         ts_margin: float = 0.05,
         md5: Mapping[str, bytes] | None = None,

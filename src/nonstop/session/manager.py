@@ -110,6 +110,7 @@ class MasterSession:
         backup: tuple[str, int] | None,
         queue_num: int = 5,
         family: int = 4,
+        sync_family: int | None = None,  # the sync socket's (None: ``family``, the VIP's)
         incarnation: int | None = None,
         sync_bind: tuple[str, int] = ("", 0),
         rto: float = 0.02,  # the floor and first timeout; adaptive after (a resync to a backup
@@ -126,7 +127,8 @@ class MasterSession:
         self._conns: dict[FourTuple, _Tracked] = {}
         self._syns: dict[FourTuple, _Syn] = {}
         self._ids = itertools.count(1)
-        fam = socket.AF_INET if family == 4 else socket.AF_INET6
+        sync_family = family if sync_family is None else sync_family
+        fam = socket.AF_INET if sync_family == 4 else socket.AF_INET6
         self._udp = socket.socket(fam, socket.SOCK_DGRAM)
         big_buffers(self._udp, 1 << 20)
         self._udp.bind(sync_bind)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import ipaddress
 import logging
 import subprocess
 import threading
@@ -43,12 +44,18 @@ class ServiceSpec:
     name: str
     vip: str
     port: int
-    family: int  # 4 or 6
+    family: int  # 4 or 6: the VIP's (the clamp's and quiet rule's iptables or ip6tables)
     queue: int  # NFQUEUE number
     endpoint: str  # unix socket path of the app channel
     sync_addr: str  # this node's address on the sync channel
     sync_port: int
     md5: dict[str, str] = dataclasses.field(default_factory=dict)  # peer -> TCP-MD5 password
+
+    @property
+    def sync_family(self) -> int:
+        """4 or 6: the sync channel's, which need not be the VIP's (an IPv6 service synced over
+        an IPv4 channel: the sync sockets used to take the VIP's family and failed to bind)."""
+        return ipaddress.ip_address(self.sync_addr).version
 
 
 class ProtectedService:
@@ -109,7 +116,7 @@ class ProtectedService:
         overwritten by the seed, and the next promotion dropped the stale copy (8 resets)."""
         s = self.spec
         backup = BackupSession(
-            self._key, bind=(s.sync_addr, s.sync_port), family=s.family, md5=self._md5
+            self._key, bind=(s.sync_addr, s.sync_port), family=s.sync_family, md5=self._md5
         )  # bound: datagrams wait in its socket until open()
         if parked:
             backup.seed(parked)
@@ -159,7 +166,7 @@ class ProtectedService:
             s = self.spec
             self.master = MasterSession(
                 s.vip, s.port, self._key, backup=None, queue_num=s.queue, family=s.family,
-                sync_bind=(s.sync_addr, 0), md5=self._md5,
+                sync_family=s.sync_family, sync_bind=(s.sync_addr, 0), md5=self._md5,
             ).open()  # fmt: skip
             for rc in restored:
                 self.master.adopt(rc)
