@@ -212,6 +212,47 @@ def test_commit_sent_but_not_consumed_is_trimmed_at_adoption(endpoint: AgentEndp
     lst.close()
 
 
+def test_adoption_of_more_connections_than_one_batch(endpoint: AgentEndpoint) -> None:
+    """ADOPTs go FDS_PER_MSG to a sendmsg: 150 connections (three batches, the last partial)
+    each reach the successor with its own socket, record and trimmed queue."""
+    from nonstop.app.channel import FDS_PER_MSG
+
+    n = 2 * FDS_PER_MSG + 22
+    lsock = socket.create_server(("127.0.0.1", 0), backlog=n)
+    port = lsock.getsockname()[1]
+    link = AgentLink(endpoint.path)
+    pairs = []
+    for i in range(n):
+        cli = socket.create_connection(("127.0.0.1", port), timeout=5)
+        srv, _ = lsock.accept()
+        msg = f"{i:04d}:abcdef".encode()
+        cli.sendall(msg)
+        wait_for(lambda srv=srv, msg=msg: len(srv.recv(100, socket.MSG_PEEK)) == len(msg))
+        link.send(Register(i, ("127.0.0.1", port), cli.getsockname()), srv.fileno())
+        link.send(Commit(i, 5 + i % 3, 0, bytes([i % 256])))  # committed, not consumed
+        pairs.append((cli, srv))
+    wait_for(lambda: len(endpoint.conns) == n and all(
+        endpoint.conns[i].record.read_pos == 5 + i % 3 for i in range(n)))  # fmt: skip
+    link.close()
+    for _, srv in pairs:
+        srv.close()
+    lsock.close()
+    lst = ns_listen("127.0.0.1", port, agent=endpoint.path)
+    got = lst.adopted()
+    assert sorted(c.conn_id for c, _ in got) == list(range(n))
+    for conn, rec in got:
+        i = conn.conn_id
+        assert rec.state == bytes([i % 256]) and conn.read_pos == 5 + i % 3
+        assert conn.ns_recv(100) == f"{i:04d}:abcdef".encode()[5 + i % 3 :]
+        conn.commit()
+        conn.ns_send(f"bye {i}".encode())
+        assert recv_exact(pairs[i][0], len(f"bye {i}")) == f"bye {i}".encode()
+        conn.ns_close()
+    for cli, _ in pairs:
+        cli.close()
+    lst.close()
+
+
 def test_abort_resets_the_peer_although_the_agent_holds_a_copy(endpoint: AgentEndpoint) -> None:
     lst = ns_listen("127.0.0.1", 0, agent=endpoint.path)
     cli = socket.create_connection(("127.0.0.1", lst.port), timeout=5)
@@ -241,7 +282,9 @@ def test_kernel_positions_are_exact_when_a_segment_lands_between_the_reads(
     def racing_queue_len(sock: socket.socket, request: int) -> int:
         nonlocal calls
         calls += 1
-        if calls % 2 == 1:  # between the counter and the queue: 100 more bytes arrive
+        # each read is two tries of two queue lengths (receive, send); the first length of
+        # the first try: 100 more bytes arrive between the counter and the queue
+        if calls % 4 == 1:
             before = real(srv, channel._SIOCINQ)
             cli.sendall(b"y" * 100)
             wait_for(lambda: real(srv, channel._SIOCINQ) == before + 100)

@@ -228,3 +228,35 @@ def test_a_service_waits_for_its_agent_to_come_back(tmp_path: Path) -> None:
     assert got and link.sock.getpeername() == path
     link.sock.close()
     got[0].close()
+
+
+def test_commits_of_one_read_reach_on_commit_in_one_call(tmp_path: Path) -> None:
+    """The endpoint hands ``on_commit`` every COMMIT of one read at once (the session manager
+    syncs them under one lock); COMMITs before a refused message still count."""
+    calls: list[list[tuple[int, int]]] = []
+    ep = AgentEndpoint(str(tmp_path / "agent.sock"),
+                       on_commit=lambda hs: calls.append([(h.conn_id, h.record.read_pos)
+                                                          for h in hs]))  # fmt: skip
+    lsock = socket.create_server(("127.0.0.1", 0))
+    port = lsock.getsockname()[1]
+    link = AgentLink(ep.path)
+    ep.step(1)  # accept
+    pairs = []
+    for cid in (1, 2):
+        cli = socket.create_connection(("127.0.0.1", port), timeout=5)
+        srv, _ = lsock.accept()
+        link.send(Register(cid, ("127.0.0.1", port), cli.getsockname()), srv.fileno())
+        ep.step(1)
+        pairs += [cli, srv]
+    assert set(ep.conns) == {1, 2} and calls == []
+    link.sock.sendall(encode(Commit(1, 0, 0)) + encode(Commit(2, 0, 0)) + encode(Commit(1, 0, 0)))
+    ep.step(1)
+    assert calls == [[(1, 0), (2, 0), (1, 0)]]
+    link.sock.sendall(encode(Commit(2, 0, 0)) + encode(Commit(99, 0, 0)))  # 99: not its conn
+    ep.step(1)
+    assert calls[1:] == [[(2, 0)]] and ep.counters  # then the client was dropped
+    assert ep.conns[1].owner is None and ep.conns[2].owner is None  # orphans, still held
+    link.close()
+    ep.close()
+    for s_ in (*pairs, lsock):
+        s_.close()

@@ -5,7 +5,9 @@ A frame is ``length u32 | nfds u8 | msgpack body`` (big endian; ``length`` count
 socket the kernel attaches the fds to the first byte of the sendmsg() that carried them, so by the
 time a frame's last byte is read its fds have arrived; the decoder keeps received fds in a FIFO and
 hands each frame the ``nfds`` oldest ones. REGISTER and ADOPT carry exactly one fd, every other
-message none.
+message none. An adoption sends its ADOPTs ``FDS_PER_MSG`` frames (and fds) to a sendmsg(), and a
+reader takes that many fds per recvmsg() (the kernel ends a read after the first message that
+carried fds): thousands of connections change hands in a few dozen syscalls.
 
 Messages (msgspec tagged structs):
 
@@ -39,6 +41,9 @@ from nonstop.common import LocalProtocolError, RemoteProtocolError, readable
 STATE_MAX = 255
 MAX_BODY = 4096
 _HEAD = struct.Struct("!IB")
+# fds one sendmsg() may carry (the kernel's SCM_MAX_FD is 253); a reader takes as many per
+# recvmsg(), as the kernel stops a read after the first message that carried fds
+FDS_PER_MSG = 64
 HEAD_LEN = _HEAD.size
 _TCP_INFO_BYTES_ACKED = 120  # offset of tcpi_bytes_acked (u64) in struct tcp_info
 _TCP_INFO_BYTES_RECEIVED = 128  # offset of tcpi_bytes_received (u64) in struct tcp_info
@@ -170,9 +175,19 @@ class FrameDecoder:
         self._buf.clear()
 
 
+def send_batch(sock: socket.socket, frames: list[bytes], fds: list[int]) -> None:
+    """Send encoded frames and their fds (in frame order) with one sendmsg() (blocking): an
+    adoption hands over thousands of connections, and one syscall each on both ends was most
+    of its time. At most ``FDS_PER_MSG`` fds."""
+    data = b"".join(frames)
+    sent = socket.send_fds(sock, [data], fds) if fds else sock.send(data)
+    if sent < len(data):
+        sock.sendall(data[sent:])
+
+
 def recv_msgs(sock: socket.socket, dec: FrameDecoder) -> list[Received] | None:
     """One recvmsg() into ``dec``; None on EOF."""
-    data, fds, _flags, _addr = socket.recv_fds(sock, 65536, 8)
+    data, fds, _flags, _addr = socket.recv_fds(sock, 65536, FDS_PER_MSG)
     if not data:
         for fd in fds:
             os.close(fd)
@@ -186,36 +201,42 @@ def _queue_len(sock: socket.socket, request: int) -> int:
     return struct.unpack("i", fcntl.ioctl(sock.fileno(), request, b"\0\0\0\0"))[0]
 
 
-def _stable_counters(sock: socket.socket, offset: int, request: int) -> tuple[int, int, int]:
-    """(TCP state, the TCP_INFO byte counter at ``offset``, the queue length ``request``), read
-    so that both describe the same moment: the counter is read before and after the queue, and
-    again until it did not move (a segment or an ACK that lands between two unlocked syscalls
-    would otherwise skew a position by a whole segment)."""
+def _stable_counters(sock: socket.socket) -> tuple[bytes, int, int]:
+    """(TCP_INFO, receive queue length, send queue length), read so that they describe the same
+    moment: TCP_INFO is read before and after the queues, and again until its byte counters did
+    not move (a segment or an ACK that lands between two unlocked syscalls would otherwise skew
+    a position by a whole segment)."""
     for _ in range(1000):
         info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
-        queued = _queue_len(sock, request)
+        inq = _queue_len(sock, _SIOCINQ)
+        outq = _queue_len(sock, _SIOCOUTQ)
         again = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
-        (before,) = struct.unpack_from("=Q", info, offset)
-        (after,) = struct.unpack_from("=Q", again, offset)
-        if before == after and info[0] == again[0]:
-            return info[0], before, queued
+        if info[0] == again[0] and info[_TCP_INFO_BYTES_ACKED:] == again[_TCP_INFO_BYTES_ACKED:]:
+            return info, inq, outq
     raise OSError("TCP counters kept moving while reading a queue position")
 
 
 _SIOCINQ, _SIOCOUTQ = 0x541B, 0x5411  # FIONREAD, TIOCOUTQ
 
 
+def kernel_positions(sock: socket.socket) -> tuple[int, int]:
+    """(read, written): bytes the application side has read from ``sock`` since it opened
+    (received - queued; the peer's FIN takes one sequence number and is counted in received,
+    not queued), and bytes it has written (acked + queued)."""
+    info, inq, outq = _stable_counters(sock)
+    (acked,) = struct.unpack_from("=Q", info, _TCP_INFO_BYTES_ACKED)
+    (received,) = struct.unpack_from("=Q", info, _TCP_INFO_BYTES_RECEIVED)
+    return received - (1 if info[0] in _FIN_RECEIVED else 0) - inq, acked + outq
+
+
 def kernel_read_pos(sock: socket.socket) -> int:
-    """Bytes the application side has read from ``sock`` since it opened (received - queued;
-    the peer's FIN takes one sequence number and is counted in received, not queued)."""
-    state, received, queued = _stable_counters(sock, _TCP_INFO_BYTES_RECEIVED, _SIOCINQ)
-    return received - (1 if state in _FIN_RECEIVED else 0) - queued
+    """Bytes the application side has read from ``sock`` since it opened."""
+    return kernel_positions(sock)[0]
 
 
 def kernel_write_pos(sock: socket.socket) -> int:
-    """Bytes the application side has written to ``sock`` since it opened (acked + queued)."""
-    _, acked, queued = _stable_counters(sock, _TCP_INFO_BYTES_ACKED, _SIOCOUTQ)
-    return acked + queued
+    """Bytes the application side has written to ``sock`` since it opened."""
+    return kernel_positions(sock)[1]
 
 
 # -- the agent side ------------------------------------------------------------------------------
@@ -255,8 +276,11 @@ class AgentEndpoint:
     Counters: ``counters["malformed"]`` etc. A malformed client is dropped; its connections stay
     held (orphans) for the next service to adopt.
 
-    In a node agent: ``on_commit(held)`` runs after every COMMIT is recorded (the session manager
-    syncs it to the backup), ``on_close(held)`` after a deliberate CLOSE. With ``hold_adoption``
+    In a node agent: ``on_commit(helds)`` runs once per read from a client, with every connection
+    whose COMMIT that read recorded (the session manager syncs them to the backup under one lock
+    and in one batch: a service committing thousands of times a second made one call each, and
+    the agent's worker spent its time convoying on its lock), ``on_close(held)`` after a
+    deliberate CLOSE. With ``hold_adoption``
     set (a backup node) an ADOPT_REQUEST is answered only at ``release_adoptions()``: a standby
     service started on the backup waits there and wakes with the connections restored on
     promotion. ``lock`` serialises ``step`` with calls from other threads.
@@ -273,7 +297,7 @@ class AgentEndpoint:
         self,
         path: str,
         *,
-        on_commit: Callable[[HeldConn], None] | None = None,
+        on_commit: Callable[[list[HeldConn]], None] | None = None,
         on_close: Callable[[HeldConn], None] | None = None,
         hold_adoption: bool = False,
     ) -> None:
@@ -292,6 +316,7 @@ class AgentEndpoint:
         self.conns: dict[int, HeldConn] = {}
         self.counters: dict[str, int] = {}
         self._sel: selectors.BaseSelector | None = None
+        self._committed: list[HeldConn] = []  # COMMITs recorded, not yet passed to on_commit
 
     # -- I/O adapters --
     def accept(self) -> EndpointClient | None:
@@ -319,16 +344,27 @@ class AgentEndpoint:
         if msgs is None:
             self.drop(client)
             return
-        for i, (msg, fds) in enumerate(msgs):
-            try:
-                self.handle(client, msg, fds)
-            except RemoteProtocolError as exc:
-                self._count(exc.counter)
-                for _, rest in msgs[i + 1 :]:
-                    for fd in rest:
-                        os.close(fd)
-                self.drop(client)
-                return
+        try:
+            for i, (msg, fds) in enumerate(msgs):
+                try:
+                    self.handle(client, msg, fds)
+                except RemoteProtocolError as exc:
+                    self._count(exc.counter)
+                    for _, rest in msgs[i + 1 :]:
+                        for fd in rest:
+                            os.close(fd)
+                    self.drop(client)
+                    return
+        finally:  # the commits before a bad message count too
+            self.flush_commits()
+
+    def flush_commits(self) -> None:
+        """Pass the COMMITs recorded since the last call to ``on_commit`` (``readable`` does it
+        after each read; a caller of ``handle`` calls it itself)."""
+        if self._committed:
+            got, self._committed = self._committed, []
+            if self.on_commit is not None:
+                self.on_commit(got)
 
     def step(self, timeout: float | None) -> None:
         """Wait up to ``timeout`` for the listener or a client and serve what is ready."""
@@ -372,7 +408,7 @@ class AgentEndpoint:
                 held = self._owned(client, cid)
                 held.record = CommitRecord(msg.read_pos, msg.write_pos, msg.state)
                 if self.on_commit is not None:
-                    self.on_commit(held)
+                    self._committed.append(held)
             case Close(conn_id=cid, deliberate=deliberate):
                 held = self._owned(client, cid)
                 if deliberate:
@@ -399,9 +435,10 @@ class AgentEndpoint:
         local, remote = sock.getsockname()[:2], sock.getpeername()[:2]
         held = HeldConn(conn_id, sock, local, remote, record)
         try:
-            held.read_base = record.read_pos - kernel_read_pos(sock)
+            read, written = kernel_positions(sock)
+            held.read_base = record.read_pos - read
             sent = record.write_pos if sent_pos is None else max(sent_pos, record.write_pos)
-            held.write_base = sent - kernel_write_pos(sock)
+            held.write_base = sent - written
         except OSError:
             pass
         self.conns[conn_id] = held
@@ -409,20 +446,38 @@ class AgentEndpoint:
     def adopt_all(self, client: EndpointClient, *, port: int = 0) -> int:
         """Hand every orphan (owner gone) on local ``port`` (0: any) to ``client``; then
         ADOPT_DONE. Bytes a crashed owner consumed after its COMMIT went out are discarded first,
-        so the queue starts exactly at the committed read position."""
+        so the queue starts exactly at the committed read position. ADOPTs go ``FDS_PER_MSG`` to
+        a sendmsg(); a connection is the client's once its batch was sent."""
         n = 0
+        frames: list[bytes] = []
+        batch: list[HeldConn] = []
+
+        def flush() -> None:
+            send_batch(client.sock, frames, [h.sock.fileno() for h in batch])
+            for h in batch:
+                h.owner = client
+            frames.clear()
+            batch.clear()
+
         for held in list(self.conns.values()):
             if held.owner is not None or (port and held.local[1] != port):
                 continue
-            self._trim(held)
             try:
-                sent = max(held.record.write_pos, kernel_write_pos(held.sock) + held.write_base)
+                read, written = kernel_positions(held.sock)
             except OSError:
-                sent = held.record.write_pos
-            msg = Adopt(held.conn_id, held.local, held.remote, held.record, sent)
-            send_msg(client.sock, msg, held.sock.fileno())
-            held.owner = client
+                read, written = None, None
+            if read is not None:
+                self._trim(held, read)
+            sent = held.record.write_pos
+            if written is not None:
+                sent = max(sent, written + held.write_base)
+            frames.append(encode(Adopt(held.conn_id, held.local, held.remote, held.record, sent)))
+            batch.append(held)
             n += 1
+            if len(batch) == FDS_PER_MSG:
+                flush()
+        if batch:
+            flush()
         send_msg(client.sock, AdoptDone(n))
         client.serving.add(port)
         return n
@@ -499,11 +554,10 @@ class AgentEndpoint:
             raise RemoteProtocolError(f"conn {cid} is not this client's", counter="unknown_conn")
         return held
 
-    def _trim(self, held: HeldConn) -> None:
-        try:
-            lag = held.record.read_pos - kernel_read_pos(held.sock) - held.read_base
-        except OSError:
-            return
+    def _trim(self, held: HeldConn, kernel_read: int) -> None:
+        """Discard what a dead owner consumed past its last COMMIT (``kernel_read``: the
+        kernel's read position of ``held.sock``)."""
+        lag = held.record.read_pos - kernel_read - held.read_base
         while lag > 0:
             got = held.sock.recv(min(lag, 65536), socket.MSG_DONTWAIT)
             if not got:
@@ -512,3 +566,4 @@ class AgentEndpoint:
 
     def _count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
+

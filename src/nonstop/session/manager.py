@@ -37,11 +37,11 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from nonstop.common import readable
+from nonstop.common import LocalProtocolError, readable
 from nonstop.session.mirror import ConnState, seq_add, seq_diff, seq_lt
 from nonstop.session.nfnl import SO_RCVBUFFORCE, SO_SNDBUFFORCE
 from nonstop.session.nfq import AckClamp, FourTuple
@@ -259,6 +259,32 @@ class MasterSession:
             )
             self._try_commit(t, time.monotonic())
             self._flush(time.monotonic())
+
+    def commit_many(
+        self, commits: Iterable[tuple[FourTuple, tuple[int, int, bytes]]]
+    ) -> dict[FourTuple, Exception]:
+        """``commit`` for many connections under one lock, with one flush: (four_tuple,
+        (read_pos, write_pos, state)) each. Returns the four-tuples that were not committed
+        (unknown connection) with why; the others are."""
+        failed: dict[FourTuple, Exception] = {}
+        with self._lock:
+            now = time.monotonic()
+            for ft, (read_pos, write_pos, state) in commits:
+                t = self._conns.get(ft)
+                if t is None:
+                    failed[ft] = KeyError(f"no connection {ft}")
+                    continue
+                t.pending_commit = (
+                    seq_add(t.full.rcv_seq, read_pos),
+                    seq_add(t.full.snd_seq, write_pos),
+                    bytes(state),
+                )
+                try:
+                    self._try_commit(t, now)
+                except (KeyError, LocalProtocolError) as e:
+                    failed[ft] = e
+            self._flush(now)
+        return failed
 
     def _try_commit(self, t: _Tracked, now: float) -> None:
         if t.pending_commit is None:

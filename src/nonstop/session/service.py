@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from nonstop.app.channel import AgentEndpoint, CommitRecord, HeldConn
-from nonstop.common import LocalProtocolError
 from nonstop.session.backup import BackupSession
 from nonstop.session.manager import MasterSession
 from nonstop.session.mirror import ConnState
@@ -255,15 +254,18 @@ class ProtectedService:
         return len(held)
 
     # -- the service's commits (endpoint thread) --
-    def _on_commit(self, held: HeldConn) -> None:
+    def _on_commit(self, helds: list[HeldConn]) -> None:
+        """The COMMITs of one read from a service: synced under one lock, in one batch (a
+        connection committed twice in the read goes once, at its last record)."""
         master = self.master
         if master is None:
             return
-        ft = (held.local[0], held.local[1], held.remote[0], held.remote[1])
-        r = held.record
-        try:
-            master.commit(ft, r.read_pos, r.write_pos, r.state)
-        except (KeyError, LocalProtocolError) as e:
+        batch = {}
+        for held in helds:
+            r = held.record
+            ft = (held.local[0], held.local[1], held.remote[0], held.remote[1])
+            batch[ft] = (r.read_pos, r.write_pos, r.state)
+        for ft, e in master.commit_many(batch.items()).items():
             self.counters["commit_errors"] += 1
             if self.counters["commit_errors"] == 1:
                 log.error("%s: commit of %s not synced: %s", self.spec.name, ft, e)
