@@ -76,6 +76,7 @@ class BackupSession:
         ts_margin: float = 0.05,
         md5: Mapping[str, bytes] | None = None,
     ) -> None:
+        self.phases_ms: dict[str, float] = {}  # of the last promote(): where its time went
         inc = incarnation if incarnation is not None else time.time_ns() // 1000
         # peer address (as the sync records write it) -> TCP-MD5 key, set on a restored socket
         self.md5 = {str(ipaddress.ip_address(a)): k for a, k in (md5 or {}).items()}
@@ -216,10 +217,13 @@ class BackupSession:
         """Stop receiving and restore every connection (before the VIP is added).
         ``before_restore`` runs once the states are computed, right before the first socket is
         restored (e.g. lifting the rule that keeps a non-master quiet)."""
+        t0 = time.monotonic()
         self._halt()
         pairs = self.states()
+        t1 = time.monotonic()
         if before_restore is not None:
             before_restore()
+        t2 = time.monotonic()
         try:
             socks: list[socket.socket | None] = list(
                 restore_many([st for _, st in pairs], md5=self.md5))
@@ -250,4 +254,7 @@ class BackupSession:
                 len(st.send_queue), len(st.recv_queue), cs, st,
                 (f.local_addr, f.local_port, f.peer_addr, f.peer_port),
                 sent_pos=seq_diff(st.snd_seq, f.snd_seq) % (1 << 32)))  # fmt: skip
+        self.phases_ms = {"states": round((t1 - t0) * 1000, 3),
+                          "before_restore": round((t2 - t1) * 1000, 3),
+                          "restore": round((time.monotonic() - t2) * 1000, 3)}  # fmt: skip
         return out

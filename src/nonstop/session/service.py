@@ -161,12 +161,14 @@ class ProtectedService:
                 self.counters["restore_failures"] += len(self.backup.restore_failures)
                 log.error("%s: %d connections could not be restored: %s", self.spec.name,
                           len(self.backup.restore_failures), self.backup.restore_failures[:3])
+            phases = dict(self.backup.phases_ms)
             self._stop_backup()
             s = self.spec
             self.master = MasterSession(
                 s.vip, s.port, self._key, backup=None, queue_num=s.queue, family=s.family,
                 sync_family=s.sync_family, sync_bind=(s.sync_addr, 0), md5=self._md5,
             ).open()  # fmt: skip
+            t2 = time.monotonic()
             for rc in restored:
                 self.master.adopt(rc)
                 with self.endpoint.lock:
@@ -174,6 +176,7 @@ class ProtectedService:
                         rc.conn_id, rc.sock, CommitRecord(rc.read_pos, rc.write_pos, rc.state),
                         sent_pos=rc.sent_pos,
                     )
+            t3 = time.monotonic()
             with self.endpoint.lock:
                 woken = self.endpoint.release_adoptions()
             self.role = "master"
@@ -190,6 +193,12 @@ class ProtectedService:
                 "resent_bytes": sum(rc.resent for rc in restored),
                 "pending_bytes": sum(rc.pending for rc in restored),
                 "from": "parked" if resumed else "sync",
+                "phases_ms": {
+                    **phases,
+                    "master_open": round((t2 - t1) * 1000, 3),
+                    "adopt": round((t3 - t2) * 1000, 3),
+                    "hand_over": round((time.monotonic() - t3) * 1000, 3),
+                },
             }
             log.warning("%s: promoted, %d connections restored in %.1f ms%s", s.name, n,
                         (t1 - t0) * 1000, " (parked here at the step-down)" if resumed else "")

@@ -196,13 +196,13 @@ class _Conn:
                 break
             await self.conn.ns_send(make_message(SERVER, self.cid, self.tx, self.size))
             self.tx += 1
-            await self.commit()
             if left:
                 continue  # written before: no pacing
             delay = self.epoch + self.tx / self.srv.rate - time.time()
             if delay < -1.0:  # more than a second behind: catch up one second's worth, no more
                 self.epoch -= delay + 1.0
-            if delay > 0:
+            if delay > 0:  # one commit per burst: a successor replays the rest (same bytes)
+                await self.commit()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stop.wait(), delay)
         await self.conn.ns_send(make_message(SERVER, self.cid, self.tx, 0))  # the trailer
