@@ -367,3 +367,29 @@ def test_remove_rules_sweeps_leftovers(lab: Lab) -> None:
     finally:
         os.close(fd)
     assert COMMENT not in rules(lab) and "--dport 9" in rules(lab)
+
+
+def test_quiet_rule_lifted_at_the_first_deletion_gone_after_wait(lab: Lab) -> None:
+    """A promotion restores once the quiet rule's first copy is deleted (``lifted``); the
+    background removal goes on to any other copy, all gone after ``wait``; ``lifted`` with no
+    copy at all returns too (the search that found none is over)."""
+    code = f"""
+import subprocess
+from nonstop.session.quiet import QuietRule
+q = QuietRule({A!r}, {PORT}, 4)
+def copies():
+    out = subprocess.run(["iptables", "-w", "-S", "OUTPUT"], capture_output=True, text=True)
+    return out.stdout.count(":quiet")
+q.add(); q.add()
+assert copies() == 1, "add keeps one copy"
+subprocess.run(["iptables", "-w", "-I", "OUTPUT", *q.spec()], check=True)  # a leftover copy
+q.start_removal(); q.lifted()
+assert copies() <= 1, copies()
+q.wait()
+assert copies() == 0
+q.start_removal(); q.lifted(); q.wait()  # none left: no hang
+print("ok")
+"""
+    r = lab.host("a").sh([sys.executable, "-c", code], check=False)
+    assert r.stdout.strip() == "ok", (r.stdout, r.stderr)
+    assert COMMENT not in rules(lab)

@@ -31,6 +31,7 @@ class QuietRule:
         self.vip, self.port = vip, port
         self.cmd = "iptables" if family == 4 else "ip6tables"
         self._pending: threading.Thread | None = None
+        self._first = threading.Event()  # the background removal deleted a copy, or is over
 
     def spec(self) -> list[str]:
         return ["-p", "tcp", "-s", self.vip, "--sport", str(self.port),
@@ -49,16 +50,28 @@ class QuietRule:
 
     def start_removal(self) -> None:
         """Begin deleting every copy in the background (the caller prepares the restore
-        meanwhile); ``wait()`` before anything must leave."""
+        meanwhile); ``lifted()`` before anything must leave."""
         self.wait()
+        self._first.clear()
         self._pending = threading.Thread(target=self._remove_all, name="nonstop-quiet", daemon=True)
         self._pending.start()
 
     def _remove_all(self) -> None:
-        while self._run("-D"):
-            pass
+        try:
+            while self._run("-D"):
+                self._first.set()
+        finally:
+            self._first.set()
+
+    def lifted(self) -> None:
+        """Until the background removal deleted the first copy (or found none). ``add`` keeps
+        one copy, so that is the rule gone: the iptables call that finds no second copy (the
+        same ~7 ms again) is left off the promotion's critical path."""
+        if self._pending is not None:
+            self._first.wait()
 
     def wait(self) -> None:
+        """Until the background removal is over (every copy deleted)."""
         if self._pending is not None:
             self._pending.join()
             self._pending = None

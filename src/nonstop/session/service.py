@@ -152,7 +152,7 @@ class ProtectedService:
                 log.warning("%s: %d connections parked at the step-down dropped: another node "
                             "may have served them since", self.spec.name, dropped)
             try:
-                restored = self.backup.promote(before_restore=self.quiet.wait)
+                restored = self.backup.promote(before_restore=self.quiet.lifted)
             except (RepairError, OSError) as e:
                 self.counters["restore_failures"] += 1
                 log.error("%s: restore failed, its connections are lost: %s", self.spec.name, e)
