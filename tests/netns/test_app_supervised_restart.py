@@ -5,7 +5,9 @@ stream checker's protected server; a peer streams both ways on 256 connections t
   the new process adopts every connection from the endpoint with its last commit;
 - the same with the service in a podman container (3 kills);
 - a crash loop on the master (the service dies at start 5 times): the master declares a local
-  fault, the backup takes the VIP and the connections.
+  fault, the backup takes the VIP and the connections; once the cause is gone, ``nonstop service
+  reset`` on the old master starts its service again and makes it a backup (preemption is off:
+  the VIP stays where it is).
 Checked by the peer's stream checker: every connection kept, 0 resets, 0 bytes lost or
 duplicated (the server side aborts a connection, a reset the client counts, on any loss or
 duplicate in the client's stream).
@@ -19,6 +21,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 
 import pytest
 
@@ -81,7 +84,7 @@ def test_three_sigkills_of_the_service_in_a_podman_container(demo_lab) -> None:
     assert_clean(res, n)
 
 
-def test_crash_loop_moves_the_vip_to_the_backup(demo_lab) -> None:
+def test_crash_loop_moves_the_vip_then_a_reset_restarts_the_service(demo_lab) -> None:
     n = 64
     flag = os.path.join(demo_lab.workdir, "crash-{node}")
     lines = R.service_lines(instances=1, rate=20.0, crash_if=flag, crash_loop_deaths=5)
@@ -106,6 +109,59 @@ def test_crash_loop_moves_the_vip_to_the_backup(demo_lab) -> None:
         inst = st["services"]["instances"][0]
         assert inst["state"] == "crash-loop" and inst["last_exit"] == "exit 3", inst
         assert c.vip_holders() == [other]
+        # the operator fixes the cause and clears the crash loop: no agent restart
+        os.unlink(flag.replace("{node}", master))
+        nonstop = [sys.executable, "-m", "nonstop"]
+        r = demo_lab.host(master).sh(
+            [*nonstop, "service", "reset", "stream", "--config", c.config_paths[master],
+             "--format", "json"], check=False,
+        )  # fmt: skip
+        print(r.stdout, r.stderr)
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        doc = json.loads(r.stdout)
+        assert doc["changed"] and doc["instances"][0]["cleared"], doc
+        # the fault was the crash loop alone: withdrawn, the node is a backup again
+        assert doc["role_before"] == "fault" and doc["role"] == "backup", doc
+        assert doc["faults"] == [], doc
+        recovered = (
+            "recovered from the local fault: service stream crash loop cleared "
+            "(crash loop reset by the operator)"
+        )
+        assert doc["role_changes"] == [{"old": "fault", "new": "backup", "reason": recovered}]
+        c.wait(lambda: R.instances(c, master)[0]["state"] == "ready"
+               and R.instances(c, master)[0]["pid"], 20, f"{master}: the service ready again")
+        st = c.status(master)
+        assert st is not None and st["role"] == "backup", st["role"]
+        last = st["history"][-1]
+        assert (last["old"], last["new"]) == ("fault", "backup"), last
+        assert last["reason"] == recovered, last
+        assert st["services"]["crash_loops"] == [], st["services"]
+        assert st["services"]["counters"]["crash_loop_resets"] == 1, st["services"]
+        inst = st["services"]["instances"][0]
+        assert inst["generation"] == 6 and inst["consecutive_deaths"] == 0, inst
+        # the new master sees a backup again: eligible for the next failover
+        def seen_as_backup() -> bool:
+            st = c.status(other)
+            return st is not None and {p["id"]: p["role"] for p in st["peers"]}[master] == "backup"
+
+        c.wait(seen_as_backup, 10, f"{other} to see {master} as backup")
+        assert c.role(other) == "master" and c.vip_holders() == [other]  # no preemption
+        pid = inst["pid"]
+        r = demo_lab.host(master).sh([*nonstop, "status", "--config", c.config_paths[master]],
+                                     check=False)  # fmt: skip
+        print(r.stdout)
+        assert r.returncode == 0 and "Supervised services" in r.stdout, (r.stdout, r.stderr)
+        # it stays up (it no longer dies at start): the same instance after that command
+        assert R.instances(c, master)[0]["pid"] == pid
+        # a second reset finds nothing to do, and says so
+        r = demo_lab.host(master).sh(
+            [*nonstop, "service", "reset", "stream", "--config", c.config_paths[master]],
+            check=False,
+        )
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        print(r.stdout, "".join(x for x in c.log_text(master).splitlines(True) if "crash" in x))
+        want = f"{master}: stream: not in a crash loop (ready), nothing to reset"
+        assert r.stdout.strip() == want, r.stdout
         client.send_signal(signal.SIGTERM)
         client.wait(60)
         with open(out) as f:

@@ -94,6 +94,73 @@ def test_five_deaths_at_start_is_a_crash_loop() -> None:
     assert c.state is S.SvcState.STARTING and not c.deaths
 
 
+def crash_loop(c: S.ServiceCore, now: float = 0.0) -> float:
+    """Drive ``c`` (readiness None) into a crash loop; return the time of the last death."""
+    c.start(now)
+    while True:
+        c.instance_exited(c.generation, "exit 3", now)
+        if c.state is S.SvcState.CRASH_LOOP:
+            return now
+        now = c.next_timer()
+        c.handle_timer(now)
+
+
+def test_reset_clears_a_crash_loop_and_starts_again_with_fresh_backoff() -> None:
+    c = core(readiness=None, crash_loop_deaths=3, crash_loop_window=60.0, backoff_initial=0.1,
+             backoff_factor=2.0, backoff_jitter=0.0)  # fmt: skip
+    now = crash_loop(c)
+    assert c.generation == 3 and len(c.deaths) == 3
+    c.take_actions()
+    c.take_events()
+    assert c.reset(now + 5.0) is True
+    assert c.take_actions() == [S.Launch(4)]  # at once: the operator fixed the cause
+    ev = c.take_events()
+    assert ev[0] == S.CrashLoopCleared("svc", 3, "crash loop reset by the operator", now + 5.0)
+    assert [(str(e.old), str(e.new)) for e in ev if isinstance(e, S.StateChanged)] == [
+        ("crash-loop", "starting"), ("starting", "ready"),
+    ]  # fmt: skip
+    assert c.state is S.SvcState.READY and not c.deaths and c.consecutive == 0
+    assert c.reason == "running (no readiness check)"
+    # the normal rules again: the first death backs off from initial, N new deaths loop again
+    c.instance_exited(4, "exit 3", now + 6.0)
+    assert c.state is S.SvcState.BACKOFF and c.next_timer() == pytest.approx(now + 6.1)
+    crash_loop_again = [e for e in c.take_events() if isinstance(e, S.CrashLoopDetected)]
+    assert not crash_loop_again
+    c.handle_timer(now + 6.1)
+    c.instance_exited(5, "exit 3", now + 6.2)
+    c.handle_timer(c.next_timer())
+    c.instance_exited(6, "exit 3", now + 6.7)
+    assert c.state is S.SvcState.CRASH_LOOP
+
+
+def test_reset_outside_a_crash_loop_changes_nothing() -> None:
+    c = core(readiness=None, crash_loop_deaths=3)
+    assert c.reset(0.0) is False and c.state is S.SvcState.STOPPED  # never started
+    c.start(1.0)
+    c.take_actions()
+    c.take_events()
+    assert c.state is S.SvcState.READY
+    assert c.reset(2.0) is False
+    assert c.take_actions() == [] and c.take_events() == []
+    c.instance_exited(c.generation, "exit 1", 2.0)
+    c.take_events()
+    assert c.state is S.SvcState.BACKOFF
+    assert c.reset(2.01) is False
+    assert c.take_actions() == [] and c.take_events() == []
+    assert len(c.deaths) == 1 and c.consecutive == 1  # for crash loops only: the deaths stay
+    c.stop(3.0)
+    assert c.reset(3.0) is False and c.state is S.SvcState.STOPPED
+
+
+def test_a_start_out_of_a_crash_loop_is_the_same_clearing() -> None:
+    c = core(readiness=None, crash_loop_deaths=2)
+    now = crash_loop(c)
+    c.take_events()
+    c.start(now + 1)
+    assert [type(e).__name__ for e in c.take_events()][:2] == ["CrashLoopCleared", "StateChanged"]
+    assert c.state is S.SvcState.READY and c.reason == "running (no readiness check)"
+
+
 def test_deaths_outside_the_window_do_not_count() -> None:
     c = core(readiness=None, crash_loop_deaths=3, crash_loop_window=1.0, backoff_initial=0.01)
     c.start(0.0)
@@ -169,7 +236,7 @@ def test_stale_reports_are_ignored_and_impossible_ones_raise() -> None:
 
 
 # ---- Hypothesis: random walks through the table against a model of the world ----
-OPS = ("start", "stop", "restart", "exit", "stale_exit", "launch_failed", "check", "time")
+OPS = ("start", "stop", "restart", "reset", "exit", "stale_exit", "launch_failed", "check", "time")
 
 
 @settings(max_examples=300, deadline=None)
@@ -205,6 +272,11 @@ def test_random_walk_keeps_invariants(steps, draw, with_liveness) -> None:
             if c.state is S.SvcState.CRASH_LOOP:
                 deaths = []  # a restart out of a crash loop is a start: the same
             c.restart(now)
+        elif op == "reset":
+            was_loop = c.state is S.SvcState.CRASH_LOOP
+            if was_loop:
+                deaths = []  # a reset forgets the deaths too
+            assert c.reset(now) is was_loop
         elif op in ("exit", "launch_failed") and alive is not None:
             was_death = c.state is not S.SvcState.STOPPING
             if op == "exit":
@@ -245,6 +317,8 @@ def test_random_walk_keeps_invariants(steps, draw, with_liveness) -> None:
             elif isinstance(e, S.CrashLoopDetected):
                 recent = [d for d in deaths if d > now - t.crash_loop_window]
                 assert len(recent) >= t.crash_loop_deaths
+            elif isinstance(e, S.CrashLoopCleared):
+                assert state is S.SvcState.CRASH_LOOP  # only a crash loop is cleared
         assert state is c.state
         if c.state in (S.SvcState.STOPPED, S.SvcState.BACKOFF, S.SvcState.CRASH_LOOP):
             assert alive is None

@@ -7,12 +7,23 @@ namespace) and, when ``api.listen`` is set, on TCP for load balancers and Promet
 - ``GET /master``: 200 on the master, 503 elsewhere; ``GET /backup``: 200 on a backup, else 503
 - ``GET /status``: the full status as JSON (what ``nonstop status`` prints)
 - ``GET /metrics``: Prometheus text format
+
+and, on the unix socket only (``nonstop service reset``):
+
+- ``POST /services/{name}/reset``: clear the crash loop of a supervised service (every instance)
+  or of one instance; 200 with what was done (``changed`` false if it was not in a crash loop),
+  404 if the agent supervises no such service.
+
+The API has no login: the TCP listener only reads, and whoever may act on the node must be able
+to open the unix socket, which is created mode 0660 (owner and group of the agent) before it
+listens. Nothing mutates over TCP: ``POST`` there is a 404.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -85,6 +96,14 @@ class AgentApi:
         self.agent = agent
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(AgentCollector(agent))
+        self._runner = web.AppRunner(self._app(control=True), access_log=None, handle_signals=False)
+        self._tcp_runner: web.AppRunner | None = None
+        if agent.cfg.api.listen:  # read-only: no POST route at all
+            self._tcp_runner = web.AppRunner(
+                self._app(control=False), access_log=None, handle_signals=False
+            )
+
+    def _app(self, *, control: bool) -> web.Application:
         app = web.Application()
         app.router.add_get("/health", self.health)
         app.router.add_get("/master", self.master)
@@ -92,22 +111,35 @@ class AgentApi:
         app.router.add_get("/backup", self.backup)
         app.router.add_get("/status", self.status)
         app.router.add_get("/metrics", self.metrics)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        if control:
+            app.router.add_post("/services/{name}/reset", self.reset_service)
+        return app
 
     async def start(self) -> None:
         await self._runner.setup()
         path = self.agent.cfg.socket_path
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        await web.UnixSite(self._runner, path).start()
-        os.chmod(path, 0o660)
+        # bound, made 0660, and only then listening: no connection is accepted before the mode
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+            os.chmod(path, 0o660)
+        except BaseException:
+            sock.close()
+            raise
+        await web.SockSite(self._runner, sock).start()
         listen = self.agent.cfg.api.listen
-        if listen:
+        if self._tcp_runner is not None:
+            await self._tcp_runner.setup()
             host, _, port = listen.rpartition(":")
-            await web.TCPSite(self._runner, host.strip("[]"), int(port), reuse_address=True).start()
+            site = web.TCPSite(self._tcp_runner, host.strip("[]"), int(port), reuse_address=True)
+            await site.start()
 
     async def close(self) -> None:
         await self._runner.cleanup()
+        if self._tcp_runner is not None:
+            await self._tcp_runner.cleanup()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.agent.cfg.socket_path)
 
@@ -128,6 +160,13 @@ class AgentApi:
     async def status(self, request: web.Request) -> web.Response:
         await self.agent.sessions.refresh()  # the session worker's part, fresh
         return web.json_response(self.agent.status())
+
+    async def reset_service(self, request: web.Request) -> web.Response:
+        try:
+            out = self.agent.reset_service(request.match_info["name"])
+        except KeyError as e:
+            return web.json_response({"error": e.args[0]}, status=404)
+        return web.json_response(out)
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(

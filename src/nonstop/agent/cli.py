@@ -113,8 +113,10 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = s
 
 
-def fetch_status(*, socket_path: str | None = None, url: str | None = None) -> dict[str, Any]:
-    """GET /status from an agent; raises OSError when it cannot be reached."""
+def agent_request(
+    method: str, path: str, *, socket_path: str | None = None, url: str | None = None
+) -> tuple[int, bytes]:
+    """One request to an agent's API: (status, body). OSError when it cannot be reached."""
     if socket_path is not None:
         conn: http.client.HTTPConnection = _UnixHTTPConnection(socket_path)
     else:
@@ -124,14 +126,19 @@ def fetch_status(*, socket_path: str | None = None, url: str | None = None) -> d
         u = urlsplit(url)
         conn = http.client.HTTPConnection(u.hostname or "localhost", u.port or 80, timeout=3.0)
     try:
-        conn.request("GET", "/status")
+        conn.request(method, path)
         resp = conn.getresponse()
-        body = resp.read()
-        if resp.status != 200:
-            raise OSError(f"agent answered {resp.status}")
-        return json.loads(body)
+        return resp.status, resp.read()
     finally:
         conn.close()
+
+
+def fetch_status(*, socket_path: str | None = None, url: str | None = None) -> dict[str, Any]:
+    """GET /status from an agent; raises OSError when it cannot be reached."""
+    status, body = agent_request("GET", "/status", socket_path=socket_path, url=url)
+    if status != 200:
+        raise OSError(f"agent answered {status}")
+    return json.loads(body)
 
 
 def _is_groups_config(path: str) -> bool:
@@ -173,11 +180,11 @@ def run_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def print_status(st: dict[str, Any]) -> None:
+def print_status(st: dict[str, Any], console: Any = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    con = Console()
+    con = console or Console()
     role_style = {"master": "bold green", "backup": "cyan", "fault": "bold red"}.get(st["role"], "")
     con.print(
         f"[bold]{st['node']}[/] group {st['group']}  role [{role_style}]{st['role']}[/] "
@@ -224,6 +231,7 @@ def print_status(st: dict[str, Any]) -> None:
             "-" if r["loss"] is None else f"{100 * r['loss']:.1f}%",
         )
     con.print(ast)
+    print_services(con, st.get("services") or {})
     if st["history"]:
         hist = Table(title="Recent role decisions", title_justify="left")
         for col in ("from", "to", "why"):
@@ -233,4 +241,44 @@ def print_status(st: dict[str, Any]) -> None:
         con.print(hist)
 
 
-__all__ = ["ConfigError", "add_parser", "fetch_status", "print_status"]
+def print_services(con: Any, services: dict[str, Any]) -> None:
+    """The supervised services (``[[services]]`` with a command) of ``nonstop status``."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    rows = services.get("instances") or []
+    if not rows:
+        return
+    styles = {
+        "ready": "green", "unhealthy": "yellow", "backoff": "yellow", "crash-loop": "bold red",
+    }  # fmt: skip
+    t = Table(title="Supervised services", title_justify="left")
+    for col in ("service", "instance", "state", "pid / container", "restarts", "last exit"):
+        t.add_column(col)
+    t.add_column("crash loop")
+    t.add_column("why")
+    for r in rows:
+        state = r["state"]
+        style = styles.get(state, "")
+        t.add_row(
+            escape(str(r.get("service", r["name"]))),
+            escape(r["name"]),  # what `nonstop service reset` takes, as the service name does
+            f"[{style}]{state}[/]" if style else state,
+            escape(str(r.get("container") or r.get("pid") or "-")),
+            str(r["restarts"]),
+            escape(r.get("last_exit") or "-"),
+            "[bold red]yes[/]" if state == "crash-loop" else "no",
+            escape(r.get("reason", "")),
+        )
+    con.print(t)
+    looping = sorted({str(r.get("service", r["name"])) for r in rows if r["state"] == "crash-loop"})
+    for name in looping:
+        con.print(
+            f"  {escape(name)} is in a crash loop; once its cause is fixed, "
+            f"`nonstop service reset {escape(name)} --config NODE.toml` starts it again"
+        )
+
+
+__all__ = [
+    "ConfigError", "add_parser", "agent_request", "fetch_status", "print_services", "print_status",
+]  # fmt: skip

@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 from nonstop import __version__
+from nonstop.agent.faults import LocalFaults
 from nonstop.agent.hooks import Hooks
 from nonstop.agent.link import AgentLinks
 from nonstop.agent.realtime import make_realtime
@@ -121,7 +122,9 @@ class Agent:
         self.guard: GuardClient | None = None
         verbose = 2 if log.isEnabledFor(logging.DEBUG) else int(log.isEnabledFor(logging.INFO))
         self.sessions = Sessions(cfg, key, verbose=verbose)
-        self.services = AgentServices(cfg, self._service_fault)  # [[services]] with a command
+        self.faults = LocalFaults()  # why the node is in FAULT, by source
+        # [[services]] with a command; a crash loop is a local fault until it is reset
+        self.services = AgentServices(cfg, self._local_fault, self._local_fault_cleared)
         self.history: collections.deque[dict[str, Any]] = collections.deque(maxlen=HISTORY)
         self.role_since = now
         self.counters: collections.Counter[str] = collections.Counter()
@@ -211,6 +214,7 @@ class Agent:
         )
         now = time.monotonic()
         self._make_cores(now)
+        self.faults.reapply(self.roles, now)  # a crash loop during start-up stays a fault
         self.role_since = now
         self._ready = True
         self._pump(now)
@@ -326,7 +330,7 @@ class Agent:
             elif notice == "EOF":
                 asyncio.get_running_loop().remove_reader(self.guard.fileno())
                 log.critical("fence guard exited: this node can no longer fence itself")
-                self.roles.local_fault("fence guard exited", now)
+                self.faults.declare(self.roles, "fence guard", "fence guard exited", now)
         self._pump(now)
 
     async def _watch_sessions(self) -> None:
@@ -344,13 +348,40 @@ class Agent:
     def _worker_exited(self) -> None:
         now = time.monotonic()
         log.critical("session worker exited: this node can no longer keep TCP sessions")
-        self.roles.local_fault("session worker exited", now)
+        self.faults.declare(self.roles, "session worker", "session worker exited", now)
         self._pump(now)
 
-    def _service_fault(self, reason: str) -> None:
+    def _local_fault(self, source: str, reason: str) -> None:
         now = time.monotonic()
-        self.roles.local_fault(reason, now)
+        self.faults.declare(self.roles, source, reason, now)
         self._pump(now)
+
+    def _local_fault_cleared(self, source: str, why: str) -> None:
+        now = time.monotonic()
+        if self.faults.clear(self.roles, source, why, now) and self.faults.causes:
+            log.warning("%s, but the node stays at fault: %s", why, self.faults.summary())
+        self._pump(now)
+
+    def reset_service(self, name: str) -> dict[str, Any]:
+        """``nonstop service reset NAME``: clear the crash loop of a supervised service (or of
+        one instance) and withdraw the local fault it caused. KeyError if no such service."""
+        before, t0 = str(self.roles.role), time.monotonic()
+        rows = self.services.reset(name)  # the fault is withdrawn from within, on the event
+        return {
+            "node": self.cfg.node.id,
+            "service": name,
+            "instances": rows,
+            "changed": any(r["cleared"] for r in rows),
+            "role_before": before,
+            "role": str(self.roles.role),
+            "reason": self.roles.reason,
+            "role_changes": [
+                {k: h[k] for k in ("old", "new", "reason")}
+                for h in self.history
+                if h["at_monotonic"] >= t0
+            ],
+            "faults": list(self.faults.causes.values()),
+        }
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -571,6 +602,7 @@ class Agent:
             "sessions": self.sessions.cached,
             "session_worker": self.sessions.status(),
             "services": self.services.status(),
+            "faults": list(self.faults.causes.values()),
             "history": list(self.history),
         }
 

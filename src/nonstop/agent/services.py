@@ -10,11 +10,16 @@
   the master a restarted instance adopts the connections the session worker's endpoint held
   across the crash. ``instances = 2`` keeps a warm standby on the same node, which takes the
   connections at once when the active instance dies (no process start in the peer's pause).
-- A crash loop (``crash_loop.deaths`` deaths in the window) calls ``on_fault(reason)``: the daemon
-  declares a local fault, so a master gives its VIP (and its connections) to the backup instead
-  of flapping. The supervisor then stays in ``crash-loop``; restarting the agent clears it.
-- ``status()`` is what ``nonstop status`` shows under ``services``: per instance the state,
-  reason, restarts, last exit, pid or container.
+- A crash loop (``crash_loop.deaths`` deaths in the window) calls ``on_fault(source, reason)``:
+  the daemon declares a local fault, so a master gives its VIP (and its connections) to the
+  backup instead of flapping. The supervisor then stays in ``crash-loop`` until ``reset(name)``
+  (``nonstop service reset NAME``, through the agent's unix socket): the supervisor forgets the
+  deaths and starts the instance again, and its ``CrashLoopCleared`` calls
+  ``on_cleared(source, why)``, which withdraws exactly that fault (the node leaves FAULT when no
+  other cause is left).
+- ``status()`` is what ``nonstop status`` shows under ``services``: per instance the service,
+  the instance number, the state, reason, restarts, last exit, pid or container; the crash loops
+  in force; counters.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import msgspec
 
 from nonstop.app.runtime.spec import ServiceConfig as SupervisedConfig
 from nonstop.app.runtime.spec import check_service
-from nonstop.app.supervisor import CrashLoopDetected, Event, InstanceExited
+from nonstop.app.supervisor import CrashLoopCleared, CrashLoopDetected, Event, InstanceExited
 from nonstop.common import ConfigError
 from nonstop.config import AgentConfig
 
@@ -89,16 +94,23 @@ def _subst(arg: str, values: dict[str, str]) -> str:
 
 
 class AgentServices:
-    """The supervised services of one agent. ``on_fault(reason)`` is called on a crash loop."""
+    """The supervised services of one agent. A crash loop calls ``on_fault(source, reason)``;
+    clearing it (``reset``) calls ``on_cleared(source, why)``, with the same ``source``."""
 
-    def __init__(self, cfg: AgentConfig, on_fault: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        on_fault: Callable[[str, str], None],
+        on_cleared: Callable[[str, str], None] | None = None,
+    ) -> None:
         from nonstop.app.supervisor_io import Supervisor
 
-        self.cfg, self.on_fault = cfg, on_fault
+        self.cfg, self.on_fault, self.on_cleared = cfg, on_fault, on_cleared
         self.log_dir = os.path.join(cfg.node.state_dir, "services", "logs")
         self.supervisors: list[Supervisor] = []
-        self.crash_loops: list[str] = []  # the sentences, for status
-        self.counters: dict[str, int] = {"deaths": 0, "crash_loops": 0}
+        self._of: dict[str, tuple[str, int]] = {}  # instance name -> (service name, k)
+        self.crash_loops: dict[str, str] = {}  # instance -> the sentence, while in force
+        self.counters: dict[str, int] = {"deaths": 0, "crash_loops": 0, "crash_loop_resets": 0}
         for i, s in enumerate(cfg.services):
             if not s.command:
                 continue
@@ -106,6 +118,7 @@ class AgentServices:
                 conf = supervised_config("<agent config>", cfg, i, k)
                 sup = Supervisor(conf, on_event=self._event, log_dir=self.log_dir)
                 self.supervisors.append(sup)
+                self._of[conf.name] = (s.name, k)
 
     async def start(self) -> None:
         for sup in self.supervisors:
@@ -118,6 +131,34 @@ class AgentServices:
             except Exception:  # one broken runtime must not keep the others running
                 log.exception("service %s: stop failed", sup.config.name)
 
+    @staticmethod
+    def fault_source(instance: str) -> str:
+        """The key of an instance's crash loop among the node's local faults."""
+        return f"service {instance}"
+
+    def reset(self, name: str, reason: str = "crash loop reset by the operator") -> list[dict]:
+        """Clear the crash loop of service ``name`` (every instance) or of instance ``name``.
+        One row per instance: ``instance``, ``was`` (its state before), ``cleared`` (it was in a
+        crash loop and starts again), ``state`` (after). KeyError if no such service."""
+        sups = [s for s in self.supervisors if name in (s.config.name, self._of[s.config.name][0])]
+        if not sups:
+            known = sorted({svc for svc, _ in self._of.values()} | set(self._of))
+            raise KeyError(
+                f"no supervised service {name!r} on {self.cfg.node.id} "
+                f"(known: {', '.join(known) or 'none'})"
+            )
+        rows = []
+        for sup in sups:
+            was = str(sup.core.state)
+            cleared = sup.reset(reason)
+            if not cleared:
+                log.info("service %s: reset asked, not in a crash loop (%s)", sup.config.name, was)
+            rows.append(
+                {"instance": sup.config.name, "was": was, "cleared": cleared,
+                 "state": str(sup.core.state)}
+            )  # fmt: skip
+        return rows
+
     def _event(self, ev: Event) -> None:
         if isinstance(ev, InstanceExited) and ev.death:
             self.counters["deaths"] += 1
@@ -126,13 +167,24 @@ class AgentServices:
             reason = (
                 f"service {ev.service} crash loop ({ev.deaths} deaths within {ev.window:g} s)"
             )
-            self.crash_loops.append(reason)
+            self.crash_loops[ev.service] = reason
             log.error("%s: declaring a local fault, the VIP goes to the backup", reason)
-            self.on_fault(reason)
+            self.on_fault(self.fault_source(ev.service), reason)
+        elif isinstance(ev, CrashLoopCleared):
+            self.counters["crash_loop_resets"] += 1
+            self.crash_loops.pop(ev.service, None)
+            why = f"service {ev.service} crash loop cleared ({ev.reason})"
+            log.warning("%s: withdrawing its local fault", why)
+            if self.on_cleared is not None:
+                self.on_cleared(self.fault_source(ev.service), why)
 
     def status(self) -> dict[str, Any]:
+        rows = []
+        for sup in self.supervisors:
+            svc, k = self._of[sup.config.name]
+            rows.append(dict(sup.status(), service=svc, instance=k))
         return {
-            "instances": [sup.status() for sup in self.supervisors],
-            "crash_loops": list(self.crash_loops),
+            "instances": rows,
+            "crash_loops": list(self.crash_loops.values()),
             "counters": dict(self.counters),
         }

@@ -1,10 +1,13 @@
-"""``nonstop service run|status|check|image|clean``: the supervisor from the command line.
+"""``nonstop service run|status|check|reset|image|clean``: the supervisor from the command line.
 
 ``run`` supervises every ``[[service]]`` of a services file until SIGTERM/SIGINT, then stops
 them (stop signal, SIGKILL after stop_timeout). It keeps ``<state_dir>/status.json`` current on
 every event; ``status`` reads it. ``image build`` makes the local python base image for
 containers (cached by name); ``clean`` removes every container a supervisor started and, with
-``--image``, that image.
+``--image``, that image. ``reset NAME`` asks a running *agent* (over its unix socket) to clear
+the crash loop of a service it supervises: the service starts again and the node's local fault
+is withdrawn. Exit 0 when it was cleared, and also when it was not in a crash loop (nothing to
+do; the output says so); 1 when the agent cannot be reached; 2 for an unknown service.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import sys
 import time
 from typing import Any
 
-from nonstop.cli import EXIT_FAIL, EXIT_OK, EXIT_START, add_format_option
+from nonstop.cli import EXIT_FAIL, EXIT_OK, EXIT_START, EXIT_USAGE, add_format_option
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -40,6 +43,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     c.add_argument("--config", required=True)
     add_format_option(c)
     c.set_defaults(func=run_check)
+
+    z = ss.add_parser(
+        "reset",
+        help="clear a crash loop in a running agent: the service starts again and the node "
+        "may be master again",
+    )
+    z.add_argument("name", help="the service (every instance) or one instance, e.g. stream-1")
+    where = z.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", help="the agent's config (its unix socket is found from it)")
+    where.add_argument("--socket", help="the agent's unix socket (STATE_DIR/agent.sock)")
+    add_format_option(z)
+    z.set_defaults(func=run_reset)
 
     i = ss.add_parser("image", help="the local python base image for containers")
     i.add_argument("action", choices=("build", "rm"))
@@ -151,6 +166,68 @@ def run_status(args: argparse.Namespace) -> int:
                 f" for {s.get('since_s', 0):.1f}s  {s['reason']}"
             )
     return EXIT_OK if doc["running"] else EXIT_FAIL
+
+
+def _agent_socket(config: str) -> str:
+    """The unix socket of the agent whose config this is; ConfigError for a services file."""
+    import tomllib
+
+    from nonstop.common import ConfigError
+    from nonstop.config import load_agent_config
+
+    with contextlib.suppress(OSError, tomllib.TOMLDecodeError), open(config, "rb") as f:
+        data = tomllib.load(f)
+        if "service" in data and "node" not in data:
+            raise ConfigError(
+                config, "service", "a services file: `service reset` acts on a running agent "
+                "(give the agent's config); a `service run` supervisor clears its crash loops "
+                "when it is restarted",
+            )  # fmt: skip
+    cfg, _ = load_agent_config(config)
+    return cfg.socket_path
+
+
+def run_reset(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    from nonstop.agent.cli import agent_request
+
+    sock = args.socket or _agent_socket(args.config)
+
+    def fail(msg: str, code: int) -> int:
+        if args.format == "json":
+            print(json.dumps({"error": msg}))
+        else:
+            print(f"nonstop: {msg}", file=sys.stderr)
+        return code
+
+    path = f"/services/{quote(args.name, safe='')}/reset"
+    try:
+        status, body = agent_request("POST", path, socket_path=sock)
+    except OSError as e:
+        return fail(f"cannot reach the agent at {sock}: {e} (is it running?)", EXIT_FAIL)
+    try:
+        out: dict[str, Any] = json.loads(body)
+    except ValueError:
+        out = {}
+    if status == 404 and "error" in out:
+        return fail(out["error"], EXIT_USAGE)
+    if status != 200 or "instances" not in out:
+        return fail(f"the agent at {sock} answered {status} (an older agent?)", EXIT_FAIL)
+    if args.format == "json":
+        print(json.dumps(out, indent=1))
+        return EXIT_OK
+    node = out["node"]
+    for r in out["instances"]:
+        if r["cleared"]:
+            print(f"{node}: {r['instance']}: crash loop cleared, starting again (now {r['state']})")
+        else:
+            print(f"{node}: {r['instance']}: not in a crash loop ({r['state']}), nothing to reset")
+    for ch in out.get("role_changes", []):
+        print(f"{node}: role {ch['old']} -> {ch['new']}: {ch['reason']}")
+    if out["role"] == "fault":
+        print(f"{node}: still fault: {out['reason']}")
+    return EXIT_OK
 
 
 def run_check(args: argparse.Namespace) -> int:

@@ -7,10 +7,17 @@ States (``SvcState``)::
        |            died / start timeout / liveness failed: the death is recorded
        |                   v                              v                     v
     stopping <--stop-- backoff --delay over--> starting     crash-loop (N deaths in the window)
+                                                  ^            |
+                                                  +------------+ reset / start: deaths forgotten
 
 Rules, in one place (h11's _state.py is the model):
 
 - ``start`` launches an instance (``Launch``); from crash-loop it forgets the past deaths.
+- ``reset`` (the operator fixed the cause: ``nonstop service reset``) clears a crash loop: the
+  past deaths are forgotten, ``CrashLoopCleared`` is emitted and the service starts at once; a
+  death after that backs off from ``initial`` again, and N new deaths are a new crash loop. In
+  any other state ``reset`` changes nothing and returns False. Leaving crash-loop through
+  ``start``/``restart`` is the same clearing (the same event), with their reason.
 - An instance that exits while the supervisor did not ask for it is a *death*. Deaths are kept
   for ``crash_loop.window``; the N-th death inside the window moves to ``crash-loop`` and emits
   ``CrashLoopDetected`` (the agent gives its VIP up instead of flapping). Otherwise the next start
@@ -61,13 +68,15 @@ RUNNING = frozenset({SvcState.STARTING, SvcState.READY, SvcState.UNHEALTHY})
 READINESS, LIVENESS = "readiness", "liveness"
 
 # Inputs, for the table and the property tests.
-INPUTS = ("start", "stop", "restart", "started", "launch_failed", "exited", "check", "timer")
-START, STOP, RESTART, STARTED, LAUNCH_FAILED, EXITED, CHECK, TIMER = INPUTS
+INPUTS = (
+    "start", "stop", "restart", "reset", "started", "launch_failed", "exited", "check", "timer",
+)  # fmt: skip
+START, STOP, RESTART, RESET, STARTED, LAUNCH_FAILED, EXITED, CHECK, TIMER = INPUTS
 
 # (state, input) pairs that are allowed; anything else with a current generation is a bug in the
-# caller (LocalProtocolError). start/stop/restart/timer are allowed everywhere (idempotent).
+# caller (LocalProtocolError). start/stop/restart/reset/timer are allowed everywhere (idempotent).
 _ALLOWED: frozenset[tuple[SvcState, str]] = frozenset(
-    [(s, i) for s in SvcState for i in (START, STOP, RESTART, TIMER)]
+    [(s, i) for s in SvcState for i in (START, STOP, RESTART, RESET, TIMER)]
     + [(s, i) for s in (*RUNNING, SvcState.STOPPING) for i in (STARTED, EXITED, LAUNCH_FAILED)]
     + [(s, CHECK) for s in (*RUNNING, SvcState.STOPPING)]
 )
@@ -184,6 +193,17 @@ class CrashLoopDetected:
     at: float
 
 
+@dataclass(frozen=True, slots=True)
+class CrashLoopCleared:
+    """A crash loop was cleared (``reset`` by the operator, or a ``start``): ``deaths`` deaths
+    were forgotten and the service starts again. The agent withdraws the fault it declared."""
+
+    service: str
+    deaths: int
+    reason: str
+    at: float
+
+
 Event = (
     StateChanged
     | InstanceStarted
@@ -191,6 +211,7 @@ Event = (
     | CheckFailed
     | BackoffScheduled
     | CrashLoopDetected
+    | CrashLoopCleared
 )
 
 
@@ -266,10 +287,9 @@ class ServiceCore:
     # ---- inputs from the operator ----
     def start(self, now: float) -> None:
         self._check(START, None)
-        if self.state in (SvcState.STOPPED, SvcState.CRASH_LOOP):
-            if self.state is SvcState.CRASH_LOOP:
-                self.deaths.clear()
-                self.consecutive = 0
+        if self.state is SvcState.CRASH_LOOP:
+            self._clear_crash_loop(now, "start requested")
+        elif self.state is SvcState.STOPPED:
             self._launch(now, "start requested")
         elif self.state is SvcState.BACKOFF:
             self._launch(now, "start requested during backoff")
@@ -294,6 +314,14 @@ class ServiceCore:
             self._restart_after_stop = True
         else:
             self.start(now)
+
+    def reset(self, now: float, reason: str = "crash loop reset by the operator") -> bool:
+        """Clear a crash loop and start again (True); in any other state, nothing (False)."""
+        self._check(RESET, None)
+        if self.state is not SvcState.CRASH_LOOP:
+            return False
+        self._clear_crash_loop(now, reason)
+        return True
 
     # ---- inputs from the runtime ----
     def instance_started(self, generation: int, pid: int | None, now: float) -> None:
@@ -381,6 +409,13 @@ class ServiceCore:
         old, self.state, self.reason, self.since = self.state, new, reason, now
         if old is not new:
             self._events.append(StateChanged(self.name, old, new, reason, now))
+
+    def _clear_crash_loop(self, now: float, reason: str) -> None:
+        forgotten = len(self.deaths)
+        self.deaths.clear()
+        self.consecutive = 0
+        self._events.append(CrashLoopCleared(self.name, forgotten, reason, now))
+        self._launch(now, reason)
 
     def _launch(self, now: float, reason: str) -> None:
         t = self.timing

@@ -1,7 +1,8 @@
 """The asyncio adapter of the supervisor: runs one ``ServiceCore`` against a runtime.
 
 ``Supervisor(config, runtime, on_event)``: ``await start()``, ``await stop()``, ``restart()``,
-``status()``, ``wait_for(state)``. The core (rules, states, events) is ``nonstop.app.supervisor``.
+``reset()`` (clear a crash loop), ``status()``, ``wait_for(state)``. The core (rules, states,
+events) is ``nonstop.app.supervisor``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from nonstop.app.supervisor import (
     READINESS,
+    CrashLoopCleared,
     CrashLoopDetected,
     Event,
     Kill,
@@ -76,6 +78,16 @@ class Supervisor:
     async def restart(self) -> None:
         self.core.restart(self._now())
         self._pump()
+
+    def reset(self, reason: str = "crash loop reset by the operator") -> bool:
+        """Clear a crash loop: the past deaths are forgotten and the service starts again now
+        (``CrashLoopCleared``, then the state changes). False, and nothing done, if the service
+        is not in a crash loop (or the supervisor was never started)."""
+        if self._loop is None:
+            return False
+        done = self.core.reset(self._now(), reason)
+        self._pump()
+        return done
 
     async def stop(self) -> None:
         """Stop the instance (stop signal, then SIGKILL after stop_timeout) and wait for it."""
@@ -144,7 +156,9 @@ class Supervisor:
                     self.on_event(ev)
                 except Exception:  # a broken hook must not stop the supervision
                     log.exception("on_event failed for %s", ev)
-            if self.config.hook and isinstance(ev, StateChanged | CrashLoopDetected):
+            if self.config.hook and isinstance(
+                ev, StateChanged | CrashLoopDetected | CrashLoopCleared
+            ):
                 self._spawn(run_service_hook(self.config, ev), hook=True)
         if events:
             self._spawn(self._notify())

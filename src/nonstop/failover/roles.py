@@ -132,8 +132,9 @@ class RoleMachine(DecisionCycle):
     def local_fault(self, reason: str, now: float) -> None:
         self._dispatch(LOCAL_FAULT, now, reason)
 
-    def local_ok(self, now: float) -> None:
-        self._dispatch(LOCAL_OK, now)
+    def local_ok(self, now: float, reason: str = "") -> None:
+        """The local fault is over; ``reason`` (what ended it) goes into the RoleChanged."""
+        self._dispatch(LOCAL_OK, now, reason)
 
     def stop(self, now: float) -> None:
         self._dispatch(STOP, now)
@@ -299,8 +300,9 @@ class RoleMachine(DecisionCycle):
     def _fault_again(self, now: float, reason: str) -> None:
         self.reason = f"fault: {reason}"
 
-    def _fault_ok(self, now: float) -> None:
-        self._change(Role.BACKUP, "recovered from the local fault", now)
+    def _fault_ok(self, now: float, reason: str = "") -> None:
+        why = f"recovered from the local fault: {reason}" if reason else ""
+        self._change(Role.BACKUP, why or "recovered from the local fault", now)
         self._evaluate_backup(now)
 
     def _to_stopping(self, now: float) -> None:

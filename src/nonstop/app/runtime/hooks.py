@@ -1,9 +1,10 @@
 """Service hooks and event logging for the Supervisor (the agent's role hooks are its own).
 
-A service's ``hook`` command runs on every state change and crash loop, without a shell, as
-``HOOK... EVENT SERVICE STATE REASON`` with NONSTOP_SERVICE, NONSTOP_EVENT (``state`` or
-``crash-loop``), NONSTOP_STATE and NONSTOP_REASON in the environment; it is killed after
-``hook_timeout_ms``. A hook never blocks supervision: each runs as its own task.
+A service's ``hook`` command runs on every state change, crash loop and crash-loop reset, without
+a shell, as ``HOOK... EVENT SERVICE STATE REASON`` with NONSTOP_SERVICE, NONSTOP_EVENT (``state``,
+``crash-loop`` or ``crash-loop-cleared``), NONSTOP_STATE and NONSTOP_REASON in the environment;
+it is killed after ``hook_timeout_ms``. A hook never blocks supervision: each runs as its own
+task.
 """
 
 from __future__ import annotations
@@ -13,7 +14,13 @@ import logging
 import os
 
 from nonstop.app.runtime.spec import ServiceConfig
-from nonstop.app.supervisor import CrashLoopDetected, Event, InstanceExited, StateChanged
+from nonstop.app.supervisor import (
+    CrashLoopCleared,
+    CrashLoopDetected,
+    Event,
+    InstanceExited,
+    StateChanged,
+)
 
 log = logging.getLogger("nonstop.service")
 
@@ -23,13 +30,23 @@ def log_event(ev: Event) -> None:
         log.info("service %s: %s -> %s: %s", ev.service, ev.old, ev.new, ev.reason)
     elif isinstance(ev, CrashLoopDetected):
         log.error("service %s: crash loop, %d deaths within %g s", ev.service, ev.deaths, ev.window)
+    elif isinstance(ev, CrashLoopCleared):
+        log.warning(
+            "service %s: crash loop cleared (%s), %d deaths forgotten, starting it again",
+            ev.service, ev.reason, ev.deaths,
+        )  # fmt: skip
     elif isinstance(ev, InstanceExited) and ev.death:
         log.warning("service %s: instance %d died: %s", ev.service, ev.generation, ev.status)
 
 
-async def run_service_hook(cfg: ServiceConfig, ev: StateChanged | CrashLoopDetected) -> None:
+async def run_service_hook(
+    cfg: ServiceConfig, ev: StateChanged | CrashLoopDetected | CrashLoopCleared
+) -> None:
     if isinstance(ev, CrashLoopDetected):
         kind, state, reason = "crash-loop", "crash-loop", f"{ev.deaths} deaths in {ev.window:g} s"
+    elif isinstance(ev, CrashLoopCleared):  # a start follows at once: the state is starting
+        kind, state = "crash-loop-cleared", "starting"
+        reason = f"{ev.reason} ({ev.deaths} deaths forgotten)"
     else:
         kind, state, reason = "state", str(ev.new), ev.reason
     env = dict(
