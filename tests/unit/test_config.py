@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-import textwrap
 
 import pytest
+from nodecfg import write
 
 from nonstop.common import ConfigError
 from nonstop.config import load_agent_config, load_witness_config
@@ -42,18 +42,6 @@ addresses = { lan = "10.77.0.30" }
 """
 
 
-@pytest.fixture
-def cfgdir(tmp_path):
-    key = tmp_path / "key"
-    key.write_text("0123456789abcdef0123456789abcdef\n")
-    key.chmod(0o600)
-    return tmp_path
-
-
-def write(d, text: str) -> str:
-    p = d / "node.toml"
-    p.write_text(textwrap.dedent(text))
-    return str(p)
 
 
 def test_good_config_loads_and_resolves_paths(cfgdir):

@@ -9,10 +9,10 @@ an address of the other family than the service's VIP, can never be used: the co
 
 from __future__ import annotations
 
-import textwrap
 import time
 
 import pytest
+from nodecfg import write
 
 from nonstop.agent.sessions import Sessions
 from nonstop.common import ConfigError
@@ -57,18 +57,6 @@ md5 = { "fd77::1" = "secret" }
 """
 
 
-@pytest.fixture
-def cfgdir(tmp_path):
-    key = tmp_path / "key"
-    key.write_text("0123456789abcdef0123456789abcdef\n")
-    key.chmod(0o600)
-    return tmp_path
-
-
-def write(d, text: str) -> str:
-    p = d / "node.toml"
-    p.write_text(textwrap.dedent(text))
-    return str(p)
 
 
 def test_ipv6_service_with_ipv4_sync_channel_loads(cfgdir):
