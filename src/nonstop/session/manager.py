@@ -248,17 +248,9 @@ class MasterSession:
     ) -> None:
         """The service processed ``read_pos`` bytes of input and wrote ``write_pos`` bytes on the
         connection ``four_tuple`` = (VIP, port, peer, peer port), counted since it opened."""
-        with self._lock:
-            t = self._conns.get(four_tuple)
-            if t is None:
-                raise KeyError(f"no connection {four_tuple}")
-            t.pending_commit = (
-                seq_add(t.full.rcv_seq, read_pos),
-                seq_add(t.full.snd_seq, write_pos),
-                bytes(state),
-            )
-            self._try_commit(t, time.monotonic())
-            self._flush(time.monotonic())
+        failed = self.commit_many([(four_tuple, (read_pos, write_pos, state))])
+        if failed:
+            raise failed[four_tuple]
 
     def commit_many(
         self, commits: Iterable[tuple[FourTuple, tuple[int, int, bytes]]]
