@@ -7,7 +7,11 @@ object (a bug).
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import fcntl
+import os
+import resource
 import select
 from collections.abc import Iterable
 from typing import Any
@@ -70,6 +74,44 @@ def readable(objs: list[Any], timeout: float | None = None) -> list[Any]:
         p.register(fd, select.POLLIN)
     ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
     return [by_fd[fd] for fd, _ in p.poll(ms)]
+
+
+def normal_priority() -> None:
+    """Put the calling thread back on normal scheduling if it inherited a real-time policy: a
+    thread started during a promotion (which runs SCHED_FIFO) inherits it, and a packet path at
+    real-time priority would let a traffic flood starve the node, the services included."""
+    with contextlib.suppress(OSError, AttributeError):
+        if os.sched_getscheduler(0) not in (os.SCHED_OTHER, os.SCHED_BATCH, os.SCHED_IDLE):
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+
+
+_fd_room = 0  # this process's fd table holds at least this many fds (reserve_fds)
+
+
+def reserve_fds(n: int) -> int:
+    """Grow this process's fd table now to hold ``n`` fds (at most the RLIMIT_NOFILE soft limit);
+    returns the room there is. The kernel grows the table by doubling when an fd past it is
+    allocated, and in a threaded process each growth waits for an RCU grace period: 5-20 ms on a
+    busy node. A takeover that opens 256 sockets met three of those mid-restore (35 of its 45
+    ms). Grown ahead of time, the table only costs its memory (8 bytes per fd); the call is free
+    when the room is there already."""
+    global _fd_room
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    n = min(n, soft) if soft != resource.RLIM_INFINITY else n
+    if n <= _fd_room:
+        return _fd_room
+    try:
+        base = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return _fd_room
+    try:
+        os.close(fcntl.fcntl(base, fcntl.F_DUPFD_CLOEXEC, n - 1))  # the lowest free fd >= n-1
+        _fd_room = n
+    except OSError:
+        pass  # no room for that fd: the table grows on demand, as without this
+    finally:
+        os.close(base)
+    return _fd_room
 
 
 def joined_chunks(parts: Iterable[bytes], most: int) -> list[bytes]:

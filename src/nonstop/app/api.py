@@ -24,7 +24,7 @@ from nonstop.app.channel import (
     recv_msgs,
     send_msg,
 )
-from nonstop.common import LocalProtocolError, RemoteProtocolError
+from nonstop.common import LocalProtocolError, RemoteProtocolError, reserve_fds
 
 # TCP states (include/net/tcp_states.h) in which the peer has sent its FIN or the socket is gone.
 _PEER_DONE = {6, 7, 8, 9, 11}  # TIME_WAIT, CLOSE, CLOSE_WAIT, LAST_ACK, CLOSING
@@ -41,6 +41,9 @@ def peer_closed(sock: socket.socket) -> bool:
     return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0] in _PEER_DONE
 
 
+ADOPT_FD_ROOM = 4096  # fds a service's table holds before it asks for its connections (32 KB);
+# a service that takes over more calls nonstop.common.reserve_fds(n) itself, or pays a grace
+# period per doubling past this
 AGENT_WAIT = 10.0  # seconds a service waits for its agent's endpoint (agent starting too)
 
 
@@ -78,7 +81,10 @@ class AgentLink:
             send_msg(self.sock, msg, fd)
 
     def adopt(self, port: int) -> list[tuple[Adopt, socket.socket]]:
-        """Ask for the orphans on ``port``; block until the agent's ADOPT_DONE."""
+        """Ask for the orphans on ``port``; block until the agent's ADOPT_DONE. The fd table is
+        grown first (``ADOPT_FD_ROOM``): a standby that takes over hundreds of connections
+        would otherwise wait an RCU grace period at every doubling (common.reserve_fds)."""
+        reserve_fds(ADOPT_FD_ROOM)
         self.send(AdoptRequest(port))
         out: list[tuple[Adopt, socket.socket]] = []
         while True:

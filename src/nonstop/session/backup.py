@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from nonstop.common import readable
+from nonstop.common import readable, reserve_fds
 from nonstop.session.manager import big_buffers
 from nonstop.session.mirror import ConnState, seq_diff, seq_lt
 from nonstop.session.nfq import FourTuple
@@ -91,6 +91,7 @@ class BackupSession:
         self._lock = threading.Lock()
         self._seen: dict[int, tuple[FullRecord, float]] = {}  # conn id -> (FULL, first seen)
         self._scanned = time.monotonic()  # the last _scan (or the start)
+        self._fd_room = 0  # connections the fd table has room for (reserve_fds)
         self._dirty = False  # batches applied since the last _scan
         self._stop = threading.Event()
         # the receive thread sleeps in select() on the UDP socket and this pair: one byte on
@@ -146,6 +147,9 @@ class BackupSession:
             for a in acks:
                 with contextlib.suppress(OSError):
                     self._udp.sendto(a, src)
+            if (held := self.receiver.open_connections) > self._fd_room:
+                # the restore's sockets find the fd table grown already (common.reserve_fds)
+                self._fd_room = max(held, (reserve_fds(2 * held + 256) - 256) // 2)
 
     def _scan(self, now: float) -> None:
         """Note the FULL records applied since the last scan (at most every _SCAN): each arrived

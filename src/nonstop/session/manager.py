@@ -41,7 +41,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from nonstop.common import LocalProtocolError, readable
+from nonstop.common import LocalProtocolError, normal_priority, readable
 from nonstop.session.mirror import ConnState, seq_add, seq_diff, seq_lt
 from nonstop.session.nfnl import SO_RCVBUFFORCE, SO_SNDBUFFORCE
 from nonstop.session.nfq import AckClamp, FourTuple
@@ -212,34 +212,42 @@ class MasterSession:
     def adopt(self, rc: RestoredConn) -> None:
         """Track a connection restored on this node (a takeover): the mirror starts at its last
         commit with the input after it and the output the peer has not acknowledged."""
-        cs, st, now = rc.conn, rc.tcp, time.monotonic()
-        full = cs.full
-        if full.timestamps:
-            full = replace(full, ts_val=_get_u32(rc.sock, _TCP_TIMESTAMP))
-        rpos, wpos, state = (
-            (cs.commit.rpos, cs.commit.wpos, cs.commit.state)
-            if cs.commit
-            else (full.rcv_seq, full.snd_seq, b"")
-        )
-        snd_una = seq_add(st.snd_seq, -len(st.send_queue))
-        rcv_end = st.rcv_seq
-        ft = (full.local_addr, full.local_port, full.peer_addr, full.peer_port)
-        snd_wnd, rcv_wnd = cs.snd_wnd or full.snd_wnd, cs.rcv_wnd or full.rcv_wnd
+        self.adopt_many([rc])
+
+    def adopt_many(self, rcs: Iterable[RestoredConn]) -> None:
+        """``adopt`` for every connection of a promotion, under one lock, with one flush. It may
+        run before ``open()``: the restored sockets have no service yet and the VIP is not here,
+        so nothing of theirs that the mirror must see can pass before the clamp is up."""
+        now = time.monotonic()
         with self._lock:
-            if ft in self._conns:
-                raise ValueError(f"connection {ft} is already tracked")
             snd = self.sender
-            snd.open(full.conn_id, full, now)  # refuses an id already open
-            self._conns[ft] = _Tracked(full.conn_id, full, st.snd_seq, snd_una, snd_wnd, rcv_wnd,
-                                       now, acked_out=rcv_end)  # its window probe acks that
-            self._ids = itertools.count(max(next(self._ids), full.conn_id + 1))
-            snd.update(full.conn_id, rcv_nxt=rcv_end, snd_una=snd_una, snd_nxt=st.snd_seq,
-                       snd_wnd=snd_wnd & _U32, rcv_wnd=rcv_wnd & _U32, now=now)
-            snd.commit(full.conn_id, rpos, wpos, state, now)
-            snd.data(full.conn_id, Direction.RCV, seq_add(rcv_end, -len(st.recv_queue)),
-                     st.recv_queue, now)
-            snd.data(full.conn_id, Direction.SND, snd_una, st.send_queue, now)
-            self.adopted += 1
+            for rc in rcs:
+                cs, st = rc.conn, rc.tcp
+                full = cs.full
+                if full.timestamps:
+                    full = replace(full, ts_val=_get_u32(rc.sock, _TCP_TIMESTAMP))
+                rpos, wpos, state = (
+                    (cs.commit.rpos, cs.commit.wpos, cs.commit.state)
+                    if cs.commit
+                    else (full.rcv_seq, full.snd_seq, b"")
+                )
+                snd_una = seq_add(st.snd_seq, -len(st.send_queue))
+                rcv_end = st.rcv_seq
+                ft = (full.local_addr, full.local_port, full.peer_addr, full.peer_port)
+                snd_wnd, rcv_wnd = cs.snd_wnd or full.snd_wnd, cs.rcv_wnd or full.rcv_wnd
+                if ft in self._conns:
+                    raise ValueError(f"connection {ft} is already tracked")
+                snd.open(full.conn_id, full, now)  # refuses an id already open
+                self._conns[ft] = _Tracked(full.conn_id, full, st.snd_seq, snd_una, snd_wnd,
+                                           rcv_wnd, now, acked_out=rcv_end)  # its probe acks it
+                self._ids = itertools.count(max(next(self._ids), full.conn_id + 1))
+                snd.update(full.conn_id, rcv_nxt=rcv_end, snd_una=snd_una, snd_nxt=st.snd_seq,
+                           snd_wnd=snd_wnd & _U32, rcv_wnd=rcv_wnd & _U32, now=now)
+                snd.commit(full.conn_id, rpos, wpos, state, now)
+                snd.data(full.conn_id, Direction.RCV, seq_add(rcv_end, -len(st.recv_queue)),
+                         st.recv_queue, now)
+                snd.data(full.conn_id, Direction.SND, snd_una, st.send_queue, now)
+                self.adopted += 1
             self._flush(now)
 
     # -- the service's commits --
@@ -417,6 +425,7 @@ class MasterSession:
 
     # -- the backup's ACKs, retransmission --
     def _ack_loop(self) -> None:
+        normal_priority()  # never real-time, whoever started this thread
         while not self._stop.is_set():
             with self._lock:
                 timer = self.sender.get_timer()

@@ -75,7 +75,7 @@ import subprocess
 import threading
 from collections.abc import Callable, Mapping
 
-from nonstop.common import LocalProtocolError, RemoteProtocolError, readable
+from nonstop.common import LocalProtocolError, RemoteProtocolError, normal_priority, readable
 from nonstop.session.nfnl import (
     A_CAP_LEN,
     A_PACKET_HDR,
@@ -321,6 +321,7 @@ class AckClamp:
 
     def _loop(self) -> None:
         sock, wake, kick = self._sock, self._wake, self._kick
+        normal_priority()  # never real-time, whoever started this thread
         assert sock is not None and wake is not None and kick is not None
         buf = bytearray(MAX_PAYLOAD + 4096)
         mv = memoryview(buf)

@@ -21,7 +21,6 @@ the queue, drops every segment of VIP:port (no ``--queue-bypass``), which is as 
 from __future__ import annotations
 
 import subprocess
-import threading
 
 from nonstop.session.nfq import COMMENT
 
@@ -30,8 +29,8 @@ class QuietRule:
     def __init__(self, vip: str, port: int, family: int) -> None:
         self.vip, self.port = vip, port
         self.cmd = "iptables" if family == 4 else "ip6tables"
-        self._pending: threading.Thread | None = None
-        self._first = threading.Event()  # the background removal deleted a copy, or is over
+        self._pending: subprocess.Popen[bytes] | None = None  # a deletion under way
+        self._first: subprocess.Popen[bytes] | None = None  # the removal's first deletion
 
     def spec(self) -> list[str]:
         return ["-p", "tcp", "-s", self.vip, "--sport", str(self.port),
@@ -50,35 +49,33 @@ class QuietRule:
 
     def start_removal(self) -> None:
         """Begin deleting every copy in the background (the caller prepares the restore
-        meanwhile); ``lifted()`` before anything must leave."""
+        meanwhile); ``lifted()`` before anything must leave. A child process, not a thread: the
+        promotion runs at real-time priority, and a normal thread that wants the GIL back in the
+        middle of the restore (to read a pipe, to reap its child) stalls it for milliseconds."""
         self.wait()
-        self._first.clear()
-        self._pending = threading.Thread(target=self._remove_all, name="nonstop-quiet", daemon=True)
-        self._pending.start()
+        self._pending = self._first = self._spawn("-D")
 
-    def _remove_all(self) -> None:
-        try:
-            while self._run("-D"):
-                self._first.set()
-        finally:
-            self._first.set()
+    def _spawn(self, op: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([self.cmd, "-w", op, "OUTPUT", *self.spec()],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def lifted(self) -> None:
         """Until the background removal deleted the first copy (or found none). ``add`` keeps
-        one copy, so that is the rule gone: the iptables call that finds no second copy (the
-        same ~7 ms again) is left off the promotion's critical path."""
-        if self._pending is not None:
-            self._first.wait()
+        one copy, so that is the rule gone: the iptables call that looks for a second copy (the
+        same ~7 ms again) runs on in the background, off the promotion's critical path."""
+        p, self._first = self._first, None
+        if p is not None and p is self._pending and p.wait() == 0:
+            self._pending = self._spawn("-D")
 
     def wait(self) -> None:
         """Until the background removal is over (every copy deleted)."""
-        if self._pending is not None:
-            self._pending.join()
-            self._pending = None
+        while (p := self._pending) is not None:
+            self._pending = self._spawn("-D") if p.wait() == 0 else None
 
     def remove(self) -> None:
         self.wait()
-        self._remove_all()
+        while self._run("-D"):
+            pass
 
     def reap(self, *, orphans: bool = False) -> int:
         """Abort every established socket of VIP:port on this node (SOCK_DESTROY, ``ss -K``):

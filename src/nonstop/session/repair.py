@@ -39,6 +39,8 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from nonstop.common import reserve_fds
+
 __all__ = [
     "RepairError",
     "TcpState",
@@ -431,6 +433,8 @@ def restore_many(
 ) -> list[socket.socket]:
     """``restore`` for many states, with one clock read for the batch. On a failure the sockets
     restored so far are closed silently and the RepairError propagates."""
+    states = list(states)
+    reserve_fds(len(states) + 256)  # one table growth at most, not one per doubling
     now = time.monotonic()
     out: list[socket.socket] = []
     try:

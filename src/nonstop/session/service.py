@@ -167,15 +167,24 @@ class ProtectedService:
             self.master = MasterSession(
                 s.vip, s.port, self._key, backup=None, queue_num=s.queue, family=s.family,
                 sync_family=s.sync_family, sync_bind=(s.sync_addr, 0), md5=self._md5,
-            ).open()  # fmt: skip
-            t2 = time.monotonic()
-            for rc in restored:
-                self.master.adopt(rc)
-                with self.endpoint.lock:
+            )  # fmt: skip
+            # adopted before the clamp and its threads start: nothing else in this process wants
+            # the GIL meanwhile (the clamp's thread, at normal priority, would take it for every
+            # packet and stall this real-time thread for milliseconds at a time)
+            self.master.adopt_many(restored)
+            with self.endpoint.lock:
+                for rc in restored:
                     self.endpoint.add(
                         rc.conn_id, rc.sock, CommitRecord(rc.read_pos, rc.write_pos, rc.state),
                         sent_pos=rc.sent_pos,
                     )
+            t2 = time.monotonic()
+            try:
+                self.master.open()  # before the service has them: the mirror sees all it sends
+            except BaseException:
+                self.master.close()
+                self.master = None
+                raise
             t3 = time.monotonic()
             with self.endpoint.lock:
                 woken = self.endpoint.release_adoptions()
@@ -195,8 +204,8 @@ class ProtectedService:
                 "from": "parked" if resumed else "sync",
                 "phases_ms": {
                     **phases,
-                    "master_open": round((t2 - t1) * 1000, 3),
-                    "adopt": round((t3 - t2) * 1000, 3),
+                    "adopt": round((t2 - t1) * 1000, 3),
+                    "master_open": round((t3 - t2) * 1000, 3),
                     "hand_over": round((time.monotonic() - t3) * 1000, 3),
                 },
             }
