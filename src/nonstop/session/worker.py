@@ -90,6 +90,9 @@ def serve(sock: socket.socket) -> int:
                 reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
             if req.get("reply", True):
                 sock.send(_enc.encode(reply))
+            if req.get("op") == "promote":  # replied: the agent adds the VIPs meanwhile
+                for svc in services:
+                    svc.quiet.wait()  # a second copy of a quiet rule would silence the master
             if req.get("op") == "shutdown":
                 return 0
     finally:
