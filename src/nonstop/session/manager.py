@@ -290,7 +290,11 @@ class MasterSession:
         if t.pending_commit is None:
             return
         rpos, wpos, state = t.pending_commit
-        if seq_lt(t.snd_nxt, wpos):  # written bytes not seen leaving yet: wait for them
+        # written bytes the mirror does not hold yet: wait for them. The mirror's end, not the
+        # highest segment end seen (snd_nxt): a segment past a gap (its predecessor dropped in a
+        # queue overflow, sent again later) waits in the sender, and a commit synced ahead of it
+        # left the backup a commit past its copy (10,000 connections: 433 not restored).
+        if seq_lt(self.sender.stream_end(t.conn_id, Direction.SND), wpos):
             return
         t.pending_commit = None
         self.sender.commit(t.conn_id, rpos, wpos, state, now)
