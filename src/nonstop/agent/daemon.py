@@ -135,6 +135,7 @@ class Agent:
         self._timer: asyncio.TimerHandle | None = None
         self._next_feed = float("inf")
         self._last_feed: float | None = None  # when the guard was last fed (armed: master)
+        self._feed_cpu = 0.0  # this thread's CPU time then (a stall says busy or starved)
         self._stop = asyncio.Event()
         self._stopping = False
         self._ready = False
@@ -284,7 +285,11 @@ class Agent:
                 f"the agent stalled for {stalled * 1000:.0f} ms (fence timeout "
                 f"{self.cfg.fence_timeout * 1000:.0f} ms)"
             )
-            log.error("%s: stepping down, the guard drops or has dropped the VIPs", reason)
+            # busy (its own loop ran that long) or starved (waiting for a CPU, a lock, the
+            # kernel): what an operator needs to tell a slow hook from an overloaded node
+            cpu = (time.thread_time() - self._feed_cpu) * 1000
+            log.error("%s: stepping down, the guard drops or has dropped the VIPs (the agent's "
+                      "loop was on a CPU for %.1f ms of it)", reason, cpu)
             self.roles.fenced(reason, now)
 
     def datagram_received(self, data: bytes, channel: str) -> None:
@@ -414,7 +419,7 @@ class Agent:
         self._send_heartbeats(now)
         if self.guard is not None and self.roles.role == Role.MASTER and now >= self._next_feed:
             self.guard.feed()
-            self._last_feed = now
+            self._last_feed, self._feed_cpu = now, time.thread_time()
             self._next_feed = now + self.cfg.heartbeat.interval / 2
         self._arm_timer()
 
@@ -527,7 +532,7 @@ class Agent:
         now = time.monotonic()
         if self.guard is not None:
             self.guard.arm(self.cfg.fence_timeout, self.vips.specs)
-            self._last_feed = now
+            self._last_feed, self._feed_cpu = now, time.thread_time()
             self._next_feed = now + self.cfg.heartbeat.interval / 2
         if self._announce_pending:
             self._announce_pending = False
