@@ -110,6 +110,9 @@ def cmd_takeover(args: argparse.Namespace) -> int:
                 f"restore {r['restore_us_per_session']} us/session, "
                 f"interruption p50 {i['p50']} ms p99 {i['p99']} ms"
             )
+            extra = (r.get("role_changes_after_kill") or [])[1:]
+            for change in extra:  # the takeover is the first; a fence after it is news
+                print(f"  then {change} (the figures are the last promotion's)")
     bad = any(r.get("error") or r["resets"] or r["bytes_lost"] or r["kept"] != r["sessions"]
               for r in results)  # fmt: skip
     return EXIT_FAIL if bad else EXIT_OK

@@ -108,6 +108,12 @@ def run(
         result["held_by_backup_at_kill"] = held_at_kill
         result["new_master_seen_ms"] = round((t_master - t_kill) * 1000, 1)
         result["heartbeat_interval_ms"] = interval_ms
+        # the new master's role changes after the kill: one (backup -> master) is the takeover;
+        # more (a fence on a saturated box, then a promotion from what it parked) and the
+        # figures above describe the last promotion, the stream a second interruption
+        changes = [h for h in st.get("history", []) if h.get("at_monotonic", 0) >= t_kill]
+        result["role_changes_after_kill"] = [
+            f"{h['old']} -> {h['new']}: {h['reason']}" for h in changes]
         marks = [(t_kill, "master killed"), (t_master, "backup is master")]
         title = f"TCP session takeover: {sessions} connections, {rate:g} msg/s each way"
         if png and write_stream_timeline(png, samples_path, marks, title):
