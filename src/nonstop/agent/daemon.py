@@ -536,7 +536,9 @@ class Agent:
             self._next_feed = now + self.cfg.heartbeat.interval / 2
         if self._announce_pending:
             self._announce_pending = False
-            self._spawn(self.vips.announce())
+            # once the peers know where the VIPs are: provoke both ends of every restored
+            # connection (nonstop.session.kick), so neither waits out its backed-off RTO
+            self._spawn(self.vips.announce(after_first=self.sessions.kick))
         if self._ready:
             self._arm_timer()
 

@@ -86,6 +86,11 @@ class Sessions(WorkerDriver):
         self._park = None
         return self._send({"op": "promote", "own": own}, on_reply)
 
+    def kick(self) -> None:
+        """The VIPs answer here (the first gratuitous ARP is out): the worker provokes both ends
+        of the connections it just restored (``nonstop.session.kick``). Fire and forget."""
+        self._send({"op": "kick", "reply": False}, None)
+
     def demote(self) -> None:
         """Silence this node's connections; the worker parks their state (see the module doc)."""
         if self.cfg.witness is None:

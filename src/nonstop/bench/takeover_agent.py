@@ -104,7 +104,11 @@ def run(
         ss = (st.get("sessions") or [{}])[0]
         promo = ss.get("last_promotion") or {}
         result = _figures(rep, sessions, rate, size, t_kill, promo, before)
-        result["restore_failures"] = (ss.get("counters") or {}).get("restore_failures")
+        counters = ss.get("counters") or {}
+        result["restore_failures"] = counters.get("restore_failures")
+        # connections kicked once the VIP answered here (nonstop.session.kick), packets sent
+        result["kicked"] = counters.get("kicked")
+        result["kick_packets"] = counters.get("kick_packets")
         result["held_by_backup_at_kill"] = held_at_kill
         result["new_master_seen_ms"] = round((t_master - t_kill) * 1000, 1)
         result["heartbeat_interval_ms"] = interval_ms

@@ -28,6 +28,7 @@ import ipaddress
 import logging
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from nonstop.failover.netlink import IFA_F_NODAD, AddrSocket
@@ -208,8 +209,9 @@ class VipManager:
                 out.append((spec, sock, na_message(mac, ip), dest))
         return out
 
-    async def announce(self) -> None:
-        """``garp_count`` announcements per VIP, ``garp_interval`` apart; the first at once."""
+    async def announce(self, after_first: Callable[[], None] | None = None) -> None:
+        """``garp_count`` announcements per VIP, ``garp_interval`` apart; the first at once.
+        ``after_first`` runs once the first round is out (the peers know where the VIPs are)."""
         frames = self._frames()
         if not frames:
             return
@@ -229,3 +231,5 @@ class VipManager:
                         sock.sendto(frame, dest)
                 except OSError as e:  # ENOBUFS, interface down: the next round may pass
                     log.warning("announce %s: %s", spec.address, e)
+            if n == 0 and after_first is not None:
+                after_first()

@@ -42,6 +42,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from nonstop.common import LocalProtocolError, normal_priority, readable
+from nonstop.session.kick import KickTarget
 from nonstop.session.mirror import ConnState, seq_add, seq_diff, seq_lt
 from nonstop.session.nfnl import SO_RCVBUFFORCE, SO_SNDBUFFORCE
 from nonstop.session.nfq import AckClamp, FourTuple
@@ -193,6 +194,28 @@ class MasterSession:
                     self.sender.refresh_full(t.conn_id, t.full)
             self.sender.resync(now)
             self._flush(now)
+
+    def kick_targets(self, socks: Iterable[tuple[FourTuple, socket.socket]]) -> list[KickTarget]:
+        """What ``nonstop.session.kick`` needs to provoke both ends of these connections (those
+        still tracked, without TCP-MD5): their positions as this node last sent them, and each
+        socket's current TCP timestamp."""
+        out = []
+        with self._lock:
+            for ft, sock in socks:
+                t = self._conns.get(ft)
+                if t is None or ft[2] in self._clamp.md5:
+                    continue
+                tsval = None
+                if t.full.timestamps:
+                    try:
+                        tsval = _get_u32(sock, _TCP_TIMESTAMP)
+                    except OSError:  # closed meanwhile
+                        continue
+                ack = t.acked_out if t.acked_out is not None else self._rcv_end(t)
+                end, last = self.sender.snd_tail(t.conn_id)
+                out.append(KickTarget(self.family, (ft[0], ft[1]), (ft[2], ft[3]), end, last,
+                                      ack, t.rcv_wnd >> t.full.rcv_wscale, tsval))
+        return out
 
     def parked(self) -> list[tuple[ConnState, float]]:
         """The mirror of every connection, as a backup would hold it, with the time its FULL's

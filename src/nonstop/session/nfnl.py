@@ -17,6 +17,7 @@ from typing import Any
 from nonstop.common import joined_chunks
 
 COMMENT = "nonstop-ackclamp"
+KICK_MARK = 0x6E6B  # SO_MARK of session.kick's crafted segments: the clamp's queue lets them by
 CLONE_NEWNET = 0x40000000
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 _libc = ctypes.CDLL(None, use_errno=True)

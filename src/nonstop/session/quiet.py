@@ -21,6 +21,7 @@ the queue, drops every segment of VIP:port (no ``--queue-bypass``), which is as 
 from __future__ import annotations
 
 import subprocess
+import threading
 
 from nonstop.session.nfq import COMMENT
 
@@ -31,6 +32,9 @@ class QuietRule:
         self.cmd = "iptables" if family == 4 else "ip6tables"
         self._pending: subprocess.Popen[bytes] | None = None  # a deletion under way
         self._first: subprocess.Popen[bytes] | None = None  # the removal's first deletion
+        # the removal may finish on another thread (``finish_in_background``): an ``add`` must
+        # never run while a deletion is under way, or that deletion takes the new copy out
+        self._lock = threading.RLock()
 
     def spec(self) -> list[str]:
         return ["-p", "tcp", "-s", self.vip, "--sport", str(self.port),
@@ -42,18 +46,20 @@ class QuietRule:
 
     def add(self) -> None:
         """Install it (once: an existing copy is kept). Raises CalledProcessError on failure."""
-        self.wait()
-        if not self._run("-C"):
-            subprocess.run([self.cmd, "-w", "-I", "OUTPUT", *self.spec()], check=True,
-                           capture_output=True)  # fmt: skip
+        with self._lock:
+            self.wait()
+            if not self._run("-C"):
+                subprocess.run([self.cmd, "-w", "-I", "OUTPUT", *self.spec()], check=True,
+                               capture_output=True)  # fmt: skip
 
     def start_removal(self) -> None:
         """Begin deleting every copy in the background (the caller prepares the restore
         meanwhile); ``lifted()`` before anything must leave. A child process, not a thread: the
         promotion runs at real-time priority, and a normal thread that wants the GIL back in the
         middle of the restore (to read a pipe, to reap its child) stalls it for milliseconds."""
-        self.wait()
-        self._pending = self._first = self._spawn("-D")
+        with self._lock:
+            self.wait()
+            self._pending = self._first = self._spawn("-D")
 
     def _spawn(self, op: str) -> subprocess.Popen[bytes]:
         return subprocess.Popen([self.cmd, "-w", op, "OUTPUT", *self.spec()],
@@ -64,19 +70,28 @@ class QuietRule:
         one copy, so that is the rule gone. Looking for a second copy (the same ~7 ms again) is
         left to ``wait``, off the promotion's critical path: even spawning it cost 11 ms once
         (vfork waits for the child's exec, and the child waits for a CPU on a busy node)."""
-        p, self._first = self._first, None
-        if p is not None and p is self._pending and p.wait() != 0:
-            self._pending = None  # none was there: nothing more to look for
+        with self._lock:
+            p, self._first = self._first, None
+            if p is not None and p is self._pending and p.wait() != 0:
+                self._pending = None  # none was there: nothing more to look for
 
     def wait(self) -> None:
         """Until the background removal is over (every copy deleted)."""
-        while (p := self._pending) is not None:
-            self._pending = self._spawn("-D") if p.wait() == 0 else None
+        with self._lock:
+            while (p := self._pending) is not None:
+                self._pending = self._spawn("-D") if p.wait() == 0 else None
+
+    def finish_in_background(self) -> None:
+        """``wait`` on a thread of its own (after a promotion: the worker reads the agent's next
+        request meanwhile); ``add``, ``remove`` and a new removal wait for it."""
+        if self._pending is not None:
+            threading.Thread(target=self.wait, name="nonstop-quiet", daemon=True).start()
 
     def remove(self) -> None:
-        self.wait()
-        while self._run("-D"):
-            pass
+        with self._lock:
+            self.wait()
+            while self._run("-D"):
+                pass
 
     def reap(self, *, orphans: bool = False) -> int:
         """Abort every established socket of VIP:port on this node (SOCK_DESTROY, ``ss -K``):

@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import ipaddress
 import logging
+import socket
 import subprocess
 import threading
 import time
@@ -30,8 +31,10 @@ from typing import Any
 
 from nonstop.app.channel import AgentEndpoint, CommitRecord, HeldConn
 from nonstop.session.backup import BackupSession
+from nonstop.session.kick import send_kicks
 from nonstop.session.manager import MasterSession
 from nonstop.session.mirror import ConnState
+from nonstop.session.nfq import FourTuple
 from nonstop.session.quiet import QuietRule
 from nonstop.session.repair import RepairError, disconnect_silently
 
@@ -69,7 +72,7 @@ class ProtectedService:
         self.counters: dict[str, int] = {
             "promotions": 0, "demotions": 0, "restored": 0, "restore_failures": 0,
             "silenced": 0, "commit_errors": 0, "parked": 0, "parked_dropped": 0,
-            "reaped": 0,
+            "reaped": 0, "kicked": 0, "kick_packets": 0,
         }  # fmt: skip
         self.last_promotion: dict[str, Any] | None = None
         self.endpoint = AgentEndpoint(
@@ -77,6 +80,7 @@ class ProtectedService:
         )
         self.quiet = QuietRule(spec.vip, spec.port, spec.family)  # while not master
         self._keep_quiet = False  # the agent died: the rule outlives this worker
+        self._to_kick: list[tuple[FourTuple, socket.socket]] = []  # restored, not yet kicked
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._serve, name=f"nonstop-app-{spec.name}", daemon=True
@@ -188,6 +192,8 @@ class ProtectedService:
             t3 = time.monotonic()
             with self.endpoint.lock:
                 woken = self.endpoint.release_adoptions()
+            # those restored with bytes in flight: the kick makes the peer acknowledge them
+            self._to_kick = [(rc.four_tuple, rc.sock) for rc in restored if rc.tcp.send_queue]
             self.role = "master"
             self.counters["promotions"] += 1
             self.counters["restored"] += len(restored)
@@ -215,6 +221,19 @@ class ProtectedService:
                 self.master.set_backup(self.peer)
             return self.last_promotion
 
+    def kick(self) -> int:
+        """Probe the peers of the connections the last promotion restored with bytes in flight
+        (once: the agent asks right after its first gratuitous ARP; ``nonstop.session.kick``).
+        Returns how many connections."""
+        with self._lock:
+            todo, self._to_kick = self._to_kick, []
+            if not todo or self.master is None or self.role != "master":
+                return 0
+            targets = self.master.kick_targets(todo)
+        self.counters["kicked"] += len(targets)
+        self.counters["kick_packets"] += send_kicks(targets)
+        return len(targets)
+
     def demote(self) -> dict[str, Any]:
         """Back to the backup side: the connections here are silenced (a new master has them, or
         will). Their state is parked in the new backup side: if the agent finds that no other
@@ -223,6 +242,7 @@ class ProtectedService:
         with self._lock:
             if self.role == "backup":
                 return {"service": self.spec.name, "silenced": 0}
+            self._to_kick = []
             self._quiet()
             parked = self.master.parked() if self.master is not None else []
             self._stop_master()

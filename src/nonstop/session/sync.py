@@ -306,6 +306,12 @@ class SyncSender(_Counted):
         O(1), unlike ``connections()``. LocalProtocolError if the connection is not open."""
         return self._conn(conn_id).end(Direction(direction))
 
+    def snd_tail(self, conn_id: int) -> tuple[int, bytes]:
+        """The end of the service's stream the mirror holds without a gap, and its last byte
+        (b"": the peer acknowledged all of it). LocalProtocolError if not open."""
+        c = self._conn(conn_id)
+        return c.end(Direction.SND), bytes(c.snd_data[-1:])
+
     def connections(self) -> dict[int, ConnState]:
         """The sender's mirror: what the backup will hold once everything is acknowledged."""
         return {k: c.snapshot() for k, c in self._conns.items()}

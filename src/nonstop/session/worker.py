@@ -91,8 +91,8 @@ def serve(sock: socket.socket) -> int:
             if req.get("reply", True):
                 sock.send(_enc.encode(reply))
             if req.get("op") == "promote":  # replied: the agent adds the VIPs meanwhile
-                for svc in services:
-                    svc.quiet.wait()  # a second copy of a quiet rule would silence the master
+                for svc in services:  # a second copy of a quiet rule would silence the master
+                    svc.quiet.finish_in_background()  # the next request (the kick) goes on
             if req.get("op") == "shutdown":
                 return 0
     finally:
@@ -131,6 +131,8 @@ def _handle(services: list[Any], req: dict[str, Any]) -> dict[str, Any]:
         own = bool(req.get("own", False))
         with _urgent():
             return {"ok": True, "services": [s.promote(own) for s in chosen]}
+    if op == "kick":  # the VIPs answer here now: provoke both ends of what was restored
+        return {"ok": True, "kicked": sum(s.kick() for s in chosen)}
     if op == "demote":
         return {"ok": True, "services": [s.demote() for s in chosen]}
     if op == "set_backup":

@@ -1,0 +1,122 @@
+"""The kick after a takeover (``nonstop.session.kick``): once the VIP answers on the new node, a
+window probe from a raw socket makes the peer acknowledge at once what the restored socket holds
+in flight, and the connection moves again without waiting for its first retransmit timeout.
+
+One process plays every node (``nsops.in_netns``), as in test_repair.py. a sends 40 KB while
+the peer's ACKs never reach it: its first flight reaches the peer, the rest waits in a's queue.
+The socket moves to b the way a promotion does it: restored before the VIP is added (its
+repair-off window probe is answered towards a and lost), then the VIP and the peer's neighbour
+entry. b sends the flight again at repair off (a duplicate for the peer, whose ACKs go to a),
+and its new bytes wait behind it (congestion window full) until the kick, or until b's first
+retransmit timeout (~1 s).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import struct
+import time
+from collections.abc import Callable
+
+import pytest
+
+from nonstop.lab import Lab, Topology
+from nonstop.lab.nsops import in_netns
+from nonstop.session import close_silently, dump, restore
+from nonstop.session.kick import KickTarget, kick_segments, send_kicks
+from nonstop.session.segment import checksum_ok
+
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(60)]
+
+VIP, PORT = "10.77.0.100", 7010
+_TCP_TIMESTAMP = 24
+
+
+def topology() -> Topology:
+    topo = Topology(source="<kick>")
+    topo.channel("lan", v4="10.77.0.0/24")
+    topo.host("peer", channels={"lan": 1})
+    topo.host("a", channels={"lan": 11})
+    topo.host("b", channels={"lan": 12})
+    return topo
+
+
+@pytest.fixture
+def lab(lab_factory: Callable[..., Lab]) -> Lab:
+    return lab_factory(topology())
+
+
+def _readable_within(sock: socket.socket, secs: float) -> bool:
+    return bool(select.select([sock], [], [], secs)[0])
+
+
+def test_the_probe_carries_the_connections_numbers() -> None:
+    t = KickTarget(4, (VIP, PORT), ("10.77.0.1", 40000), end=5000, last=b"z", ack=777,
+                   window=512, tsval=123456)  # fmt: skip
+    [probe] = kick_segments(t)
+    tcp = probe[20:]
+    sport, dport, s, a, off, flags, win = struct.unpack_from("!HHIIBBH", tcp)
+    assert (sport, dport, s, a, flags, win) == (PORT, 40000, 4999, 777, 0x10, 512)
+    assert off >> 4 == 8 and tcp[20:24] == b"\x01\x01\x08\x0a"
+    assert struct.unpack_from("!I", tcp, 24)[0] == 123456
+    assert tcp[32:] == b"z"  # our last byte again: the peer answers it at once
+    assert checksum_ok(probe)
+    [bare] = kick_segments(KickTarget(4, (VIP, PORT), ("10.77.0.1", 40000), end=5000, last=b"",
+                                      ack=777, window=512, tsval=None))  # fmt: skip
+    assert bare[40:] == b"\0" and checksum_ok(bare)  # acknowledged already: any byte will do
+
+
+def test_kick_moves_a_restored_flight_at_once(lab: Lab) -> None:
+    peer, a, b = lab.host("peer"), lab.host("a"), lab.host("b")
+    a.sh(f"ip addr add {VIP}/24 dev lan")
+    listener = a.socket(socket.AF_INET)
+    listener.bind((VIP, PORT))
+    listener.listen(1)
+    p = peer.socket(socket.AF_INET)
+    p.connect((VIP, PORT))
+    srv, _ = listener.accept()
+    listener.close()
+    data = os.urandom(40_000)
+    rule = f"OUTPUT -d {VIP} -p tcp -j DROP"  # the peer's ACKs never reach a
+    peer.sh(f"iptables -I {rule}")
+    try:
+        srv.sendall(data)  # into the send buffer: a sends its first flight, then waits
+        got = bytearray()
+        while _readable_within(p, 0.2):
+            got += p.recv(1 << 16)
+        assert 0 < len(got) < len(data) and bytes(got) == data[: len(got)]
+        a.sh(f"ip addr del {VIP}/24 dev lan")
+        state = dump(srv, keep_repair=True)
+        close_silently(srv)
+        assert len(state.send_queue) == len(data), "want the whole flight unacknowledged"
+        nsrv = in_netns(b.ns, restore, state)  # its window probe is answered towards a: lost
+        time.sleep(0.05)
+    finally:
+        peer.sh(f"iptables -D {rule}")
+    b.sh(f"ip addr add {VIP}/24 dev lan")
+    mac = b.mac("lan")
+    peer.sh(f"ip neigh replace {VIP} lladdr {mac} dev lan nud reachable")  # the GARP
+    nsrv.send(b"more")  # behind the flight: the congestion window is full
+    assert not _readable_within(p, 0.3), "the new bytes went without a kick: nothing to test"
+
+    tsval = struct.unpack("I", nsrv.getsockopt(socket.IPPROTO_TCP, _TCP_TIMESTAMP, 4))[0]
+    snd_nxt = state.snd_seq
+    target = KickTarget(4, (VIP, PORT), (peer.addr("lan"), p.getsockname()[1]),
+                        end=snd_nxt, last=data[-1:], ack=state.rcv_seq,
+                        window=state.window[3] >> state.rcv_wscale,
+                        tsval=tsval if state.timestamps else None)  # fmt: skip
+    t0 = time.monotonic()
+    assert in_netns(b.ns, send_kicks, [target]) == 1
+    want = data[len(got):] + b"more"
+    rest = bytearray()
+    while len(rest) < len(want) and _readable_within(p, 0.3):
+        rest += p.recv(1 << 16)
+    took = time.monotonic() - t0
+    assert bytes(rest) == want, f"{len(rest)} of {len(want)} bytes after the kick"
+    assert took < 0.3
+    nsrv.sendall(b"and on")
+    assert p.recv(10) == b"and on"
+    p.close()
+    nsrv.close()
