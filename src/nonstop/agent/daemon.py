@@ -38,6 +38,7 @@ from nonstop.failover.guard import GuardClient
 from nonstop.failover.vip import VipManager, VipSpec
 from nonstop.failover.witness import LeaseDenied, LeaseGranted, WitnessClient
 from nonstop.membership import (
+    FLAG_SYNC_READY,
     ChannelFaulted,
     ChannelRecovered,
     Membership,
@@ -412,7 +413,10 @@ class Agent:
                 self._role_changed(rc)
             if not busy:
                 break
-        m.set_local(role=r.role, priority=self.cfg.node.priority, flags=r.flags_for_heartbeat())
+        flags = r.flags_for_heartbeat()
+        if r.role != Role.MASTER and self.sessions.sync_ready:
+            flags |= FLAG_SYNC_READY  # a master syncs to this node only once it listens
+        m.set_local(role=r.role, priority=self.cfg.node.priority, flags=flags)
         if self.cfg.services:
             views = {p.id: self.membership.peer(p.id) for p in self.cfg.peers}
             self.sessions.peers_changed(r.role, views)

@@ -10,8 +10,10 @@
   (``own``) only if no other node can have served meanwhile: with a witness, the lease comes back
   under the same (run, term); without one, no peer was seen as master nor lost from sight.
   Otherwise only what a master synced here is restored.
-- While master: ``peers_changed`` points the sync at the peer when it is up and not master (a
-  rejoined node gets a whole copy), or stops it when the peer is gone.
+- While master: ``peers_changed`` points the sync at the peer when it is up, not master and its
+  worker listens (``FLAG_SYNC_READY`` in its heartbeats: after its worker started, after a
+  demote's reply), so a rejoined node gets a whole copy at once; or stops it when the peer is
+  gone.
 
 Nothing here blocks the agent's loop: requests are sent at once and the replies read by
 ``loop.add_reader``, in order; a reply-less request (``"reply": False``) is fire-and-forget.
@@ -26,6 +28,7 @@ from typing import Any
 
 from nonstop.common import Role
 from nonstop.config import AgentConfig
+from nonstop.membership.wire import FLAG_SYNC_READY
 from nonstop.session.driver import Reply, WorkerDriver
 
 log = logging.getLogger("nonstop.agent")
@@ -41,6 +44,18 @@ class Sessions(WorkerDriver):
         self.lease_term: tuple[int, int] | None = None  # (run, term) of the last witness grant
         self._park: tuple[int, int] | None = None  # lease term at the step-down; None: invalid
         self.park_note = ""  # why the parked connections were (or will be) dropped
+        self._backup_side = False  # the worker's backup side listens (after start, a demote)
+
+    def start(self, loop: Any, on_exit: Callable[[], None]) -> None:
+        super().start(loop, on_exit)
+        self._backup_side = self.worker is not None  # spawn waits for its init: bound
+
+    @property
+    def sync_ready(self) -> bool:
+        """A master's sync reaches this node's worker now (FLAG_SYNC_READY in the heartbeats): a
+        master that synced to a node still starting its worker, or still demoting, lost its
+        first datagrams, and its clamp held every stream for the retransmissions (60-300 ms)."""
+        return self.worker is not None and self._backup_side
 
     def specs(self) -> list[dict[str, Any]]:
         cfg = self.cfg
@@ -84,6 +99,7 @@ class Sessions(WorkerDriver):
         if self.park_note and not own:
             log.info("connections parked here, if any, are not restored: %s", self.park_note)
         self._park = None
+        self._backup_side = False
         return self._send({"op": "promote", "own": own}, on_reply)
 
     def kick(self) -> None:
@@ -99,7 +115,12 @@ class Sessions(WorkerDriver):
             self._park, self.park_note = None, "the witness does not report lease terms"
         else:
             self._park, self.park_note = self.lease_term, ""
-        self._send({"op": "demote"}, None)
+        self._backup_side = False
+
+        def on_reply(r: Reply | None) -> None:
+            self._backup_side = r is not None  # listening again (None: the worker is gone)
+
+        self._send({"op": "demote"}, on_reply)
 
     def invalidate_park(self, why: str) -> None:
         """Another node may serve (or have served) the connections: never restore what was
@@ -113,7 +134,8 @@ class Sessions(WorkerDriver):
         if role == Role.MASTER:
             for p in self.cfg.peers:
                 v = peer_views.get(p.id)
-                if v is not None and v.alive and v.role != Role.MASTER:
+                if (v is not None and v.alive and v.role != Role.MASTER
+                        and (v.flags or 0) & FLAG_SYNC_READY):
                     target = p
                     break
         want: list[list[Any] | None] = []

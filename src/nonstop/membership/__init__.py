@@ -14,7 +14,8 @@ The array is :class:`Heartbeat`, in this order: type (1 HEARTBEAT, 2 LEAVE), gro
 (str), channel (str: the channel it was sent on; a receiver drops it if it arrived on another),
 incarnation (u64, goes up at every restart), seq (u64, one counter per sender, same value on every
 channel in one tick, repeated by the copies), role (``Role``), priority (u8), flags (u32:
-``FLAG_WITNESS_LEASE``, ``FLAG_HANDOVER_REQUEST``), sent_at (sender's monotonic clock, us),
+``FLAG_WITNESS_LEASE``, ``FLAG_HANDOVER_REQUEST``, ``FLAG_SYNC_READY``), sent_at (sender's
+monotonic clock, us),
 echo_seq (last seq received from the destination on this channel, 0 if none), echo_delay_us (time
 from receiving echo_seq to sending this one). The tag is HMAC-SHA256-128 over everything before it
 (``nonstop.auth.seal``). Receivers ignore array items past the ones they know.
@@ -59,6 +60,7 @@ from nonstop.membership.events import (
 )
 from nonstop.membership.wire import (
     FLAG_HANDOVER_REQUEST,
+    FLAG_SYNC_READY,
     FLAG_WITNESS_LEASE,
     MAGIC,
     VERSION,
@@ -70,6 +72,7 @@ from nonstop.membership.wire import (
 
 __all__ = [
     "FLAG_HANDOVER_REQUEST",
+    "FLAG_SYNC_READY",
     "FLAG_WITNESS_LEASE",
     "MAGIC",
     "VERSION",
