@@ -343,11 +343,16 @@ class Agent:
         """Refresh the worker's status; hold a planned handover (preemption) until the backup
         holds a whole copy of every protected connection."""
         while not self._stopping:
+            was_master = self.roles.role == Role.MASTER
             services = await self.sessions.refresh()
-            self.roles.handover_ready = all(
-                s.get("sync", {}).get("protecting", False)
-                for s in services
-                if s.get("role") == "master"
+            masters = [s for s in services if s.get("role") == "master"]
+            # only a status taken while master, with every service's worker side master and
+            # protecting: a status from before a promotion (every service a backup: all() of
+            # nothing) let a handover through at once, to a node holding no copy (8 resets)
+            self.roles.handover_ready = not self.cfg.services or (
+                was_master and self.roles.role == Role.MASTER
+                and len(masters) == len(self.cfg.services)
+                and all(s.get("sync", {}).get("protecting", False) for s in masters)
             )
             await asyncio.sleep(0.05)
 
@@ -558,6 +563,8 @@ class Agent:
         }
         self.history.append(entry)
         log.warning("role %s -> %s: %s", rc.old, rc.new, rc.reason)
+        if rc.new == Role.MASTER and self.cfg.services:
+            self.roles.handover_ready = False  # until a status taken as master says protecting
         self.hooks.role_changed(rc.old, rc.new, rc.reason)
 
     def _spawn(self, coro: Any) -> None:
