@@ -18,11 +18,11 @@ import select
 import socket
 import struct
 import time
-from collections.abc import Callable
 
 import pytest
+from movelab import movelab_lab  # noqa: F401  (the ``lab`` fixture)
 
-from nonstop.lab import Lab, Topology
+from nonstop.lab import Lab
 from nonstop.lab.nsops import in_netns
 from nonstop.session import close_silently, dump, restore
 from nonstop.session.kick import KickTarget, kick_segments, send_kicks
@@ -32,20 +32,6 @@ pytestmark = [pytest.mark.netns, pytest.mark.timeout(60)]
 
 VIP, PORT = "10.77.0.100", 7010
 _TCP_TIMESTAMP = 24
-
-
-def topology() -> Topology:
-    topo = Topology(source="<kick>")
-    topo.channel("lan", v4="10.77.0.0/24")
-    topo.host("peer", channels={"lan": 1})
-    topo.host("a", channels={"lan": 11})
-    topo.host("b", channels={"lan": 12})
-    return topo
-
-
-@pytest.fixture
-def lab(lab_factory: Callable[..., Lab]) -> Lab:
-    return lab_factory(topology())
 
 
 def _readable_within(sock: socket.socket, secs: float) -> bool:

@@ -20,8 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from movelab import movelab_lab  # noqa: F401  (the ``lab`` fixture)
 
-from nonstop.lab import Lab, LabHost, Topology
+from nonstop.lab import Lab, LabHost
 from nonstop.lab.nsops import in_netns
 from nonstop.session import (
     RepairError,
@@ -40,20 +41,6 @@ VIP = {4: "10.77.0.100", 6: "fd77::100"}
 PLEN = {4: 24, 6: 64}
 FAM = {4: socket.AF_INET, 6: socket.AF_INET6}
 PORT = 7000
-
-
-def topology() -> Topology:
-    topo = Topology(source="<repair>")
-    topo.channel("lan", v4="10.77.0.0/24", v6="fd77::/64")
-    topo.host("peer", channels={"lan": 1})
-    topo.host("a", channels={"lan": 11})
-    topo.host("b", channels={"lan": 12})
-    return topo
-
-
-@pytest.fixture
-def lab(lab_factory: Callable[..., Lab]) -> Lab:
-    return lab_factory(topology())
 
 
 # -- helpers --------------------------------------------------------------------------------------
