@@ -88,6 +88,18 @@ class BirdPeer:
                 return {"state": parts[3], "since": parts[4], "info": " ".join(parts[5:])}
         return {}
 
+    @staticmethod
+    def same_since(a: str, b: str, slack_ms: float = 50.0) -> bool:
+        """Whether two ``since`` columns (``HH:MM:SS.mmm``) are the same state change. BIRD keeps
+        the time on its monotonic clock and prints it through the current wall-clock offset, so
+        the same instant reads a millisecond off once the clock has been slewed (seen in CI);
+        a session that went down and came back is later by its whole reconnect."""
+        def ms(t: str) -> float:
+            h, m, rest = t.split(":")
+            return (int(h) * 60 + int(m)) * 60_000 + float(rest) * 1000
+
+        return abs(ms(a) - ms(b)) <= slack_ms
+
     def established(self, name: str) -> bool:
         return self.protocol(name).get("info", "").startswith("Established")
 
