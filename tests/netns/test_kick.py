@@ -25,7 +25,7 @@ from movelab import movelab_lab  # noqa: F401  (the ``lab`` fixture)
 from nonstop.lab import Lab
 from nonstop.lab.nsops import in_netns
 from nonstop.session import close_silently, dump, restore
-from nonstop.session.kick import KickTarget, kick_segments, send_kicks
+from nonstop.session.kick import KickTarget, kick_probe, send_kicks
 from nonstop.session.segment import checksum_ok
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(60)]
@@ -41,7 +41,7 @@ def _readable_within(sock: socket.socket, secs: float) -> bool:
 def test_the_probe_carries_the_connections_numbers() -> None:
     t = KickTarget(4, (VIP, PORT), ("10.77.0.1", 40000), end=5000, last=b"z", ack=777,
                    window=512, tsval=123456)  # fmt: skip
-    [probe] = kick_segments(t)
+    probe = kick_probe(t)
     tcp = probe[20:]
     sport, dport, s, a, off, flags, win = struct.unpack_from("!HHIIBBH", tcp)
     assert (sport, dport, s, a, flags, win) == (PORT, 40000, 4999, 777, 0x10, 512)
@@ -49,8 +49,8 @@ def test_the_probe_carries_the_connections_numbers() -> None:
     assert struct.unpack_from("!I", tcp, 24)[0] == 123456
     assert tcp[32:] == b"z"  # our last byte again: the peer answers it at once
     assert checksum_ok(probe)
-    [bare] = kick_segments(KickTarget(4, (VIP, PORT), ("10.77.0.1", 40000), end=5000, last=b"",
-                                      ack=777, window=512, tsval=None))  # fmt: skip
+    bare = kick_probe(KickTarget(4, (VIP, PORT), ("10.77.0.1", 40000), end=5000, last=b"",
+                                 ack=777, window=512, tsval=None))  # fmt: skip
     assert bare[40:] == b"\0" and checksum_ok(bare)  # acknowledged already: any byte will do
 
 

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from nonstop.session.nfnl import KICK_MARK
 from nonstop.session.segment import ACK, set_checksum
 
-__all__ = ["KickTarget", "kick_segments", "send_kicks"]
+__all__ = ["KickTarget", "kick_probe", "send_kicks"]
 
 _TS = struct.Struct("!BBBBII")  # NOP NOP kind=8 len=10 TSval TSecr
 _U32 = 0xFFFFFFFF
@@ -62,7 +62,9 @@ class KickTarget:
     tsval: int | None  # the socket's current TCP timestamp; None: no timestamps
 
 
-def _segment(t: KickTarget, seq: int, payload: bytes = b"") -> bytes:
+def kick_probe(t: KickTarget) -> bytes:
+    """The probe, our last byte again (sequence number ``end - 1``), as a whole IP packet."""
+    seq, payload = t.end - 1, t.last[-1:] or b"\0"
     opts = _TS.pack(1, 1, 8, 10, t.tsval & _U32, 0) if t.tsval is not None else b""
     tcp = struct.pack("!HHIIBBHHH", t.local[1], t.peer[1], seq & _U32, t.ack & _U32,
                       (20 + len(opts)) // 4 << 4, ACK, min(t.window, 0xFFFF), 0, 0)
@@ -79,14 +81,9 @@ def _segment(t: KickTarget, seq: int, payload: bytes = b"") -> bytes:
     return bytes(pkt)
 
 
-def kick_segments(t: KickTarget) -> list[bytes]:
-    """The probe (our last byte again), as a whole IP packet in a list."""
-    return [_segment(t, t.end - 1, t.last[-1:] or b"\0")]
-
-
 def send_kicks(targets: list[KickTarget]) -> int:
-    """Send every target's segments from raw sockets in this network namespace; returns how many
-    packets left (a full socket buffer or a route gone: that one is skipped)."""
+    """Send every target's probe from raw sockets in this network namespace; returns how many
+    left (a full socket buffer or a route gone: that one is skipped)."""
     socks: dict[int, socket.socket] = {}
     sent = 0
     try:
@@ -96,12 +93,11 @@ def send_kicks(targets: list[KickTarget]) -> int:
                 fam = socket.AF_INET if t.family == 4 else socket.AF_INET6
                 s = socks[t.family] = socket.socket(fam, socket.SOCK_RAW, socket.IPPROTO_RAW)
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, KICK_MARK)  # past the clamp
-            for pkt in kick_segments(t):
-                try:
-                    s.sendto(pkt, (t.peer[0], 0))
-                    sent += 1
-                except OSError:
-                    break
+            try:
+                s.sendto(kick_probe(t), (t.peer[0], 0))
+                sent += 1
+            except OSError:
+                continue
     finally:
         for s in socks.values():
             s.close()
