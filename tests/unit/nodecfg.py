@@ -5,6 +5,13 @@ from __future__ import annotations
 
 import textwrap
 
+NODE_A = """
+[node]
+id = "node-a"
+key_file = "key"
+state_dir = "state"
+"""  # the node table of a config test's node-a: its channels, peers... follow
+
 
 def write(d, text: str) -> str:
     """``text`` (dedented) as ``d/node.toml``; returns its path."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from nodecfg import write
+from nodecfg import NODE_A, write
 
 from nonstop.agent.sessions import Sessions
 from nonstop.common import ConfigError
@@ -23,12 +23,7 @@ from nonstop.session.service import ServiceSpec
 
 KEY = bytes(range(32))
 
-CONFIG = """
-[node]
-id = "node-a"
-key_file = "key"
-state_dir = "state"
-
+CONFIG = NODE_A + """
 [[channels]]
 name = "lan"
 address = "fd77::11"

@@ -11,19 +11,14 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from nodecfg import write
+from nodecfg import NODE_A, write
 
 from nonstop.agent.sessions import Sessions
 from nonstop.common import Role
 from nonstop.config import load_agent_config
 from nonstop.membership import FLAG_SYNC_READY, PeerView
 
-CONFIG = """
-[node]
-id = "node-a"
-key_file = "key"
-state_dir = "state"
-
+CONFIG = NODE_A + """
 [[channels]]
 name = "hb"
 address = "10.77.1.11"
