@@ -28,7 +28,8 @@ U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
 # Bits of Heartbeat.flags. Unknown bits are carried and reported, never rejected.
 FLAG_WITNESS_LEASE = 1 << 0  # the sender holds the witness lease
 FLAG_HANDOVER_REQUEST = 1 << 1  # the sender asks the master to hand over (planned switch)
-FLAG_SYNC_READY = 1 << 2  # the sender's session worker listens for a master's sync (backup side)
+# bits 2-3 are the groups agent's (store.core FLAG_FAILSAFE, FLAG_STORE_OK)
+FLAG_SYNC_READY = 1 << 4  # the sender's session worker listens for a master's sync (backup side)
 
 IDENT_PATTERN = r"^[A-Za-z0-9_.-]+$"
 IDENT_MAX = 32

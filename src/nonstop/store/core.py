@@ -47,7 +47,8 @@ from dataclasses import dataclass, field
 
 from nonstop.store.base import ClusterView, GroupRecord
 
-FLAG_FAILSAFE = 1 << 2  # bits 0-1 are membership's (witness lease, handover request)
+FLAG_FAILSAFE = 1 << 2  # bits 0-1 and 4 are membership's (witness lease, handover request,
+# sync ready)
 FLAG_STORE_OK = 1 << 3
 HEAR_SHIFT = 8  # bit HEAR_SHIFT + i: "I hear node i" (i = index in the members list)
 
