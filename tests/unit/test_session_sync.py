@@ -485,3 +485,42 @@ def test_parked_mirror_seeds_a_backup_until_a_master_syncs() -> None:
         parked.receive(d, h.now)
     assert not parked.seeded and parked.connections() == {}
     assert parked.discard_seed() == 0
+
+
+def test_a_new_backup_started_before_the_old_one_is_heard() -> None:
+    """The groups agent moved a master's sync from n3 to n2, and n2's agent had started first:
+    its receiver's incarnation is lower, so every ACK it sent read as older than n3's last one
+    (17,393 counted as reordered) and the master never protected its connections."""
+
+    def exchange(tx: SyncSender, rx: SyncReceiver, now: float) -> None:
+        for d in tx.datagrams_to_send(now):
+            for a in rx.receive(d, now):
+                tx.receive_ack(a, now)
+
+    tx = SyncSender(KEY, incarnation=1, now=0.0)
+    tx.open(1, full(1, 100, 200), 0.0)
+    tx.data(1, Direction.RCV, 200, b"abc", 0.0)
+    n3 = SyncReceiver(KEY, now=0.0, incarnation=300)
+    tx.resync(0.0, new_backup=True)
+    for i in range(5):
+        exchange(tx, n3, 0.01 * (i + 1))
+    assert tx.resynced and tx.confirmed(1) == (203, 100)
+    n2 = SyncReceiver(KEY, now=0.0, incarnation=200)
+    tx.resync(0.1, new_backup=True)
+    assert not tx.resynced
+    tx.data(1, Direction.RCV, 203, b"de", 0.1)
+    for i in range(5):
+        exchange(tx, n2, 0.1 + 0.01 * (i + 1))
+    assert tx.counters["ack_reordered"] == 0
+    assert tx.resynced and tx.confirmed(1) == (205, 100)
+    assert n2.connections()[1].rcv_data == b"abcde"
+
+
+def test_acks_are_taken_only_from_the_backup_synced_to() -> None:
+    from nonstop.session.manager import _same_endpoint
+
+    assert _same_endpoint(("10.77.1.12", 7781), ("10.77.1.12", 7781))
+    assert not _same_endpoint(("10.77.1.13", 7781), ("10.77.1.12", 7781))
+    assert not _same_endpoint(("10.77.1.12", 7782), ("10.77.1.12", 7781))
+    assert not _same_endpoint(("10.77.1.12", 7781), None)
+    assert _same_endpoint(("fd77:1::12", 7781, 0, 0), ("fd77:1:0::0:12", 7781))

@@ -32,6 +32,7 @@ thread; a second thread reads the backup's ACKs and retransmits.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import itertools
 import socket
 import struct
@@ -69,6 +70,18 @@ def big_buffers(sock: socket.socket, size: int) -> None:
             sock.setsockopt(socket.SOL_SOCKET, force, size)
         except OSError:
             sock.setsockopt(socket.SOL_SOCKET, opt, size)
+
+
+def _same_endpoint(src: tuple, backup: tuple[str, int] | None) -> bool:
+    """Whether a datagram from ``src`` (as recvfrom gives it) comes from ``backup``. The backup
+    answers from the socket the sync is sent to, so its address and port match exactly."""
+    if backup is None or src[1] != backup[1]:
+        return False
+    try:
+        return ipaddress.ip_address(src[0].partition("%")[0]) == ipaddress.ip_address(
+            backup[0].partition("%")[0])
+    except ValueError:
+        return bool(src[0] == backup[0])
 
 
 def _get_u32(sock: socket.socket, opt: int) -> int:
@@ -192,7 +205,7 @@ class MasterSession:
                     t.full = replace(t.full, ts_val=ts_later(t.full.ts_val, now - t.ts_at))
                     t.ts_at = now
                     self.sender.refresh_full(t.conn_id, t.full)
-            self.sender.resync(now)
+            self.sender.resync(now, new_backup=True)
             self._flush(now)
 
     def kick_targets(self, socks: Iterable[tuple[FourTuple, socket.socket]]) -> list[KickTarget]:
@@ -463,12 +476,16 @@ class MasterSession:
             now = time.monotonic()
             if ready:
                 try:
-                    data = self._udp.recv(2048)
+                    data, src = self._udp.recvfrom(2048)
                 except OSError:
                     if self._stop.is_set():
                         return
                     continue
                 with self._lock:
+                    if not _same_endpoint(src, self.backup):
+                        # the previous backup's late ACKs would read as newer than the new one's
+                        self.sender.counters["foreign"] += 1
+                        continue
                     self.sender.receive_ack(data, now)
                 self._clamp.kick()  # the backup confirmed more: held segments may go
             with self._lock:

@@ -92,7 +92,7 @@ RESEND_BURST = 8  # batches resent per timeout at most, oldest first
 SENDER_COUNTERS = ("tx", "batches", "records", "payload_bytes", "sealed_bytes", "retransmits",
                    "resyncs", "rx_ack", "malformed",
                    "bad_version", "bad_auth", "stale", "ack_reordered", "wrong_kind", "bogus_ack",
-                   "data_held")
+                   "data_held", "foreign")
 
 
 class SyncSender(_Counted):
@@ -178,9 +178,16 @@ class SyncSender(_Counted):
             self._held.pop((conn_id, d), None)
         self._confirmed.pop(conn_id, None)
 
-    def resync(self, now: float) -> None:
-        """Start over: a RESET batch, then every connection's whole state (a backup rejoined)."""
+    def resync(self, now: float, *, new_backup: bool = False) -> None:
+        """Start over: a RESET batch, then every connection's whole state (a backup rejoined).
+
+        ``new_backup``: the ACKs come from another receiver from now on. Its (incarnation, seq)
+        starts afresh: a receiver started before the last one has a lower incarnation, and all
+        its ACKs read as older than the last one's (a master moved from n3 to n2 counted 17,393
+        of them as reordered and never protected its connections)."""
         self.counters["resyncs"] += 1
+        if new_backup:
+            self._ack_from = (-1, -1)
         self._pending, self._pending_size, self._marks = [], 0, {}
         self._sealed.clear()
         self._inflight.clear()
@@ -202,7 +209,9 @@ class SyncSender(_Counted):
 
     def pause(self) -> None:
         """No backup to send to: forget what is queued or in flight (the mirror is kept, so a
-        later ``resync`` rebuilds a backup from it); the next batch is a RESET."""
+        later ``resync`` rebuilds a backup from it); the next batch is a RESET, and the next
+        backup's ACKs are taken from any incarnation."""
+        self._ack_from = (-1, -1)
         self._pending, self._pending_size, self._marks = [], 0, {}
         self._sealed.clear()
         self._inflight.clear()
