@@ -15,7 +15,6 @@ duplicate in the client's stream).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -36,23 +35,9 @@ def assert_clean(res: dict, n: int) -> None:
     assert res["bytes_lost"] == 0 and res["duplicated"] == 0 and res["corrupted"] == 0, res
 
 
-def dump_logs(c: R.SupervisedCluster) -> None:
-    for n in c.spec.nodes:
-        with contextlib.suppress(OSError):
-            print(f"----- log of {n}\n{c.log_text(n)[-8000:]}")
-        logs = os.path.join(c.lab.host(n).workdir, "state", "services", "logs")
-        for name in sorted(os.listdir(logs)) if os.path.isdir(logs) else []:
-            with contextlib.suppress(OSError), open(os.path.join(logs, name)) as f:
-                print(f"----- {n} {name}\n{f.read()[-3000:]}")
-
-
 def test_twenty_sigkills_of_the_service_process(demo_lab) -> None:
     n = 256
-    try:
-        res = R.run(demo_lab, sessions=n, kills=20, instances_=1, rate=20.0, settle=0.2)
-    except BaseException:
-        print("lab workdir:", demo_lab.workdir)
-        raise
+    res = R.run(demo_lab, sessions=n, kills=20, instances_=1, rate=20.0, settle=0.2)
     print(json.dumps(res))
     assert_clean(res, n)
     assert res["restarts_seen_by_supervisor"] >= 20, res
@@ -170,7 +155,7 @@ def test_crash_loop_moves_the_vip_then_a_reset_restarts_the_service(demo_lab) ->
         assert rep["kept"] == n and rep["resets"] == 0 and rep["lost"] == 0, rep
         assert rep["duplicated"] == 0 and rep["errors"] == {}, rep
     except BaseException:
-        dump_logs(c)
+        R.dump_logs(c)
         raise
     finally:
         for p in list(c.procs.values()):

@@ -187,7 +187,10 @@ def test_takeovers_to_the_other_node_keep_the_sessions(
     assert n["bgpTimerUpMsec"] - n0["bgpTimerUpMsec"] >= up_for - 1000, (n0, n, up_for)
     assert n["messageStats"]["notificationsRecv"] == 0, n["messageStats"]
     assert n["messageStats"]["notificationsSent"] == 0, n["messageStats"]
-    assert n["messageStats"]["opensRecv"] == 1 and n["messageStats"]["opensSent"] == 1, n
+    # no OPEN either way during the takeovers (at the start FRR may have sent a second one, on
+    # a connection that lost the collision with ours: CI saw opensSent 2 with 1 established)
+    for k in ("opensRecv", "opensSent"):
+        assert n["messageStats"][k] == n0["messageStats"][k], (k, n0["messageStats"], n)
     after = frr_learnt(frr, stable_at_frr)
     assert all(abs(after[p] - learnt[p]) <= 1 for p in learnt), (learnt, after)
     # our RIB equals what the peers announce; FRR's table equals our RIB (its own routes, ours,

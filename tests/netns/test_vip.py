@@ -142,8 +142,10 @@ def test_announce_flips_neighbour_caches(lab: Lab) -> None:
         first4 = got4["t"] - res["t0"]
         first6 = got6["t"] - res["t0"]
         # 3 frames 10 ms apart: the burst takes ~20 ms, the first frame is out at once, also on
-        # this first (cold) call that opens the sockets
-        assert first4 < 0.005 and first6 < 0.005, (first4, first6)
+        # this first (cold) call that opens the sockets: before the 10 ms a design that waits
+        # an interval first would take (a 5 ms bound read 6.4 ms on a loaded CI box; the
+        # median over 20 bursts is test_garp_first_frame_latency's)
+        assert first4 < 0.010 and first6 < 0.010, (first4, first6)
         assert 0.015 < res["t1"] - res["t0"] < 0.2
         print(f"\nfirst GARP seen by b {first4 * 1e3:.3f} ms, first NA {first6 * 1e3:.3f} ms")
     finally:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -117,27 +118,46 @@ def instances(c: Cluster, node: str) -> list[dict[str, Any]]:
     return [] if st is None else st["services"]["instances"]
 
 
+def dump_logs(c: SupervisedCluster) -> None:
+    """The agents' and their service instances' log tails (pytest shows them with a failure)."""
+    for n in c.spec.nodes:
+        with contextlib.suppress(OSError):
+            print(f"----- log of {n}\n{c.log_text(n)[-8000:]}")
+        logs = os.path.join(c.lab.host(n).workdir, "state", "services", "logs")
+        for name in sorted(os.listdir(logs)) if os.path.isdir(logs) else []:
+            with contextlib.suppress(OSError), open(os.path.join(logs, name)) as f:
+                print(f"----- {n} {name}\n{f.read()[-3000:]}")
+
+
 def wait_active(c: Cluster, node: str, conns: int, standbys: int, timeout: float = 30.0,
                 not_pid: int | None = None) -> int:  # fmt: skip
     """Until an instance listens (not ``not_pid``), the master's endpoint holds ``conns``
     connections and ``standbys`` instances wait; returns the listener's pid."""
     pid: int | None = None
+    seen: dict[str, Any] = {}
 
     def ok() -> bool:
         nonlocal pid
         pid = listener_pid(c, node)
+        seen["listener"] = pid
         if pid is None or pid == not_pid:
             return False
         s = session(c, node)
         insts = instances(c, node)
+        seen.update(connections=s.get("connections"), standby_waiting=s.get("standby_waiting"),
+                    instances=[(i["state"], i["pid"]) for i in insts])  # fmt: skip
         return (
             s.get("connections", 0) >= conns
             and s.get("standby_waiting", 0) >= standbys
             and all(i["state"] == "ready" and i["pid"] for i in insts)
         )
 
-    c.wait(ok, timeout, f"{node}: an active instance, {conns} connections, {standbys} standbys",
-           poll=0.01)  # fmt: skip
+    try:
+        c.wait(ok, timeout, f"{node}: an active instance, {conns} connections, {standbys} "
+               "standbys", poll=0.01)  # fmt: skip
+    except TimeoutError as e:  # what was missing, and whether the node is still master
+        raise TimeoutError(f"{e}; last seen: {seen}, role {c.role(node)}, previous listener "
+                           f"{not_pid}") from None  # fmt: skip
     assert pid is not None
     return pid
 
@@ -224,6 +244,9 @@ def run(lab: Lab, *, sessions: int = 256, kills: int = 20, runtime: str = "proce
         ses = session(c, master)
         st = c.status(master) or {}
         restarts = sum(i["restarts"] for i in st.get("services", {}).get("instances", []))
+    except BaseException:
+        dump_logs(c)
+        raise
     finally:
         for p in list(c.procs.values()):
             p.terminate(timeout=10)
