@@ -49,6 +49,7 @@ def addrmon(args: argparse.Namespace) -> int:
     carrier: dict[int, bool] = {}
     for link in ipr.get_links():
         carrier[link["index"]] = bool(link["flags"] & 0x10000)  # IFF_LOWER_UP
+    observe_promptly()  # after importing pyroute2: ~0.3 s of CPU that would starve the agents
     _emit({"t": time.monotonic(), "ev": "ready"})
     deadline = time.monotonic() + args.max_s
     while time.monotonic() < deadline:
@@ -255,14 +256,15 @@ OBSERVER_PRIORITY = 80  # above the agents' and keepalived's real-time priority 
 
 def observe_promptly() -> None:
     """Observers (address monitor, prober) run SCHED_FIFO above the tools under test, so a tool
-    that keeps the CPUs busy at real-time priority cannot delay the time stamps. Best effort."""
+    that keeps the CPUs busy at real-time priority cannot delay the time stamps. Best effort.
+    Call it once set up: what a process does at this priority, every task below waits for."""
     with contextlib.suppress(OSError, AttributeError):
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(OBSERVER_PRIORITY))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.mode in ("addrmon", "probe"):
+    if args.mode == "probe":  # (addrmon raises its priority once set up)
         observe_promptly()
     try:
         return int(args.func(args))

@@ -46,11 +46,9 @@ GUARD_PRIORITY = 60  # above the agent's SCHED_FIFO priority (nonstop.agent.real
 
 
 def _realtime(priority: int) -> str:
+    """SCHED_FIFO at ``priority``, memory locked first: locking faults in every mapped page
+    (~10 ms of kernel work), which at real-time priority would hold the agents off a CPU."""
     if priority <= 0:
-        return "other"
-    try:
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
-    except OSError:
         return "other"
     try:
         import ctypes
@@ -58,6 +56,10 @@ def _realtime(priority: int) -> str:
         ctypes.CDLL(None, use_errno=True).mlockall(3)  # MCL_CURRENT | MCL_FUTURE, best effort
     except (OSError, AttributeError):
         pass
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+    except OSError:
+        return "other"
     return f"fifo:{priority}"
 
 
@@ -114,10 +116,12 @@ class Guard:
             self.send(f"ERR cannot parse {line[:80]!r}")
 
     def run(self, priority: int) -> int:
-        policy = _realtime(priority)
+        # everything that costs CPU first: a process starting at real-time priority keeps the
+        # agents (below it) off its CPU for as long as it takes (see agent.realtime)
         if self.vips is None:
             self.vips = self._manager_cls([])
             _ = self.vips.nl  # open the netlink socket before READY
+        policy = _realtime(priority)
         self.send(f"READY {os.getpid()} {policy}")
         poller = select.poll()
         poller.register(self.sock.fileno(), select.POLLIN)
