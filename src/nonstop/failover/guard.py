@@ -46,21 +46,13 @@ GUARD_PRIORITY = 60  # above the agent's SCHED_FIFO priority (nonstop.agent.real
 
 
 def _realtime(priority: int) -> str:
-    """SCHED_FIFO at ``priority``, memory locked first: locking faults in every mapped page
-    (~10 ms of kernel work), which at real-time priority would hold the agents off a CPU."""
+    """SCHED_FIFO at ``priority`` with memory locked, as the agent does it (locked first)."""
     if priority <= 0:
         return "other"
-    try:
-        import ctypes
+    from nonstop.agent.realtime import make_realtime
 
-        ctypes.CDLL(None, use_errno=True).mlockall(3)  # MCL_CURRENT | MCL_FUTURE, best effort
-    except (OSError, AttributeError):
-        pass
-    try:
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
-    except OSError:
-        return "other"
-    return f"fifo:{priority}"
+    failed = make_realtime(priority, lock_memory=True)
+    return "other" if any(f.startswith("SCHED_FIFO") for f in failed) else f"fifo:{priority}"
 
 
 class Guard:

@@ -77,6 +77,8 @@ def _same_endpoint(src: tuple, backup: tuple[str, int] | None) -> bool:
     answers from the socket the sync is sent to, so its address and port match exactly."""
     if backup is None or src[1] != backup[1]:
         return False
+    if src[0] == backup[0]:  # the usual case, without parsing an address per ACK
+        return True
     try:
         return ipaddress.ip_address(src[0].partition("%")[0]) == ipaddress.ip_address(
             backup[0].partition("%")[0])
