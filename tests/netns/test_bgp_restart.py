@@ -151,7 +151,10 @@ def test_local_restarts_keep_sessions(world: tuple[Lab, BirdPeer, FrrPeer, Node]
                 print(standby.output()[-3000:])
                 raise
             tk = s["takeover"]
-            assert tk["resets"] == 0 and sorted(tk["resumed"]) == ["bird", "frr"]
+            if tk["resets"] or sorted(tk["resumed"]) != ["bird", "frr"]:
+                print("--- killed master ---", master.output()[-4000:], sep="\n")
+                print("--- standby ---", standby.output()[-6000:], sep="\n")
+            assert tk["resets"] == 0 and sorted(tk["resumed"]) == ["bird", "frr"], tk
             takeovers.append((tk["resumed_at"] - killed) * 1000)
             master, standby = standby, node.start(standby=True)
             wait_for(lambda: (x := node.summary()) and x["standbys"] == 1, 10, "new standby")

@@ -41,15 +41,32 @@ def _frame(kind: bytes, payload: bytes) -> bytes:
 
 
 def kernel_counts(sock: socket.socket) -> tuple[int, int, int, int]:
-    """(bytes_received, bytes_acked, inq, outq) of a TCP socket."""
-    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
-    acked, received = struct.unpack_from("=QQ", info, 120)
-    counts = []
-    for req in (SIOCINQ, SIOCOUTQ):
+    """(bytes_received, bytes_acked, inq, outq) of a TCP socket, as of one instant.
+
+    TCP_INFO and the two ioctls are separate calls: a segment or an ACK that lands between
+    them moves one count and not the other (received - inq would be short by the segment,
+    acked + outq by the ACK). The counts are read again until TCP_INFO reads the same on both
+    sides of the ioctls."""
+    def info() -> tuple[int, int]:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+        acked, received = struct.unpack_from("=QQ", raw, 120)
+        return received, acked
+
+    def ioctl(req: int) -> int:
         buf = array.array("i", [0])
         fcntl.ioctl(sock.fileno(), req, buf)
-        counts.append(buf[0])
-    return received, acked, counts[0], counts[1]
+        return buf[0]
+
+    before = info()
+    for _ in range(1000):
+        inq, outq = ioctl(SIOCINQ), ioctl(SIOCOUTQ)
+        after = info()
+        if after == before:
+            break
+        before = after
+    else:
+        raise OSError("TCP counts kept moving while read")
+    return before[0], before[1], inq, outq
 
 
 class ReplicaServer:
@@ -125,8 +142,8 @@ class StandbyFollower:
         self.socks: dict[str, tuple[socket.socket, bool]] = {}
         self.resets = 0
 
-    def follow(self, *, connect_timeout: float = 30.0) -> None:
-        """Blocks until the master goes away."""
+    def follow(self, *, connect_timeout: float = 30.0, chunk: int = 1 << 20) -> None:
+        """Blocks until the master goes away. ``chunk``: the most read at once."""
         deadline = time.monotonic() + connect_timeout
         c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         while True:
@@ -139,15 +156,18 @@ class StandbyFollower:
                 time.sleep(0.05)
         buf = bytearray()
         names = [p.name for p in self.standby.speaker.by_index]
+        # a descriptor comes with the first byte of its frame read: one recv may end inside an
+        # F frame, so descriptors wait here for the rest of their frame
+        fds: list[int] = []
         with c:
             while True:
-                data, fds, _, _ = socket.recv_fds(c, 1 << 20, 16)
+                data, got, _, _ = socket.recv_fds(c, chunk, 16)
+                fds += got
                 if not data:
                     for fd in fds:
                         os.close(fd)
                     return
                 buf += data
-                fds = list(fds)
                 while len(buf) >= 4:
                     n = struct.unpack_from("!I", buf)[0]
                     if len(buf) < 4 + n:
@@ -191,7 +211,9 @@ class StandbyFollower:
             extra = s.rx_fed - read_total
             if extra < 0:  # the master read bytes it never journaled: the stream is broken
                 self.resets += 1
-                self._lose(name, now, f"{-extra} bytes read by the master were not journaled")
+                self._lose(name, now, f"{-extra} bytes read by the master were not journaled "
+                           f"(kernel: received {received}, unread {inq}; journal: {s.rx_fed} "
+                           f"bytes fed, state {s.state})")
                 continue
             sock.setblocking(True)
             while extra > 0:  # journaled, never consumed: still in the kernel, drop them
