@@ -1,20 +1,18 @@
-"""The local hot standby's plumbing (bgp/replica.py): the kernel's counts of a socket read as of
-one instant, and a follower that gets each descriptor with the frame it belongs to however the
-stream is cut into reads."""
+"""The local hot standby's plumbing (bgp/replica.py): a follower gets each descriptor with the
+frame it belongs to however the stream is cut into reads. (The kernel's counts it reconciles
+with are read as of one instant: tests/unit/test_app.py, kernel_positions.)"""
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import struct
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from nonstop.bgp.config import loads
-from nonstop.bgp.replica import StandbyFollower, _frame, kernel_counts
+from nonstop.bgp.replica import StandbyFollower, _frame
 
 CONFIG = """
 asn = 65001
@@ -30,66 +28,6 @@ name = "p1"
 address = "10.77.0.13"
 asn = 65003
 """
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    srv = socket.create_server(("127.0.0.1", 0))
-    a = socket.create_connection(srv.getsockname())
-    b, _ = srv.accept()
-    srv.close()
-    yield a, b
-    a.close()
-    b.close()
-
-
-def test_kernel_counts_add_up(pair: tuple[socket.socket, socket.socket]) -> None:
-    a, b = pair
-    a.sendall(b"x" * 5000)
-    b.sendall(b"y" * 300)
-    got = 0
-    while got < 1200:
-        got += len(b.recv(1200 - got))
-    while True:  # until all of a's bytes are in b's queue
-        received, _, inq, _ = kernel_counts(b)
-        if received == 5000:
-            break
-    assert received - inq == 1200  # what b read
-    _, acked, _, outq = kernel_counts(b)
-    assert acked + outq == 300  # what b wrote (the passive side's SYN is not counted)
-
-
-def test_kernel_counts_consistent_while_segments_arrive(
-    pair: tuple[socket.socket, socket.socket],
-) -> None:
-    """received - inq is what the reader consumed however many segments land during the read."""
-    a, b = pair
-    stop = threading.Event()
-
-    def feed() -> None:
-        while not stop.is_set():
-            try:
-                a.send(b"z" * 100)
-            except BlockingIOError:
-                stop.wait(0.001)
-
-    a.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    a.setblocking(False)
-    b.setblocking(False)
-    t = threading.Thread(target=feed, daemon=True)
-    t.start()
-    try:
-        read, seen = 0, set()
-        for _ in range(3000):
-            received, _, inq, _ = kernel_counts(b)
-            assert received - inq == read
-            seen.add(received)
-            with contextlib.suppress(BlockingIOError):  # keep the window open
-                read += len(b.recv(300))
-        assert len(seen) > 100  # segments did land between the reads
-    finally:
-        stop.set()
-        t.join()
 
 
 def _serve(path: str, frames: list[tuple[bytes, list[int]]]) -> threading.Thread:

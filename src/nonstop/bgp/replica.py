@@ -9,14 +9,14 @@ first, then the live stream (one journal from the first start: sizes in docs/bgp
 On takeover the kernel tells the truth about the last instant: TCP_INFO ``bytes_received`` minus
 SIOCINQ is what the master read (bytes journaled but never consumed are read and dropped here);
 ``bytes_acked`` (minus our SYN when we connected) plus SIOCOUTQ is what the master wrote (the
-standby does not write it again).
+standby does not write it again). The counts are read as of one instant
+(``app.channel.kernel_positions``): a segment landing between the separate reads made the
+standby drop a whole unjournaled UPDATE, and the next takeover reset the session.
 """
 
 from __future__ import annotations
 
-import array
 import contextlib
-import fcntl
 import logging
 import os
 import socket
@@ -24,6 +24,7 @@ import struct
 import time
 from typing import TYPE_CHECKING
 
+from nonstop.app.channel import kernel_positions
 from nonstop.bgp.config import SpeakerConfig
 from nonstop.bgp.fsm import DisconnectRequested, State
 from nonstop.bgp.journal import CONNECTED, LOST, Journal, SessionResumed, Standby, decode_record
@@ -33,40 +34,10 @@ if TYPE_CHECKING:
     from nonstop.bgp.aio import SpeakerService
 
 log = logging.getLogger("nonstop.bgp.replica")
-SIOCINQ, SIOCOUTQ = 0x541B, 0x5411
 
 
 def _frame(kind: bytes, payload: bytes) -> bytes:
     return struct.pack("!I", len(payload) + 1) + kind + payload
-
-
-def kernel_counts(sock: socket.socket) -> tuple[int, int, int, int]:
-    """(bytes_received, bytes_acked, inq, outq) of a TCP socket, as of one instant.
-
-    TCP_INFO and the two ioctls are separate calls: a segment or an ACK that lands between
-    them moves one count and not the other (received - inq would be short by the segment,
-    acked + outq by the ACK). The counts are read again until TCP_INFO reads the same on both
-    sides of the ioctls."""
-    def info() -> tuple[int, int]:
-        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
-        acked, received = struct.unpack_from("=QQ", raw, 120)
-        return received, acked
-
-    def ioctl(req: int) -> int:
-        buf = array.array("i", [0])
-        fcntl.ioctl(sock.fileno(), req, buf)
-        return buf[0]
-
-    before = info()
-    for _ in range(1000):
-        inq, outq = ioctl(SIOCINQ), ioctl(SIOCOUTQ)
-        after = info()
-        if after == before:
-            break
-        before = after
-    else:
-        raise OSError("TCP counts kept moving while read")
-    return before[0], before[1], inq, outq
 
 
 class ReplicaServer:
@@ -206,19 +177,17 @@ class StandbyFollower:
             if s.state != State.ESTABLISHED:
                 self._lose(name, now, "not established at takeover")
                 continue
-            received, acked, inq, outq = kernel_counts(sock)
-            read_total = received - inq
+            read_total, write_total = kernel_positions(sock)
             extra = s.rx_fed - read_total
             if extra < 0:  # the master read bytes it never journaled: the stream is broken
                 self.resets += 1
                 self._lose(name, now, f"{-extra} bytes read by the master were not journaled "
-                           f"(kernel: received {received}, unread {inq}; journal: {s.rx_fed} "
-                           f"bytes fed, state {s.state})")
+                           f"(the kernel says {read_total} read, the journal {s.rx_fed})")
                 continue
             sock.setblocking(True)
             while extra > 0:  # journaled, never consumed: still in the kernel, drop them
                 extra -= len(sock.recv(extra))
-            written[name] = acked - (1 if active else 0) + outq
+            written[name] = write_total - (1 if active else 0)  # our SYN counts as acked
         return self.standby.resume(now, written)
 
     def _lose(self, name: str, now: float, why: str) -> None:
