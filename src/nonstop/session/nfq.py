@@ -199,6 +199,9 @@ class AckClamp:
         self._held: list[tuple[int, FourTuple, int, bytes]] = []
         self._loose: list[int] = []  # passed while some are held: answered one by one
         self._kick: tuple[int, int] | None = None  # pipe: a byte on [1] re-checks the held ones
+        # set with each kick: the loop re-checks the held ones after the datagram in hand, so
+        # they go out while the queue never drains (the pipe only wakes an idle loop)
+        self._kicked = False
 
     def rule(self, chain: str = "OUTPUT") -> list[str]:
         """The iptables rule spec for ``chain`` (OUTPUT: our segments, INPUT: the peer's). Our
@@ -279,6 +282,7 @@ class AckClamp:
     def kick(self) -> None:
         """The hold may have moved (the backup confirmed more, or is gone): re-check the held
         segments. Thread-safe, cheap; a no-op when closed."""
+        self._kicked = True
         kick = self._kick  # always written: a segment held right after a check must not wait
         if kick is not None:
             with contextlib.suppress(OSError):  # full (a check is due anyway) or closing
@@ -347,6 +351,7 @@ class AckClamp:
                     if kick[0] in ready:
                         with contextlib.suppress(BlockingIOError):
                             os.read(kick[0], 4096)
+                        self._kicked = False
                         self._unhold(sock)
                     continue
                 except OSError as e:
@@ -355,6 +360,10 @@ class AckClamp:
                     self.stats.overflows += 1
                     continue
                 self._messages(sock, buf, mv, n)
+                if self._kicked:  # the queue may never drain under load: not only when idle
+                    self._kicked = False
+                    if self._held:
+                        self._unhold(sock)
                 if self._waiting >= self.batch:
                     self._release(sock)
         except BaseException as e:
