@@ -15,6 +15,7 @@ import shlex
 
 from nonstop.common import Role
 from nonstop.config import HooksConfig
+from nonstop.spawn import DEVNULL, spawn
 
 log = logging.getLogger("nonstop.hooks")
 
@@ -54,9 +55,7 @@ class Hooks:
         )
         self.runs += 1
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, env=env, stdin=asyncio.subprocess.DEVNULL
-            )
+            proc = await spawn(argv, env=env, stdin=DEVNULL)
         except OSError as e:
             self.failures += 1
             log.error("hook %r for %s could not start: %s", cmd, new, e)

@@ -15,6 +15,8 @@ from typing import Annotated
 
 import msgspec
 
+from nonstop.spawn import DEVNULL, PIPE, spawn
+
 Ms = Annotated[int, msgspec.Meta(ge=0)]
 PositiveMs = Annotated[int, msgspec.Meta(ge=1)]
 Count = Annotated[int, msgspec.Meta(ge=1, le=1000)]
@@ -118,12 +120,8 @@ async def _http(url: str, accept: list[int]) -> tuple[bool, str]:
 
 async def _command(argv: list[str]) -> tuple[bool, str]:
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
+        proc = await spawn(
+            argv, stdin=DEVNULL, stdout=DEVNULL, stderr=PIPE, start_new_session=True
         )
     except OSError as e:
         return False, f"{argv[0]}: {_why(e)}"

@@ -18,7 +18,6 @@ Code is bind-mounted, not baked in, so the image is built once and cached by nam
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import glob
 import os
@@ -31,6 +30,7 @@ import tempfile
 
 from nonstop.app.runtime import ExitStatus, LaunchError
 from nonstop.app.runtime.spec import ServiceConfig
+from nonstop.spawn import PIPE, Child, spawn
 
 PYTHON_IMAGE = "localhost/nonstop-python:3.11"
 STATE_MOUNT = "/state"
@@ -101,14 +101,13 @@ def _listdir(path: str) -> list[str]:
 class ContainerInstance:
     def __init__(self, rt: ContainerRuntime, name: str, pid: int | None) -> None:
         self._rt, self.name, self.pid = rt, name, pid
-        self._waiter: asyncio.subprocess.Process | None = None
+        self._waiter: Child | None = None
         self.status: ExitStatus | None = None
 
     async def wait(self) -> ExitStatus:
-        self._waiter = await asyncio.create_subprocess_exec(
-            *self._rt.base, "wait", *self._rt.wait_args, self.name,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+        self._waiter = await spawn(
+            [*self._rt.base, "wait", *self._rt.wait_args, self.name], stdout=PIPE, stderr=PIPE
+        )
         out, _ = await self._waiter.communicate()
         text = out.decode().strip()
         if self._waiter.returncode != 0 or not text.lstrip("-").isdigit():
@@ -162,9 +161,7 @@ class ContainerRuntime:
         return [*args, *c.extra_args, c.image, *svc.command]
 
     async def engine(self, *args: str, check: bool = True) -> str:
-        proc = await asyncio.create_subprocess_exec(
-            *self.base, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-        )
+        proc = await spawn([*self.base, *args], stdout=PIPE, stderr=PIPE)
         out, err = await proc.communicate()
         if check and proc.returncode != 0:
             msg = err.decode(errors="replace").strip().splitlines()[-1:] or [""]

@@ -21,6 +21,7 @@ from nonstop.app.supervisor import (
     InstanceExited,
     StateChanged,
 )
+from nonstop.spawn import DEVNULL, spawn
 
 log = logging.getLogger("nonstop.service")
 
@@ -57,9 +58,9 @@ async def run_service_hook(
         NONSTOP_REASON=reason,
     )
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *cfg.hook, kind, ev.service, state, reason,
-            env=env, cwd=cfg.cwd or None, stdin=asyncio.subprocess.DEVNULL,
+        proc = await spawn(
+            [*cfg.hook, kind, ev.service, state, reason],
+            env=env, cwd=cfg.cwd or None, stdin=DEVNULL,
         )  # fmt: skip
     except OSError as e:
         log.error("service %s: hook %s could not start: %s", ev.service, cfg.hook, e)

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 
 from nonstop.app.runtime import ExitStatus, LaunchError
 from nonstop.app.runtime.spec import ServiceConfig
+from nonstop.spawn import DEVNULL, Child, spawn
 
 
 class ProcessInstance:
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+    def __init__(self, proc: Child) -> None:
         self._proc = proc
         self.pid: int | None = proc.pid
 
@@ -42,12 +42,12 @@ class ProcessRuntime:
         out = open(os.path.join(log_dir, f"{svc.name}.out"), "ab")  # noqa: SIM115
         err = open(os.path.join(log_dir, f"{svc.name}.err"), "ab")  # noqa: SIM115
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *svc.command,
+            proc = await spawn(
+                list(svc.command),
                 cwd=svc.cwd or None,
                 env=env,
                 user=svc.user or None,
-                stdin=asyncio.subprocess.DEVNULL,
+                stdin=DEVNULL,
                 stdout=out,
                 stderr=err,
                 start_new_session=True,  # own session and process group: killpg reaches all
