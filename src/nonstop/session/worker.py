@@ -236,13 +236,21 @@ class SessionWorker:
             raise LocalProtocolError(f"session worker: {req['op']}: {reply.get('error')}")
         return reply
 
-    def send(self, req: dict[str, Any]) -> None:
-        """Send without waiting (the agent's loop reads the replies: ``read_replies``)."""
-        self.sock.settimeout(1.0)
+    def send(self, req: dict[str, Any]) -> bool:
+        """Send without waiting (the agent's loop reads the replies: ``read_replies``). False:
+        the worker has not read the earlier requests yet (the socket is full); send it later.
+        Never blocks: it used to wait up to a second, and a busy worker held the agent's loop,
+        heartbeats and all, a second per request."""
+        self.sock.setblocking(False)
         try:
             self.sock.send(_enc.encode(req))
+        except BlockingIOError:
+            return False
         except OSError as e:
             raise LocalProtocolError(f"session worker: {req['op']}: {e}") from e
+        finally:
+            self.sock.setblocking(True)
+        return True
 
     def read_replies(self) -> list[dict[str, Any]] | None:
         """Every reply ready now (non-blocking); None at EOF (the worker is gone)."""
