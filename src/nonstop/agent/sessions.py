@@ -32,6 +32,7 @@ from nonstop.membership.wire import FLAG_SYNC_READY
 from nonstop.session.driver import Reply, WorkerDriver
 
 log = logging.getLogger("nonstop.agent")
+PROMOTE_LATE_S = 2.0  # a promote unanswered this long is logged as an error
 
 
 
@@ -76,7 +77,11 @@ class Sessions(WorkerDriver):
         synced here, or those this node parked at its step-down if no other node can have served
         since (see the module doc). False: no worker, call ``done`` yourself."""
 
+        answered = False
+
         def on_reply(r: Reply | None) -> None:
+            nonlocal answered
+            answered = True
             if r is None:
                 self.counters["promote_errors"] += 1
                 log.error("session takeover failed: the VIPs are taken without the connections")
@@ -100,7 +105,16 @@ class Sessions(WorkerDriver):
             log.info("connections parked here, if any, are not restored: %s", self.park_note)
         self._park = None
         self._backup_side = False
-        return self._send({"op": "promote", "own": own}, on_reply)
+        sent = self._send({"op": "promote", "own": own}, on_reply)
+
+        def late() -> None:  # master without its VIPs meanwhile: say so, loudly
+            if not answered:
+                self.counters["promote_late"] = self.counters.get("promote_late", 0) + 1
+                log.error("session worker: no answer to promote after %.0f s: the VIPs wait "
+                          "for it (%d requests queued)", PROMOTE_LATE_S, len(self._queued))
+        if sent and self._loop is not None:
+            self._loop.call_later(PROMOTE_LATE_S, late)
+        return sent
 
     def kick(self) -> None:
         """The VIPs answer here (the first gratuitous ARP is out): the worker provokes both ends
