@@ -46,6 +46,7 @@ class Sessions(WorkerDriver):
         self._park: tuple[int, int] | None = None  # lease term at the step-down; None: invalid
         self.park_note = ""  # why the parked connections were (or will be) dropped
         self._backup_side = False  # the worker's backup side listens (after start, a demote)
+        self.counters["promote_late"] = 0
 
     def start(self, loop: Any, on_exit: Callable[[], None]) -> None:
         super().start(loop, on_exit)
@@ -109,7 +110,7 @@ class Sessions(WorkerDriver):
 
         def late() -> None:  # master without its VIPs meanwhile: say so, loudly
             if not answered:
-                self.counters["promote_late"] = self.counters.get("promote_late", 0) + 1
+                self.counters["promote_late"] += 1
                 log.error("session worker: no answer to promote after %.0f s: the VIPs wait "
                           "for it (%d requests queued)", PROMOTE_LATE_S, len(self._queued))
         if sent and self._loop is not None:

@@ -33,7 +33,8 @@ class WorkerDriver:
         self.worker: SessionWorker | None = None
         self._waiting: collections.deque[Callable[[Reply | None], None]] = collections.deque()
         self._on_exit: Callable[[], None] | None = None
-        self.counters: dict[str, int] = {"promote_errors": 0, "worker_errors": 0}
+        self.counters: dict[str, int] = {"promote_errors": 0, "worker_errors": 0,
+                                         "worker_backlog": 0, "worker_backlog_refused": 0}
         self.cached: list[dict[str, Any]] = []  # the last status the worker gave
         # requests the worker's full socket did not take yet, oldest first
         self._queued: collections.deque[dict[str, Any]] = collections.deque()
@@ -71,8 +72,7 @@ class WorkerDriver:
         if self._queued:  # behind those already waiting: the worker answers in order
             if len(self._queued) >= MAX_QUEUED:
                 self.counters["worker_errors"] += 1
-                self.counters["worker_backlog_refused"] = \
-                    self.counters.get("worker_backlog_refused", 0) + 1
+                self.counters["worker_backlog_refused"] += 1
                 if self.counters["worker_backlog_refused"] == 1:
                     log.error("session worker: %d requests wait for it to read: %s refused",
                               len(self._queued), req["op"])  # fmt: skip
@@ -82,7 +82,7 @@ class WorkerDriver:
             try:
                 if not self.worker.send(req):
                     self._queued.append(req)
-                    self.counters["worker_backlog"] = self.counters.get("worker_backlog", 0) + 1
+                    self.counters["worker_backlog"] += 1
                     if self._loop is not None:
                         self._loop.add_writer(self.worker.fileno(), self._writable)
             except LocalProtocolError as e:
