@@ -524,3 +524,33 @@ def test_acks_are_taken_only_from_the_backup_synced_to() -> None:
     assert not _same_endpoint(("10.77.1.12", 7782), ("10.77.1.12", 7781))
     assert not _same_endpoint(("10.77.1.12", 7781), None)
     assert _same_endpoint(("fd77:1::12", 7781, 0, 0), ("fd77:1:0::0:12", 7781))
+
+
+def test_a_paused_sender_keeps_the_mirror_and_seals_nothing() -> None:
+    """No backup (a new master adopting its connections): records update the mirror only, and
+    the next resync gives a backup the whole of it."""
+    tx = SyncSender(KEY, incarnation=1, now=0.0, max_batch=2)
+    tx.pause()
+    isn = 1000
+    tx.open(3, full(3, isn, isn), 0.0)
+    tx.data(3, Direction.RCV, isn, b"hello world", 0.0)
+    tx.data(3, Direction.SND, isn, b"reply", 0.0)
+    tx.commit(3, seq_add(isn, 6), seq_add(isn, 2), b"s", 0.0)
+    tx.update(3, rcv_nxt=seq_add(isn, 11), snd_una=seq_add(isn, 2), snd_nxt=seq_add(isn, 5),
+              snd_wnd=9, rcv_wnd=9, now=0.0)
+    assert tx.datagrams_to_send(1.0) == [] and tx.in_flight == 0
+    assert tx.counters["batches"] == 0 and tx.counters["records"] == 0
+    mirror = tx.connections()[3]
+    assert (mirror.rcv_start, mirror.rcv_data) == (seq_add(isn, 6), b"world")
+    assert (mirror.snd_start, mirror.snd_data) == (seq_add(isn, 2), b"ply")
+    with pytest.raises(LocalProtocolError):  # still checked: a bad record is refused
+        tx.commit(3, isn, isn, b"", 0.0)
+    rx = SyncReceiver(KEY, now=0.0, incarnation=1)
+    tx.resync(2.0, new_backup=True)
+    for _ in range(3):
+        for d in tx.datagrams_to_send(2.0):
+            for a in rx.receive(d, 2.0):
+                tx.receive_ack(a, 2.0)
+    assert tx.counters["batches"] > 0 and tx.resynced
+    assert rx.connections()[3] == mirror
+    assert tx.confirmed(3) == (mirror.rcv_end, mirror.snd_end)

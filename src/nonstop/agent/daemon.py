@@ -538,6 +538,7 @@ class Agent:
             # namespace or link churn elsewhere on the node can hold for tens of milliseconds
             self.guard.arm(max(1.0, self.cfg.fence_timeout), self.vips.specs)
         self.vips.acquire()
+        self.sessions.mark("vips_added")
         now = time.monotonic()
         if self.guard is not None:
             self.guard.arm(self.cfg.fence_timeout, self.vips.specs)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +48,9 @@ class Sessions(WorkerDriver):
         self.park_note = ""  # why the parked connections were (or will be) dropped
         self._backup_side = False  # the worker's backup side listens (after start, a demote)
         self.counters["promote_late"] = 0
+        # the last takeover's steps, CLOCK_MONOTONIC seconds (the same clock as the role
+        # history's at_monotonic): where its time went, as the peer's silence is made of it
+        self.takeover: dict[str, float] = {}
 
     def start(self, loop: Any, on_exit: Callable[[], None]) -> None:
         super().start(loop, on_exit)
@@ -79,10 +83,12 @@ class Sessions(WorkerDriver):
         since (see the module doc). False: no worker, call ``done`` yourself."""
 
         answered = False
+        self.takeover = {"promote_asked": time.monotonic()}
 
         def on_reply(r: Reply | None) -> None:
             nonlocal answered
             answered = True
+            self.mark("promote_answered")
             if r is None:
                 self.counters["promote_errors"] += 1
                 log.error("session takeover failed: the VIPs are taken without the connections")
@@ -120,6 +126,7 @@ class Sessions(WorkerDriver):
     def kick(self) -> None:
         """The VIPs answer here (the first gratuitous ARP is out): the worker provokes both ends
         of the connections it just restored (``nonstop.session.kick``). Fire and forget."""
+        self.mark("kick_asked")
         self._send({"op": "kick", "reply": False}, None)
 
     def demote(self) -> None:
@@ -161,11 +168,17 @@ class Sessions(WorkerDriver):
             self._peers = want
             log.info("session sync to %s", [w and f"{w[0]}:{w[1]}" for w in want])
 
+    def mark(self, step: str) -> None:
+        """Note when a step of the takeover under way happened (the first time only)."""
+        if self.takeover:
+            self.takeover.setdefault(step, time.monotonic())
+
     def status(self) -> dict[str, Any]:
         return {
             "worker_pid": None if self.worker is None else self.worker.pid,
             "counters": dict(self.counters),
             "last_promotion": self.last_promotion,
+            "last_takeover_at": dict(self.takeover),
             "parked_valid": self._park is not None,
             "park_note": self.park_note,
         }

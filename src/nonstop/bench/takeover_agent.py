@@ -118,6 +118,11 @@ def run(
         changes = [h for h in st.get("history", []) if h.get("at_monotonic", 0) >= t_kill]
         result["role_changes_after_kill"] = [
             f"{h['old']} -> {h['new']}: {h['reason']}" for h in changes]
+        # where the silence went: each step of the (last) takeover, ms after the kill
+        steps = {"master": changes[-1]["at_monotonic"]} if changes else {}
+        steps.update((st.get("session_worker") or {}).get("last_takeover_at") or {})
+        result["takeover_steps_ms"] = {k: round((t - t_kill) * 1000, 1)
+                                       for k, t in sorted(steps.items(), key=lambda kv: kv[1])}
         marks = [(t_kill, "master killed"), (t_master, "backup is master")]
         title = f"TCP session takeover: {sessions} connections, {rate:g} msg/s each way"
         if png and write_stream_timeline(png, samples_path, marks, title):

@@ -26,7 +26,9 @@ they were. (The clamp used to engage only once the whole resync was acknowledged
 acknowledged meanwhile came after the resync in the stream, and a master killed right after
 ``protecting`` turned true had told the peer about bytes its backup never got.) Batches go
 to the backup over UDP at once (``max_delay`` 0: one batch per segment seen) from the verdict
-thread; a second thread reads the backup's ACKs and retransmits.
+thread; a second thread reads the backup's ACKs and retransmits. In the session worker the
+clamp is the service's gate (``session.gate``, bound for the worker's life): ``open()`` makes it
+serve this session's hooks, ``close()`` makes it quiet.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from nonstop.common import LocalProtocolError, normal_priority, readable
+from nonstop.session.gate import ServiceGate
 from nonstop.session.kick import KickTarget
 from nonstop.session.mirror import ConnState, seq_add, seq_diff, seq_lt
 from nonstop.session.nfnl import SO_RCVBUFFORCE, SO_SNDBUFFORCE
@@ -133,12 +136,15 @@ class MasterSession:
         # that is still binding its socket waits one timeout per lost RESET)
         max_delay: float = 0.001,
         md5: Mapping[str, bytes] | None = None,
+        gate: ServiceGate | None = None,  # the worker's (open, quiet): served, not owned
     ) -> None:
         self.vip, self.port, self.family, self.backup = vip, port, family, backup
         self.adopted = 0  # connections taken over from a previous master (adopt())
         now = time.monotonic()
         inc = incarnation if incarnation is not None else time.time_ns() // 1000
         self.sender = SyncSender(key, incarnation=inc, max_delay=max_delay, now=now, rto=rto)
+        if backup is None:
+            self.sender.pause()  # adopt_many and the first segments feed only the mirror
         self._lock = threading.Lock()
         self._conns: dict[FourTuple, _Tracked] = {}
         self._syns: dict[FourTuple, _Syn] = {}
@@ -148,7 +154,8 @@ class MasterSession:
         self._udp = socket.socket(fam, socket.SOCK_DGRAM)
         big_buffers(self._udp, 1 << 20)
         self._udp.bind(sync_bind)
-        self._clamp = AckClamp(
+        self._gate = gate
+        self._clamp = gate if gate is not None else AckClamp(
             queue_num,
             vip=vip,
             port=port,
@@ -167,13 +174,22 @@ class MasterSession:
     def open(self) -> MasterSession:
         self._thread = threading.Thread(target=self._ack_loop, name="nonstop-sync-tx", daemon=True)
         self._thread.start()
-        self._clamp.open()
+        if self._gate is None:
+            self._clamp.open()
+        else:  # never under self._lock: the verdict thread may wait for it in a hook
+            self._gate.serve(limit=self._limit, capture=self._inbound,
+                             capture_out=self._outbound, hold=self._hold)
         return self
 
     def close(self) -> None:
+        """Stop; the clamp goes (its rules too), or a gate goes quiet: this node stops
+        serving VIP:port."""
         self._stop.set()
         try:
-            self._clamp.close()
+            if self._gate is None:
+                self._clamp.close()
+            else:
+                self._gate.silence()
         finally:
             if self._thread is not None:
                 self._thread.join(timeout=5)

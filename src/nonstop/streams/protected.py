@@ -187,6 +187,7 @@ class _Conn:
         that trailer (a message cut right after its header would be misread: rare, not seen)."""
         assert self.cid is not None
         whole = HEADER.size + self.size
+        first = True
         while True:
             left = self.conn.replaying
             if left == HEADER.size != whole:  # the dead process's trailer
@@ -196,6 +197,9 @@ class _Conn:
                 break
             await self.conn.ns_send(make_message(SERVER, self.cid, self.tx, self.size))
             self.tx += 1
+            if first:  # a byte on every connection before any catches up and commits: 256
+                first = False  # adopted ones used to wait for each other's whole backlog
+                await asyncio.sleep(0)
             if left:
                 continue  # written before: no pacing
             delay = self.epoch + self.tx / self.srv.rate - time.time()
