@@ -21,7 +21,6 @@ import pytest
 from tcpwatch import connected, tcp_info, wait_stable
 
 from nonstop.lab import Lab
-from nonstop.session.gate import ServiceGate
 from nonstop.session.nfq import COMMENT, AckClamp, FourTuple, remove_rules
 from nonstop.session.repair import dump
 from nonstop.session.segment import SEQ_MOD, SYN, Segment, seq_add
@@ -319,9 +318,8 @@ def test_hold_keeps_data_until_kicked_then_every_byte_once(lab: Lab) -> None:
 def test_rule_left_by_a_dead_listener_fails_closed(lab: Lab) -> None:
     """The worker holding the queue dies (its socket closes, its rules stay): nothing of VIP:port
     leaves, not even an ACK, until the rules are removed (they passed unclamped, once: a killed
-    master's kernel acknowledged bytes its backup never got). remove_rules(keep=) keeps one copy
-    of a kept queue's rule per chain (the next worker's gate) and sweeps the rest: a second
-    copy, and a pre-gate quiet DROP rule."""
+    master's kernel acknowledged bytes its backup never got). remove_rules(keep_quiet=True)
+    then clears the clamp's rules, not the quiet rule."""
     a, b = lab.host("a"), lab.host("b")
     clamp = AckClamp(QUEUE, vip=A, port=PORT, limit=lambda t: None, capture=lambda s, p: None,
                      netns=a.ns)  # fmt: skip
@@ -330,25 +328,24 @@ def test_rule_left_by_a_dead_listener_fails_closed(lab: Lab) -> None:
     try:
         with connected(a, b, A, PORT) as (cli, conn):
             acked0 = tcp_info(cli)[1]
-            clamp.close(keep_rules=True)  # a crash: the socket goes, the rules stay
-            assert rules(lab).count(f"{COMMENT}:q{QUEUE}") == 2  # OUTPUT and INPUT
+            kept = list(clamp._chains)
+            clamp._chains.clear()  # a crash: the socket goes, the rules stay
+            clamp.close()
+            assert f"{COMMENT}:q{QUEUE}" in rules(lab) and kept
             conn.sendall(b"from the dead master")
             cli.sendall(b"to the dead master")
             cli.settimeout(1.0)
             with pytest.raises(TimeoutError):
                 cli.recv(100)
             assert tcp_info(cli)[1] == acked0  # not even an ACK got out
-            a.sh(["iptables", "-w", "-A", "OUTPUT", *clamp.rule("OUTPUT")])  # a second copy
             a.sh(["iptables", "-w", "-I", "OUTPUT", "-p", "udp", "--dport", "9", "-m",
                   "comment", "--comment", f"{COMMENT}:quiet", "-j", "DROP"])  # fmt: skip
-            assert remove_rules(4, netns_fd=fd, keep={f"{COMMENT}:q{QUEUE}"}) == 2
-            assert rules(lab).count(f"{COMMENT}:q{QUEUE}") == 2
-            assert f"{COMMENT}:quiet" not in rules(lab)
-            with pytest.raises(TimeoutError):  # one copy is as closed as two
-                cli.recv(100)
-            assert remove_rules(4, netns_fd=fd) == 2
+            assert remove_rules(4, netns_fd=fd, keep_quiet=True) == 2
+            assert f"{COMMENT}:quiet" in rules(lab)
+            assert f"{COMMENT}:q{QUEUE}" not in rules(lab)
             cli.settimeout(10)  # the server's retransmission now gets through
             assert cli.recv(100) == b"from the dead master"
+            assert remove_rules(4, netns_fd=fd) == 1  # the quiet one
     finally:
         clamp.close()  # (closed above already unless the test failed before)
         os.close(fd)
@@ -372,52 +369,27 @@ def test_remove_rules_sweeps_leftovers(lab: Lab) -> None:
     assert COMMENT not in rules(lab) and "--dport 9" in rules(lab)
 
 
-def test_gate_modes_quiet_pass_serve_and_its_rules_outlive_an_agent_gone(lab: Lab) -> None:
-    """The session worker's gate: quiet drops every segment of VIP:port (not even an ACK of the
-    client's bytes leaves), pass lets them through, serve applies the master's hooks (the hold
-    keeps data back), silence drops what the hold kept and is quiet again; closed with
-    keep_rules, its rules stay and nothing leaves; no iptables call between modes."""
-    a, b = lab.host("a"), lab.host("b")
-    gate = ServiceGate(QUEUE, vip=A, port=PORT, netns=a.ns)
-    fd = os.open(f"/run/netns/{a.ns}", os.O_RDONLY)
-    try:
-        gate.open()
-        assert gate.mode == "quiet" and rules(lab).count(f"{COMMENT}:q{QUEUE}") == 2
-        gate.pass_all()
-        with connected(a, b, A, PORT) as (cli, conn):
-            acked0 = tcp_info(cli)[1]
-            gate.silence()
-            conn.sendall(b"quiet")
-            cli.sendall(b"to the quiet node")
-            cli.settimeout(1.0)
-            with pytest.raises(TimeoutError):
-                cli.recv(100)
-            assert tcp_info(cli)[1] == acked0 and gate.stats.quieted > 0
-            gate.pass_all()
-            cli.settimeout(10)
-            assert cli.recv(100) == b"quiet"  # retransmitted, now through
-            assert conn.recv(100) == b"to the quiet node"
-            end = seq_add(dump(conn).snd_seq, 0)
-            seen: list[FourTuple] = []
-            gate.serve(limit=lambda t: seen.append(t) or None, hold=lambda t: end)
-            assert gate.mode == "serve"
-            conn.sendall(b"held")
-            assert wait_stable(lambda: gate.stats.held_now) == 1
-            assert seen  # the hooks judge the segments now
-            gate.silence()  # the held segment is dropped, not let out
-            assert gate.mode == "quiet" and gate.stats.held_now == 0
-            cli.settimeout(1.0)
-            with pytest.raises(TimeoutError):
-                cli.recv(100)
-            gate.close(keep_rules=True)  # the agent is gone: the rules stay, nobody bound
-            assert rules(lab).count(f"{COMMENT}:q{QUEUE}") == 2
-            with pytest.raises(TimeoutError):
-                cli.recv(100)
-            assert remove_rules(4, netns_fd=fd) == 2
-            cli.settimeout(10)
-            assert cli.recv(100) == b"held"
-    finally:
-        gate.close()
-        os.close(fd)
-    assert gate.error is None
+def test_quiet_rule_lifted_at_the_first_deletion_gone_after_wait(lab: Lab) -> None:
+    """A promotion restores once the quiet rule's first copy is deleted (``lifted``); the
+    background removal goes on to any other copy, all gone after ``wait``; ``lifted`` with no
+    copy at all returns too (the search that found none is over)."""
+    code = f"""
+import subprocess
+from nonstop.session.quiet import QuietRule
+q = QuietRule({A!r}, {PORT}, 4)
+def copies():
+    out = subprocess.run(["iptables", "-w", "-S", "OUTPUT"], capture_output=True, text=True)
+    return out.stdout.count(":quiet")
+q.add(); q.add()
+assert copies() == 1, "add keeps one copy"
+subprocess.run(["iptables", "-w", "-I", "OUTPUT", *q.spec()], check=True)  # a leftover copy
+q.start_removal(); q.lifted()
+assert copies() <= 1, copies()
+q.wait()
+assert copies() == 0
+q.start_removal(); q.lifted(); q.wait()  # none left: no hang
+print("ok")
+"""
+    r = lab.host("a").sh([sys.executable, "-c", code], check=False)
+    assert r.stdout.strip() == "ok", (r.stdout, r.stderr)
     assert COMMENT not in rules(lab)

@@ -220,7 +220,7 @@ class BackupSession:
     def promote(self, before_restore: Callable[[], None] | None = None) -> list[RestoredConn]:
         """Stop receiving and restore every connection (before the VIP is added).
         ``before_restore`` runs once the states are computed, right before the first socket is
-        restored (e.g. opening the gate that keeps a non-master quiet)."""
+        restored (e.g. lifting the rule that keeps a non-master quiet)."""
         t0 = time.monotonic()
         self._halt()
         pairs = self.states()

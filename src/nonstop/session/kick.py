@@ -31,7 +31,8 @@ current TSval (``TCP_TIMESTAMP``: never behind what the peer saw, or PAWS would 
 Connections signed with TCP-MD5 are left alone (an unsigned segment is dropped by the peer).
 They leave marked (``SO_MARK`` ``KICK_MARK``), which the clamp's queue rule lets by: they carry
 nothing the clamp has not seen, and thousands of them after a big takeover would each cost the
-queue's Python path. The quiet gate lets them by too: only a master's worker sends them.
+queue's Python path. The quiet rule has no such exception: a node that is
+not master sends none.
 """
 
 from __future__ import annotations

@@ -26,9 +26,7 @@ they were. (The clamp used to engage only once the whole resync was acknowledged
 acknowledged meanwhile came after the resync in the stream, and a master killed right after
 ``protecting`` turned true had told the peer about bytes its backup never got.) Batches go
 to the backup over UDP at once (``max_delay`` 0: one batch per segment seen) from the verdict
-thread; a second thread reads the backup's ACKs and retransmits. In the session worker the
-clamp is the service's gate (``session.gate``, bound for the worker's life): ``open()`` makes it
-serve this session's hooks, ``close()`` makes it quiet.
+thread; a second thread reads the backup's ACKs and retransmits.
 """
 
 from __future__ import annotations
@@ -45,7 +43,6 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from nonstop.common import LocalProtocolError, normal_priority, readable
-from nonstop.session.gate import ServiceGate
 from nonstop.session.kick import KickTarget
 from nonstop.session.mirror import ConnState, seq_add, seq_diff, seq_lt
 from nonstop.session.nfnl import SO_RCVBUFFORCE, SO_SNDBUFFORCE
@@ -136,7 +133,6 @@ class MasterSession:
         # that is still binding its socket waits one timeout per lost RESET)
         max_delay: float = 0.001,
         md5: Mapping[str, bytes] | None = None,
-        gate: ServiceGate | None = None,  # the worker's (open, quiet): served, not owned
     ) -> None:
         self.vip, self.port, self.family, self.backup = vip, port, family, backup
         self.adopted = 0  # connections taken over from a previous master (adopt())
@@ -154,8 +150,7 @@ class MasterSession:
         self._udp = socket.socket(fam, socket.SOCK_DGRAM)
         big_buffers(self._udp, 1 << 20)
         self._udp.bind(sync_bind)
-        self._gate = gate
-        self._clamp = gate if gate is not None else AckClamp(
+        self._clamp = AckClamp(
             queue_num,
             vip=vip,
             port=port,
@@ -174,22 +169,13 @@ class MasterSession:
     def open(self) -> MasterSession:
         self._thread = threading.Thread(target=self._ack_loop, name="nonstop-sync-tx", daemon=True)
         self._thread.start()
-        if self._gate is None:
-            self._clamp.open()
-        else:  # never under self._lock: the verdict thread may wait for it in a hook
-            self._gate.serve(limit=self._limit, capture=self._inbound,
-                             capture_out=self._outbound, hold=self._hold)
+        self._clamp.open()
         return self
 
     def close(self) -> None:
-        """Stop; the clamp goes (its rules too), or a gate goes quiet: this node stops
-        serving VIP:port."""
         self._stop.set()
         try:
-            if self._gate is None:
-                self._clamp.close()
-            else:
-                self._gate.silence()
+            self._clamp.close()
         finally:
             if self._thread is not None:
                 self._thread.join(timeout=5)

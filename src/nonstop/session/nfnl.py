@@ -10,7 +10,7 @@ import socket
 import struct
 import subprocess
 import threading
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,7 +77,6 @@ class ClampStats:
     unsigned: int = 0  # signed segments to clamp without a key for their peer: dropped
     held: int = 0  # outgoing data segments held until the backup confirmed their bytes
     held_now: int = 0  # of those, still waiting
-    quieted: int = 0  # outgoing segments dropped while quiet (this node does not serve VIP:port)
 
 
 def iptables_cmd(family: int) -> str:
@@ -105,69 +104,25 @@ def in_ns(ns_fd: int, fn: Callable[..., Any], *args: Any) -> Any:
     return box.get("result")
 
 
-def remove_rules(family: int = 4, *, netns_fd: int | None = None,
-                 keep: Collection[str] = ()) -> int:
-    """Delete every nonstop ACK-clamp rule from OUTPUT/INPUT (a crashed agent's leftovers, the
-    quiet DROP rules of versions before the gate); how many. ``keep``: comments (``COMMENT:q5``)
-    of which the first rule in each chain stays (a gate's own, inserted on top). Runs in the
-    current namespace, or the one behind ``netns_fd``."""
+def remove_rules(family: int = 4, *, netns_fd: int | None = None, keep_quiet: bool = False) -> int:
+    """Delete every nonstop ACK-clamp rule from OUTPUT/INPUT (a crashed agent's leftovers); how
+    many. ``keep_quiet``: not the quiet rules (``session.quiet``). Runs in the current namespace,
+    or the one behind ``netns_fd``."""
 
     def body() -> int:
         ipt = iptables_cmd(family)
         out = subprocess.run([ipt, "-w", "-S"], capture_output=True, text=True, check=True)
         n = 0
-        kept: set[tuple[str, str]] = set()
         for line in out.stdout.splitlines():
             if line.startswith("-A ") and COMMENT in line:
-                spec = shlex.split(line)[1:]  # -S quotes the comment
-                comment = spec[spec.index("--comment") + 1] if "--comment" in spec else ""
-                if comment in keep and (spec[0], comment) not in kept:
-                    kept.add((spec[0], comment))
+                if keep_quiet and f"{COMMENT}:quiet" in line:
                     continue
+                spec = shlex.split(line)[1:]  # -S quotes the comment
                 subprocess.run([ipt, "-w", "-D", *spec], capture_output=True, check=True)
                 n += 1
         return n
 
     return body() if netns_fd is None else in_ns(netns_fd, body)
-
-
-def queue_params(copy_range: int) -> bytes:
-    """NFQA_CFG_PARAMS: copy packets, ``copy_range`` bytes of each."""
-    return attr(CFG_PARAMS, struct.pack("!IB", copy_range, COPY_PACKET))
-
-
-def bind_queue(queue_num: int, *, rcvbuf: int, copy_range: int, maxlen: int) -> socket.socket:
-    """A netlink socket bound to NFQUEUE ``queue_num`` in the current namespace: ``copy_range``
-    bytes of each packet, at most ``maxlen`` queued, whole GSO packets (NFQA_CFG_F_GSO)."""
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
-        sock.bind((0, 0))
-        flags = U32BE.pack(F_GSO)
-        for seq, attrs in enumerate([
-            attr(CFG_CMD, struct.pack("!BxH", CMD_BIND, socket.AF_UNSPEC)),
-            queue_params(copy_range),
-            attr(CFG_QUEUE_MAXLEN, U32BE.pack(maxlen)),
-            attr(CFG_FLAGS, flags) + attr(CFG_MASK, flags),
-        ], 1):  # fmt: skip
-            _config(sock, queue_num, seq, attrs)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _config(sock: socket.socket, queue_num: int, seq: int, attrs: bytes) -> None:
-    """Send one NFQNL_MSG_CONFIG and wait for the kernel's answer."""
-    sock.send(nlmsg(MSG_CONFIG, NLM_F_REQUEST | NLM_F_ACK, seq, queue_num, attrs))
-    while True:
-        data = sock.recv(65536)
-        _, kind, _, got, _ = NLMSGHDR.unpack_from(data)
-        if kind == NLMSG_ERROR and got == seq:
-            err = -struct.unpack_from("=i", data, 16)[0]
-            if err:
-                raise OSError(err, f"nfqueue config: {os.strerror(err)}")
-            return
 
 
 def send_packed(sock: socket.socket, msgs: list[bytes], most: int = 96 << 10) -> None:

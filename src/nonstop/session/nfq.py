@@ -28,11 +28,9 @@ No ``--queue-bypass``: fail closed. While the rule is in place and nothing is bo
 used to let them pass, and a killed master's kernel then acknowledged, in the moments before the
 peer moved to the new master, bytes the backup never got: the restored connection waited
 forever for bytes the peer would not send again. The rule goes in after the bind and out before
-the unbind, so a clean start or stop loses nothing; a crashed worker's rules are kept (one copy)
-or removed by the next one once its own are in (``remove_rules``). Segments the clamp cannot
-parse, and truncated copies, are dropped and counted: TCP sends them again, and nothing
-unclamped escapes. ``quiet``: every outgoing segment is dropped (``session.gate``: the session
-worker's clamp, bound for its whole life, quiet while the node is not master).
+the unbind, so a clean start or stop loses nothing; a crashed worker's rules are removed by the
+next one once its quiet rule is in (``remove_rules``). Segments the clamp cannot parse, and
+truncated copies, are dropped and counted: TCP sends them again, and nothing unclamped escapes.
 
 The hot path (issue 3 wants a protected stream at >= 0.8x an unprotected one) speaks nfnetlink
 directly on one AF_NETLINK socket, no library between: each ``recv_into`` lands one queued packet
@@ -84,7 +82,15 @@ from nonstop.session.nfnl import (
     A_PAYLOAD,
     A_VERDICT_HDR,
     ATTR,
+    CFG_CMD,
+    CFG_FLAGS,
+    CFG_MASK,
+    CFG_PARAMS,
+    CFG_QUEUE_MAXLEN,
+    CMD_BIND,
     COMMENT,
+    COPY_PACKET,
+    F_GSO,
     HALF,
     HEADER_COPY,
     KICK_MARK,
@@ -93,21 +99,23 @@ from nonstop.session.nfnl import (
     MSG_PACKET,
     MSG_VERDICT,
     MSG_VERDICT_BATCH,
+    NETLINK_NETFILTER,
     NF_ACCEPT,
     NF_DROP,
     NF_INET_LOCAL_IN,
+    NLM_F_ACK,
     NLM_F_REQUEST,
+    NLMSG_ERROR,
     NLMSGHDR,
     PORTS,
+    SO_RCVBUFFORCE,
     TCP_ACK,
     U32BE,
     ClampStats,
     attr,
-    bind_queue,
     in_ns,
     iptables_cmd,
     nlmsg,
-    queue_params,
     remove_rules,
     send_packed,
 )
@@ -145,7 +153,7 @@ class AckClamp:
         vip: str,
         port: int,
         family: int = 4,
-        limit: Limit | None,
+        limit: Limit,
         capture: Capture | None = None,
         capture_out: Capture | None = None,
         netns: str | None = None,
@@ -155,7 +163,6 @@ class AckClamp:
         header_copy: int = HEADER_COPY,
         md5: Mapping[str, bytes] | None = None,
         hold: Limit | None = None,
-        quiet: bool = False,
     ) -> None:
         if family not in (4, 6):
             raise LocalProtocolError(f"family must be 4 or 6, not {family}")
@@ -177,13 +184,6 @@ class AckClamp:
         full = capture is not None or capture_out is not None or hold is not None or \
             header_copy == 0
         self.copy_range = MAX_PAYLOAD if full else header_copy
-        # the chains our rules go in: INPUT too when the peer's segments are captured
-        self.chains = ("OUTPUT", "INPUT") if capture is not None else ("OUTPUT",)
-        # quiet: every outgoing segment is dropped (a node that does not serve VIP:port; see
-        # session.gate), the peer's pass. The loop reads the mode and the hooks under _mode, so
-        # whoever changes them under it knows no segment is judged by the old ones after
-        self.quiet = quiet
-        self._mode = threading.Lock()
         self.stats = ClampStats()
         path = f"/run/netns/{netns}" if netns is not None else "/proc/thread-self/ns/net"
         self._ns_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -241,21 +241,17 @@ class AckClamp:
                 target=self._loop, name=f"nonstop-ackclamp-q{self.queue_num}", daemon=True
             )
             self._thread.start()
-            for chain in self.chains:
+            for chain in ("OUTPUT", "INPUT") if self.capture is not None else ("OUTPUT",):
                 in_ns(self._ns_fd, self._iptables, "-I", chain)
                 self._chains.append(chain)
         except BaseException:
             self.close()
             raise
 
-    def close(self, *, keep_rules: bool = False) -> None:
+    def close(self) -> None:
         """Remove the rule, stop the thread, unbind. Safe to call twice and after a failed open.
         Passed segments still waiting for their batch verdict are released; any other segment
-        still queued at the unbind is dropped by the kernel (TCP sends it again).
-        ``keep_rules``: leave the rules in: with nobody bound the kernel drops every segment of
-        VIP:port (what a node that may have been master must do once its worker is gone)."""
-        if keep_rules:
-            self._chains.clear()
+        still queued at the unbind is dropped by the kernel (TCP sends it again)."""
         try:
             while self._chains:
                 in_ns(self._ns_fd, self._iptables, "-D", self._chains.pop())
@@ -301,12 +297,37 @@ class AckClamp:
             raise OSError(f"{' '.join(argv)}: {res.stderr.strip()}")
 
     def _bind(self) -> socket.socket:
-        self._seq = 4  # bind_queue's requests were 1-4
-        return bind_queue(self.queue_num, rcvbuf=self.rcvbuf, copy_range=self.copy_range,
-                          maxlen=self.maxlen)
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self.rcvbuf)
+            sock.bind((0, 0))
+            cmd = struct.pack("!BxH", CMD_BIND, socket.AF_UNSPEC)
+            self._config(sock, attr(CFG_CMD, cmd))
+            self._config(sock, self._params())
+            self._config(sock, attr(CFG_QUEUE_MAXLEN, U32BE.pack(self.maxlen)))
+            flags = U32BE.pack(F_GSO)
+            self._config(sock, attr(CFG_FLAGS, flags) + attr(CFG_MASK, flags))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def _params(self) -> bytes:
-        return queue_params(self.copy_range)
+        return attr(CFG_PARAMS, struct.pack("!IB", self.copy_range, COPY_PACKET))
+
+    def _config(self, sock: socket.socket, attrs: bytes) -> None:
+        """Send one NFQNL_MSG_CONFIG and wait for the kernel's answer (before the loop runs)."""
+        self._seq += 1
+        flags = NLM_F_REQUEST | NLM_F_ACK
+        sock.send(nlmsg(MSG_CONFIG, flags, self._seq, self.queue_num, attrs))
+        while True:
+            data = sock.recv(65536)
+            _, kind, _, seq, _ = NLMSGHDR.unpack_from(data)
+            if kind == NLMSG_ERROR and seq == self._seq:
+                err = -struct.unpack_from("=i", data, 16)[0]
+                if err:
+                    raise OSError(err, f"nfqueue config: {os.strerror(err)}")
+                return
 
     # -- the verdict loop -----------------------------------------------------------------------
 
@@ -322,33 +343,29 @@ class AckClamp:
                 try:
                     n = recv_into(buf, len(buf), dontwait)
                 except BlockingIOError:  # drained: answer what waits, then sleep
-                    with self._mode:
-                        self._release(sock)
+                    self._release(sock)
                     ready = readable([sock, wake[0], kick[0]])
                     if wake[0] in ready:  # closing: the rules are gone already
-                        with self._mode:
-                            self._release(sock)
+                        self._release(sock)
                         return  # the held ones are dropped at the unbind: TCP resends them
                     if kick[0] in ready:
                         with contextlib.suppress(BlockingIOError):
                             os.read(kick[0], 4096)
-                        with self._mode:
-                            self._kicked = False
-                            self._unhold(sock)
+                        self._kicked = False
+                        self._unhold(sock)
                     continue
                 except OSError as e:
                     if e.errno != errno.ENOBUFS:
                         raise
                     self.stats.overflows += 1
                     continue
-                with self._mode:
-                    self._messages(sock, buf, mv, n)
-                    if self._kicked:  # the queue may never drain under load: not only idle
-                        self._kicked = False
-                        if self._held:
-                            self._unhold(sock)
-                    if self._waiting >= self.batch:
-                        self._release(sock)
+                self._messages(sock, buf, mv, n)
+                if self._kicked:  # the queue may never drain under load: not only when idle
+                    self._kicked = False
+                    if self._held:
+                        self._unhold(sock)
+                if self._waiting >= self.batch:
+                    self._release(sock)
         except BaseException as e:
             if self._sock is sock:
                 self._error = e
@@ -444,17 +461,10 @@ class AckClamp:
         try:
             if p < 0:
                 raise RemoteProtocolError("queued packet without payload", counter="nfq_empty")
-            if self.quiet and hook != NF_INET_LOCAL_IN:  # not master here: nothing leaves
-                st.quieted += 1
-                self._verdict(sock, pid, NF_DROP)
-                return
             if hook == NF_INET_LOCAL_IN:  # the peer's segment: capture only
                 if self.capture is not None:
                     self._capture(mv[p : p + plen], inbound=True)
                 self._pass(pid)
-                return
-            if self.limit is None and self.capture_out is None and self.hold is None:
-                self._pass(pid)  # nothing to judge (a gate letting a promotion's segments by)
                 return
             seg = None
             if self.capture_out is not None:  # as the kernel wrote it, before the clamp
@@ -553,8 +563,6 @@ class AckClamp:
         return not 0 < (ack - limit) % (1 << 32) < HALF  # ack <= limit
 
     def _limit(self, ft: FourTuple) -> int | None:
-        if self.limit is None:
-            return None
         try:
             return self.limit(ft)
         except Exception as e:

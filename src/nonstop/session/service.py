@@ -3,19 +3,14 @@
 - **backup** (the start, and after a demotion): a :class:`BackupSession` receives the master's
   sync on this node's sync address; the app endpoint holds ADOPT_REQUESTs, so a standby service
   started here waits for the connections.
-- **promote()** (before the agent adds the VIP): the gate lets segments pass, every connection
-  the backup holds is restored with TCP_REPAIR, a :class:`MasterSession` starts on the gate (no
-  backup yet: nothing is clamped) and tracks them, the endpoint holds them as orphans and
-  answers the waiting standby.
+- **promote()** (before the agent adds the VIP): every connection the backup holds is restored
+  with TCP_REPAIR, a :class:`MasterSession` starts (rules in place, no backup yet: nothing is
+  clamped) and tracks them, the endpoint holds them as orphans and answers the waiting standby.
 - **master**: the service's COMMITs go to ``MasterSession.commit``; ``set_backup(addr)`` starts
   syncing a (re)joined backup from a whole copy; ``set_backup(None)`` stops.
 - **demote()** / **silence()**: this node no longer serves the VIP (stepped down, fenced, agent
-  gone): the gate goes quiet, every held connection is put in repair mode and closed, so
-  neither FIN nor RST reaches the peer that a new master now serves; the sockets the service
-  still has are dead too.
-
-The service's gate (``session.gate``) is bound from ``start()`` to ``close()``: quiet but while
-master; its rules stay when the worker exits because the agent is gone.
+  gone): every held connection is put in repair mode and closed, so neither FIN nor RST reaches
+  the peer that a new master now serves; the sockets the service still has are dead too.
 
 Thread safety: the endpoint's thread (``_serve``) and the worker's control thread both call in;
 ``self._lock`` orders role changes against commits.
@@ -28,6 +23,7 @@ import dataclasses
 import ipaddress
 import logging
 import socket
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -35,11 +31,11 @@ from typing import Any
 
 from nonstop.app.channel import AgentEndpoint, CommitRecord, HeldConn
 from nonstop.session.backup import BackupSession
-from nonstop.session.gate import ServiceGate, reap
 from nonstop.session.kick import send_kicks
 from nonstop.session.manager import MasterSession
 from nonstop.session.mirror import ConnState
 from nonstop.session.nfq import FourTuple
+from nonstop.session.quiet import QuietRule
 from nonstop.session.repair import RepairError, disconnect_silently
 
 log = logging.getLogger("nonstop.session")
@@ -50,7 +46,7 @@ class ServiceSpec:
     name: str
     vip: str
     port: int
-    family: int  # 4 or 6: the VIP's (the gate's rules: iptables or ip6tables)
+    family: int  # 4 or 6: the VIP's (the clamp's and quiet rule's iptables or ip6tables)
     queue: int  # NFQUEUE number
     endpoint: str  # unix socket path of the app channel
     sync_addr: str  # this node's address on the sync channel
@@ -82,9 +78,8 @@ class ProtectedService:
         self.endpoint = AgentEndpoint(
             spec.endpoint, on_commit=self._on_commit, hold_adoption=True
         )
-        self.gate = ServiceGate(spec.queue, vip=spec.vip, port=spec.port, family=spec.family,
-                                md5=self._md5)  # quiet while not master
-        self._keep_quiet = False  # the agent died: the gate's rules outlive this worker
+        self.quiet = QuietRule(spec.vip, spec.port, spec.family)  # while not master
+        self._keep_quiet = False  # the agent died: the rule outlives this worker
         self._to_kick: list[tuple[FourTuple, socket.socket]] = []  # restored, not yet kicked
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -93,7 +88,7 @@ class ProtectedService:
 
     # -- lifecycle --
     def start(self) -> ProtectedService:
-        self.gate.open()
+        self.quiet.add()
         self._start_backup()
         self._thread.start()
         return self
@@ -107,7 +102,8 @@ class ProtectedService:
             self._stop_backup()
             self._silence_held()
             self.endpoint.close()
-            self.gate.close(keep_rules=self._keep_quiet)
+            if not self._keep_quiet:
+                self.quiet.remove()
 
     def _serve(self) -> None:
         while not self._stop.is_set():
@@ -153,13 +149,14 @@ class ProtectedService:
             t0 = time.monotonic()
             restored = []
             assert self.backup is not None
+            self.quiet.start_removal()  # gone before the first restored segment leaves
             resumed = self.backup.seeded and own
             if not own and (dropped := self.backup.discard_seed()):
                 self.counters["parked_dropped"] += dropped
                 log.warning("%s: %d connections parked at the step-down dropped: another node "
                             "may have served them since", self.spec.name, dropped)
             try:
-                restored = self.backup.promote(before_restore=self.gate.pass_all)
+                restored = self.backup.promote(before_restore=self.quiet.lifted)
             except (RepairError, OSError) as e:
                 self.counters["restore_failures"] += 1
                 log.error("%s: restore failed, its connections are lost: %s", self.spec.name, e)
@@ -174,11 +171,10 @@ class ProtectedService:
             self.master = MasterSession(
                 s.vip, s.port, self._key, backup=None, queue_num=s.queue, family=s.family,
                 sync_family=s.sync_family, sync_bind=(s.sync_addr, 0), md5=self._md5,
-                gate=self.gate,
             )  # fmt: skip
-            # adopted before the session serves the gate and its thread starts: nothing else in
-            # this process wants the GIL meanwhile (the gate's thread is idle: the VIP is not
-            # here yet, and the restored sockets are quiet until the kick)
+            # adopted before the clamp and its threads start: nothing else in this process wants
+            # the GIL meanwhile (the clamp's thread, at normal priority, would take it for every
+            # packet and stall this real-time thread for milliseconds at a time)
             self.master.adopt_many(restored)
             with self.endpoint.lock:
                 for rc in restored:
@@ -251,7 +247,7 @@ class ProtectedService:
             parked = self.master.parked() if self.master is not None else []
             self._stop_master()
             n = self._silence_held()
-            if reaped := reap(self.spec.vip, self.spec.port):
+            if reaped := self.quiet.reap():
                 self.counters["reaped"] += reaped
                 log.warning("%s: %d connections the worker did not hold were aborted silently",
                             self.spec.name, reaped)
@@ -270,9 +266,8 @@ class ProtectedService:
                 self.master.set_backup(peer)
 
     def silence(self, *, agent_gone: bool = False) -> int:
-        """Stop everything, let no FIN or RST out. ``agent_gone``: the gate's rules stay after
-        this worker exits, with nobody bound they drop everything of VIP:port (this node may
-        have been master; nothing of it may speak now)."""
+        """Stop everything, let no FIN or RST out. ``agent_gone``: the quiet rule stays after
+        this worker exits (this node may have been master; nothing of it may speak now)."""
         with self._lock:
             if agent_gone:
                 self._keep_quiet = True
@@ -281,7 +276,10 @@ class ProtectedService:
             return self._silence_held()
 
     def _quiet(self) -> None:
-        self.gate.silence()  # not under the master's lock: a hook may wait for it
+        try:
+            self.quiet.add()
+        except (OSError, subprocess.CalledProcessError) as e:  # the silencing below still runs
+            log.error("%s: quiet rule not installed: %s", self.spec.name, e)
 
     def _silence_held(self) -> int:
         with self.endpoint.lock:
@@ -318,7 +316,6 @@ class ProtectedService:
                 "vip": self.spec.vip,
                 "port": self.spec.port,
                 "role": self.role,
-                "gate": self.gate.mode,  # quiet / pass / serve (session.gate)
                 "connections": len(self.endpoint.conns),
                 "service_clients": len(self.endpoint.clients),
                 "standby_waiting": len(self.endpoint.waiting),
@@ -337,7 +334,7 @@ class ProtectedService:
                     "rto_ms": round(m.sender.current_rto * 1e3, 3),
                     **m.sender.counters,
                 }
-                out["clamp"] = dataclasses.asdict(m.clamp.stats)  # since the worker started
+                out["clamp"] = dataclasses.asdict(m.clamp.stats)
                 if m.clamp.error is not None:
                     out["clamp"]["error"] = f"{type(m.clamp.error).__name__}: {m.clamp.error}"
             elif self.backup is not None:

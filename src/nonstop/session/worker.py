@@ -46,8 +46,7 @@ _dec = msgspec.msgpack.Decoder()
 
 
 def serve(sock: socket.socket) -> int:
-    from nonstop.session.gate import reap
-    from nonstop.session.nfq import COMMENT, remove_rules
+    from nonstop.session.nfq import remove_rules
     from nonstop.session.service import ProtectedService, ServiceSpec
 
     init = _dec.decode(sock.recv(_MAX))
@@ -56,24 +55,22 @@ def serve(sock: socket.socket) -> int:
     specs = [ServiceSpec(**s) for s in init["services"]]
     services: list[ProtectedService] = []
     try:
-        for spec in specs:  # each starts quiet (a backup): its gate's rules go in first ...
+        for spec in specs:  # each starts quiet (a backup): its quiet rule goes in first ...
             services.append(ProtectedService(spec, init["key"]).start())
     except Exception as e:
         sock.send(_enc.encode({"ok": False, "error": f"{type(e).__name__}: {e}"}))
         for svc in services:
             svc.close()
         return 1
-    ours = {f"{COMMENT}:q{s.queue}" for s in specs}
-    for fam in sorted({s.family for s in specs}):  # ... then a crashed predecessor's rules go
-        # (the copies of ours, bound to us now, and any other: they drop everything of their
-        # VIP:port while nobody is bound: fail closed)
+    for fam in sorted({s.family for s in specs}):  # ... then a crashed predecessor's NFQUEUE
+        # rules go (they drop everything of VIP:port while nobody is bound: fail closed)
         with contextlib.suppress(OSError, subprocess.CalledProcessError):
-            remove_rules(fam, keep=ours)
-    for s in specs:  # and the sockets it left: nobody holds them, their 4-tuples would make a
-        # later restore of the same connections fail (their RSTs die in the quiet gate)
-        if n := reap(s.vip, s.port, orphans=True):
+            remove_rules(fam, keep_quiet=True)
+    for svc in services:  # and the sockets it left: nobody holds them, their 4-tuples would
+        # make a later restore of the same connections fail (their RSTs die on the quiet rule)
+        if n := svc.quiet.reap(orphans=True):
             log.warning("session worker: %s: %d sockets left by a predecessor aborted",
-                        s.name, n)
+                        svc.spec.name, n)
     sock.send(_enc.encode({"ok": True, "pid": os.getpid()}))
     try:
         while True:
@@ -93,6 +90,9 @@ def serve(sock: socket.socket) -> int:
                 reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
             if req.get("reply", True):
                 sock.send(_enc.encode(reply))
+            if req.get("op") == "promote":  # replied: the agent adds the VIPs meanwhile
+                for svc in services:  # a second copy of a quiet rule would silence the master
+                    svc.quiet.finish_in_background()  # the next request (the kick) goes on
             if req.get("op") == "shutdown":
                 return 0
     finally:
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     # reads late on a busy node): segments with bytes the new master never had reached the
     # peer, whose ACKs the new master's kernel then refused forever. Dead, the worker's NFQUEUE
     # rules stay with nobody bound, and they drop everything of VIP:port (fail closed); the
-    # next worker on this node binds the same queues (quiet), and aborts the orphans.
+    # next worker on this node clears them once its quiet rule is in, and aborts the orphans.
     if not _die_with_parent(args.parent):
         return 0
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the agent's; we act on its EOF
