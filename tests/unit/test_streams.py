@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import queue
 import socket
+import threading
+import time
 
 import pytest
 from hypothesis import given
@@ -64,3 +67,54 @@ def test_server_and_client_over_loopback():
     assert out["max_gap_ms"]["max"] < 200
     server_side = [v.report for v in srv.verifiers]
     assert len(server_side) == 8 and all(r.lost == 0 and r.messages >= 80 for r in server_side)
+
+
+@pytest.mark.parametrize("arrival", ["kernel", "app"])
+def test_client_times_arrivals_by_the_kernel_not_by_its_own_late_reads(arrival: str) -> None:
+    """The client's loop is held 300 ms while the server (its own thread and loop) keeps
+    sending: timed by the kernel's receive timestamps the server's stream shows no such
+    silence (the lag is in read_lag_ms); timed by the reads, it does."""
+    ready: queue.Queue[int] = queue.Queue()
+    done = threading.Event()
+
+    def serve() -> None:
+        async def main() -> None:
+            srv = Server(rate=200, size=100)
+            server = await asyncio.start_server(srv.handle, "127.0.0.1", 0,
+                                                family=socket.AF_INET)  # fmt: skip
+            ready.put(server.sockets[0].getsockname()[1])
+            async with server:
+                while not done.is_set():
+                    await asyncio.sleep(0.05)
+
+        asyncio.run(main())
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    port = ready.get(timeout=10)
+
+    async def run() -> dict:
+        async def hold_the_loop() -> None:
+            await asyncio.sleep(0.3)
+            time.sleep(0.3)  # a busy client: nothing is read meanwhile
+
+        out, _ = await asyncio.gather(
+            client("127.0.0.1", port, conns=2, duration=1.0, rate=200, size=100,
+                   arrival=arrival),
+            hold_the_loop(),
+        )  # fmt: skip
+        return out
+
+    try:
+        out = asyncio.run(run())
+    finally:
+        done.set()
+        t.join(timeout=5)
+    assert out["kept"] == 2 and (out["lost"], out["duplicated"]) == (0, 0)
+    assert out["arrival"] == arrival
+    if arrival == "kernel":
+        assert out["max_gap_ms"]["max"] < 150, out["max_gap_ms"]
+        assert out["read_lag_ms"]["max"] >= 250, out["read_lag_ms"]
+    else:
+        assert out["max_gap_ms"]["max"] >= 250, out["max_gap_ms"]
+        assert "read_lag_ms" not in out

@@ -267,6 +267,8 @@ def run(lab: Lab, *, sessions: int = 256, kills: int = 20, runtime: str = "proce
         "errors": rep["errors"],
         "interruption_ms": pcts(gaps),
         "kill_to_first_byte_ms": pcts(after),
+        # both timed by the peer's kernel (receive timestamps); its reads lagged behind by this
+        "client_read_lag_ms": rep.get("read_lag_ms"),
         "service_back_s": pcts(restart_s),
         "restarts_seen_by_supervisor": restarts,
         "endpoint_counters": ses.get("endpoint_counters", {}),

@@ -13,7 +13,9 @@ Figures, all from the peer's side unless said:
 - ``kept``/``resets``/``bytes_lost``/``bytes_duplicated``: the stream checker's report;
 - ``interruption_ms``: per connection, the silence of the server's stream around the kill (last
   message before it to the first after it, the issue's definition); it includes up to one
-  message interval (``1/rate``) of plain idleness before the kill;
+  message interval (``1/rate``) of plain idleness before the kill. Timed by the peer's kernel
+  (the client's receive timestamps, ``nonstop.streams.run``): the client shares the lab's CPUs
+  with both nodes, and its reads lagged a takeover by 20-50 ms (``client_read_lag_ms``);
 - ``kill_to_first_byte_ms``: from the kill to each connection's first message after it;
 - ``restore_us_per_session``: the backup's TCP_REPAIR restore of all of them, per connection;
 - ``sync_bytes_per_update``: what one sync record costs on the wire beyond the stream bytes and
@@ -188,6 +190,8 @@ def _figures(rep: dict[str, Any], n: int, rate: float, size: int, t_kill: float,
                             "max": _pct(gaps, 1.0), "n": len(gaps),
                             "within_one_interval": quiet},
         "kill_to_first_byte_ms": {"p50": _pct(firsts, 0.5), "p99": _pct(firsts, 0.99)},
+        # both timed by the peer's kernel (receive timestamps); its reads lagged behind by this
+        "client_read_lag_ms": rep.get("read_lag_ms"),
         "message_interval_ms": round(natural, 1),
         "sync_records": records,
         "sync_tx_bytes": before.get("tx_bytes", 0),

@@ -29,6 +29,9 @@ def main() -> None:
     c.add_argument("--duration", type=float, default=5.0)
     c.add_argument("--long-gap", type=float, help="list silences longer than this (s)")
     c.add_argument("--samples", help="write per-connection progress samples (JSON) here")
+    c.add_argument("--arrival", choices=["kernel", "app"], default="kernel",
+                   help="time what arrives by the kernel's receive timestamp (default) or by "
+                        "when the read returned")
     a = p.parse_args()
     if a.cmd == "protected-server":
         sys.exit(asyncio.run(protected.serve(a.host, a.port, agent=a.agent, rate=a.rate,
@@ -38,7 +41,7 @@ def main() -> None:
     else:
         out = asyncio.run(client(a.host, a.port, conns=a.conns, duration=a.duration,
                                  rate=a.rate, size=a.size, long_gap=a.long_gap,
-                                 samples=a.samples))  # fmt: skip
+                                 samples=a.samples, arrival=a.arrival))  # fmt: skip
         print(json.dumps(out))
 
 

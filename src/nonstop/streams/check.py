@@ -59,6 +59,13 @@ class StreamVerifier:
         self._record = record_arrivals
         self.last_len = -1  # payload length of the last message (0: the trailer)
 
+    def wanted(self) -> int:
+        """Bytes until the next message is whole, or its header if that is not yet (so a
+        reader of exactly that many learns the message's length next)."""
+        if len(self._buf) < HEADER.size:
+            return HEADER.size - len(self._buf)
+        return HEADER.size + HEADER.unpack_from(self._buf)[4] - len(self._buf)
+
     def feed(self, data: bytes, now: float) -> int:
         """Returns how many whole messages this data completed."""
         self._buf += data

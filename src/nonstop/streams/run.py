@@ -6,6 +6,13 @@ sends a zero-length trailer and shuts its side down; the server answers with its
 closes. So every message of both streams is accounted for, the last ones included.
 Both sides write a JSON report: per direction, messages, bytes, lost, duplicated, corrupted, and
 the longest silence of each connection (the interruption a fault caused).
+
+The client times what it receives by the kernel's clock (``SO_TIMESTAMPNS``: when the segment
+that completed a message reached the socket; it reads a message at a time for that), not by when
+its Python loop got to the read: in a lab the
+client shares the CPUs with both nodes, and a takeover's burst of work there delayed its reads by
+tens of milliseconds, which the silences it measured then included. The report gives that delay
+(``read_lag_ms``), and ``arrival="app"`` goes back to the read's own time.
 """
 
 from __future__ import annotations
@@ -13,8 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import socket
+import struct
 import time
 from typing import Any
 
@@ -24,6 +33,9 @@ CLIENT, SERVER = 0, 1
 
 
 CONNECT_TRIES = 3  # a connection that cannot be set up is tried again, then counted
+SO_TIMESTAMPNS = 35  # = SCM_TIMESTAMPNS (Linux, the old struct timespec form); not in socket
+_TIMESPEC = struct.Struct("@qq")
+
 
 def _pcts(values: list[float]) -> dict[str, float | None]:
     if not values:
@@ -72,8 +84,56 @@ async def _read_into(reader: asyncio.StreamReader, verifier: StreamVerifier) -> 
     while True:
         data = await reader.read(65536)
         if not data:
-            return verifier.pending == 0 and verifier.report.messages > 0 and verifier.last_len == 0
+            return _complete(verifier)
         verifier.feed(data, time.monotonic())
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _complete(verifier: StreamVerifier) -> bool:
+    return verifier.pending == 0 and verifier.report.messages > 0 and verifier.last_len == 0
+
+
+async def _read_stamped(writer: asyncio.StreamWriter, verifier: StreamVerifier,
+                        lags: list[float]) -> bool:
+    """``_read_into`` on a duplicate of the connection's socket (the transport only writes from
+    now on), each read timed by the kernel's receive timestamp, on the monotonic clock; the
+    read's own lag behind it goes to ``lags`` (s)."""
+    loop = asyncio.get_running_loop()
+    writer.transport.pause_reading()
+    fd = writer.get_extra_info("socket").fileno()
+    sock = socket.socket(fileno=os.dup(fd))
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        space = socket.CMSG_SPACE(_TIMESPEC.size)
+        while True:
+            try:  # a message at a time: the stamp is that of the segment that completed it
+                data, anc, _, _ = sock.recvmsg(max(1, verifier.wanted()), space)
+            except (BlockingIOError, InterruptedError):
+                ready: asyncio.Future[None] = loop.create_future()
+                loop.add_reader(sock.fileno(), _wake, ready)
+                try:
+                    await ready
+                finally:
+                    loop.remove_reader(sock.fileno())
+                continue
+            if not data:
+                return _complete(verifier)
+            now = time.monotonic()
+            at = now
+            for level, kind, raw in anc:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                    sec, nsec = _TIMESPEC.unpack_from(raw)
+                    # the clocks' offset taken now: a step of the wall clock moves it too
+                    at = min(now, sec + nsec / 1e9 - (time.time() - time.monotonic()))
+            lags.append(now - at)
+            verifier.feed(data, at)
+    finally:
+        sock.close()
 
 
 class Server:
@@ -130,7 +190,8 @@ async def serve(host: str, port: int, *, rate: float, size: int, report: str | N
 async def client(host: str, port: int, *, conns: int, duration: float, rate: float, size: int,
                  connect_timeout: float = 5.0, long_gap: float | None = None,
                  samples: str | None = None, record_arrivals: bool = False,
-                 sample_every: float = 0.05) -> dict[str, Any]:  # fmt: skip
+                 sample_every: float = 0.05,
+                 arrival: str = "kernel") -> dict[str, Any]:  # fmt: skip
     """Stream on ``conns`` connections for ``duration`` seconds, or until SIGTERM (then every
     connection ends cleanly with its trailer, and the report is complete).
 
@@ -139,7 +200,11 @@ async def client(host: str, port: int, *, conns: int, duration: float, rate: flo
     ``samples``: write ``[[conn, t, bytes], ...]`` there at the end (bytes received so far on
     each connection every ``sample_every`` s, monotonic t), the data of a timeline picture.
     ``record_arrivals``: the report's ``arrivals`` lists every message's arrival (monotonic), per
-    connection."""
+    connection. ``arrival``: "kernel" (the receive timestamp, see the module doc) or "app" (when
+    the read returned)."""
+    if arrival not in ("kernel", "app"):
+        raise ValueError(f"arrival must be kernel or app, not {arrival!r}")
+    lags: list[float] = []
     verifiers: list[StreamVerifier] = []
     errors: dict[str, int] = {}
     kept = 0
@@ -183,7 +248,8 @@ async def client(host: str, port: int, *, conns: int, duration: float, rate: flo
             return
         # read while sending: the verifier's gaps are then the real silences of the server's
         # stream (a takeover's interruption), not an artefact of reading at the end
-        receiving = asyncio.create_task(_read_into(reader, v))
+        receiving = asyncio.create_task(
+            _read_stamped(writer, v, lags) if arrival == "kernel" else _read_into(reader, v))
         try:
             sender = asyncio.create_task(_pace(writer, CLIENT, conn, rate, size, stop))
             await sender
@@ -211,6 +277,10 @@ async def client(host: str, port: int, *, conns: int, duration: float, rate: flo
     out = summarize(verifiers, errors)
     out["kept"] = kept
     out["resets"] = errors.get("ConnectionResetError", 0)
+    out["arrival"] = arrival
+    if lags:  # how late the reads were, behind the kernel's receive timestamps
+        out["read_lag_ms"] = {k: None if x is None else round(x * 1000, 2)
+                              for k, x in _pcts(lags).items()}
     if unclean:
         out["unclean"] = sorted(unclean, key=lambda u: u["conn"])[:32]
     if record_arrivals:
