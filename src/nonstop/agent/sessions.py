@@ -82,13 +82,10 @@ class Sessions(WorkerDriver):
         synced here, or those this node parked at its step-down if no other node can have served
         since (see the module doc). False: no worker, call ``done`` yourself."""
 
-        answered = False
-        self.takeover = {"promote_asked": time.monotonic()}
+        steps = self.takeover = {"promote_asked": time.monotonic()}  # this promote's
 
         def on_reply(r: Reply | None) -> None:
-            nonlocal answered
-            answered = True
-            self.mark("promote_answered")
+            steps.setdefault("promote_answered", time.monotonic())
             if r is None:
                 self.counters["promote_errors"] += 1
                 log.error("session takeover failed: the VIPs are taken without the connections")
@@ -115,7 +112,7 @@ class Sessions(WorkerDriver):
         sent = self._send({"op": "promote", "own": own}, on_reply)
 
         def late() -> None:  # master without its VIPs meanwhile: say so, loudly
-            if not answered:
+            if "promote_answered" not in steps:
                 self.counters["promote_late"] += 1
                 log.error("session worker: no answer to promote after %.0f s: the VIPs wait "
                           "for it (%d requests queued)", PROMOTE_LATE_S, len(self._queued))

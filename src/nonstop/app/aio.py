@@ -13,20 +13,7 @@ import socket
 
 from nonstop.app.api import AgentLink, ConnCore, listen_after_adoption, open_listener, register
 from nonstop.app.channel import Adopt, CommitRecord
-
-
-async def _readable(sock: socket.socket) -> None:
-    # by fd, not the socket object: the selector looks a new reader up first, and the KeyError
-    # it raises for a socket object formats repr(sock), two syscalls (getsockname, getpeername);
-    # a standby taking over 256 connections spent a tenth of its CPU there
-    fd = sock.fileno()
-    loop = asyncio.get_running_loop()
-    fut = loop.create_future()
-    loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
-    try:
-        await fut
-    finally:
-        loop.remove_reader(fd)
+from nonstop.common import wait_readable
 
 
 class AsyncNsConn(ConnCore):
@@ -45,12 +32,12 @@ class AsyncNsConn(ConnCore):
             try:
                 data = self.sock.recv(self.delivered - self.read_pos + n, socket.MSG_PEEK)
             except BlockingIOError:
-                await _readable(self.sock)
+                await wait_readable(self.sock)
                 continue
             new = self._take_peek(data)
             if new is not None:
                 return new
-            await _readable(self.sock)
+            await wait_readable(self.sock)
 
     async def ns_send(self, data: bytes) -> None:
         rest = self._to_send(data)

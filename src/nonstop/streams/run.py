@@ -27,6 +27,7 @@ import struct
 import time
 from typing import Any
 
+from nonstop.common import wait_readable
 from nonstop.streams.check import HEADER, StreamError, StreamVerifier, make_message
 
 CLIENT, SERVER = 0, 1
@@ -88,11 +89,6 @@ async def _read_into(reader: asyncio.StreamReader, verifier: StreamVerifier) -> 
         verifier.feed(data, time.monotonic())
 
 
-def _wake(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
 def _complete(verifier: StreamVerifier) -> bool:
     return verifier.pending == 0 and verifier.report.messages > 0 and verifier.last_len == 0
 
@@ -102,7 +98,6 @@ async def _read_stamped(writer: asyncio.StreamWriter, verifier: StreamVerifier,
     """``_read_into`` on a duplicate of the connection's socket (the transport only writes from
     now on), each read timed by the kernel's receive timestamp, on the monotonic clock; the
     read's own lag behind it goes to ``lags`` (s)."""
-    loop = asyncio.get_running_loop()
     writer.transport.pause_reading()
     fd = writer.get_extra_info("socket").fileno()
     sock = socket.socket(fileno=os.dup(fd))
@@ -114,12 +109,7 @@ async def _read_stamped(writer: asyncio.StreamWriter, verifier: StreamVerifier,
             try:  # a message at a time: the stamp is that of the segment that completed it
                 data, anc, _, _ = sock.recvmsg(max(1, verifier.wanted()), space)
             except (BlockingIOError, InterruptedError):
-                ready: asyncio.Future[None] = loop.create_future()
-                loop.add_reader(sock.fileno(), _wake, ready)
-                try:
-                    await ready
-                finally:
-                    loop.remove_reader(sock.fileno())
+                await wait_readable(sock)
                 continue
             if not data:
                 return _complete(verifier)

@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from nonstop.app.aio import AsyncNsConn, AsyncNsListener
-from nonstop.common import RemoteProtocolError
+from nonstop.common import RemoteProtocolError, wait_readable
 from nonstop.vs.http import RequestParser, error_response
 from nonstop.vs.journal import ConnJournal, ConnKey, JournalGap, JournalLink, JournalStore
 from nonstop.vs.proxy import HttpProxy, requests
@@ -100,14 +100,8 @@ class ProtectedHttp:
         if agent is None:
             await asyncio.Event().wait()
             return
-        loop = asyncio.get_running_loop()
         while True:
-            fut = loop.create_future()
-            loop.add_reader(agent.sock, lambda f=fut: f.done() or f.set_result(None))
-            try:
-                await fut
-            finally:
-                loop.remove_reader(agent.sock)
+            await wait_readable(agent.sock)
             try:
                 if agent.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
                     return
