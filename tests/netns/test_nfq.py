@@ -9,6 +9,7 @@ without the queue in the same run (printed, not asserted: a benchmark figure).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -16,11 +17,13 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from tcpwatch import connected, tcp_info, wait_stable
 
 from nonstop.lab import Lab
+from nonstop.session.nfnl import kernel_queue
 from nonstop.session.nfq import COMMENT, AckClamp, FourTuple, remove_rules
 from nonstop.session.repair import dump
 from nonstop.session.segment import SEQ_MOD, SYN, Segment, seq_add
@@ -393,3 +396,48 @@ print("ok")
     r = lab.host("a").sh([sys.executable, "-c", code], check=False)
     assert r.stdout.strip() == "ok", (r.stdout, r.stderr)
     assert COMMENT not in rules(lab)
+
+
+def test_a_full_queue_shows_in_the_kernels_figures(lab: Lab) -> None:
+    """More held segments than the queue's maximum length: the kernel drops the rest, and
+    ``kernel_queue`` (the session status's ``clamp.kernel_queue``) shows them waiting and
+    dropped. Released, TCP sends the dropped ones again: every byte arrives once."""
+    a, b = lab.host("a"), lab.host("b")
+    ends: dict[FourTuple, int] = {}
+    clamp = AckClamp(QUEUE, vip=A, port=PORT, limit=lambda t: None, hold=lambda t: ends.get(t),
+                     netns=a.ns, maxlen=4)  # fmt: skip
+
+    def figures() -> dict[str, int] | None:
+        return kernel_queue(QUEUE, a.sh("cat /proc/net/netfilter/nfnetlink_queue").stdout)
+
+    with clamp, contextlib.ExitStack() as stack:
+        lsock = stack.enter_context(a.socket())
+        lsock.bind((A, PORT))
+        lsock.listen(8)
+        pairs = []
+        for _ in range(8):
+            cli = stack.enter_context(b.socket())
+            cli.connect((A, PORT))
+            pairs.append((cli, stack.enter_context(lsock.accept()[0])))
+        assert figures() == {"waiting": 0, "dropped_full": 0, "dropped_user": 0}
+        readers = []
+        for cli, conn in pairs:  # nothing more leaves any of them
+            ends[(A, PORT, B, conn.getpeername()[1])] = dump(conn).snd_seq
+            readers.append(Reader(cli))
+            readers[-1].start()
+        data = random.Random(13).randbytes(1000)
+        for _, conn in pairs:  # a data segment each: four held, four dropped
+            conn.sendall(data)
+        deadline = time.monotonic() + 10
+        while (kq := figures()) is not None and kq["dropped_full"] < 4:
+            assert time.monotonic() < deadline, kq
+            time.sleep(0.02)
+        assert kq is not None and kq["waiting"] == 4, kq  # the held ones, nothing else
+        assert clamp.stats.held_now == 4
+        ends.clear()
+        clamp.kick()
+        for (_, conn), got in zip(pairs, readers, strict=True):
+            conn.shutdown(socket.SHUT_WR)
+            got.join(timeout=30)
+            assert got.count == len(data) and got.sha.digest() == hashlib.sha256(data).digest()
+    assert figures() is None

@@ -90,7 +90,12 @@ def run(
         say(f"{sessions} connections: waiting for the backup to hold them all")
         _wait_protecting(c, master, other, sessions, timeout=30 + sessions / 100)
         time.sleep(settle)
-        before = _sync(c.status(master))
+        st_master = c.status(master)
+        before = _sync(st_master)
+        # segments the master's kernel queue dropped before the kill: its packet path was too
+        # slow for the load (the streams stall on retransmission timers, backed off)
+        queue_dropped = (((st_master or {}).get("sessions") or [{}])[0].get("counters") or {}
+                         ).get("queue_dropped", 0)  # fmt: skip
         held_at_kill = _sync(c.status(other)).get("held_connections")
         t_kill = time.monotonic()
         c.procs[master].kill()
@@ -108,10 +113,13 @@ def run(
         result = _figures(rep, sessions, rate, size, t_kill, promo, before)
         counters = ss.get("counters") or {}
         result["restore_failures"] = counters.get("restore_failures")
+        if rep.get("unclean"):  # the first connections that did not end cleanly, as the client saw
+            result["unclean"] = rep["unclean"][:8]
         # connections kicked once the VIP answered here (nonstop.session.kick), packets sent
         result["kicked"] = counters.get("kicked")
         result["kick_packets"] = counters.get("kick_packets")
         result["held_by_backup_at_kill"] = held_at_kill
+        result["master_queue_dropped_before_kill"] = queue_dropped
         result["new_master_seen_ms"] = round((t_master - t_kill) * 1000, 1)
         result["heartbeat_interval_ms"] = interval_ms
         # the new master's role changes after the kill: one (backup -> master) is the takeover;

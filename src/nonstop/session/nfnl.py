@@ -79,6 +79,29 @@ class ClampStats:
     held_now: int = 0  # of those, still waiting
 
 
+PROC_QUEUES = "/proc/thread-self/net/netfilter/nfnetlink_queue"
+
+
+def kernel_queue(queue_num: int, text: str | None = None) -> dict[str, int] | None:
+    """The kernel's own figures for queue ``queue_num`` in this thread's network namespace
+    (``/proc/net/netfilter/nfnetlink_queue``, or ``text`` read from it): ``waiting`` packets
+    without a verdict (held ones included), ``dropped_full`` (the queue was at its maximum
+    length: what a packet path too slow for its load looks like; the segments are lost and the
+    peers' retransmission timers back off), ``dropped_user`` (could not be sent to us: our
+    socket's buffer was full). None: no such queue is bound."""
+    if text is None:
+        try:
+            with open(PROC_QUEUES) as f:
+                text = f.read()
+        except OSError:
+            return None
+    for line in text.splitlines():
+        f = line.split()
+        if len(f) >= 8 and f[0] == str(queue_num):
+            return {"waiting": int(f[2]), "dropped_full": int(f[5]), "dropped_user": int(f[6])}
+    return None
+
+
 def iptables_cmd(family: int) -> str:
     return "iptables" if family == 4 else "ip6tables"
 

@@ -34,11 +34,13 @@ from nonstop.session.backup import BackupSession
 from nonstop.session.kick import send_kicks
 from nonstop.session.manager import MasterSession
 from nonstop.session.mirror import ConnState
+from nonstop.session.nfnl import kernel_queue
 from nonstop.session.nfq import FourTuple
 from nonstop.session.quiet import QuietRule
 from nonstop.session.repair import RepairError, disconnect_silently
 
 log = logging.getLogger("nonstop.session")
+_OVERLOAD_LOG_S = 10.0  # the kernel queue's drops are logged this often at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +71,8 @@ class ProtectedService:
         self.master: MasterSession | None = None
         self.backup: BackupSession | None = None
         self.peer: tuple[str, int] | None = None
+        self._queue_dropped: int | None = None  # the kernel queue's drops at the last look
+        self._overload_said, self._overload_unsaid = -_OVERLOAD_LOG_S, 0
         self.counters: dict[str, int] = {
             "promotions": 0, "demotions": 0, "restored": 0, "restore_failures": 0,
             "silenced": 0, "commit_errors": 0, "parked": 0, "parked_dropped": 0,
@@ -175,6 +179,7 @@ class ProtectedService:
             # adopted before the clamp and its threads start: nothing else in this process wants
             # the GIL meanwhile (the clamp's thread, at normal priority, would take it for every
             # packet and stall this real-time thread for milliseconds at a time)
+            self._queue_dropped = None  # the new binding's queue counts from 0
             self.master.adopt_many(restored)
             with self.endpoint.lock:
                 for rc in restored:
@@ -220,6 +225,25 @@ class ProtectedService:
             if self.peer is not None:
                 self.master.set_backup(self.peer)
             return self.last_promotion
+
+    def _note_overload(self, kq: dict[str, int], now: float) -> None:
+        """Count the segments the kernel's queue dropped since the last look (the agent asks for
+        the status every 50 ms) and say so, once per ``_OVERLOAD_LOG_S`` at most: nothing else
+        shows a packet path that cannot keep up (the connections just stall on their peers'
+        retransmission timers, backed off)."""
+        dropped = kq["dropped_full"] + kq["dropped_user"]
+        base = self._queue_dropped
+        self._queue_dropped = dropped
+        if base is None or dropped <= base:  # first look, or a new binding (counts from 0)
+            return
+        self.counters["queue_dropped"] = self.counters.get("queue_dropped", 0) + dropped - base
+        self._overload_unsaid += dropped - base
+        if now - self._overload_said >= _OVERLOAD_LOG_S:
+            log.warning(
+                "%s: the kernel queue dropped %d segments (%d waiting for a verdict): this "
+                "node's packet path cannot keep up with its connections; they stall until the "
+                "peers retransmit", self.spec.name, self._overload_unsaid, kq["waiting"])
+            self._overload_said, self._overload_unsaid = now, 0
 
     def kick(self) -> int:
         """Probe the peers of the connections the last promotion restored with bytes in flight
@@ -335,6 +359,10 @@ class ProtectedService:
                     **m.sender.counters,
                 }
                 out["clamp"] = dataclasses.asdict(m.clamp.stats)
+                kq = kernel_queue(m.clamp.queue_num)
+                if kq is not None:
+                    out["clamp"]["kernel_queue"] = kq
+                    self._note_overload(kq, time.monotonic())
                 if m.clamp.error is not None:
                     out["clamp"]["error"] = f"{type(m.clamp.error).__name__}: {m.clamp.error}"
             elif self.backup is not None:
