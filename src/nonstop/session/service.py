@@ -41,6 +41,7 @@ from nonstop.session.repair import RepairError, disconnect_silently
 
 log = logging.getLogger("nonstop.session")
 _OVERLOAD_LOG_S = 10.0  # the kernel queue's drops are logged this often at most
+_KQ_EVERY = 0.5  # its figures are read this often at most (s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +73,8 @@ class ProtectedService:
         self.backup: BackupSession | None = None
         self.peer: tuple[str, int] | None = None
         self._queue_dropped: int | None = None  # the kernel queue's drops at the last look
+        self._kq: dict[str, int] | None = None  # its figures then, and when to look again
+        self._kq_next = 0.0
         self._overload_said, self._overload_unsaid = -_OVERLOAD_LOG_S, 0
         self.counters: dict[str, int] = {
             "promotions": 0, "demotions": 0, "restored": 0, "restore_failures": 0,
@@ -179,7 +182,7 @@ class ProtectedService:
             # adopted before the clamp and its threads start: nothing else in this process wants
             # the GIL meanwhile (the clamp's thread, at normal priority, would take it for every
             # packet and stall this real-time thread for milliseconds at a time)
-            self._queue_dropped = None  # the new binding's queue counts from 0
+            self._queue_dropped, self._kq, self._kq_next = None, None, 0.0  # a new binding
             self.master.adopt_many(restored)
             with self.endpoint.lock:
                 for rc in restored:
@@ -227,8 +230,8 @@ class ProtectedService:
             return self.last_promotion
 
     def _note_overload(self, kq: dict[str, int], now: float) -> None:
-        """Count the segments the kernel's queue dropped since the last look (the agent asks for
-        the status every 50 ms) and say so, once per ``_OVERLOAD_LOG_S`` at most: nothing else
+        """Count the segments the kernel's queue dropped since the last look (a status every
+        ``_KQ_EVERY`` at most) and say so, once per ``_OVERLOAD_LOG_S`` at most: nothing else
         shows a packet path that cannot keep up (the connections just stall on their peers'
         retransmission timers, backed off)."""
         dropped = kq["dropped_full"] + kq["dropped_user"]
@@ -359,10 +362,13 @@ class ProtectedService:
                     **m.sender.counters,
                 }
                 out["clamp"] = dataclasses.asdict(m.clamp.stats)
-                kq = kernel_queue(m.clamp.queue_num)
-                if kq is not None:
-                    out["clamp"]["kernel_queue"] = kq
-                    self._note_overload(kq, time.monotonic())
+                now = time.monotonic()
+                if now >= self._kq_next:  # the agent asks every 50 ms: /proc at most every 0.5 s
+                    self._kq, self._kq_next = kernel_queue(m.clamp.queue_num), now + _KQ_EVERY
+                    if self._kq is not None:
+                        self._note_overload(self._kq, now)
+                if self._kq is not None:
+                    out["clamp"]["kernel_queue"] = self._kq
                 if m.clamp.error is not None:
                     out["clamp"]["error"] = f"{type(m.clamp.error).__name__}: {m.clamp.error}"
             elif self.backup is not None:
