@@ -53,10 +53,13 @@ def _pct(xs: list[float], q: float) -> float | None:
     return round(s[min(len(s) - 1, round(q * (len(s) - 1)))], 2)
 
 
+def _service(st: dict[str, Any] | None) -> dict[str, Any]:
+    """The (one) protected service's part of an agent status; {} when there is none."""
+    return ((st or {}).get("sessions") or [{}])[0]
+
+
 def _sync(st: dict[str, Any] | None) -> dict[str, Any]:
-    if not st or not st.get("sessions"):
-        return {}
-    return st["sessions"][0].get("sync", {}) or {}
+    return _service(st).get("sync") or {}
 
 
 def run(
@@ -94,8 +97,7 @@ def run(
         before = _sync(st_master)
         # segments the master's kernel queue dropped before the kill: its packet path was too
         # slow for the load (the streams stall on retransmission timers, backed off)
-        queue_dropped = (((st_master or {}).get("sessions") or [{}])[0].get("counters") or {}
-                         ).get("queue_dropped", 0)  # fmt: skip
+        queue_dropped = (_service(st_master).get("counters") or {}).get("queue_dropped", 0)
         held_at_kill = _sync(c.status(other)).get("held_connections")
         t_kill = time.monotonic()
         c.procs[master].kill()
@@ -108,7 +110,7 @@ def run(
         client.send_signal(signal.SIGTERM)
         out, _ = client.popen.communicate(timeout=60 + sessions / 50)
         rep = json.loads(out.decode().strip().splitlines()[-1])
-        ss = (st.get("sessions") or [{}])[0]
+        ss = _service(st)
         promo = ss.get("last_promotion") or {}
         result = _figures(rep, sessions, rate, size, t_kill, promo, before)
         counters = ss.get("counters") or {}
@@ -142,19 +144,17 @@ def run(
 
 def _wait_protecting(c: Cluster, master: str, other: str, n: int, timeout: float) -> None:
     def ok() -> bool:
-        m = (c.status(master) or {}).get("sessions") or [{}]
-        b = (c.status(other) or {}).get("sessions") or [{}]
+        m, b = _service(c.status(master)), _service(c.status(other))
         return (
-            m[0].get("connections", 0) >= n
-            and bool(m[0].get("sync", {}).get("protecting"))
-            and b[0].get("sync", {}).get("held_connections", 0) >= n
+            m.get("connections", 0) >= n
+            and bool(m.get("sync", {}).get("protecting"))
+            and b.get("sync", {}).get("held_connections", 0) >= n
         )
 
     try:
         c.wait(ok, timeout, f"{master} to protect {n} connections", poll=0.1)
     except TimeoutError:
-        m = ((c.status(master) or {}).get("sessions") or [{}])[0]
-        b = ((c.status(other) or {}).get("sessions") or [{}])[0]
+        m, b = _service(c.status(master)), _service(c.status(other))
         raise TimeoutError(
             f"after {timeout:.0f} s the master tracks {m.get('connections')} of {n} connections "
             f"(protecting: {m.get('sync', {}).get('protecting')}), the backup holds "
