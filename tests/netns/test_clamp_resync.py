@@ -1,12 +1,13 @@
-"""The ACK clamp while a backup joins (nonstop.session.manager.MasterSession).
+"""The hold while a backup joins (nonstop.session.manager.MasterSession).
 
 Without a backup the master acknowledges freely (no other node could deliver the bytes). The
 moment a backup is set, no byte may be acknowledged that the backup does not hold: not after the
 resync is acknowledged, from the start. Here the backup first does not answer at all: the peer's
-new bytes reach the master's kernel but its acknowledged count must not move; then the backup
-answers (a real SyncReceiver) and the acknowledgement catches up. (It used to engage only once
-the resync was acknowledged: a master killed right then had told the peer about bytes its backup
-never got, and the restored connection waited forever for bytes the peer would not resend.)
+new bytes wait in the queue, the master's TCP never sees them, and the peer's acknowledged count
+must not move; then the backup answers (a real SyncReceiver), the bytes go in and the
+acknowledgement catches up. (It used to engage only once the resync was acknowledged: a master
+killed right then had told the peer about bytes its backup never got, and the restored
+connection waited forever for bytes the peer would not resend.)
 """
 
 from __future__ import annotations
@@ -52,14 +53,17 @@ def test_no_byte_acknowledged_past_the_backup_while_it_resyncs(lab: Lab) -> None
             cli.sendall(b"x" * 1000)  # no backup: acknowledged at once
             assert wait_stable(lambda: bytes_acked(cli)) - base == 1000
             m.set_backup((B, SYNC))  # a backup that does not answer yet
-            cli.sendall(b"y" * 1000)
             got = b""
             srv.settimeout(5)
-            while len(got) < 2000:
-                got += srv.recv(4096)  # the master's kernel holds it all ...
-            # ... and the peer is told nothing of it
+            while len(got) < 1000:
+                got += srv.recv(4096)
+            cli.sendall(b"y" * 1000)
+            srv.settimeout(0.5)
+            with pytest.raises(TimeoutError):  # the master's TCP does not get them ...
+                got += srv.recv(4096)
+            # ... and the peer is told nothing of them
             assert wait_stable(lambda: bytes_acked(cli)) - base == 1000
-            assert not m.protecting
+            assert not m.protecting and m.clamp.stats.held_in >= 1
 
             rx = SyncReceiver(KEY, now=time.monotonic(), incarnation=1)
 
@@ -84,6 +88,10 @@ def test_no_byte_acknowledged_past_the_backup_while_it_resyncs(lab: Lab) -> None
                     continue
                 srv.sendall(b"z")
             assert bytes_acked(cli) - base == 2000 and m.protecting
+            srv.settimeout(5)
+            while len(got) < 2000:
+                got += srv.recv(4096)
+            assert got == b"x" * 1000 + b"y" * 1000
             (held,) = rx.connections().values()
             assert held.rcv_end - held.full.rcv_seq == 2000  # the backup holds every byte
     finally:

@@ -48,6 +48,53 @@ MAX_PAYLOAD = 0xFFFF
 HEADER_COPY = 192  # bytes copied without capture: IPv4/IPv6 + TCP headers with options
 
 
+# Classic BPF for ``iptables -m bpf``: does a TCP segment (from its IP header on) carry payload,
+# or SYN, FIN or RST? Without an ACK clamp the master's own pure ACKs need not be queued (they
+# acknowledge only what the kernel received, and the hold let only confirmed bytes in): half the
+# segments of a request/response load never reach Python. Anything the program cannot read
+# safely (an IPv4 fragment, an IPv6 extension header) is queued.
+_BPF_RET_QUEUE = (0x06, 0, 0, 1)
+_BPF_RET_SKIP = (0x06, 0, 0, 0)
+_DATA_OR_CONTROL = {
+    4: [
+        (0x28, 0, 0, 6),  # ldh [6]: flags and fragment offset
+        (0x45, 10, 0, 0x3FFF),  # jset MF|offset: a fragment -> queue
+        (0xB1, 0, 0, 0),  # ldxb 4*([0]&0xf): X = IP header length
+        (0x50, 0, 0, 13),  # ldb [x+13]: TCP flags
+        (0x45, 7, 0, 0x07),  # jset FIN|SYN|RST -> queue
+        (0x50, 0, 0, 12),  # ldb [x+12]: data offset
+        (0x74, 0, 0, 2),  # rsh #2
+        (0x54, 0, 0, 0x3C),  # and #0x3c: A = TCP header length
+        (0x0C, 0, 0, 0),  # add x: A = IP + TCP header length
+        (0x07, 0, 0, 0),  # tax
+        (0x28, 0, 0, 2),  # ldh [2]: total length
+        (0x2D, 0, 1, 0),  # jgt x: payload -> queue, else skip
+        _BPF_RET_QUEUE,
+        _BPF_RET_SKIP,
+    ],
+    6: [
+        (0x30, 0, 0, 6),  # ldb [6]: next header
+        (0x15, 0, 8, 6),  # jeq #6 (TCP), else (an extension header) -> queue
+        (0x30, 0, 0, 53),  # ldb [53]: TCP flags
+        (0x45, 6, 0, 0x07),  # jset FIN|SYN|RST -> queue
+        (0x30, 0, 0, 52),  # ldb [52]: data offset
+        (0x74, 0, 0, 2),  # rsh #2
+        (0x54, 0, 0, 0x3C),  # and #0x3c: A = TCP header length
+        (0x07, 0, 0, 0),  # tax
+        (0x28, 0, 0, 4),  # ldh [4]: payload length (TCP header and data)
+        (0x2D, 0, 1, 0),  # jgt x: payload -> queue, else skip
+        _BPF_RET_QUEUE,
+        _BPF_RET_SKIP,
+    ],
+}
+
+
+def data_or_control_bpf(family: int) -> str:
+    """``--bytecode`` for ``iptables -m bpf``: matches segments with payload or SYN/FIN/RST."""
+    prog = _DATA_OR_CONTROL[family]
+    return ",".join([str(len(prog)), *(f"{c} {t} {f} {k}" for c, t, f, k in prog)])
+
+
 def attr(kind: int, data: bytes) -> bytes:
     n = 4 + len(data)
     return ATTR.pack(n, kind) + data + bytes(-n & 3)
@@ -76,7 +123,8 @@ class ClampStats:
     resigned: int = 0  # clamped segments signed again with the peer's TCP-MD5 key
     unsigned: int = 0  # signed segments to clamp without a key for their peer: dropped
     held: int = 0  # outgoing data segments held until the backup confirmed their bytes
-    held_now: int = 0  # of those, still waiting
+    held_in: int = 0  # the peer's data segments held until the backup confirmed their bytes
+    held_now: int = 0  # of both, still waiting
 
 
 PROC_QUEUES = "/proc/thread-self/net/netfilter/nfnetlink_queue"

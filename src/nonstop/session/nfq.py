@@ -113,6 +113,7 @@ from nonstop.session.nfnl import (
     U32BE,
     ClampStats,
     attr,
+    data_or_control_bpf,
     in_ns,
     iptables_cmd,
     nlmsg,
@@ -121,6 +122,7 @@ from nonstop.session.nfnl import (
 )
 from nonstop.session.segment import (
     ACK,
+    FIN,
     Md5KeyMissing,
     Segment,
     addr_str,
@@ -134,7 +136,7 @@ __all__ = ["COMMENT", "HEADER_COPY", "MAX_PAYLOAD", "AckClamp", "ClampStats", "F
 
 FourTuple = tuple[str, int, str, int]  # (VIP, port, peer address, peer port) of an outgoing segment
 Limit = Callable[[FourTuple], int | None]
-Capture = Callable[[Segment, bytes], None]
+Capture = Callable[[Segment, bytes], "int | None"]  # with hooks_hold: the connection's hold
 
 
 class AckClamp:
@@ -153,7 +155,7 @@ class AckClamp:
         vip: str,
         port: int,
         family: int = 4,
-        limit: Limit,
+        limit: Limit | None = None,
         capture: Capture | None = None,
         capture_out: Capture | None = None,
         netns: str | None = None,
@@ -163,6 +165,9 @@ class AckClamp:
         header_copy: int = HEADER_COPY,
         md5: Mapping[str, bytes] | None = None,
         hold: Limit | None = None,
+        hold_in: Limit | None = None,
+        hooks_hold: bool = False,
+        ack_sample: float = 1.0,
     ) -> None:
         if family not in (4, 6):
             raise LocalProtocolError(f"family must be 4 or 6, not {family}")
@@ -178,11 +183,16 @@ class AckClamp:
         self.capture = capture
         self.capture_out = capture_out
         self.hold = hold
+        self.hold_in = hold_in
+        self.hooks_hold = hooks_hold
+        if not 0.0 <= ack_sample <= 1.0:
+            raise LocalProtocolError(f"ack_sample {ack_sample} is not within 0..1")
+        self.ack_sample = ack_sample if capture is not None else 0.0
         self.rcvbuf = rcvbuf
         self.maxlen = maxlen
         self.batch = batch
         full = capture is not None or capture_out is not None or hold is not None or \
-            header_copy == 0
+            hold_in is not None or header_copy == 0
         self.copy_range = MAX_PAYLOAD if full else header_copy
         self.stats = ClampStats()
         path = f"/run/netns/{netns}" if netns is not None else "/proc/thread-self/ns/net"
@@ -190,13 +200,18 @@ class AckClamp:
         self._sock: socket.socket | None = None
         self._wake: tuple[int, int] | None = None  # pipe: a byte on [1] stops the loop
         self._thread: threading.Thread | None = None
-        self._chains: list[str] = []  # chains our rule is in
+        self._chains: list[str] = []  # our rules in place: OUTPUT, INPUT, INPUT:acks
         self._error: BaseException | None = None
         self._seq = 0
         self._pending = -1  # highest packet id passed but not yet answered (-1: none)
         self._waiting = 0  # how many passed segments wait for the batch verdict
-        # held segments, oldest first: (packet id, four-tuple, sequence after the payload, packet)
-        self._held: list[tuple[int, FourTuple, int, bytes]] = []
+        # held segments by (four-tuple, the peer's: True), oldest first: (packet id, sequence
+        # after the payload, packet)
+        self._held: dict[tuple[FourTuple, bool], list[tuple[int, int, bytes]]] = {}
+        self._nheld = 0
+        self._due: set[FourTuple] = set()  # kicked connections whose held ones to re-check
+        self._due_all = False  # re-check every held one
+        self._due_lock = threading.Lock()
         self._loose: list[int] = []  # passed while some are held: answered one by one
         self._kick: tuple[int, int] | None = None  # pipe: a byte on [1] re-checks the held ones
         # set with each kick: the loop re-checks the held ones after the datagram in hand, so
@@ -211,8 +226,15 @@ class AckClamp:
         if chain == "OUTPUT":
             match = ["-s", self.vip, "--sport", str(self.port),
                      "-m", "mark", "!", "--mark", f"{KICK_MARK:#x}"]  # fmt: skip
+            if self.limit is None:  # no ACK to clamp: our pure ACKs need not be queued
+                match += ["-m", "bpf", "--bytecode", data_or_control_bpf(self.family)]
+        elif chain == "INPUT:acks":  # a sample of the peer's pure ACKs (see ``ack_sample``)
+            match = ["-d", self.vip, "--dport", str(self.port), "-m", "statistic",
+                     "--mode", "random", "--probability", f"{self.ack_sample:.4f}"]  # fmt: skip
         else:
             match = ["-d", self.vip, "--dport", str(self.port)]
+            if self.ack_sample < 1.0:  # the peer's pure ACKs: the sample rule above, or none
+                match += ["-m", "bpf", "--bytecode", data_or_control_bpf(self.family)]
         return [
             "-p", "tcp", *match,
             "-m", "comment", "--comment", f"{COMMENT}:q{self.queue_num}",
@@ -241,9 +263,13 @@ class AckClamp:
                 target=self._loop, name=f"nonstop-ackclamp-q{self.queue_num}", daemon=True
             )
             self._thread.start()
-            for chain in ("OUTPUT", "INPUT") if self.capture is not None else ("OUTPUT",):
-                in_ns(self._ns_fd, self._iptables, "-I", chain)
-                self._chains.append(chain)
+            names = ["OUTPUT"]
+            if self.capture is not None or self.hold_in is not None:
+                names.append("INPUT")
+            if 0.0 < self.ack_sample < 1.0:
+                names.append("INPUT:acks")
+            in_ns(self._ns_fd, self._iptables, "-I", names)  # one iptables-restore, atomic
+            self._chains = names
         except BaseException:
             self.close()
             raise
@@ -253,8 +279,14 @@ class AckClamp:
         Passed segments still waiting for their batch verdict are released; any other segment
         still queued at the unbind is dropped by the kernel (TCP sends it again)."""
         try:
-            while self._chains:
-                in_ns(self._ns_fd, self._iptables, "-D", self._chains.pop())
+            if self._chains:
+                try:
+                    in_ns(self._ns_fd, self._iptables, "-D", self._chains)
+                except OSError:  # one is gone (removed by hand?): the others one by one, so
+                    for name in self._chains:  # no rule is left queueing to nobody
+                        with contextlib.suppress(OSError):
+                            in_ns(self._ns_fd, self._iptables, "-D", [name])
+                self._chains = []
         finally:
             if self._wake is not None:
                 os.write(self._wake[1], b"x")
@@ -279,9 +311,14 @@ class AckClamp:
         capture_out() raised (also counted in ``stats.errors``)."""
         return self._error
 
-    def kick(self) -> None:
+    def kick(self, fts: list[FourTuple] | None = None) -> None:
         """The hold may have moved (the backup confirmed more, or is gone): re-check the held
-        segments. Thread-safe, cheap; a no-op when closed."""
+        segments of ``fts`` (None: all). Thread-safe, cheap; a no-op when closed."""
+        with self._due_lock:
+            if fts is None:
+                self._due_all = True
+            else:
+                self._due.update(fts)
         self._kicked = True
         kick = self._kick  # always written: a segment held right after a check must not wait
         if kick is not None:
@@ -290,11 +327,16 @@ class AckClamp:
 
     # -- inside the namespace -------------------------------------------------------------------
 
-    def _iptables(self, op: str, chain: str) -> None:
-        argv = [iptables_cmd(self.family), "-w", op, chain, *self.rule(chain)]
-        res = subprocess.run(argv, capture_output=True, text=True)
+    def _iptables(self, op: str, names: list[str]) -> None:
+        """Insert (``-I``) or delete (``-D``) the rules ``names`` in one iptables-restore run:
+        one process, one atomic change."""
+        lines = [f"{op} {n.partition(':')[0]} {' '.join(map(_quoted, self.rule(n)))}"
+                 for n in names]
+        text = "*filter\n" + "\n".join(lines) + "\nCOMMIT\n"
+        argv = [iptables_cmd(self.family) + "-restore", "-w", "--noflush"]
+        res = subprocess.run(argv, input=text, capture_output=True, text=True)
         if res.returncode != 0:
-            raise OSError(f"{' '.join(argv)}: {res.stderr.strip()}")
+            raise OSError(f"{' '.join(argv)} {lines}: {res.stderr.strip()}")
 
     def _bind(self) -> socket.socket:
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
@@ -362,8 +404,7 @@ class AckClamp:
                 self._messages(sock, buf, mv, n)
                 if self._kicked:  # the queue may never drain under load: not only when idle
                     self._kicked = False
-                    if self._held:
-                        self._unhold(sock)
+                    self._unhold(sock)
                 if self._waiting >= self.batch:
                     self._release(sock)
         except BaseException as e:
@@ -400,32 +441,58 @@ class AckClamp:
         return nlmsg(MSG_VERDICT, NLM_F_REQUEST, 0, self.queue_num, attrs)
 
     def _unhold(self, sock: socket.socket) -> None:
-        """Let out the held segments the hold now covers (their ACK clamped as of now)."""
-        out, keep = [], []
-        for h in self._held:
-            pid, ft, end, raw = h
+        """Let out the held segments of the kicked connections that the hold now covers (their
+        ACK clamped as of now)."""
+        with self._due_lock:
+            due, self._due = self._due, set()
+            every, self._due_all = self._due_all, False
+        if every:
+            keys = list(self._held)
+        else:
+            keys = [k for ft in due for k in ((ft, False), (ft, True)) if k in self._held]
+        out: list[bytes] = []
+        for key in keys:
+            held = self._held[key]
+            ft, inbound = key
             try:
-                lim = self._holding(ft)
-                if lim is not None and 0 < (end - lim) % (1 << 32) < HALF:
-                    keep.append(h)
+                lim = self._holding(ft, inbound)
+            except _LimitFailed:  # fail closed: TCP sends them again
+                out += [self._verdict_msg(h[0], NF_DROP) for h in held]
+                keep = []
+            else:
+                keep = [h for h in held if lim is not None and 0 < (h[1] - lim) % (1 << 32) < HALF]
+                if len(keep) == len(held):
                     continue
-                pkt = bytearray(raw)
-                limit = self._limit(ft)
-                key = self.md5.get(ft[2]) if self.md5 else None
-                changed = limit is not None and clamp_ack(pkt, limit, key)
-                out.append(self._verdict_msg(pid, NF_ACCEPT, bytes(pkt) if changed else b""))
-                self.stats.clamped += changed
-            except (_LimitFailed, Md5KeyMissing):
-                out.append(self._verdict_msg(pid, NF_DROP))
-        if len(keep) != len(self._held):
-            self._held = keep
-            self.stats.held_now = len(keep)
+                out += [self._let_go(h[0], ft, h[2], inbound) for h in held
+                        if lim is None or not 0 < (h[1] - lim) % (1 << 32) < HALF]
+            if keep:
+                self._held[key] = keep
+            else:
+                del self._held[key]
+            self._nheld -= len(held) - len(keep)
+        if out:
+            self.stats.held_now = self._nheld
             self._release(sock)  # passes first: with no hold left they go in one batch again
             send_packed(sock, out)
 
-    def _holding(self, ft: FourTuple) -> int | None:
+    def _let_go(self, pid: int, ft: FourTuple, raw: bytes, inbound: bool) -> bytes:
+        """The verdict of a held segment the hold now covers."""
+        if inbound or self.limit is None:  # goes in (or out) as it came
+            return self._verdict_msg(pid)
         try:
-            return self.hold(ft) if self.hold is not None else None
+            pkt = bytearray(raw)
+            limit = self._limit(ft)
+            key = self.md5.get(ft[2]) if self.md5 else None
+            changed = limit is not None and clamp_ack(pkt, limit, key)
+            self.stats.clamped += changed
+            return self._verdict_msg(pid, NF_ACCEPT, bytes(pkt) if changed else b"")
+        except (_LimitFailed, Md5KeyMissing):
+            return self._verdict_msg(pid, NF_DROP)
+
+    def _holding(self, ft: FourTuple, inbound: bool = False) -> int | None:
+        hold = self.hold_in if inbound else self.hold
+        try:
+            return hold(ft) if hold is not None else None
         except Exception as e:
             self.stats.errors += 1
             self._error = e
@@ -461,17 +528,20 @@ class AckClamp:
         try:
             if p < 0:
                 raise RemoteProtocolError("queued packet without payload", counter="nfq_empty")
-            if hook == NF_INET_LOCAL_IN:  # the peer's segment: capture only
+            seg, lim = None, _ASK
+            if hook == NF_INET_LOCAL_IN:  # the peer's segment: capture, the hold
                 if self.capture is not None:
-                    self._capture(mv[p : p + plen], inbound=True)
-                self._pass(pid)
+                    seg, lim = self._capture(mv[p : p + plen], inbound=True)
+                if self.hold_in is None or not self._must_hold(
+                        pid, seg, mv[p : p + plen], truncated, lim, inbound=True):
+                    self._pass(pid)
                 return
-            seg = None
             if self.capture_out is not None:  # as the kernel wrote it, before the clamp
-                seg = self._capture(mv[p : p + plen], inbound=False)
-            if self.hold is not None and self._must_hold(pid, seg, mv[p : p + plen], truncated):
+                seg, lim = self._capture(mv[p : p + plen], inbound=False)
+            if self.hold is not None and self._must_hold(
+                    pid, seg, mv[p : p + plen], truncated, lim):
                 return
-            if self._fast_pass(buf, p, plen):
+            if self.limit is None or self._fast_pass(buf, p, plen):
                 self._pass(pid)
                 return
             if truncated:  # a header copy: the clamp cannot rewrite what it does not hold
@@ -510,21 +580,33 @@ class AckClamp:
             self._waiting += 1
         self.stats.passed += 1
 
-    def _must_hold(self, pid: int, seg: Segment | None, pkt: memoryview, truncated: bool) -> bool:
-        """Hold this outgoing segment (True) if its payload reaches past ``hold``."""
+    def _must_hold(
+        self, pid: int, seg: Segment | None, pkt: memoryview, truncated: bool,
+        lim: int | object | None = None, *, inbound: bool = False,
+    ) -> bool:
+        """Hold this segment (True) if its payload reaches past the hold (``hold``, or for the
+        peer's segments ``hold_in``). ``lim``: the hold as the capture hook returned it
+        (``hooks_hold``), or ``_ASK``. A FIN waits for the bytes before it: the kernel must not
+        take a FIN (and acknowledge it) ahead of bytes the backup may still lack."""
         if seg is None:
             seg = parse(pkt)
-        if not seg.payload_length:
+        if not seg.payload_length and not seg.flags & FIN:
             return False
         if truncated:  # cannot be let out later as it was: TCP sends it again
             raise RemoteProtocolError("truncated data segment", counter="nfq_truncated")
-        lim = self._holding(seg.four_tuple)
+        ft = (seg.dst, seg.dport, seg.src, seg.sport) if inbound else seg.four_tuple
+        if lim is _ASK or not self.hooks_hold:
+            lim = self._holding(ft, inbound)
         end = (seg.seq + seg.payload_length) % (1 << 32)
-        if lim is None or not 0 < (end - lim) % (1 << 32) < HALF:
+        if lim is None or not 0 < (end - lim) % (1 << 32) < HALF:  # type: ignore[operator]
             return False
-        self._held.append((pid, seg.four_tuple, end, bytes(pkt)))
-        self.stats.held += 1
-        self.stats.held_now = len(self._held)
+        self._held.setdefault((ft, inbound), []).append((pid, end, bytes(pkt)))
+        self._nheld += 1
+        if inbound:
+            self.stats.held_in += 1
+        else:
+            self.stats.held += 1
+        self.stats.held_now = self._nheld
         return True
 
     def _fast_pass(self, buf: bytearray, p: int, plen: int) -> bool:
@@ -570,20 +652,32 @@ class AckClamp:
             self._error = e
             raise _LimitFailed from e
 
-    def _capture(self, pkt: memoryview, *, inbound: bool) -> Segment:
+    def _capture(self, pkt: memoryview, *, inbound: bool) -> tuple[Segment, int | object | None]:
+        """Hand the segment to its hook: (the segment, what the hook returned: the hold of its
+        connection with ``hooks_hold``; ``_ASK`` if the hook failed)."""
         hook = self.capture if inbound else self.capture_out
         assert hook is not None
         seg = parse(pkt)  # malformed: RemoteProtocolError, the segment is dropped
         try:
-            hook(seg, bytes(pkt[seg.payload_offset : seg.payload_offset + seg.payload_length]))
+            o = seg.payload_offset
+            lim = hook(seg, bytes(pkt[o : o + seg.payload_length]))
             if inbound:
                 self.stats.captured += 1
             else:
                 self.stats.captured_out += 1
-        except Exception as e:  # the segment still goes on: the ACK clamp keeps us safe
+        except Exception as e:  # the segment still goes on: the hold keeps us safe
             self.stats.errors += 1
             self._error = e
-        return seg
+            return seg, _ASK
+        return seg, lim
+
+
+def _quoted(arg: str) -> str:
+    """One argument as iptables-restore reads it."""
+    return f'"{arg}"' if not arg or any(c in arg for c in ' "\'') else arg
+
+
+_ASK = object()  # no hold from the capture hook: ask hold() / hold_in()
 
 
 class _LimitFailed(Exception):
