@@ -65,6 +65,7 @@ pass unclamped.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import ipaddress
@@ -73,6 +74,7 @@ import socket
 import struct
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Mapping
 
 from nonstop.common import LocalProtocolError, RemoteProtocolError, normal_priority, readable
@@ -205,14 +207,17 @@ class AckClamp:
         self._seq = 0
         self._pending = -1  # highest packet id passed but not yet answered (-1: none)
         self._waiting = 0  # how many passed segments wait for the batch verdict
-        # held segments by (four-tuple, the peer's: True), oldest first: (packet id, sequence
-        # after the payload, packet)
-        self._held: dict[tuple[FourTuple, bool], list[tuple[int, int, bytes]]] = {}
+        # From the first held segment on, every segment not answered yet, in id order (the
+        # kernel's): [packet id, state, sequence after the payload, packet, (four-tuple, the
+        # peer's)]. The prefix that may go leaves in one batch verdict.
+        self._fifo: collections.deque[list] = collections.deque()
+        self._head: tuple[int, float] = (-1, 0.0)  # the held head's id, since when
+        # the held ones (in the fifo or laggards) by (four-tuple, the peer's: True), oldest first
+        self._held: dict[tuple[FourTuple, bool], list[list]] = {}
         self._nheld = 0
         self._due: set[FourTuple] = set()  # kicked connections whose held ones to re-check
         self._due_all = False  # re-check every held one
         self._due_lock = threading.Lock()
-        self._loose: list[int] = []  # passed while some are held: answered one by one
         self._kick: tuple[int, int] | None = None  # pipe: a byte on [1] re-checks the held ones
         # set with each kick: the loop re-checks the held ones after the datagram in hand, so
         # they go out while the queue never drains (the pipe only wakes an idle loop)
@@ -389,6 +394,8 @@ class AckClamp:
                     ready = readable([sock, wake[0], kick[0]])
                     if wake[0] in ready:  # closing: the rules are gone already
                         self._release(sock)
+                        send_packed(sock, [self._verdict_msg(e[0]) for e in self._fifo
+                                           if e[1] == _READY])
                         return  # the held ones are dropped at the unbind: TCP resends them
                     if kick[0] in ready:
                         with contextlib.suppress(BlockingIOError):
@@ -422,16 +429,32 @@ class AckClamp:
             off += (length + 3) & ~3
 
     def _release(self, sock: socket.socket) -> None:
-        """Accept every passed segment still waiting: one batch verdict, or (some are held)
-        one verdict each, in one datagram."""
-        if self._loose:
-            send_packed(sock, [self._verdict_msg(pid) for pid in self._loose])
-            self._loose.clear()
-        if self._pending >= 0:
-            attrs = attr(A_VERDICT_HDR, struct.pack("!II", NF_ACCEPT, self._pending))
-            sock.send(nlmsg(MSG_VERDICT_BATCH, NLM_F_REQUEST, 0, self.queue_num, attrs))
-            self._pending, self._waiting = -1, 0
-            self.stats.batches += 1
+        """Accept every passed segment still waiting, with one batch verdict (or two): those
+        before the first held one, and the fifo's prefix that may go (a batch verdict accepts
+        every queued id up to its own, so it cannot reach past a held one). While a held head
+        waits longer than ``_STUCK`` (its connection's bytes past a gap, say) those behind it
+        that may go are answered one by one, so it does not keep them waiting."""
+        last = -1
+        fifo = self._fifo
+        while fifo and fifo[0][1] != _HELD:
+            e = fifo.popleft()
+            if e[1] == _READY:
+                last = e[0]
+        if fifo:
+            now = time.monotonic()
+            if self._head[0] != fifo[0][0]:
+                self._head = (fifo[0][0], now)
+            elif now - self._head[1] > _STUCK:
+                alone = [e for e in fifo if e[1] == _READY]
+                for e in alone:
+                    e[1] = _DONE
+                send_packed(sock, [self._verdict_msg(e[0]) for e in alone])
+        for top in (self._pending, last):
+            if top >= 0:
+                attrs = attr(A_VERDICT_HDR, struct.pack("!II", NF_ACCEPT, top))
+                sock.send(nlmsg(MSG_VERDICT_BATCH, NLM_F_REQUEST, 0, self.queue_num, attrs))
+                self.stats.batches += 1
+        self._pending, self._waiting = -1, 0
 
     def _verdict_msg(self, pid: int, verdict: int = NF_ACCEPT, payload: bytes = b"") -> bytes:
         """One NFQNL_MSG_VERDICT for packet ``pid`` (``payload``: the packet as changed)."""
@@ -451,33 +474,44 @@ class AckClamp:
         else:
             keys = [k for ft in due for k in ((ft, False), (ft, True)) if k in self._held]
         out: list[bytes] = []
+        freed = 0
         for key in keys:
             held = self._held[key]
             ft, inbound = key
             try:
                 lim = self._holding(ft, inbound)
             except _LimitFailed:  # fail closed: TCP sends them again
-                out += [self._verdict_msg(h[0], NF_DROP) for h in held]
-                keep = []
+                lim, fail = None, True
             else:
-                keep = [h for h in held if lim is not None and 0 < (h[1] - lim) % (1 << 32) < HALF]
-                if len(keep) == len(held):
-                    continue
-                out += [self._let_go(h[0], ft, h[2], inbound) for h in held
-                        if lim is None or not 0 < (h[1] - lim) % (1 << 32) < HALF]
+                fail = False
+            keep = []
+            for e in held:
+                if not fail and lim is not None and 0 < (e[2] - lim) % (1 << 32) < HALF:
+                    keep.append(e)
+                elif fail:
+                    out.append(self._verdict_msg(e[0], NF_DROP))
+                    e[1] = _DONE
+                elif not (inbound or self.limit is None):
+                    out.append(self._let_go(e[0], ft, e[3]))  # alone, its ACK clamped as of now
+                    e[1] = _DONE
+                else:
+                    e[1] = _READY  # as it came, with the next batch
+            if len(keep) == len(held):
+                continue
+            freed += len(held) - len(keep)
             if keep:
                 self._held[key] = keep
             else:
                 del self._held[key]
-            self._nheld -= len(held) - len(keep)
-        if out:
+        if freed:
+            self._nheld -= freed
             self.stats.held_now = self._nheld
-            self._release(sock)  # passes first: with no hold left they go in one batch again
+            self._release(sock)
             send_packed(sock, out)
 
-    def _let_go(self, pid: int, ft: FourTuple, raw: bytes, inbound: bool) -> bytes:
-        """The verdict of a held segment the hold now covers."""
-        if inbound or self.limit is None:  # goes in (or out) as it came
+    def _let_go(self, pid: int, ft: FourTuple, raw: bytes) -> bytes:
+        """The verdict of a held segment the hold now covers, answered alone."""
+        if self.limit is None:
             return self._verdict_msg(pid)
         try:
             pkt = bytearray(raw)
@@ -573,11 +607,11 @@ class AckClamp:
             self._verdict(sock, pid, NF_DROP)
 
     def _pass(self, pid: int) -> None:
-        if self._held:  # a batch verdict would let the held ones out too
-            self._loose.append(pid)
+        if self._fifo:  # behind a held one: a batch verdict would let it out too
+            self._fifo.append([pid, _READY, 0, b"", None])
         else:
             self._pending = pid
-            self._waiting += 1
+        self._waiting += 1
         self.stats.passed += 1
 
     def _must_hold(
@@ -600,7 +634,10 @@ class AckClamp:
         end = (seg.seq + seg.payload_length) % (1 << 32)
         if lim is None or not 0 < (end - lim) % (1 << 32) < HALF:  # type: ignore[operator]
             return False
-        self._held.setdefault((ft, inbound), []).append((pid, end, bytes(pkt)))
+        key = (ft, inbound)
+        e = [pid, _HELD, end, b"" if inbound or self.limit is None else bytes(pkt), key]
+        self._fifo.append(e)
+        self._held.setdefault(key, []).append(e)
         self._nheld += 1
         if inbound:
             self.stats.held_in += 1
@@ -677,6 +714,8 @@ def _quoted(arg: str) -> str:
     return f'"{arg}"' if not arg or any(c in arg for c in ' "\'') else arg
 
 
+_HELD, _READY, _DONE = range(3)  # a fifo entry's state: held, may go (next batch), answered
+_STUCK = 0.02  # s: behind a held head waiting longer, the others are answered one by one
 _ASK = object()  # no hold from the capture hook: ask hold() / hold_in()
 
 
