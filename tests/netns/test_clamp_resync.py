@@ -100,3 +100,61 @@ def test_no_byte_acknowledged_past_the_backup_while_it_resyncs(lab: Lab) -> None
             t.join(5)
         m.close()
         sync.close()
+
+
+def test_the_peers_fin_is_acknowledged_once_the_backup_holds_what_came_before(lab: Lab) -> None:
+    """The peer's FIN waits in the queue for the bytes before it, then TCP takes it and
+    acknowledges it: the peer's half-close completes (FIN_WAIT2) and the service reads EOF.
+    (An ACK clamp held the FIN's ACK at the backup's byte count for good: the peer kept
+    sending its FIN again.)"""
+    a, b = lab.host("a"), lab.host("b")
+    m = nsops.in_netns(a.ns, lambda: MasterSession(A, PORT, KEY, backup=None, queue_num=12))
+    m.open()
+    sync = b.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sync.bind((B, SYNC))
+    rx = SyncReceiver(KEY, now=time.monotonic(), incarnation=1)
+    stop = threading.Event()
+
+    def answer() -> None:
+        sync.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                data, src = sync.recvfrom(65536)
+            except TimeoutError:
+                continue
+            for ack in rx.receive(data, time.monotonic()):
+                sync.sendto(ack, src)
+
+    t = threading.Thread(target=answer, daemon=True)
+    t.start()
+    try:
+        with connected(a, b, A, PORT) as (cli, srv):
+            m.set_backup((B, SYNC))
+            deadline = time.monotonic() + 10
+            while not m.protecting and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert m.protecting
+            cli.sendall(b"last words")
+            cli.shutdown(socket.SHUT_WR)
+            got, srv_deadline = b"", time.monotonic() + 5
+            srv.settimeout(5)
+            while time.monotonic() < srv_deadline:
+                chunk = srv.recv(4096)
+                if not chunk:
+                    break  # EOF: the FIN went in
+                got += chunk
+            assert got == b"last words"
+            fin_wait2 = 5  # TCP_FIN_WAIT2: our FIN was acknowledged
+            assert wait_stable(lambda: tcp_state(cli)) == fin_wait2
+            (held,) = rx.connections().values()
+            assert held.rcv_end - held.full.rcv_seq == len(b"last words")
+            assert m.clamp.stats.held_in >= 1
+    finally:
+        stop.set()
+        t.join(5)
+        m.close()
+        sync.close()
+
+
+def tcp_state(sock: socket.socket) -> int:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232)[0]
