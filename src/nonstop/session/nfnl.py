@@ -196,6 +196,50 @@ def remove_rules(family: int = 4, *, netns_fd: int | None = None, keep_quiet: bo
     return body() if netns_fd is None else in_ns(netns_fd, body)
 
 
+def queue_rule(
+    name: str, *, vip: str, port: int, family: int, queue_num: int, clamp: bool,
+    ack_sample: float,
+) -> list[str]:
+    """The iptables rule spec queueing VIP:port's segments: ``OUTPUT`` (ours), ``INPUT`` (the
+    peer's), ``INPUT:acks`` (a random ``ack_sample`` of the peer's pure ACKs, which the INPUT rule
+    leaves out when ``ack_sample`` < 1). Without an ACK ``clamp`` our pure ACKs are not queued.
+    Our segments marked ``KICK_MARK`` pass by (``session.kick``'s crafted ACKs: they carry what
+    the queue has seen already, and after a takeover of 10,000 connections they are 40,000
+    segments the queue would copy to Python for nothing)."""
+    if name == "OUTPUT":
+        match = ["-s", vip, "--sport", str(port), "-m", "mark", "!", "--mark", f"{KICK_MARK:#x}"]
+        if not clamp:
+            match += ["-m", "bpf", "--bytecode", data_or_control_bpf(family)]
+    elif name == "INPUT:acks":
+        match = ["-d", vip, "--dport", str(port), "-m", "statistic",
+                 "--mode", "random", "--probability", f"{ack_sample:.4f}"]  # fmt: skip
+    else:
+        match = ["-d", vip, "--dport", str(port)]
+        if ack_sample < 1.0:
+            match += ["-m", "bpf", "--bytecode", data_or_control_bpf(family)]
+    return [
+        "-p", "tcp", *match,
+        "-m", "comment", "--comment", f"{COMMENT}:q{queue_num}",
+        "-j", "NFQUEUE", "--queue-num", str(queue_num),
+    ]  # fmt: skip
+
+
+def restore_rules(op: str, family: int, rules: list[tuple[str, list[str]]]) -> None:
+    """Insert (``-I``) or delete (``-D``) every (chain, spec) of ``rules`` in one
+    iptables-restore run: one process, one atomic change. OSError if it fails."""
+    lines = [f"{op} {chain} {' '.join(map(_quoted, spec))}" for chain, spec in rules]
+    text = "*filter\n" + "\n".join(lines) + "\nCOMMIT\n"
+    argv = [iptables_cmd(family) + "-restore", "-w", "--noflush"]
+    res = subprocess.run(argv, input=text, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise OSError(f"{' '.join(argv)} {lines}: {res.stderr.strip()}")
+
+
+def _quoted(arg: str) -> str:
+    """One argument as iptables-restore reads it."""
+    return f'"{arg}"' if not arg or any(c in arg for c in ' "\'') else arg
+
+
 def send_packed(sock: socket.socket, msgs: list[bytes], most: int = 96 << 10) -> None:
     """Send netlink messages packed into datagrams of up to ``most`` bytes (one bigger message
     goes alone): one syscall per drain, not one per verdict."""

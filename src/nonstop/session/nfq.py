@@ -1,66 +1,46 @@
-"""The ACK clamp on the master's packet path: iptables NFQUEUE + nfnetlink around segment.clamp_ack.
+"""The master's packet path for VIP:port: iptables NFQUEUE + nfnetlink, the hold (and the older
+ACK clamp around ``segment.clamp_ack``).
 
-``AckClamp`` puts the master's outgoing TCP segments from VIP:port through an NFQUEUE queue and
-lowers their ACK number (and SACK blocks) to ``limit(four_tuple)``, the point up to which the
-backup holds the peer's bytes (``SyncSender.confirmed(conn)[0]``); ``None`` lets the segment pass
-unchanged. The rule:
+``AckClamp`` puts TCP segments of VIP:port through an NFQUEUE queue, in one plain thread
+(``nonstop-ackclamp-q<N>``) speaking nfnetlink on one AF_NETLINK socket, no library between.
 
-    iptables -I OUTPUT -p tcp -s VIP --sport PORT -m comment --comment nonstop-ackclamp:q<N>
-             -j NFQUEUE --queue-num N
+**The hold** (what ``MasterSession`` uses): nothing acknowledged that could be lost, nothing
+sent that the backup lacks. ``hold_in(four_tuple)`` is how far the peer's stream may reach this
+node's TCP (the backup's confirmed end of it): a peer's data segment (or FIN) past it waits in
+the queue, unanswered, and TCP never sees it, so the kernel never acknowledges a byte the backup
+does not hold. ``hold(four_tuple)`` is the same for our own stream: the peer never holds a byte
+of ours the backup lacks, so a restored send queue always reaches the peer's ACK. ``kick(fts)``
+(the backup confirmed more) re-checks the held segments of those connections. The segments are
+never changed, so our own pure ACKs need not be queued at all (the OUTPUT rule matches payload,
+SYN, FIN or RST with ``-m bpf``, ``nfnl.data_or_control_bpf``), and of the peer's pure ACKs
+only ``ack_sample`` of them are (``-m statistic``): they only move snd_una in the mirror.
 
-With ``capture=``, the peer's segments to VIP:port pass through the same queue (an INPUT rule
-with ``-d VIP --dport PORT``): ``capture(segment, payload)`` sees each one before TCP does (the
-DATA(RCV) for the backup, the SYN options for the FULL record) and the segment is accepted as is.
-With ``capture_out=``, ``capture_out(segment, payload)`` sees every outgoing segment of VIP:port
-(the OUTPUT rule queues them anyway) before it is clamped, with its ACK as the kernel wrote it:
-the SYN-ACK's options, DATA(SND), the service's windows. An exception in either hook is counted
-(``stats.errors``, ``error``) and the segment goes on: the clamp keeps it safe, the backup may lag.
+**The ACK clamp** (``limit=``, kept for the tests and benches that compare): every outgoing
+segment's ACK number and SACK blocks are lowered to ``limit(four_tuple)`` (None: unchanged),
+re-signed with the peer's TCP-MD5 key (``md5``) when signed; one with no key is dropped.
 
-The send-side hold (``hold=``): an outgoing segment with payload whose last byte is past
-``hold(four_tuple)`` (the backup's confirmed end of our stream) waits in the queue, unanswered,
-until ``kick()`` (the backup confirmed more) finds it covered; its ACK is clamped when it leaves.
-So the peer never holds a byte of ours that the backup lacks: a restored connection's send queue
-always reaches the peer's ACK. Segments passed while some are held are answered one by one (a
-batch verdict would release the held ones too), packed into one datagram per drain.
+Hooks: ``capture(segment, payload)`` sees each of the peer's segments before TCP does,
+``capture_out`` each of ours before it leaves (as the kernel wrote it). With ``hooks_hold`` they
+return their connection's hold, so the hold costs no second call. An exception in a hook is
+counted (``stats.errors``, ``error``) and the segment goes on: the hold keeps it safe.
 
-No ``--queue-bypass``: fail closed. While the rule is in place and nothing is bound to the queue
-(the agent and its session worker were killed) the kernel drops every segment of VIP:port. It
-used to let them pass, and a killed master's kernel then acknowledged, in the moments before the
-peer moved to the new master, bytes the backup never got: the restored connection waited
-forever for bytes the peer would not send again. The rule goes in after the bind and out before
-the unbind, so a clean start or stop loses nothing; a crashed worker's rules are removed by the
-next one once its quiet rule is in (``remove_rules``). Segments the clamp cannot parse, and
-truncated copies, are dropped and counted: TCP sends them again, and nothing unclamped escapes.
+Verdicts: segments that go unchanged are answered together, one ``NFQNL_MSG_VERDICT_BATCH``
+(accept every queued id up to N) per drain or ``batch`` segments. A batch cannot reach past a
+held segment, so from the first held one on every segment waits in a fifo in the kernel's id
+order and the prefix that may go leaves in one batch; behind a head held longer than
+``_STUCK`` the others are answered one by one.
 
-The hot path (issue 3 wants a protected stream at >= 0.8x an unprotected one) speaks nfnetlink
-directly on one AF_NETLINK socket, no library between: each ``recv_into`` lands one queued packet
-in a preallocated buffer, its ACK and ports are read with ``struct`` in place, and the segments
-that pass unchanged (nearly all) are not answered one by one: their verdicts are collected and
-released with one ``NFQNL_MSG_VERDICT_BATCH`` (accept every queued id up to N) when the socket is
-drained or ``batch`` segments wait. A segment that must be changed or dropped first releases the
-batch before it (the kernel keeps the queue in order, so nothing is reordered), then gets its own
-verdict. The copy range is the whole packet only when a capture hook needs payloads; without
-capture only the headers are copied (``header_copy`` bytes), and a truncated segment that would
-need a clamp is dropped (TCP sends it again) and switches the queue to full copies for good.
+Fail closed: no ``--queue-bypass``. While the rules are in and nothing is bound (the agent and
+its worker were killed) the kernel drops every segment of VIP:port (a killed master's kernel
+used to acknowledge, in the moments before the peer moved, bytes the backup never got). The
+rules go in after the bind and out before the unbind (one ``iptables-restore`` each way); a
+crashed worker's rules are removed by the next one (``remove_rules``). Malformed segments and
+truncated copies are dropped and counted: TCP sends them again. GSO: the queue carries whole
+GSO packets (up to 64 KB), hence a 64 MB receive buffer; an ENOBUFS overflow is counted.
 
-Threads, not asyncio: the verdict loop is one plain thread (``nonstop-ackclamp-q<N>``) that sleeps
-in ``select`` only when the socket is empty. ``limit`` is called from that thread, once per
-outgoing segment: it must be quick and thread-safe (a dict lookup). The namespace: the netlink
-socket and every iptables call are made in the network namespace that was current when the
-AckClamp was built (or ``netns=``, a name under /run/netns), whatever thread calls ``open`` /
-``close`` later.
-
-TCP-MD5 (RFC 2385): ``md5`` maps a peer address to its key. A signed segment the clamp
-changes is signed again with the peer's key (``segment.clamp_ack(..., md5_key=)``), so the peer
-accepts it; one with no key here is dropped and counted (``unsigned``): the peer would drop it
-anyway, and letting it through unclamped would break the guarantee. Signed segments never take
-the fast path (their options are not Linux's NOP NOP TS), and Linux never builds GSO packets for
-a signed connection.
-
-GSO: the queue carries whole GSO packets (up to 64 KB, NFQA_CFG_F_GSO), which needs a 64 MB
-netlink receive buffer; an ENOBUFS overflow (the kernel dropped a queued segment: TCP resends it)
-is counted and the loop carries on. No fail-open flag: a full queue drops, never lets a segment
-pass unclamped.
+``limit``, ``hold``, ``hold_in`` are called from the verdict thread: quick and thread-safe. The
+namespace: the socket and the rules are made in the namespace current when the AckClamp was
+built (or ``netns=``, a name under /run/netns), whatever thread calls ``open`` / ``close``.
 """
 
 from __future__ import annotations
@@ -72,7 +52,6 @@ import ipaddress
 import os
 import socket
 import struct
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -95,7 +74,6 @@ from nonstop.session.nfnl import (
     F_GSO,
     HALF,
     HEADER_COPY,
-    KICK_MARK,
     MAX_PAYLOAD,
     MSG_CONFIG,
     MSG_PACKET,
@@ -109,28 +87,25 @@ from nonstop.session.nfnl import (
     NLM_F_REQUEST,
     NLMSG_ERROR,
     NLMSGHDR,
-    PORTS,
     SO_RCVBUFFORCE,
-    TCP_ACK,
     U32BE,
     ClampStats,
     attr,
-    data_or_control_bpf,
     in_ns,
-    iptables_cmd,
     nlmsg,
+    queue_rule,
     remove_rules,
+    restore_rules,
     send_packed,
 )
 from nonstop.session.segment import (
-    ACK,
     FIN,
     Md5KeyMissing,
     Segment,
-    addr_str,
     clamp_ack,
     md5_option,
     parse,
+    plain_ack,
 )
 
 __all__ = ["COMMENT", "HEADER_COPY", "MAX_PAYLOAD", "AckClamp", "ClampStats", "FourTuple",
@@ -224,27 +199,11 @@ class AckClamp:
         self._kicked = False
 
     def rule(self, chain: str = "OUTPUT") -> list[str]:
-        """The iptables rule spec for ``chain`` (OUTPUT: our segments, INPUT: the peer's). Our
-        segments marked ``KICK_MARK`` pass by (``session.kick``'s crafted ACKs: they carry what
-        the clamp has seen already, and after a takeover of 10,000 connections they are 40,000
-        segments the queue would copy to Python for nothing)."""
-        if chain == "OUTPUT":
-            match = ["-s", self.vip, "--sport", str(self.port),
-                     "-m", "mark", "!", "--mark", f"{KICK_MARK:#x}"]  # fmt: skip
-            if self.limit is None:  # no ACK to clamp: our pure ACKs need not be queued
-                match += ["-m", "bpf", "--bytecode", data_or_control_bpf(self.family)]
-        elif chain == "INPUT:acks":  # a sample of the peer's pure ACKs (see ``ack_sample``)
-            match = ["-d", self.vip, "--dport", str(self.port), "-m", "statistic",
-                     "--mode", "random", "--probability", f"{self.ack_sample:.4f}"]  # fmt: skip
-        else:
-            match = ["-d", self.vip, "--dport", str(self.port)]
-            if self.ack_sample < 1.0:  # the peer's pure ACKs: the sample rule above, or none
-                match += ["-m", "bpf", "--bytecode", data_or_control_bpf(self.family)]
-        return [
-            "-p", "tcp", *match,
-            "-m", "comment", "--comment", f"{COMMENT}:q{self.queue_num}",
-            "-j", "NFQUEUE", "--queue-num", str(self.queue_num),
-        ]  # fmt: skip
+        """The iptables rule spec for ``chain``: OUTPUT (ours), INPUT (the peer's), INPUT:acks
+        (a sample of the peer's pure ACKs, with ``ack_sample`` < 1); see ``nfnl.queue_rule``."""
+        return queue_rule(chain, vip=self.vip, port=self.port, family=self.family,
+                          queue_num=self.queue_num, clamp=self.limit is not None,
+                          ack_sample=self.ack_sample)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -333,15 +292,7 @@ class AckClamp:
     # -- inside the namespace -------------------------------------------------------------------
 
     def _iptables(self, op: str, names: list[str]) -> None:
-        """Insert (``-I``) or delete (``-D``) the rules ``names`` in one iptables-restore run:
-        one process, one atomic change."""
-        lines = [f"{op} {n.partition(':')[0]} {' '.join(map(_quoted, self.rule(n)))}"
-                 for n in names]
-        text = "*filter\n" + "\n".join(lines) + "\nCOMMIT\n"
-        argv = [iptables_cmd(self.family) + "-restore", "-w", "--noflush"]
-        res = subprocess.run(argv, input=text, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise OSError(f"{' '.join(argv)} {lines}: {res.stderr.strip()}")
+        restore_rules(op, self.family, [(n.partition(":")[0], self.rule(n)) for n in names])
 
     def _bind(self) -> socket.socket:
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
@@ -648,38 +599,12 @@ class AckClamp:
 
     def _fast_pass(self, buf: bytearray, p: int, plen: int) -> bool:
         """True when the outgoing segment at ``buf[p:p+plen]`` surely needs no change: read in
-        place, no copy. False sends it to the full check (parse + clamp_ack)."""
-        if plen < 20:
+        place, no copy (``segment.plain_ack``). False sends it to the full check."""
+        got = plain_ack(buf, p, plen)
+        if got is None:
             return False
-        v = buf[p] >> 4
-        if v == 4:
-            t = p + (buf[p] & 0x0F) * 4
-            if buf[p + 9] != 6 or buf[p + 6] & 0x3F or buf[p + 7]:
-                return False  # not TCP, or a fragment: the full check refuses it
-            src, dst = buf[p + 12 : p + 16], buf[p + 16 : p + 20]
-        elif v == 6:
-            t = p + 40
-            if buf[p + 6] != 6:
-                return False  # extension headers: the full check walks them
-            src, dst = buf[p + 8 : p + 24], buf[p + 24 : p + 40]
-        else:
-            return False
-        if t + 20 > p + plen:
-            return False
-        doff = buf[t + 12] >> 4
-        if doff == 8:  # the only options taken here: Linux's NOP NOP TS
-            if U32BE.unpack_from(buf, t + 20)[0] != 0x0101080A:
-                return False
-        elif doff != 5:
-            return False  # other options (SACK?) or garbage: the full check
-        sport, dport = PORTS.unpack_from(buf, t)
-        limit = self._limit((addr_str(bytes(src)), sport, addr_str(bytes(dst)), dport))
-        if limit is None:
-            return True
-        if not buf[t + 13] & ACK:
-            return True
-        ack = TCP_ACK.unpack_from(buf, t + 8)[0]
-        return not 0 < (ack - limit) % (1 << 32) < HALF  # ack <= limit
+        limit = self._limit(got[0])
+        return limit is None or got[1] is None or not 0 < (got[1] - limit) % (1 << 32) < HALF
 
     def _limit(self, ft: FourTuple) -> int | None:
         try:
@@ -707,11 +632,6 @@ class AckClamp:
             self._error = e
             return seg, _ASK
         return seg, lim
-
-
-def _quoted(arg: str) -> str:
-    """One argument as iptables-restore reads it."""
-    return f'"{arg}"' if not arg or any(c in arg for c in ' "\'') else arg
 
 
 _HELD, _READY, _DONE = range(3)  # a fifo entry's state: held, may go (next batch), answered
