@@ -60,12 +60,6 @@ __all__ = ["MasterSession", "big_buffers"]
 _U32 = 0xFFFF_FFFF
 _POLL = 0.002  # the sync thread's longest sleep (s)
 _TCP_TIMESTAMP = 24
-# The share of the peer's pure ACKs put through the queue. They only move snd_una and the peer's
-# window in the mirror (what the backup may drop of our output): a lagging snd_una costs a
-# restored connection a few bytes the peer has already (it acknowledges them again), while
-# queueing every one cost a third of the packet path's work at 10,000 connections. Segments
-# with payload, SYN, FIN or RST always go through.
-ACK_SAMPLE = 0.25
 
 
 def big_buffers(sock: socket.socket, size: int) -> None:
@@ -167,7 +161,6 @@ class MasterSession:
             hold=self._hold,
             hold_in=self._hold_in,
             hooks_hold=True,  # _inbound / _outbound return the hold: one lock per segment
-            ack_sample=ACK_SAMPLE,
             md5=md5,  # TCP-MD5 keys per peer (the kick signs nothing: signed ones are skipped)
         )
         self._stop = threading.Event()

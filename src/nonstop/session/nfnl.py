@@ -197,12 +197,10 @@ def remove_rules(family: int = 4, *, netns_fd: int | None = None, keep_quiet: bo
 
 
 def queue_rule(
-    name: str, *, vip: str, port: int, family: int, queue_num: int, clamp: bool,
-    ack_sample: float,
+    name: str, *, vip: str, port: int, family: int, queue_num: int, clamp: bool
 ) -> list[str]:
     """The iptables rule spec queueing VIP:port's segments: ``OUTPUT`` (ours), ``INPUT`` (the
-    peer's), ``INPUT:acks`` (a random ``ack_sample`` of the peer's pure ACKs, which the INPUT rule
-    leaves out when ``ack_sample`` < 1). Without an ACK ``clamp`` our pure ACKs are not queued.
+    peer's). Without an ACK ``clamp`` our pure ACKs are not queued.
     Our segments marked ``KICK_MARK`` pass by (``session.kick``'s crafted ACKs: they carry what
     the queue has seen already, and after a takeover of 10,000 connections they are 40,000
     segments the queue would copy to Python for nothing)."""
@@ -210,13 +208,8 @@ def queue_rule(
         match = ["-s", vip, "--sport", str(port), "-m", "mark", "!", "--mark", f"{KICK_MARK:#x}"]
         if not clamp:
             match += ["-m", "bpf", "--bytecode", data_or_control_bpf(family)]
-    elif name == "INPUT:acks":
-        match = ["-d", vip, "--dport", str(port), "-m", "statistic",
-                 "--mode", "random", "--probability", f"{ack_sample:.4f}"]  # fmt: skip
     else:
         match = ["-d", vip, "--dport", str(port)]
-        if ack_sample < 1.0:
-            match += ["-m", "bpf", "--bytecode", data_or_control_bpf(family)]
     return [
         "-p", "tcp", *match,
         "-m", "comment", "--comment", f"{COMMENT}:q{queue_num}",

@@ -12,8 +12,8 @@ does not hold. ``hold(four_tuple)`` is the same for our own stream: the peer nev
 of ours the backup lacks, so a restored send queue always reaches the peer's ACK. ``kick(fts)``
 (the backup confirmed more) re-checks the held segments of those connections. The segments are
 never changed, so our own pure ACKs need not be queued at all (the OUTPUT rule matches payload,
-SYN, FIN or RST with ``-m bpf``, ``nfnl.data_or_control_bpf``), and of the peer's pure ACKs
-only ``ack_sample`` of them are (``-m statistic``): they only move snd_una in the mirror.
+SYN, FIN or RST with ``-m bpf``, ``nfnl.data_or_control_bpf``). The peer's pure ACKs still
+are: they move snd_una in the mirror (a stale one made a restore resend bytes the peer had).
 
 **The ACK clamp** (``limit=``, kept for the tests and benches that compare): every outgoing
 segment's ACK number and SACK blocks are lowered to ``limit(four_tuple)`` (None: unchanged),
@@ -144,7 +144,6 @@ class AckClamp:
         hold: Limit | None = None,
         hold_in: Limit | None = None,
         hooks_hold: bool = False,
-        ack_sample: float = 1.0,
     ) -> None:
         if family not in (4, 6):
             raise LocalProtocolError(f"family must be 4 or 6, not {family}")
@@ -162,9 +161,6 @@ class AckClamp:
         self.hold = hold
         self.hold_in = hold_in
         self.hooks_hold = hooks_hold
-        if not 0.0 <= ack_sample <= 1.0:
-            raise LocalProtocolError(f"ack_sample {ack_sample} is not within 0..1")
-        self.ack_sample = ack_sample if capture is not None else 0.0
         self.rcvbuf = rcvbuf
         self.maxlen = maxlen
         self.batch = batch
@@ -177,7 +173,7 @@ class AckClamp:
         self._sock: socket.socket | None = None
         self._wake: tuple[int, int] | None = None  # pipe: a byte on [1] stops the loop
         self._thread: threading.Thread | None = None
-        self._chains: list[str] = []  # our rules in place: OUTPUT, INPUT, INPUT:acks
+        self._chains: list[str] = []  # our rules in place: OUTPUT, INPUT
         self._error: BaseException | None = None
         self._seq = 0
         self._pending = -1  # highest packet id passed but not yet answered (-1: none)
@@ -199,11 +195,10 @@ class AckClamp:
         self._kicked = False
 
     def rule(self, chain: str = "OUTPUT") -> list[str]:
-        """The iptables rule spec for ``chain``: OUTPUT (ours), INPUT (the peer's), INPUT:acks
-        (a sample of the peer's pure ACKs, with ``ack_sample`` < 1); see ``nfnl.queue_rule``."""
+        """The iptables rule spec for ``chain``: OUTPUT (ours), INPUT (the peer's); see
+        ``nfnl.queue_rule``."""
         return queue_rule(chain, vip=self.vip, port=self.port, family=self.family,
-                          queue_num=self.queue_num, clamp=self.limit is not None,
-                          ack_sample=self.ack_sample)
+                          queue_num=self.queue_num, clamp=self.limit is not None)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -230,8 +225,6 @@ class AckClamp:
             names = ["OUTPUT"]
             if self.capture is not None or self.hold_in is not None:
                 names.append("INPUT")
-            if 0.0 < self.ack_sample < 1.0:
-                names.append("INPUT:acks")
             in_ns(self._ns_fd, self._iptables, "-I", names)  # one iptables-restore, atomic
             self._chains = names
         except BaseException:
