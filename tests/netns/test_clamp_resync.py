@@ -66,20 +66,7 @@ def test_no_byte_acknowledged_past_the_backup_while_it_resyncs(lab: Lab) -> None
             assert not m.protecting and m.clamp.stats.held_in >= 1
 
             rx = SyncReceiver(KEY, now=time.monotonic(), incarnation=1)
-
-            def answer() -> None:
-                sync.settimeout(0.1)
-                while not stop.is_set():
-                    try:
-                        data, src = sync.recvfrom(65536)
-                    except TimeoutError:
-                        continue
-                    for ack in rx.receive(data, time.monotonic()):
-                        sync.sendto(ack, src)
-
-            t = threading.Thread(target=answer, daemon=True)
-            threads.append(t)
-            t.start()
+            threads.append(answering(sync, rx, stop))
             srv.sendall(b"z")  # a segment carrying the ACK, no need to wait for a timer
             deadline = time.monotonic() + 10
             while bytes_acked(cli) - base < 2000 and time.monotonic() < deadline:
@@ -114,19 +101,7 @@ def test_the_peers_fin_is_acknowledged_once_the_backup_holds_what_came_before(la
     sync.bind((B, SYNC))
     rx = SyncReceiver(KEY, now=time.monotonic(), incarnation=1)
     stop = threading.Event()
-
-    def answer() -> None:
-        sync.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                data, src = sync.recvfrom(65536)
-            except TimeoutError:
-                continue
-            for ack in rx.receive(data, time.monotonic()):
-                sync.sendto(ack, src)
-
-    t = threading.Thread(target=answer, daemon=True)
-    t.start()
+    t = answering(sync, rx, stop)
     try:
         with connected(a, b, A, PORT) as (cli, srv):
             m.set_backup((B, SYNC))
@@ -154,6 +129,25 @@ def test_the_peers_fin_is_acknowledged_once_the_backup_holds_what_came_before(la
         t.join(5)
         m.close()
         sync.close()
+
+
+def answering(sync: socket.socket, rx: SyncReceiver, stop: threading.Event) -> threading.Thread:
+    """A backup's side in a thread: ``rx`` takes every sync datagram on ``sync`` and its ACKs
+    go back, until ``stop``."""
+
+    def answer() -> None:
+        sync.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                data, src = sync.recvfrom(65536)
+            except TimeoutError:
+                continue
+            for ack in rx.receive(data, time.monotonic()):
+                sync.sendto(ack, src)
+
+    t = threading.Thread(target=answer, daemon=True)
+    t.start()
+    return t
 
 
 def tcp_state(sock: socket.socket) -> int:
