@@ -186,7 +186,7 @@ def queue_node(vip: str, port: int, queue: int) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     clamp = AckClamp(
-        queue, vip=vip, port=port, hold_in=captured.get, capture=capture, capture_out=capture_out,
+        queue, vip=vip, port=port, limit=captured.get, capture=capture, capture_out=capture_out,
         hold=sent.get,  # the send-side hold at what an instant backup holds: checked, never held
     )
     with clamp:

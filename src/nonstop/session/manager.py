@@ -145,7 +145,6 @@ class MasterSession:
         self._conns: dict[FourTuple, _Tracked] = {}
         self._syns: dict[FourTuple, _Syn] = {}
         self._ids = itertools.count(1)
-        self._fts: dict[int, FourTuple] = {}  # conn_id -> four-tuple of the tracked ones
         sync_family = family if sync_family is None else sync_family
         fam = socket.AF_INET if sync_family == 4 else socket.AF_INET6
         self._udp = socket.socket(fam, socket.SOCK_DGRAM)
@@ -156,12 +155,11 @@ class MasterSession:
             vip=vip,
             port=port,
             family=family,
+            limit=self._limit,
             capture=self._inbound,
             capture_out=self._outbound,
             hold=self._hold,
-            hold_in=self._hold_in,
-            hooks_hold=True,  # _inbound / _outbound return the hold: one lock per segment
-            md5=md5,  # TCP-MD5 keys per peer (the kick signs nothing: signed ones are skipped)
+            md5=md5,  # TCP-MD5 keys per peer: clamped segments are signed again
         )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -280,7 +278,6 @@ class MasterSession:
                 if ft in self._conns:
                     raise ValueError(f"connection {ft} is already tracked")
                 snd.open(full.conn_id, full, now)  # refuses an id already open
-                self._fts[full.conn_id] = ft
                 self._conns[ft] = _Tracked(full.conn_id, full, st.snd_seq, snd_una, snd_wnd,
                                            rcv_wnd, now, acked_out=rcv_end)  # its probe acks it
                 self._ids = itertools.count(max(next(self._ids), full.conn_id + 1))
@@ -343,49 +340,42 @@ class MasterSession:
         self.sender.commit(t.conn_id, rpos, wpos, state, now)
 
     # -- the packet path (verdict thread) --
+    def _limit(self, ft: FourTuple) -> int | None:
+        with self._lock:
+            t = self._conns.get(ft)
+            return None if t is None else self._limit_of(t)
+
+    def _limit_of(self, t: _Tracked) -> int | None:
+        """The highest ACK ``t`` may send now (call under the lock); None: any."""
+        if self.backup is None:
+            return None
+        floor = t.full.rcv_seq if t.acked_out is None else t.acked_out
+        conf = self.sender.confirmed(t.conn_id)
+        return floor if conf is None or seq_lt(conf[0], floor) else conf[0]
+
     def _hold(self, ft: FourTuple) -> int | None:
-        """How far ``ft``'s outgoing stream may reach the wire (the queue holds data segments
+        """How far ``ft``'s outgoing stream may reach the wire (the clamp holds data segments
         past it): what the backup confirmed; None: no hold (no backup, unknown connection)."""
         with self._lock:
             t = self._conns.get(ft)
-            return None if t is None else self._snd_hold(t)
+            if t is None or self.backup is None:
+                return None
+            conf = self.sender.confirmed(t.conn_id)
+            return t.snd_una if conf is None else conf[1]
 
-    def _snd_hold(self, t: _Tracked) -> int | None:
-        if self.backup is None:
-            return None
-        conf = self.sender.confirmed(t.conn_id)
-        return t.snd_una if conf is None else conf[1]
-
-    def _hold_in(self, ft: FourTuple) -> int | None:
-        """How far the peer's stream of ``ft`` may reach this node's TCP (the queue holds the
-        peer's data segments past it, so the kernel acknowledges nothing the backup lacks):
-        what the backup confirmed; None: no hold."""
-        with self._lock:
-            t = self._conns.get(ft)
-            return None if t is None else self._rcv_hold(t)
-
-    def _rcv_hold(self, t: _Tracked) -> int | None:
-        if self.backup is None:
-            return None
-        conf = self.sender.confirmed(t.conn_id)
-        # nothing confirmed yet (a resync): every new byte waits
-        return self.sender.rcv_start(t.conn_id) if conf is None else conf[0]
-
-    def _inbound(self, seg: Segment, payload: bytes) -> int | None:
-        """The peer's segment, before TCP sees it: the mirror takes its bytes. Returns how far
-        the peer's stream may go in (``_hold_in``)."""
+    def _inbound(self, seg: Segment, payload: bytes) -> None:
         ft = (seg.dst, seg.dport, seg.src, seg.sport)
         now = time.monotonic()
         with self._lock:
             if seg.flags & SYN and not seg.flags & ACK:
                 self._syns[ft] = _Syn(seg.seq, seg.options, seg.window)
-                return None
+                return
             t = self._conns.get(ft)
             if t is None:
-                return None
+                return
             if seg.flags & RST:
                 self._close(ft, t, CloseReason.RESET, now)
-                return None
+                return
             if payload:
                 self.sender.data(t.conn_id, Direction.RCV, seg.seq, payload, now)
             if seg.flags & FIN:
@@ -408,11 +398,8 @@ class MasterSession:
                         now=now,
                     )
             self._flush(now)
-            return self._rcv_hold(t) if payload or seg.flags & FIN else None
 
-    def _outbound(self, seg: Segment, payload: bytes) -> int | None:
-        """Our segment with payload, SYN, FIN or RST (our pure ACKs are not queued), before it
-        leaves: the mirror takes its bytes. Returns how far our stream may go out (``_hold``)."""
+    def _outbound(self, seg: Segment, payload: bytes) -> None:
         ft = seg.four_tuple
         now = time.monotonic()
         with self._lock:
@@ -420,16 +407,19 @@ class MasterSession:
                 syn = self._syns.pop(ft, None)
                 if syn is not None and ft not in self._conns:
                     self._open(ft, seg, syn, now)
-                return None
+                return
             t = self._conns.get(ft)
             if t is None:
-                return None
+                return
             if seg.flags & RST:
                 self._close(ft, t, CloseReason.RESET, now)
-                return None
+                return
             t.rcv_wnd = seg.window << t.full.rcv_wscale
-            if seg.flags & ACK and (t.acked_out is None or seq_lt(t.acked_out, seg.ack)):
-                t.acked_out = seg.ack
+            if seg.flags & ACK:  # what the clamp lets out of this segment, right after this
+                lim = self._limit_of(t)
+                sent = seg.ack if lim is None or not seq_lt(lim, seg.ack) else lim
+                if t.acked_out is None or seq_lt(t.acked_out, sent):
+                    t.acked_out = sent
             if payload:
                 self.sender.data(t.conn_id, Direction.SND, seg.seq, payload, now)
                 end = seq_add(seg.seq, len(payload))
@@ -439,7 +429,6 @@ class MasterSession:
             if seg.flags & FIN:
                 t.fins |= 2
             self._flush(now)
-            return self._snd_hold(t) if payload or seg.flags & FIN else None
 
     def _open(self, ft: FourTuple, synack: Segment, syn: _Syn, now: float) -> None:
         po, mo = syn.options, synack.options
@@ -456,7 +445,6 @@ class MasterSession:
             snd_wl1=seq_add(syn.irs, 1), snd_wnd=syn.window, max_window=syn.window,
             rcv_wnd=synack.window, rcv_wup=seq_add(syn.irs, 1),
         )  # fmt: skip
-        self._fts[full.conn_id] = ft
         self._conns[ft] = _Tracked(
             full.conn_id, full, full.snd_seq, full.snd_seq, syn.window, synack.window, now
         )
@@ -464,9 +452,8 @@ class MasterSession:
 
     def _close(self, ft: FourTuple, t: _Tracked, reason: CloseReason, now: float) -> None:
         del self._conns[ft]
-        self._fts.pop(t.conn_id, None)
         self.sender.close(t.conn_id, reason, now)
-        self._clamp.kick([ft])  # its held segments go (a reset connection)
+        self._clamp.kick()  # its held segments go (a reset connection)
 
     def _rcv_end(self, t: _Tracked) -> int:
         return self.sender.stream_end(t.conn_id, Direction.RCV)
@@ -503,9 +490,7 @@ class MasterSession:
                         # the previous backup's late ACKs would read as newer than the new one's
                         self.sender.counters["foreign"] += 1
                         continue
-                    moved = self.sender.receive_ack(data, now)
-                    fts = [self._fts[c] for c in moved if c in self._fts]
-                if fts:
-                    self._clamp.kick(fts)  # the backup confirmed more: held segments may go
+                    self.sender.receive_ack(data, now)
+                self._clamp.kick()  # the backup confirmed more: held segments may go
             with self._lock:
                 self._flush(now)

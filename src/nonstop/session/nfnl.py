@@ -48,53 +48,6 @@ MAX_PAYLOAD = 0xFFFF
 HEADER_COPY = 192  # bytes copied without capture: IPv4/IPv6 + TCP headers with options
 
 
-# Classic BPF for ``iptables -m bpf``: does a TCP segment (from its IP header on) carry payload,
-# or SYN, FIN or RST? Without an ACK clamp the master's own pure ACKs need not be queued (they
-# acknowledge only what the kernel received, and the hold let only confirmed bytes in): half the
-# segments of a request/response load never reach Python. Anything the program cannot read
-# safely (an IPv4 fragment, an IPv6 extension header) is queued.
-_BPF_RET_QUEUE = (0x06, 0, 0, 1)
-_BPF_RET_SKIP = (0x06, 0, 0, 0)
-_DATA_OR_CONTROL = {
-    4: [
-        (0x28, 0, 0, 6),  # ldh [6]: flags and fragment offset
-        (0x45, 10, 0, 0x3FFF),  # jset MF|offset: a fragment -> queue
-        (0xB1, 0, 0, 0),  # ldxb 4*([0]&0xf): X = IP header length
-        (0x50, 0, 0, 13),  # ldb [x+13]: TCP flags
-        (0x45, 7, 0, 0x07),  # jset FIN|SYN|RST -> queue
-        (0x50, 0, 0, 12),  # ldb [x+12]: data offset
-        (0x74, 0, 0, 2),  # rsh #2
-        (0x54, 0, 0, 0x3C),  # and #0x3c: A = TCP header length
-        (0x0C, 0, 0, 0),  # add x: A = IP + TCP header length
-        (0x07, 0, 0, 0),  # tax
-        (0x28, 0, 0, 2),  # ldh [2]: total length
-        (0x2D, 0, 1, 0),  # jgt x: payload -> queue, else skip
-        _BPF_RET_QUEUE,
-        _BPF_RET_SKIP,
-    ],
-    6: [
-        (0x30, 0, 0, 6),  # ldb [6]: next header
-        (0x15, 0, 8, 6),  # jeq #6 (TCP), else (an extension header) -> queue
-        (0x30, 0, 0, 53),  # ldb [53]: TCP flags
-        (0x45, 6, 0, 0x07),  # jset FIN|SYN|RST -> queue
-        (0x30, 0, 0, 52),  # ldb [52]: data offset
-        (0x74, 0, 0, 2),  # rsh #2
-        (0x54, 0, 0, 0x3C),  # and #0x3c: A = TCP header length
-        (0x07, 0, 0, 0),  # tax
-        (0x28, 0, 0, 4),  # ldh [4]: payload length (TCP header and data)
-        (0x2D, 0, 1, 0),  # jgt x: payload -> queue, else skip
-        _BPF_RET_QUEUE,
-        _BPF_RET_SKIP,
-    ],
-}
-
-
-def data_or_control_bpf(family: int) -> str:
-    """``--bytecode`` for ``iptables -m bpf``: matches segments with payload or SYN/FIN/RST."""
-    prog = _DATA_OR_CONTROL[family]
-    return ",".join([str(len(prog)), *(f"{c} {t} {f} {k}" for c, t, f, k in prog)])
-
-
 def attr(kind: int, data: bytes) -> bytes:
     n = 4 + len(data)
     return ATTR.pack(n, kind) + data + bytes(-n & 3)
@@ -123,8 +76,7 @@ class ClampStats:
     resigned: int = 0  # clamped segments signed again with the peer's TCP-MD5 key
     unsigned: int = 0  # signed segments to clamp without a key for their peer: dropped
     held: int = 0  # outgoing data segments held until the backup confirmed their bytes
-    held_in: int = 0  # the peer's data segments held until the backup confirmed their bytes
-    held_now: int = 0  # of both, still waiting
+    held_now: int = 0  # of those, still waiting
 
 
 PROC_QUEUES = "/proc/thread-self/net/netfilter/nfnetlink_queue"
@@ -194,43 +146,6 @@ def remove_rules(family: int = 4, *, netns_fd: int | None = None, keep_quiet: bo
         return n
 
     return body() if netns_fd is None else in_ns(netns_fd, body)
-
-
-def queue_rule(
-    name: str, *, vip: str, port: int, family: int, queue_num: int, clamp: bool
-) -> list[str]:
-    """The iptables rule spec queueing VIP:port's segments: ``OUTPUT`` (ours), ``INPUT`` (the
-    peer's). Without an ACK ``clamp`` our pure ACKs are not queued.
-    Our segments marked ``KICK_MARK`` pass by (``session.kick``'s crafted ACKs: they carry what
-    the queue has seen already, and after a takeover of 10,000 connections they are 40,000
-    segments the queue would copy to Python for nothing)."""
-    if name == "OUTPUT":
-        match = ["-s", vip, "--sport", str(port), "-m", "mark", "!", "--mark", f"{KICK_MARK:#x}"]
-        if not clamp:
-            match += ["-m", "bpf", "--bytecode", data_or_control_bpf(family)]
-    else:
-        match = ["-d", vip, "--dport", str(port)]
-    return [
-        "-p", "tcp", *match,
-        "-m", "comment", "--comment", f"{COMMENT}:q{queue_num}",
-        "-j", "NFQUEUE", "--queue-num", str(queue_num),
-    ]  # fmt: skip
-
-
-def restore_rules(op: str, family: int, rules: list[tuple[str, list[str]]]) -> None:
-    """Insert (``-I``) or delete (``-D``) every (chain, spec) of ``rules`` in one
-    iptables-restore run: one process, one atomic change. OSError if it fails."""
-    lines = [f"{op} {chain} {' '.join(map(_quoted, spec))}" for chain, spec in rules]
-    text = "*filter\n" + "\n".join(lines) + "\nCOMMIT\n"
-    argv = [iptables_cmd(family) + "-restore", "-w", "--noflush"]
-    res = subprocess.run(argv, input=text, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise OSError(f"{' '.join(argv)} {lines}: {res.stderr.strip()}")
-
-
-def _quoted(arg: str) -> str:
-    """One argument as iptables-restore reads it."""
-    return f'"{arg}"' if not arg or any(c in arg for c in ' "\'') else arg
 
 
 def send_packed(sock: socket.socket, msgs: list[bytes], most: int = 96 << 10) -> None:

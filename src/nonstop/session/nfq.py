@@ -1,59 +1,78 @@
-"""The master's packet path for VIP:port: iptables NFQUEUE + nfnetlink, the hold (and the older
-ACK clamp around ``segment.clamp_ack``).
+"""The ACK clamp on the master's packet path: iptables NFQUEUE + nfnetlink around segment.clamp_ack.
 
-``AckClamp`` puts TCP segments of VIP:port through an NFQUEUE queue, in one plain thread
-(``nonstop-ackclamp-q<N>``) speaking nfnetlink on one AF_NETLINK socket, no library between.
+``AckClamp`` puts the master's outgoing TCP segments from VIP:port through an NFQUEUE queue and
+lowers their ACK number (and SACK blocks) to ``limit(four_tuple)``, the point up to which the
+backup holds the peer's bytes (``SyncSender.confirmed(conn)[0]``); ``None`` lets the segment pass
+unchanged. The rule:
 
-**The hold** (what ``MasterSession`` uses): nothing acknowledged that could be lost, nothing
-sent that the backup lacks. ``hold_in(four_tuple)`` is how far the peer's stream may reach this
-node's TCP (the backup's confirmed end of it): a peer's data segment (or FIN) past it waits in
-the queue, unanswered, and TCP never sees it, so the kernel never acknowledges a byte the backup
-does not hold. ``hold(four_tuple)`` is the same for our own stream: the peer never holds a byte
-of ours the backup lacks, so a restored send queue always reaches the peer's ACK. ``kick(fts)``
-(the backup confirmed more) re-checks the held segments of those connections. The segments are
-never changed, so our own pure ACKs need not be queued at all (the OUTPUT rule matches payload,
-SYN, FIN or RST with ``-m bpf``, ``nfnl.data_or_control_bpf``). The peer's pure ACKs still
-are: they move snd_una in the mirror (a stale one made a restore resend bytes the peer had).
+    iptables -I OUTPUT -p tcp -s VIP --sport PORT -m comment --comment nonstop-ackclamp:q<N>
+             -j NFQUEUE --queue-num N
 
-**The ACK clamp** (``limit=``, kept for the tests and benches that compare): every outgoing
-segment's ACK number and SACK blocks are lowered to ``limit(four_tuple)`` (None: unchanged),
-re-signed with the peer's TCP-MD5 key (``md5``) when signed; one with no key is dropped.
+With ``capture=``, the peer's segments to VIP:port pass through the same queue (an INPUT rule
+with ``-d VIP --dport PORT``): ``capture(segment, payload)`` sees each one before TCP does (the
+DATA(RCV) for the backup, the SYN options for the FULL record) and the segment is accepted as is.
+With ``capture_out=``, ``capture_out(segment, payload)`` sees every outgoing segment of VIP:port
+(the OUTPUT rule queues them anyway) before it is clamped, with its ACK as the kernel wrote it:
+the SYN-ACK's options, DATA(SND), the service's windows. An exception in either hook is counted
+(``stats.errors``, ``error``) and the segment goes on: the clamp keeps it safe, the backup may lag.
 
-Hooks: ``capture(segment, payload)`` sees each of the peer's segments before TCP does,
-``capture_out`` each of ours before it leaves (as the kernel wrote it). With ``hooks_hold`` they
-return their connection's hold, so the hold costs no second call. An exception in a hook is
-counted (``stats.errors``, ``error``) and the segment goes on: the hold keeps it safe.
+The send-side hold (``hold=``): an outgoing segment with payload whose last byte is past
+``hold(four_tuple)`` (the backup's confirmed end of our stream) waits in the queue, unanswered,
+until ``kick()`` (the backup confirmed more) finds it covered; its ACK is clamped when it leaves.
+So the peer never holds a byte of ours that the backup lacks: a restored connection's send queue
+always reaches the peer's ACK. Segments passed while some are held are answered one by one (a
+batch verdict would release the held ones too), packed into one datagram per drain.
 
-Verdicts: segments that go unchanged are answered together, one ``NFQNL_MSG_VERDICT_BATCH``
-(accept every queued id up to N) per drain or ``batch`` segments. A batch cannot reach past a
-held segment, so from the first held one on every segment waits in a fifo in the kernel's id
-order and the prefix that may go leaves in one batch; behind a head held longer than
-``_STUCK`` the others are answered one by one.
+No ``--queue-bypass``: fail closed. While the rule is in place and nothing is bound to the queue
+(the agent and its session worker were killed) the kernel drops every segment of VIP:port. It
+used to let them pass, and a killed master's kernel then acknowledged, in the moments before the
+peer moved to the new master, bytes the backup never got: the restored connection waited
+forever for bytes the peer would not send again. The rule goes in after the bind and out before
+the unbind, so a clean start or stop loses nothing; a crashed worker's rules are removed by the
+next one once its quiet rule is in (``remove_rules``). Segments the clamp cannot parse, and
+truncated copies, are dropped and counted: TCP sends them again, and nothing unclamped escapes.
 
-Fail closed: no ``--queue-bypass``. While the rules are in and nothing is bound (the agent and
-its worker were killed) the kernel drops every segment of VIP:port (a killed master's kernel
-used to acknowledge, in the moments before the peer moved, bytes the backup never got). The
-rules go in after the bind and out before the unbind (one ``iptables-restore`` each way); a
-crashed worker's rules are removed by the next one (``remove_rules``). Malformed segments and
-truncated copies are dropped and counted: TCP sends them again. GSO: the queue carries whole
-GSO packets (up to 64 KB), hence a 64 MB receive buffer; an ENOBUFS overflow is counted.
+The hot path (issue 3 wants a protected stream at >= 0.8x an unprotected one) speaks nfnetlink
+directly on one AF_NETLINK socket, no library between: each ``recv_into`` lands one queued packet
+in a preallocated buffer, its ACK and ports are read with ``struct`` in place, and the segments
+that pass unchanged (nearly all) are not answered one by one: their verdicts are collected and
+released with one ``NFQNL_MSG_VERDICT_BATCH`` (accept every queued id up to N) when the socket is
+drained or ``batch`` segments wait. A segment that must be changed or dropped first releases the
+batch before it (the kernel keeps the queue in order, so nothing is reordered), then gets its own
+verdict. The copy range is the whole packet only when a capture hook needs payloads; without
+capture only the headers are copied (``header_copy`` bytes), and a truncated segment that would
+need a clamp is dropped (TCP sends it again) and switches the queue to full copies for good.
 
-``limit``, ``hold``, ``hold_in`` are called from the verdict thread: quick and thread-safe. The
-namespace: the socket and the rules are made in the namespace current when the AckClamp was
-built (or ``netns=``, a name under /run/netns), whatever thread calls ``open`` / ``close``.
+Threads, not asyncio: the verdict loop is one plain thread (``nonstop-ackclamp-q<N>``) that sleeps
+in ``select`` only when the socket is empty. ``limit`` is called from that thread, once per
+outgoing segment: it must be quick and thread-safe (a dict lookup). The namespace: the netlink
+socket and every iptables call are made in the network namespace that was current when the
+AckClamp was built (or ``netns=``, a name under /run/netns), whatever thread calls ``open`` /
+``close`` later.
+
+TCP-MD5 (RFC 2385): ``md5`` maps a peer address to its key. A signed segment the clamp
+changes is signed again with the peer's key (``segment.clamp_ack(..., md5_key=)``), so the peer
+accepts it; one with no key here is dropped and counted (``unsigned``): the peer would drop it
+anyway, and letting it through unclamped would break the guarantee. Signed segments never take
+the fast path (their options are not Linux's NOP NOP TS), and Linux never builds GSO packets for
+a signed connection.
+
+GSO: the queue carries whole GSO packets (up to 64 KB, NFQA_CFG_F_GSO), which needs a 64 MB
+netlink receive buffer; an ENOBUFS overflow (the kernel dropped a queued segment: TCP resends it)
+is counted and the loop carries on. No fail-open flag: a full queue drops, never lets a segment
+pass unclamped.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import errno
 import ipaddress
 import os
 import socket
 import struct
+import subprocess
 import threading
-import time
 from collections.abc import Callable, Mapping
 
 from nonstop.common import LocalProtocolError, RemoteProtocolError, normal_priority, readable
@@ -74,6 +93,7 @@ from nonstop.session.nfnl import (
     F_GSO,
     HALF,
     HEADER_COPY,
+    KICK_MARK,
     MAX_PAYLOAD,
     MSG_CONFIG,
     MSG_PACKET,
@@ -87,25 +107,26 @@ from nonstop.session.nfnl import (
     NLM_F_REQUEST,
     NLMSG_ERROR,
     NLMSGHDR,
+    PORTS,
     SO_RCVBUFFORCE,
+    TCP_ACK,
     U32BE,
     ClampStats,
     attr,
     in_ns,
+    iptables_cmd,
     nlmsg,
-    queue_rule,
     remove_rules,
-    restore_rules,
     send_packed,
 )
 from nonstop.session.segment import (
-    FIN,
+    ACK,
     Md5KeyMissing,
     Segment,
+    addr_str,
     clamp_ack,
     md5_option,
     parse,
-    plain_ack,
 )
 
 __all__ = ["COMMENT", "HEADER_COPY", "MAX_PAYLOAD", "AckClamp", "ClampStats", "FourTuple",
@@ -113,7 +134,7 @@ __all__ = ["COMMENT", "HEADER_COPY", "MAX_PAYLOAD", "AckClamp", "ClampStats", "F
 
 FourTuple = tuple[str, int, str, int]  # (VIP, port, peer address, peer port) of an outgoing segment
 Limit = Callable[[FourTuple], int | None]
-Capture = Callable[[Segment, bytes], "int | None"]  # with hooks_hold: the connection's hold
+Capture = Callable[[Segment, bytes], None]
 
 
 class AckClamp:
@@ -132,7 +153,7 @@ class AckClamp:
         vip: str,
         port: int,
         family: int = 4,
-        limit: Limit | None = None,
+        limit: Limit,
         capture: Capture | None = None,
         capture_out: Capture | None = None,
         netns: str | None = None,
@@ -142,8 +163,6 @@ class AckClamp:
         header_copy: int = HEADER_COPY,
         md5: Mapping[str, bytes] | None = None,
         hold: Limit | None = None,
-        hold_in: Limit | None = None,
-        hooks_hold: bool = False,
     ) -> None:
         if family not in (4, 6):
             raise LocalProtocolError(f"family must be 4 or 6, not {family}")
@@ -159,13 +178,11 @@ class AckClamp:
         self.capture = capture
         self.capture_out = capture_out
         self.hold = hold
-        self.hold_in = hold_in
-        self.hooks_hold = hooks_hold
         self.rcvbuf = rcvbuf
         self.maxlen = maxlen
         self.batch = batch
         full = capture is not None or capture_out is not None or hold is not None or \
-            hold_in is not None or header_copy == 0
+            header_copy == 0
         self.copy_range = MAX_PAYLOAD if full else header_copy
         self.stats = ClampStats()
         path = f"/run/netns/{netns}" if netns is not None else "/proc/thread-self/ns/net"
@@ -173,32 +190,34 @@ class AckClamp:
         self._sock: socket.socket | None = None
         self._wake: tuple[int, int] | None = None  # pipe: a byte on [1] stops the loop
         self._thread: threading.Thread | None = None
-        self._chains: list[str] = []  # our rules in place: OUTPUT, INPUT
+        self._chains: list[str] = []  # chains our rule is in
         self._error: BaseException | None = None
         self._seq = 0
         self._pending = -1  # highest packet id passed but not yet answered (-1: none)
         self._waiting = 0  # how many passed segments wait for the batch verdict
-        # From the first held segment on, every segment not answered yet, in id order (the
-        # kernel's): [packet id, state, sequence after the payload, packet, (four-tuple, the
-        # peer's)]. The prefix that may go leaves in one batch verdict.
-        self._fifo: collections.deque[list] = collections.deque()
-        self._head: tuple[int, float] = (-1, 0.0)  # the held head's id, since when
-        # the held ones (in the fifo or laggards) by (four-tuple, the peer's: True), oldest first
-        self._held: dict[tuple[FourTuple, bool], list[list]] = {}
-        self._nheld = 0
-        self._due: set[FourTuple] = set()  # kicked connections whose held ones to re-check
-        self._due_all = False  # re-check every held one
-        self._due_lock = threading.Lock()
+        # held segments, oldest first: (packet id, four-tuple, sequence after the payload, packet)
+        self._held: list[tuple[int, FourTuple, int, bytes]] = []
+        self._loose: list[int] = []  # passed while some are held: answered one by one
         self._kick: tuple[int, int] | None = None  # pipe: a byte on [1] re-checks the held ones
         # set with each kick: the loop re-checks the held ones after the datagram in hand, so
         # they go out while the queue never drains (the pipe only wakes an idle loop)
         self._kicked = False
 
     def rule(self, chain: str = "OUTPUT") -> list[str]:
-        """The iptables rule spec for ``chain``: OUTPUT (ours), INPUT (the peer's); see
-        ``nfnl.queue_rule``."""
-        return queue_rule(chain, vip=self.vip, port=self.port, family=self.family,
-                          queue_num=self.queue_num, clamp=self.limit is not None)
+        """The iptables rule spec for ``chain`` (OUTPUT: our segments, INPUT: the peer's). Our
+        segments marked ``KICK_MARK`` pass by (``session.kick``'s crafted ACKs: they carry what
+        the clamp has seen already, and after a takeover of 10,000 connections they are 40,000
+        segments the queue would copy to Python for nothing)."""
+        if chain == "OUTPUT":
+            match = ["-s", self.vip, "--sport", str(self.port),
+                     "-m", "mark", "!", "--mark", f"{KICK_MARK:#x}"]  # fmt: skip
+        else:
+            match = ["-d", self.vip, "--dport", str(self.port)]
+        return [
+            "-p", "tcp", *match,
+            "-m", "comment", "--comment", f"{COMMENT}:q{self.queue_num}",
+            "-j", "NFQUEUE", "--queue-num", str(self.queue_num),
+        ]  # fmt: skip
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -222,11 +241,9 @@ class AckClamp:
                 target=self._loop, name=f"nonstop-ackclamp-q{self.queue_num}", daemon=True
             )
             self._thread.start()
-            names = ["OUTPUT"]
-            if self.capture is not None or self.hold_in is not None:
-                names.append("INPUT")
-            in_ns(self._ns_fd, self._iptables, "-I", names)  # one iptables-restore, atomic
-            self._chains = names
+            for chain in ("OUTPUT", "INPUT") if self.capture is not None else ("OUTPUT",):
+                in_ns(self._ns_fd, self._iptables, "-I", chain)
+                self._chains.append(chain)
         except BaseException:
             self.close()
             raise
@@ -236,14 +253,8 @@ class AckClamp:
         Passed segments still waiting for their batch verdict are released; any other segment
         still queued at the unbind is dropped by the kernel (TCP sends it again)."""
         try:
-            if self._chains:
-                try:
-                    in_ns(self._ns_fd, self._iptables, "-D", self._chains)
-                except OSError:  # one is gone (removed by hand?): the others one by one, so
-                    for name in self._chains:  # no rule is left queueing to nobody
-                        with contextlib.suppress(OSError):
-                            in_ns(self._ns_fd, self._iptables, "-D", [name])
-                self._chains = []
+            while self._chains:
+                in_ns(self._ns_fd, self._iptables, "-D", self._chains.pop())
         finally:
             if self._wake is not None:
                 os.write(self._wake[1], b"x")
@@ -268,14 +279,9 @@ class AckClamp:
         capture_out() raised (also counted in ``stats.errors``)."""
         return self._error
 
-    def kick(self, fts: list[FourTuple] | None = None) -> None:
+    def kick(self) -> None:
         """The hold may have moved (the backup confirmed more, or is gone): re-check the held
-        segments of ``fts`` (None: all). Thread-safe, cheap; a no-op when closed."""
-        with self._due_lock:
-            if fts is None:
-                self._due_all = True
-            else:
-                self._due.update(fts)
+        segments. Thread-safe, cheap; a no-op when closed."""
         self._kicked = True
         kick = self._kick  # always written: a segment held right after a check must not wait
         if kick is not None:
@@ -284,8 +290,11 @@ class AckClamp:
 
     # -- inside the namespace -------------------------------------------------------------------
 
-    def _iptables(self, op: str, names: list[str]) -> None:
-        restore_rules(op, self.family, [(n.partition(":")[0], self.rule(n)) for n in names])
+    def _iptables(self, op: str, chain: str) -> None:
+        argv = [iptables_cmd(self.family), "-w", op, chain, *self.rule(chain)]
+        res = subprocess.run(argv, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise OSError(f"{' '.join(argv)}: {res.stderr.strip()}")
 
     def _bind(self) -> socket.socket:
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
@@ -338,8 +347,6 @@ class AckClamp:
                     ready = readable([sock, wake[0], kick[0]])
                     if wake[0] in ready:  # closing: the rules are gone already
                         self._release(sock)
-                        send_packed(sock, [self._verdict_msg(e[0]) for e in self._fifo
-                                           if e[1] == _READY])
                         return  # the held ones are dropped at the unbind: TCP resends them
                     if kick[0] in ready:
                         with contextlib.suppress(BlockingIOError):
@@ -355,7 +362,8 @@ class AckClamp:
                 self._messages(sock, buf, mv, n)
                 if self._kicked:  # the queue may never drain under load: not only when idle
                     self._kicked = False
-                    self._unhold(sock)
+                    if self._held:
+                        self._unhold(sock)
                 if self._waiting >= self.batch:
                     self._release(sock)
         except BaseException as e:
@@ -373,32 +381,16 @@ class AckClamp:
             off += (length + 3) & ~3
 
     def _release(self, sock: socket.socket) -> None:
-        """Accept every passed segment still waiting, with one batch verdict (or two): those
-        before the first held one, and the fifo's prefix that may go (a batch verdict accepts
-        every queued id up to its own, so it cannot reach past a held one). While a held head
-        waits longer than ``_STUCK`` (its connection's bytes past a gap, say) those behind it
-        that may go are answered one by one, so it does not keep them waiting."""
-        last = -1
-        fifo = self._fifo
-        while fifo and fifo[0][1] != _HELD:
-            e = fifo.popleft()
-            if e[1] == _READY:
-                last = e[0]
-        if fifo:
-            now = time.monotonic()
-            if self._head[0] != fifo[0][0]:
-                self._head = (fifo[0][0], now)
-            elif now - self._head[1] > _STUCK:
-                alone = [e for e in fifo if e[1] == _READY]
-                for e in alone:
-                    e[1] = _DONE
-                send_packed(sock, [self._verdict_msg(e[0]) for e in alone])
-        for top in (self._pending, last):
-            if top >= 0:
-                attrs = attr(A_VERDICT_HDR, struct.pack("!II", NF_ACCEPT, top))
-                sock.send(nlmsg(MSG_VERDICT_BATCH, NLM_F_REQUEST, 0, self.queue_num, attrs))
-                self.stats.batches += 1
-        self._pending, self._waiting = -1, 0
+        """Accept every passed segment still waiting: one batch verdict, or (some are held)
+        one verdict each, in one datagram."""
+        if self._loose:
+            send_packed(sock, [self._verdict_msg(pid) for pid in self._loose])
+            self._loose.clear()
+        if self._pending >= 0:
+            attrs = attr(A_VERDICT_HDR, struct.pack("!II", NF_ACCEPT, self._pending))
+            sock.send(nlmsg(MSG_VERDICT_BATCH, NLM_F_REQUEST, 0, self.queue_num, attrs))
+            self._pending, self._waiting = -1, 0
+            self.stats.batches += 1
 
     def _verdict_msg(self, pid: int, verdict: int = NF_ACCEPT, payload: bytes = b"") -> bytes:
         """One NFQNL_MSG_VERDICT for packet ``pid`` (``payload``: the packet as changed)."""
@@ -408,69 +400,32 @@ class AckClamp:
         return nlmsg(MSG_VERDICT, NLM_F_REQUEST, 0, self.queue_num, attrs)
 
     def _unhold(self, sock: socket.socket) -> None:
-        """Let out the held segments of the kicked connections that the hold now covers (their
-        ACK clamped as of now)."""
-        with self._due_lock:
-            due, self._due = self._due, set()
-            every, self._due_all = self._due_all, False
-        if every:
-            keys = list(self._held)
-        else:
-            keys = [k for ft in due for k in ((ft, False), (ft, True)) if k in self._held]
-        out: list[bytes] = []
-        freed = 0
-        for key in keys:
-            held = self._held[key]
-            ft, inbound = key
+        """Let out the held segments the hold now covers (their ACK clamped as of now)."""
+        out, keep = [], []
+        for h in self._held:
+            pid, ft, end, raw = h
             try:
-                lim = self._holding(ft, inbound)
-            except _LimitFailed:  # fail closed: TCP sends them again
-                lim, fail = None, True
-            else:
-                fail = False
-            keep = []
-            for e in held:
-                if not fail and lim is not None and 0 < (e[2] - lim) % (1 << 32) < HALF:
-                    keep.append(e)
-                elif fail:
-                    out.append(self._verdict_msg(e[0], NF_DROP))
-                    e[1] = _DONE
-                elif not (inbound or self.limit is None):
-                    out.append(self._let_go(e[0], ft, e[3]))  # alone, its ACK clamped as of now
-                    e[1] = _DONE
-                else:
-                    e[1] = _READY  # as it came, with the next batch
-            if len(keep) == len(held):
-                continue
-            freed += len(held) - len(keep)
-            if keep:
-                self._held[key] = keep
-            else:
-                del self._held[key]
-        if freed:
-            self._nheld -= freed
-            self.stats.held_now = self._nheld
-            self._release(sock)
+                lim = self._holding(ft)
+                if lim is not None and 0 < (end - lim) % (1 << 32) < HALF:
+                    keep.append(h)
+                    continue
+                pkt = bytearray(raw)
+                limit = self._limit(ft)
+                key = self.md5.get(ft[2]) if self.md5 else None
+                changed = limit is not None and clamp_ack(pkt, limit, key)
+                out.append(self._verdict_msg(pid, NF_ACCEPT, bytes(pkt) if changed else b""))
+                self.stats.clamped += changed
+            except (_LimitFailed, Md5KeyMissing):
+                out.append(self._verdict_msg(pid, NF_DROP))
+        if len(keep) != len(self._held):
+            self._held = keep
+            self.stats.held_now = len(keep)
+            self._release(sock)  # passes first: with no hold left they go in one batch again
             send_packed(sock, out)
 
-    def _let_go(self, pid: int, ft: FourTuple, raw: bytes) -> bytes:
-        """The verdict of a held segment the hold now covers, answered alone."""
-        if self.limit is None:
-            return self._verdict_msg(pid)
+    def _holding(self, ft: FourTuple) -> int | None:
         try:
-            pkt = bytearray(raw)
-            limit = self._limit(ft)
-            key = self.md5.get(ft[2]) if self.md5 else None
-            changed = limit is not None and clamp_ack(pkt, limit, key)
-            self.stats.clamped += changed
-            return self._verdict_msg(pid, NF_ACCEPT, bytes(pkt) if changed else b"")
-        except (_LimitFailed, Md5KeyMissing):
-            return self._verdict_msg(pid, NF_DROP)
-
-    def _holding(self, ft: FourTuple, inbound: bool = False) -> int | None:
-        hold = self.hold_in if inbound else self.hold
-        try:
-            return hold(ft) if hold is not None else None
+            return self.hold(ft) if self.hold is not None else None
         except Exception as e:
             self.stats.errors += 1
             self._error = e
@@ -506,20 +461,17 @@ class AckClamp:
         try:
             if p < 0:
                 raise RemoteProtocolError("queued packet without payload", counter="nfq_empty")
-            seg, lim = None, _ASK
-            if hook == NF_INET_LOCAL_IN:  # the peer's segment: capture, the hold
+            if hook == NF_INET_LOCAL_IN:  # the peer's segment: capture only
                 if self.capture is not None:
-                    seg, lim = self._capture(mv[p : p + plen], inbound=True)
-                if self.hold_in is None or not self._must_hold(
-                        pid, seg, mv[p : p + plen], truncated, lim, inbound=True):
-                    self._pass(pid)
+                    self._capture(mv[p : p + plen], inbound=True)
+                self._pass(pid)
                 return
+            seg = None
             if self.capture_out is not None:  # as the kernel wrote it, before the clamp
-                seg, lim = self._capture(mv[p : p + plen], inbound=False)
-            if self.hold is not None and self._must_hold(
-                    pid, seg, mv[p : p + plen], truncated, lim):
+                seg = self._capture(mv[p : p + plen], inbound=False)
+            if self.hold is not None and self._must_hold(pid, seg, mv[p : p + plen], truncated):
                 return
-            if self.limit is None or self._fast_pass(buf, p, plen):
+            if self._fast_pass(buf, p, plen):
                 self._pass(pid)
                 return
             if truncated:  # a header copy: the clamp cannot rewrite what it does not hold
@@ -551,53 +503,64 @@ class AckClamp:
             self._verdict(sock, pid, NF_DROP)
 
     def _pass(self, pid: int) -> None:
-        if self._fifo:  # behind a held one: a batch verdict would let it out too
-            self._fifo.append([pid, _READY, 0, b"", None])
+        if self._held:  # a batch verdict would let the held ones out too
+            self._loose.append(pid)
         else:
             self._pending = pid
-        self._waiting += 1
+            self._waiting += 1
         self.stats.passed += 1
 
-    def _must_hold(
-        self, pid: int, seg: Segment | None, pkt: memoryview, truncated: bool,
-        lim: int | object | None = None, *, inbound: bool = False,
-    ) -> bool:
-        """Hold this segment (True) if its payload reaches past the hold (``hold``, or for the
-        peer's segments ``hold_in``). ``lim``: the hold as the capture hook returned it
-        (``hooks_hold``), or ``_ASK``. A FIN waits for the bytes before it: the kernel must not
-        take a FIN (and acknowledge it) ahead of bytes the backup may still lack."""
+    def _must_hold(self, pid: int, seg: Segment | None, pkt: memoryview, truncated: bool) -> bool:
+        """Hold this outgoing segment (True) if its payload reaches past ``hold``."""
         if seg is None:
             seg = parse(pkt)
-        if not seg.payload_length and not seg.flags & FIN:
+        if not seg.payload_length:
             return False
         if truncated:  # cannot be let out later as it was: TCP sends it again
             raise RemoteProtocolError("truncated data segment", counter="nfq_truncated")
-        ft = (seg.dst, seg.dport, seg.src, seg.sport) if inbound else seg.four_tuple
-        if lim is _ASK or not self.hooks_hold:
-            lim = self._holding(ft, inbound)
+        lim = self._holding(seg.four_tuple)
         end = (seg.seq + seg.payload_length) % (1 << 32)
-        if lim is None or not 0 < (end - lim) % (1 << 32) < HALF:  # type: ignore[operator]
+        if lim is None or not 0 < (end - lim) % (1 << 32) < HALF:
             return False
-        key = (ft, inbound)
-        e = [pid, _HELD, end, b"" if inbound or self.limit is None else bytes(pkt), key]
-        self._fifo.append(e)
-        self._held.setdefault(key, []).append(e)
-        self._nheld += 1
-        if inbound:
-            self.stats.held_in += 1
-        else:
-            self.stats.held += 1
-        self.stats.held_now = self._nheld
+        self._held.append((pid, seg.four_tuple, end, bytes(pkt)))
+        self.stats.held += 1
+        self.stats.held_now = len(self._held)
         return True
 
     def _fast_pass(self, buf: bytearray, p: int, plen: int) -> bool:
         """True when the outgoing segment at ``buf[p:p+plen]`` surely needs no change: read in
-        place, no copy (``segment.plain_ack``). False sends it to the full check."""
-        got = plain_ack(buf, p, plen)
-        if got is None:
+        place, no copy. False sends it to the full check (parse + clamp_ack)."""
+        if plen < 20:
             return False
-        limit = self._limit(got[0])
-        return limit is None or got[1] is None or not 0 < (got[1] - limit) % (1 << 32) < HALF
+        v = buf[p] >> 4
+        if v == 4:
+            t = p + (buf[p] & 0x0F) * 4
+            if buf[p + 9] != 6 or buf[p + 6] & 0x3F or buf[p + 7]:
+                return False  # not TCP, or a fragment: the full check refuses it
+            src, dst = buf[p + 12 : p + 16], buf[p + 16 : p + 20]
+        elif v == 6:
+            t = p + 40
+            if buf[p + 6] != 6:
+                return False  # extension headers: the full check walks them
+            src, dst = buf[p + 8 : p + 24], buf[p + 24 : p + 40]
+        else:
+            return False
+        if t + 20 > p + plen:
+            return False
+        doff = buf[t + 12] >> 4
+        if doff == 8:  # the only options taken here: Linux's NOP NOP TS
+            if U32BE.unpack_from(buf, t + 20)[0] != 0x0101080A:
+                return False
+        elif doff != 5:
+            return False  # other options (SACK?) or garbage: the full check
+        sport, dport = PORTS.unpack_from(buf, t)
+        limit = self._limit((addr_str(bytes(src)), sport, addr_str(bytes(dst)), dport))
+        if limit is None:
+            return True
+        if not buf[t + 13] & ACK:
+            return True
+        ack = TCP_ACK.unpack_from(buf, t + 8)[0]
+        return not 0 < (ack - limit) % (1 << 32) < HALF  # ack <= limit
 
     def _limit(self, ft: FourTuple) -> int | None:
         try:
@@ -607,29 +570,20 @@ class AckClamp:
             self._error = e
             raise _LimitFailed from e
 
-    def _capture(self, pkt: memoryview, *, inbound: bool) -> tuple[Segment, int | object | None]:
-        """Hand the segment to its hook: (the segment, what the hook returned: the hold of its
-        connection with ``hooks_hold``; ``_ASK`` if the hook failed)."""
+    def _capture(self, pkt: memoryview, *, inbound: bool) -> Segment:
         hook = self.capture if inbound else self.capture_out
         assert hook is not None
         seg = parse(pkt)  # malformed: RemoteProtocolError, the segment is dropped
         try:
-            o = seg.payload_offset
-            lim = hook(seg, bytes(pkt[o : o + seg.payload_length]))
+            hook(seg, bytes(pkt[seg.payload_offset : seg.payload_offset + seg.payload_length]))
             if inbound:
                 self.stats.captured += 1
             else:
                 self.stats.captured_out += 1
-        except Exception as e:  # the segment still goes on: the hold keeps us safe
+        except Exception as e:  # the segment still goes on: the ACK clamp keeps us safe
             self.stats.errors += 1
             self._error = e
-            return seg, _ASK
-        return seg, lim
-
-
-_HELD, _READY, _DONE = range(3)  # a fifo entry's state: held, may go (next batch), answered
-_STUCK = 0.02  # s: behind a held head waiting longer, the others are answered one by one
-_ASK = object()  # no hold from the capture hook: ask hold() / hold_in()
+        return seg
 
 
 class _LimitFailed(Exception):

@@ -98,45 +98,6 @@ class Segment:
 _ADDRS: dict[bytes, str] = {}  # packed address -> text (ipaddress's form): parse is per packet
 
 
-def plain_ack(
-    buf: bytearray, p: int, plen: int
-) -> tuple[tuple[str, int, str, int], int | None] | None:
-    """The four-tuple and ACK number (None: no ACK flag) of the segment at ``buf[p:p+plen]``,
-    read in place, when a clamp could only ever change its ACK number: TCP over IPv4 (no
-    fragment) or IPv6 (no extension header), with no option but Linux's NOP NOP TS. None: the
-    full check (``parse`` and ``clamp_ack``)."""
-    if plen < 20:
-        return None
-    v = buf[p] >> 4
-    if v == 4:
-        t = p + (buf[p] & 0x0F) * 4
-        if buf[p + 9] != 6 or buf[p + 6] & 0x3F or buf[p + 7]:
-            return None  # not TCP, or a fragment: the full check refuses it
-        src, dst = buf[p + 12 : p + 16], buf[p + 16 : p + 20]
-    elif v == 6:
-        t = p + 40
-        if buf[p + 6] != 6:
-            return None  # extension headers: the full check walks them
-        src, dst = buf[p + 8 : p + 24], buf[p + 24 : p + 40]
-    else:
-        return None
-    if t + 20 > p + plen:
-        return None
-    doff = buf[t + 12] >> 4
-    if doff == 8:  # the only options taken here: Linux's NOP NOP TS
-        if _U32.unpack_from(buf, t + 20)[0] != 0x0101080A:
-            return None
-    elif doff != 5:
-        return None  # other options (SACK?) or garbage: the full check
-    sport, dport = _PORTS.unpack_from(buf, t)
-    ft = (addr_str(bytes(src)), sport, addr_str(bytes(dst)), dport)
-    return ft, (_U32.unpack_from(buf, t + 8)[0] if buf[t + 13] & ACK else None)
-
-
-_U32 = struct.Struct("!I")
-_PORTS = struct.Struct("!HH")
-
-
 def addr_str(packed: bytes) -> str:
     """The text form of a packed IPv4 (4 bytes) or IPv6 (16 bytes) address, as ``ipaddress``
     writes it; cached (a few thousand entries at most), since the hot path sees the same few."""

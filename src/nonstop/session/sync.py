@@ -251,35 +251,32 @@ class SyncSender(_Counted):
         c.full = full
 
     # -- what the backup tells us ------------------------------------------------------------
-    def receive_ack(self, data: bytes, now: float) -> set[int]:
-        """Take the backup's ACK. Returns the connections whose confirmed point moved (their
-        held segments may go now)."""
-        moved: set[int] = set()
+    def receive_ack(self, data: bytes, now: float) -> None:
         try:
             ack = decode(data, self._key)
         except RemoteProtocolError as e:
             self._drop(e.counter, e.reason)
-            return moved
+            return
         if not isinstance(ack, Ack):
             self._drop("wrong_kind", "a batch where an ACK was expected")
-            return moved
+            return
         if ack.master_incarnation != self.incarnation:
             self._drop("stale", f"ACK for master incarnation {ack.master_incarnation}")
-            return moved
+            return
         if (ack.incarnation, ack.seq) <= self._ack_from:
             self.counters["ack_reordered"] += 1  # an older ACK overtaken by a newer one: normal
-            return moved
+            return
         if ack.applied >= self._next_seq:
             self._drop("bogus_ack", f"ACK of batch {ack.applied} never sent")
-            return moved
+            return
         self._ack_from = (ack.incarnation, ack.seq)
         self.counters["rx_ack"] += 1
         if ack.need_resync:
             if not self._reset_pending():
                 self.resync(now)
-            return moved
+            return
         if ack.applied < self._reset_seq:
-            return moved  # from before our latest RESET
+            return  # from before our latest RESET
         acked = [s for s in self._inflight if s <= ack.applied]
         if acked:  # Karn: only a batch sent once gives a sample, and the backoff stays until
             # one does (an ACK of a resent batch says nothing about how long the first took)
@@ -293,8 +290,6 @@ class SyncSender(_Counted):
                     self._confirmed.pop(conn_id, None)
                 elif self._conns.get(conn_id) is mark[0]:  # not a later conn with the same id
                     self._confirmed[conn_id] = mark[1]
-                    moved.add(conn_id)
-        return moved
 
     def _rtt_sample(self, rtt: float) -> None:
         if self._srtt is None:
@@ -327,11 +322,6 @@ class SyncSender(_Counted):
         will hold once everything queued is acknowledged. Bytes held past a gap do not count.
         O(1), unlike ``connections()``. LocalProtocolError if the connection is not open."""
         return self._conn(conn_id).end(Direction(direction))
-
-    def rcv_start(self, conn_id: int) -> int:
-        """The first byte of the peer's stream the mirror holds (the service's last commit).
-        LocalProtocolError if the connection is not open."""
-        return self._conn(conn_id).rcv_start
 
     def snd_tail(self, conn_id: int) -> tuple[int, bytes]:
         """The end of the service's stream the mirror holds without a gap, and its last byte
