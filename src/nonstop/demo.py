@@ -45,6 +45,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.set_defaults(func=run)
 
 
+LONG_SILENCE = 0.11  # s: a stream's silence longer than two message periods is listed
+
+
+def place_silences(
+    long_gaps: dict[Any, list[list[float]]], marks: list[tuple[float, str]]
+) -> list[dict[str, Any]]:
+    """Each long silence of the streams (``{conn: [[from, to], ...]}``, monotonic) placed after
+    the timeline's mark (monotonic, label) before it began ("start" if none), longest first:
+    which takeover, or which resync after it, a silence belongs to."""
+    out = []
+    for conn, gaps in long_gaps.items():
+        for began, ended in gaps:
+            prior = [m for m in marks if m[0] <= began]
+            at, label = prior[-1] if prior else (began, "start")
+            out.append({"conn": int(conn), "ms": round((ended - began) * 1000, 1),
+                        "mark": label, "began_after_s": round(began - at, 3)})
+    return sorted(out, key=lambda d: -d["ms"])
+
+
 def _promotion_after(history: list[dict[str, Any]], t: float) -> float | None:
     for h in history:
         if h["new"] == "master" and h["at_monotonic"] >= t:
@@ -147,7 +166,8 @@ def run(args: argparse.Namespace) -> int:
         stream_client = lab.host("peer").run(
             [sys.executable, "-m", "nonstop.streams", "client", "--host", vip, "--port",
              str(STREAM_PORT), "--conns", str(STREAM_CONNS), "--duration", "3600", "--rate", "20",
-             "--size", "200", "--samples", samples_path],
+             "--size", "200", "--samples", samples_path,
+             "--long-gap", str(LONG_SILENCE)],
             stdout=subprocess.PIPE, name="stream-client",
         )  # fmt: skip
         say(
@@ -311,6 +331,8 @@ def run(args: argparse.Namespace) -> int:
         except (subprocess.TimeoutExpired, ValueError, IndexError) as e:
             sv = {"error": str(e)}
         report["tcp_sessions"] = sv
+        silences = place_silences(sv.pop("long_gaps", None) or {}, marks)
+        sv["long_silences"] = silences
         png = os.path.splitext(args.out)[0] + "-timeline.png"
         title = f"make demo: {STREAM_CONNS} protected TCP sessions through three takeovers"
         if write_stream_timeline(png, samples_path, marks, title):
@@ -328,6 +350,15 @@ def run(args: argparse.Namespace) -> int:
             f"({sv.get('messages')} messages checked); longest silence per connection "
             f"p50 {gap.get('p50')} ms, max {gap.get('max')} ms (messages every 50 ms)"
         )
+        if silences:
+            worst = silences[0]
+            say(
+                f"  {len(silences)} silences over {LONG_SILENCE * 1000:.0f} ms; the longest "
+                f"{worst['ms']} ms (connection {worst['conn']}), from {worst['began_after_s']} s "
+                f"after '{worst['mark']}'"
+            )
+        else:
+            say(f"  no silence over {LONG_SILENCE * 1000:.0f} ms on any connection")
 
         from nonstop.agent.cli import print_status
 
