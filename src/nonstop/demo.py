@@ -57,8 +57,7 @@ def place_silences(
     out = []
     for conn, gaps in long_gaps.items():
         for began, ended in gaps:
-            prior = [m for m in marks if m[0] <= began]
-            at, label = prior[-1] if prior else (began, "start")
+            at, label = max((m for m in marks if m[0] <= began), default=(began, "start"))
             out.append({"conn": int(conn), "ms": round((ended - began) * 1000, 1),
                         "mark": label, "began_after_s": round(began - at, 3)})
     return sorted(out, key=lambda d: -d["ms"])
