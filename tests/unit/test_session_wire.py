@@ -26,6 +26,7 @@ from nonstop.session.wire import (
     Commit,
     Data,
     Direction,
+    Fin,
     FullRecord,
     Update,
     decode,
@@ -42,7 +43,7 @@ GOLDEN_KEY = bytes.fromhex(FIXTURES["key_hex"])
 KEY = bytes(range(32))
 U32 = 2**32 - 1
 U64 = 2**64 - 1
-RECORD_TYPES = {c.__name__: c for c in (FullRecord, Update, Data, Commit, Close)}
+RECORD_TYPES = {c.__name__: c for c in (FullRecord, Update, Data, Commit, Close, Fin)}
 ENUMS = {"direction": Direction, "reason": CloseReason}
 
 
@@ -89,7 +90,7 @@ def test_golden_with_another_key_is_bad_auth(msg: dict) -> None:
 
 def test_layout_of_a_golden_update() -> None:
     raw = bytes.fromhex(FIXTURES["frames"][2]["hex"])
-    assert raw[:4] == MAGIC == b"NSSY" and raw[4] == VERSION == 1
+    assert raw[:4] == MAGIC == b"NSSY" and raw[4] == VERSION == 2
     assert raw[5:7] == b"\x01\x00"  # BATCH, no flags
     assert struct.unpack("!QQ", raw[7:HEADER_LEN]) == (5, 3)
     body = raw[HEADER_LEN:-TAG_LEN]
@@ -134,6 +135,7 @@ records = st.one_of(
     st.builds(Data, u32, st.sampled_from(Direction), u32, st.binary(max_size=600)),
     st.builds(Commit, u32, u32, u32, st.binary(max_size=255)),
     st.builds(Close, u32, st.sampled_from(CloseReason)),
+    st.builds(Fin, u32, st.sampled_from(Direction), u32),
 )
 batches = st.builds(Batch, st.integers(0, U64), st.integers(0, U64),
                     st.lists(records, max_size=20).map(tuple), st.booleans())
@@ -204,11 +206,13 @@ def test_receiver_never_raises_and_keeps_nothing_from_garbage(frames: list[bytes
 
 def test_bad_version_and_kind_have_their_counters() -> None:
     raw = bytearray(encode_ack(KEY, Ack(1, 1, 1, 0)))
-    raw[4] = 2
-    with pytest.raises(RemoteProtocolError) as e:
-        decode(bytes(raw), KEY)
-    assert e.value.counter == "bad_version"
-    for body in (b"\x09", b"\x02" + bytes(23), b"\x03" + bytes(11) + b"\x00\x05ab"):
+    for old_or_new in (1, VERSION + 1):  # 1: before the FIN record
+        raw[4] = old_or_new
+        with pytest.raises(RemoteProtocolError) as e:
+            decode(bytes(raw), KEY)
+        assert e.value.counter == "bad_version"
+    for body in (b"\x09", b"\x02" + bytes(23), b"\x03" + bytes(11) + b"\x00\x05ab",
+                 b"\x06" + bytes(8), b"\x06\x00\x00\x00\x01\x02" + bytes(4)):
         with pytest.raises(RemoteProtocolError) as e:
             decode(seal(KEY, MAGIC + bytes([VERSION, 1, 0]) + bytes(16) + body), KEY)
         assert e.value.counter == "malformed"
@@ -235,6 +239,8 @@ def test_ipv4_padding_and_unknown_enum_values_are_malformed() -> None:
     lambda: Data(1, 0, 0, b""),
     lambda: Data(1, Direction.RCV, 0, b"x" * 65536),
     lambda: Close(1, 2),
+    lambda: Fin(1, 1, 0),
+    lambda: Fin(1, Direction.SND, 2**32),
     lambda: FullRecord(conn_id=1, family=4, local_addr="fd77::1", local_port=1,
                        peer_addr="10.77.0.2", peer_port=2, snd_seq=0, rcv_seq=0, mss=1),
     lambda: FullRecord(conn_id=1, family=5, local_addr="10.77.0.1", local_port=1,

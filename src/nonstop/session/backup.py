@@ -12,6 +12,13 @@ queue until the backup confirmed its bytes (``MasterSession._hold``), so the pee
 byte the restored send queue does not reach (its ACK would be beyond the restored snd_nxt and
 dropped: the connection stalled for good when that raced the service's replay).
 
+A connection the service had closed (its FIN synced, not yet acknowledged by the peer) is
+restored only to finish: the bytes the peer lacks and a FIN go out, and the kernel keeps the
+orphan until the peer acknowledges them. A connection whose peer half-closed is restored without
+the peer's FIN, which ``RestoredConn.peer_fin`` gives: ``kick.deliver_fins`` hands it to the
+restored socket once the VIP is here (a raw segment from the peer's address; TCP_REPAIR restores
+only ESTABLISHED), and the service reads EOF after the bytes before it.
+
 TCP timestamps: the restored clock is the SYN-ACK's TSval advanced by the time since the backup
 first saw the FULL record, plus ``ts_margin`` (a TSval ahead of the real clock is harmless to the
 peer's PAWS check; one behind it gets our segments dropped).
@@ -61,6 +68,8 @@ class RestoredConn:
     four_tuple: FourTuple = ("", 0, "", 0)
     extra: dict[str, int] = field(default_factory=dict)
     sent_pos: int = 0
+    peer_fin: int | None = None  # the peer half-closed: its FIN's sequence number (the restored
+    # socket has not taken it yet: kick.deliver_fins hands it over once the VIP is here)
 
 
 class BackupSession:
@@ -83,6 +92,7 @@ class BackupSession:
         self.receiver = SyncReceiver(key, now=time.monotonic(), incarnation=inc)
         self.ts_margin = ts_margin
         self.restore_failures: list[str] = []  # connections promote() could not bring back
+        self.closing = 0  # of the last promote(): restored only to finish a close (_finish)
         self._udp = socket.socket(
             socket.AF_INET if family == 4 else socket.AF_INET6, socket.SOCK_DGRAM
         )
@@ -197,6 +207,17 @@ class BackupSession:
             out.append((cs, self._tcp_state(cs, first[1] if first else time.monotonic())))
         return out
 
+    def _finish(self, sock: socket.socket) -> None:
+        """A connection the service had closed: restored only to deliver what the peer lacks,
+        then closed as the service did (the kernel sends the rest and a FIN, then keeps the
+        orphan until the peer acknowledges them). Never handed to the service."""
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError as e:
+            self.restore_failures.append(f"closing a connection its service had closed: {e}")
+        sock.close()
+        self.closing += 1
+
     def _tcp_state(self, cs: ConnState, seen_at: float) -> TcpState:
         f = cs.full
         # every byte the old master's kernel took that the peer has not acknowledged, also those
@@ -206,7 +227,10 @@ class BackupSession:
         # ACK raced that and the connection stalled for good). The service hears where the
         # stream is (RestoredConn.sent_pos, the adoption's ``sent``) and skips what it replays.
         send_q, snd_seq = cs.snd_data, cs.snd_end
-        rcv_seq = cs.rcv_end
+        rcv_seq = cs.rcv_end  # the peer's FIN not counted: the restored socket takes it later
+        # the service closed it: what the peer has not acknowledged goes out, then a FIN (the
+        # input after the last commit is not put back: closing a socket with unread bytes resets)
+        recv_q = b"" if cs.snd_fin is not None else cs.rcv_data
         snd_wnd = cs.snd_wnd or f.snd_wnd
         rcv_wnd = cs.rcv_wnd or f.rcv_wnd
         window = (rcv_seq, snd_wnd, max(snd_wnd, f.max_window), rcv_wnd, rcv_seq)
@@ -214,7 +238,7 @@ class BackupSession:
             socket.AF_INET if f.family == 4 else socket.AF_INET6, f.local_addr, f.local_port,
             f.peer_addr, f.peer_port, snd_seq, rcv_seq, f.mss, f.snd_wscale, f.rcv_wscale,
             f.sack, f.timestamps, (f.ts_val & ~1) & _U32 if f.timestamps else None, window,
-            bytes(send_q), bytes(cs.rcv_data), 0, seen_at - self.ts_margin,
+            bytes(send_q), bytes(recv_q), 0, seen_at - self.ts_margin,
         )  # fmt: skip
 
     def promote(self, before_restore: Callable[[], None] | None = None) -> list[RestoredConn]:
@@ -240,8 +264,12 @@ class BackupSession:
                     self.restore_failures.append(f"{st.dst}:{st.dport}: {e}")
                     socks.append(None)
         out = []
+        self.closing = 0
         for (cs, st), sock in zip(pairs, socks, strict=True):
             if sock is None:
+                continue
+            if cs.snd_fin is not None:
+                self._finish(sock)
                 continue
             f = cs.full
             commit = cs.commit
@@ -257,8 +285,20 @@ class BackupSession:
                 seq_diff(wpos, f.snd_seq) % (1 << 32), commit.state if commit else b"",
                 len(st.send_queue), len(st.recv_queue), cs, st,
                 (f.local_addr, f.local_port, f.peer_addr, f.peer_port),
-                sent_pos=seq_diff(st.snd_seq, f.snd_seq) % (1 << 32)))  # fmt: skip
+                sent_pos=seq_diff(st.snd_seq, f.snd_seq) % (1 << 32),
+                peer_fin=cs.rcv_fin))  # fmt: skip
         self.phases_ms = {"states": round((t1 - t0) * 1000, 3),
                           "before_restore": round((t2 - t1) * 1000, 3),
                           "restore": round((time.monotonic() - t2) * 1000, 3)}  # fmt: skip
         return out
+
+    def _finish(self, sock: socket.socket) -> None:
+        """A connection the service had closed: restored only to deliver what the peer lacks,
+        then closed as the service did (the kernel sends the rest and a FIN, then keeps the
+        orphan until the peer acknowledges them). Never handed to the service."""
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError as e:
+            self.restore_failures.append(f"closing a connection its service had closed: {e}")
+        sock.close()
+        self.closing += 1

@@ -42,12 +42,13 @@ import struct
 from dataclasses import dataclass
 
 from nonstop.session.nfnl import KICK_MARK
-from nonstop.session.segment import ACK, set_checksum
+from nonstop.session.segment import ACK, FIN, md5_sign, set_checksum
 
-__all__ = ["KickTarget", "kick_probe", "send_kicks"]
+__all__ = ["FinTarget", "KickTarget", "deliver_fins", "fin_segment", "kick_probe", "send_kicks"]
 
 _TS = struct.Struct("!BBBBII")  # NOP NOP kind=8 len=10 TSval TSecr
 _U32 = 0xFFFFFFFF
+_MD5_OPT = bytes([1, 1, 19, 18]) + bytes(16)  # NOP NOP MD5 (RFC 2385), digest filled by md5_sign
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,23 +63,81 @@ class KickTarget:
     tsval: int | None  # the socket's current TCP timestamp; None: no timestamps
 
 
-def kick_probe(t: KickTarget) -> bytes:
-    """The probe, our last byte again (sequence number ``end - 1``), as a whole IP packet."""
-    seq, payload = t.end - 1, t.last[-1:] or b"\0"
-    opts = _TS.pack(1, 1, 8, 10, t.tsval & _U32, 0) if t.tsval is not None else b""
-    tcp = struct.pack("!HHIIBBHHH", t.local[1], t.peer[1], seq & _U32, t.ack & _U32,
-                      (20 + len(opts)) // 4 << 4, ACK, min(t.window, 0xFFFF), 0, 0)
+def _packet(family: int, src: tuple[str, int], dst: tuple[str, int], seq: int, ack: int,
+            flags: int, window: int, opts: bytes, payload: bytes,
+            md5_key: bytes | None = None) -> bytes:
+    """A whole IP packet from ``src`` to ``dst`` with a valid checksum (and, given ``md5_key``,
+    a TCP-MD5 signature)."""
+    if md5_key is not None:
+        opts += _MD5_OPT
+    tcp = struct.pack("!HHIIBBHHH", src[1], dst[1], seq & _U32, ack & _U32,
+                      (20 + len(opts)) // 4 << 4, flags, min(window, 0xFFFF), 0, 0)
     tcp += opts + payload
-    if t.family == 4:
+    if family == 4:
         ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, socket.IPPROTO_TCP,
-                         0, socket.inet_aton(t.local[0]), socket.inet_aton(t.peer[0]))
+                         0, socket.inet_aton(src[0]), socket.inet_aton(dst[0]))
     else:
         ip = struct.pack("!IHBB16s16s", 6 << 28, len(tcp), socket.IPPROTO_TCP, 64,
-                         socket.inet_pton(socket.AF_INET6, t.local[0]),
-                         socket.inet_pton(socket.AF_INET6, t.peer[0]))
+                         socket.inet_pton(socket.AF_INET6, src[0]),
+                         socket.inet_pton(socket.AF_INET6, dst[0]))
     pkt = bytearray(ip + tcp)
+    if md5_key is not None:
+        md5_sign(pkt, md5_key)
     set_checksum(pkt)
     return bytes(pkt)
+
+
+def kick_probe(t: KickTarget) -> bytes:
+    """The probe, our last byte again (sequence number ``end - 1``), as a whole IP packet."""
+    opts = _TS.pack(1, 1, 8, 10, t.tsval & _U32, 0) if t.tsval is not None else b""
+    return _packet(t.family, t.local, t.peer, t.end - 1, t.ack, ACK, t.window, opts,
+                   t.last[-1:] or b"\0")
+
+
+@dataclass(frozen=True, slots=True)
+class FinTarget:
+    """A restored connection whose peer half-closed: its FIN, as the peer sent it."""
+
+    family: int  # 4 or 6
+    local: tuple[str, int]  # the VIP and port
+    peer: tuple[str, int]
+    seq: int  # the FIN's sequence number (the restored socket's rcv_nxt)
+    ack: int  # what the peer last acknowledged of our stream
+    window: int  # the peer's last raw (unscaled) window field
+    md5_key: bytes | None = None  # the connection's TCP-MD5 key, if it is signed
+
+
+def fin_segment(t: FinTarget) -> bytes:
+    """The peer's FIN again, from the peer's address to the VIP, as a whole IP packet. No
+    timestamps option: Linux takes a segment without one (PAWS checks only those that carry
+    one), and the peer's clock is not known here."""
+    return _packet(t.family, t.peer, t.local, t.seq, t.ack, FIN | ACK, t.window, b"", b"",
+                   t.md5_key)
+
+
+def deliver_fins(targets: list[FinTarget]) -> int:
+    """Hand each restored socket its peer's FIN (sent on this node, to the VIP, which must be
+    here by now: the packet loops back through ``lo``). The socket moves to CLOSE_WAIT, its
+    reader gets EOF after the bytes before it, and its ACK tells the peer, which may not have
+    heard it from the dead master. Returns how many were sent."""
+    socks: dict[int, socket.socket] = {}
+    sent = 0
+    try:
+        for t in targets:
+            s = socks.get(t.family)
+            if s is None:
+                fam = socket.AF_INET if t.family == 4 else socket.AF_INET6
+                s = socks[t.family] = socket.socket(fam, socket.SOCK_RAW, socket.IPPROTO_RAW)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, KICK_MARK)
+            try:
+                s.sendto(fin_segment(t), (t.local[0], 0))
+                sent += 1
+            except OSError:
+                continue
+    finally:
+        for s in socks.values():
+            s.close()
+    return sent
 
 
 def send_kicks(targets: list[KickTarget]) -> int:

@@ -14,6 +14,17 @@ capture and ``capture_out`` on the outbound segments the clamp already queues) a
   connection opened), held back until DATA(SND) up to ``write_pos`` is queued, so the backup
   never holds a commit whose written bytes it lacks.
 
+- FIN(RCV) when the peer's FIN comes, FIN(SND) when ours leaves (each at its stream's end: the
+  sender holds one that comes past a gap). The peer's FIN counts in the backup's confirmed end
+  like a byte, so the clamp acknowledges it once the backup has it (it used to hold that ACK at
+  the last byte for good: a peer that half-closed stayed in FIN_WAIT1, resending its FIN). Ours
+  is held in the queue like a data segment until the backup has it.
+- CLOSE(CLOSED) when the peer acknowledges our FIN: the service closed and the peer holds all it
+  wrote, so a takeover has nothing left to deliver; the connection is forgotten on both nodes.
+  (What is left, the peer's own FIN, this node's kernel acknowledges; after a takeover the new
+  master, which has no socket for it, answers it with an RST, which the peer's application,
+  having read our FIN, does not see.) CLOSE(RESET) on an RST either way.
+
 The clamp's limit is ``SyncSender.confirmed(conn)[0]`` (the backup holds the peer's bytes up to
 there), and never below the highest ACK that already left this node (an older ACK tells the peer
 nothing, and what left cannot be taken back); None for segments of unknown connections. Without
@@ -43,7 +54,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from nonstop.common import LocalProtocolError, normal_priority, readable
-from nonstop.session.kick import KickTarget
+from nonstop.session.kick import FinTarget, KickTarget
 from nonstop.session.mirror import ConnState, seq_add, seq_diff, seq_lt
 from nonstop.session.nfnl import SO_RCVBUFFORCE, SO_SNDBUFFORCE
 from nonstop.session.nfq import AckClamp, FourTuple
@@ -102,7 +113,8 @@ class _Tracked:
     snd_wnd: int
     rcv_wnd: int
     ts_at: float  # when full.ts_val was the connection's TCP timestamp (time.monotonic())
-    fins: int = 0  # FIN seen: 1 inbound, 2 outbound
+    peer_fin: int | None = None  # the sequence number of the peer's FIN, once seen
+    our_fin: int | None = None  # of ours (the service closed)
     pending_commit: tuple[int, int, bytes] | None = None  # (rpos, wpos, state) as sequence numbers
     acked_out: int | None = None  # the highest ACK that left this node (None: none yet)
 
@@ -136,6 +148,8 @@ class MasterSession:
     ) -> None:
         self.vip, self.port, self.family, self.backup = vip, port, family, backup
         self.adopted = 0  # connections taken over from a previous master (adopt())
+        self.finished = 0  # connections forgotten after the service closed them (our FIN acked)
+        self.resets = 0  # connections forgotten after an RST either way
         now = time.monotonic()
         inc = incarnation if incarnation is not None else time.time_ns() // 1000
         self.sender = SyncSender(key, incarnation=inc, max_delay=max_delay, now=now, rto=rto)
@@ -234,6 +248,21 @@ class MasterSession:
                                       ack, t.rcv_wnd >> t.full.rcv_wscale, tsval))
         return out
 
+    def fin_targets(self, fts: Iterable[FourTuple]) -> list[FinTarget]:
+        """What ``kick.deliver_fins`` needs to hand these connections (restored, still tracked)
+        the FIN their peers sent the old master: its sequence number, the peer's last ACK and
+        window, the TCP-MD5 key if the connection is signed."""
+        out = []
+        with self._lock:
+            for ft in fts:
+                t = self._conns.get(ft)
+                if t is None or t.peer_fin is None:
+                    continue
+                key = self._clamp.md5.get(ft[2]) if self._clamp.md5 else None
+                out.append(FinTarget(self.family, (ft[0], ft[1]), (ft[2], ft[3]), t.peer_fin,
+                                     t.snd_una, t.snd_wnd >> t.full.snd_wscale, key))
+        return out
+
     def parked(self) -> list[tuple[ConnState, float]]:
         """The mirror of every connection, as a backup would hold it, with the time its FULL's
         TSval was taken: what this node keeps when it steps down (BackupSession.seed)."""
@@ -241,6 +270,11 @@ class MasterSession:
             mirror = self.sender.connections()
             return [(mirror[t.conn_id], t.ts_at) for t in self._conns.values()
                     if t.conn_id in mirror]
+
+    @property
+    def tracked(self) -> int:
+        """How many connections this node tracks (and syncs) now."""
+        return len(self._conns)
 
     @property
     def protecting(self) -> bool:
@@ -287,6 +321,10 @@ class MasterSession:
                 snd.data(full.conn_id, Direction.RCV, seq_add(rcv_end, -len(st.recv_queue)),
                          st.recv_queue, now)
                 snd.data(full.conn_id, Direction.SND, snd_una, st.send_queue, now)
+                if cs.rcv_fin is not None:  # the peer half-closed (its FIN is delivered again
+                    # to the restored socket once the VIP is here: kick.deliver_fins)
+                    snd.fin(full.conn_id, Direction.RCV, cs.rcv_fin, now)
+                    self._conns[ft].peer_fin = cs.rcv_fin
                 self.adopted += 1
             self._flush(now)
 
@@ -378,8 +416,10 @@ class MasterSession:
                 return
             if payload:
                 self.sender.data(t.conn_id, Direction.RCV, seg.seq, payload, now)
-            if seg.flags & FIN:
-                t.fins |= 1
+            if seg.flags & FIN:  # synced like a byte: the clamp acknowledges it once confirmed
+                fin = seq_add(seg.seq, len(payload))
+                if self.sender.fin(t.conn_id, Direction.RCV, fin, now):
+                    t.peer_fin = fin
             if seg.flags & ACK:
                 wnd = seg.window << t.full.snd_wscale
                 if (
@@ -397,6 +437,10 @@ class MasterSession:
                         rcv_wnd=t.rcv_wnd & _U32,
                         now=now,
                     )
+                    if t.our_fin is not None and seg.ack == seq_add(t.our_fin, 1):
+                        # the service closed and the peer has all of it, our FIN too: nothing
+                        # is left that a takeover must deliver (module docstring)
+                        self._close(ft, t, CloseReason.CLOSED, now)
             self._flush(now)
 
     def _outbound(self, seg: Segment, payload: bytes) -> None:
@@ -426,8 +470,12 @@ class MasterSession:
                 if seq_lt(t.snd_nxt, end):
                     t.snd_nxt = end
                 self._try_commit(t, now)
-            if seg.flags & FIN:
-                t.fins |= 2
+            if seg.flags & FIN:  # the service closed: held like a byte until the backup has it
+                fin = seq_add(seg.seq, len(payload))
+                if self.sender.fin(t.conn_id, Direction.SND, fin, now):
+                    t.our_fin = fin
+                    if seq_lt(t.snd_nxt, end := seq_add(fin, 1)):
+                        t.snd_nxt = end
             self._flush(now)
 
     def _open(self, ft: FourTuple, synack: Segment, syn: _Syn, now: float) -> None:
@@ -452,6 +500,10 @@ class MasterSession:
 
     def _close(self, ft: FourTuple, t: _Tracked, reason: CloseReason, now: float) -> None:
         del self._conns[ft]
+        if reason is CloseReason.CLOSED:
+            self.finished += 1
+        else:
+            self.resets += 1
         self.sender.close(t.conn_id, reason, now)
         self._clamp.kick()  # its held segments go (a reset connection)
 

@@ -16,9 +16,10 @@ With ``capture_out=``, ``capture_out(segment, payload)`` sees every outgoing seg
 the SYN-ACK's options, DATA(SND), the service's windows. An exception in either hook is counted
 (``stats.errors``, ``error``) and the segment goes on: the clamp keeps it safe, the backup may lag.
 
-The send-side hold (``hold=``): an outgoing segment with payload whose last byte is past
-``hold(four_tuple)`` (the backup's confirmed end of our stream) waits in the queue, unanswered,
-until ``kick()`` (the backup confirmed more) finds it covered; its ACK is clamped when it leaves.
+The send-side hold (``hold=``): an outgoing segment with payload (or a FIN) whose end is past
+``hold(four_tuple)`` (the backup's confirmed end of our stream, its FIN counted) waits in the
+queue, unanswered, until ``kick()`` (the backup confirmed more) finds it covered; its ACK is
+clamped when it leaves.
 So the peer never holds a byte of ours that the backup lacks: a restored connection's send queue
 always reaches the peer's ACK. Segments passed while some are held are answered one by one (a
 batch verdict would release the held ones too), packed into one datagram per drain.
@@ -121,6 +122,7 @@ from nonstop.session.nfnl import (
 )
 from nonstop.session.segment import (
     ACK,
+    FIN,
     Md5KeyMissing,
     Segment,
     addr_str,
@@ -511,15 +513,17 @@ class AckClamp:
         self.stats.passed += 1
 
     def _must_hold(self, pid: int, seg: Segment | None, pkt: memoryview, truncated: bool) -> bool:
-        """Hold this outgoing segment (True) if its payload reaches past ``hold``."""
+        """Hold this outgoing segment (True) if its payload, or its FIN (which takes a sequence
+        number of its own), reaches past ``hold``."""
         if seg is None:
             seg = parse(pkt)
-        if not seg.payload_length:
+        n = seg.payload_length + (seg.flags & FIN)
+        if not n:
             return False
         if truncated:  # cannot be let out later as it was: TCP sends it again
             raise RemoteProtocolError("truncated data segment", counter="nfq_truncated")
         lim = self._holding(seg.four_tuple)
-        end = (seg.seq + seg.payload_length) % (1 << 32)
+        end = (seg.seq + n) % (1 << 32)
         if lim is None or not 0 < (end - lim) % (1 << 32) < HALF:
             return False
         self._held.append((pid, seg.four_tuple, end, bytes(pkt)))

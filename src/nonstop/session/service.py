@@ -31,7 +31,7 @@ from typing import Any
 
 from nonstop.app.channel import AgentEndpoint, CommitRecord, HeldConn
 from nonstop.session.backup import BackupSession
-from nonstop.session.kick import send_kicks
+from nonstop.session.kick import deliver_fins, send_kicks
 from nonstop.session.manager import MasterSession
 from nonstop.session.mirror import ConnState
 from nonstop.session.nfnl import kernel_queue
@@ -79,7 +79,7 @@ class ProtectedService:
         self.counters: dict[str, int] = {
             "promotions": 0, "demotions": 0, "restored": 0, "restore_failures": 0,
             "silenced": 0, "commit_errors": 0, "parked": 0, "parked_dropped": 0,
-            "reaped": 0, "kicked": 0, "kick_packets": 0,
+            "reaped": 0, "kicked": 0, "kick_packets": 0, "fins_delivered": 0,
         }  # fmt: skip
         self.last_promotion: dict[str, Any] | None = None
         self.endpoint = AgentEndpoint(
@@ -88,6 +88,7 @@ class ProtectedService:
         self.quiet = QuietRule(spec.vip, spec.port, spec.family)  # while not master
         self._keep_quiet = False  # the agent died: the rule outlives this worker
         self._to_kick: list[tuple[FourTuple, socket.socket]] = []  # restored, not yet kicked
+        self._to_fin: list[FourTuple] = []  # restored after their peers' FIN, not yet handed it
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._serve, name=f"nonstop-app-{spec.name}", daemon=True
@@ -202,6 +203,7 @@ class ProtectedService:
                 woken = self.endpoint.release_adoptions()
             # those restored with bytes in flight: the kick makes the peer acknowledge them
             self._to_kick = [(rc.four_tuple, rc.sock) for rc in restored if rc.tcp.send_queue]
+            self._to_fin = [rc.four_tuple for rc in restored if rc.peer_fin is not None]
             self.role = "master"
             self.counters["promotions"] += 1
             self.counters["restored"] += len(restored)
@@ -215,6 +217,7 @@ class ProtectedService:
                 "handed_to_service": woken,
                 "resent_bytes": sum(rc.resent for rc in restored),
                 "pending_bytes": sum(rc.pending for rc in restored),
+                "closing": self.backup.closing,  # the service had closed them: finished only
                 "from": "parked" if resumed else "sync",
                 "phases_ms": {
                     **phases,
@@ -249,14 +252,21 @@ class ProtectedService:
             self._overload_said, self._overload_unsaid = now, 0
 
     def kick(self) -> int:
-        """Probe the peers of the connections the last promotion restored with bytes in flight
-        (once: the agent asks right after its first gratuitous ARP; ``nonstop.session.kick``).
-        Returns how many connections."""
+        """Probe the peers of the connections the last promotion restored with bytes in flight,
+        and hand the restored sockets whose peers had half-closed their FIN (once: the agent asks
+        right after its first gratuitous ARP, when the VIP is here; ``nonstop.session.kick``).
+        Returns how many connections were probed."""
         with self._lock:
             todo, self._to_kick = self._to_kick, []
-            if not todo or self.master is None or self.role != "master":
+            fins, self._to_fin = self._to_fin, []
+            if self.master is None or self.role != "master":
                 return 0
-            targets = self.master.kick_targets(todo)
+            targets = self.master.kick_targets(todo) if todo else []
+            fin_targets = self.master.fin_targets(fins) if fins else []
+        if fin_targets:
+            self.counters["fins_delivered"] += deliver_fins(fin_targets)
+        if not targets:
+            return 0
         self.counters["kicked"] += len(targets)
         self.counters["kick_packets"] += send_kicks(targets)
         return len(targets)
@@ -269,7 +279,7 @@ class ProtectedService:
         with self._lock:
             if self.role == "backup":
                 return {"service": self.spec.name, "silenced": 0}
-            self._to_kick = []
+            self._to_kick, self._to_fin = [], []
             self._quiet()
             parked = self.master.parked() if self.master is not None else []
             self._stop_master()
@@ -356,6 +366,9 @@ class ProtectedService:
                     "backup": None if m.backup is None else f"{m.backup[0]}:{m.backup[1]}",
                     "protecting": m.protecting,
                     "adopted": m.adopted,
+                    "tracked": m.tracked,
+                    "finished": m.finished,  # closed by the service, all delivered: forgotten
+                    "reset": m.resets,
                     "tx_bytes": m.tx_bytes,
                     "srtt_ms": None if m.sender.srtt is None else round(m.sender.srtt * 1e3, 3),
                     "rto_ms": round(m.sender.current_rto * 1e3, 3),

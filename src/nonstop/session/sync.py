@@ -53,6 +53,7 @@ from nonstop.session.wire import (
     Commit,
     Data,
     Direction,
+    Fin,
     FullRecord,
     Record,
     Update,
@@ -92,7 +93,7 @@ RESEND_BURST = 8  # batches resent per timeout at most, oldest first
 SENDER_COUNTERS = ("tx", "batches", "records", "payload_bytes", "sealed_bytes", "retransmits",
                    "resyncs", "rx_ack", "malformed",
                    "bad_version", "bad_auth", "stale", "ack_reordered", "wrong_kind", "bogus_ack",
-                   "data_held", "foreign")
+                   "data_held", "foreign", "past_fin")
 
 
 class SyncSender(_Counted):
@@ -117,6 +118,7 @@ class SyncSender(_Counted):
         self.max_datagram, self.window = max_datagram, window
         self._conns: dict[int, ConnMirror] = {}
         self._held: dict[tuple[int, Direction], dict[int, bytes]] = {}  # data past a gap
+        self._held_fin: dict[tuple[int, Direction], int] = {}  # a FIN past a gap
         self._pending: list[Record] = []
         self._pending_size = 0
         self._pending_since = now
@@ -161,6 +163,25 @@ class SyncSender(_Counted):
         self._feed(conn_id, direction, seq, payload, now)
         self._drain(conn_id, direction, now)
 
+    def fin(self, conn_id: int, direction: Direction, seq: int, now: float) -> bool:
+        """The stream in ``direction`` ends at ``seq`` (a FIN took that sequence number): RCV the
+        peer's, SND ours. Queued once the bytes before it are; a FIN seen again is ignored.
+        Returns False (and changes nothing) if ``seq`` contradicts what is held: before the
+        stream's end, or another FIN already there (a forged or broken segment; TCP drops it)."""
+        c = self._conn(conn_id)
+        direction = Direction(direction)
+        held = c.fin(direction)
+        if held is not None:
+            return held == seq
+        off = seq_diff(seq, c.end(direction))
+        if off < 0:
+            return False
+        if off > 0:
+            self._held_fin[(conn_id, direction)] = seq
+            return True
+        self._enqueue(Fin(conn_id, direction, seq), now)
+        return True
+
     def update(self, conn_id: int, *, rcv_nxt: int, snd_una: int, snd_nxt: int, snd_wnd: int,
                rcv_wnd: int, now: float) -> None:
         c = self._conn(conn_id)
@@ -181,6 +202,7 @@ class SyncSender(_Counted):
         self._enqueue(Close(conn_id, CloseReason(reason)), now)
         for d in Direction:
             self._held.pop((conn_id, d), None)
+            self._held_fin.pop((conn_id, d), None)
         self._confirmed.pop(conn_id, None)
 
     def resync(self, now: float, *, new_backup: bool = False) -> None:
@@ -209,6 +231,10 @@ class SyncSender(_Counted):
                 self._enqueue(state.commit, now)
             self._feed(conn_id, Direction.RCV, state.rcv_start, state.rcv_data, now)
             self._feed(conn_id, Direction.SND, state.snd_start, state.snd_data, now)
+            for d, fin, end in ((Direction.RCV, state.rcv_fin, state.rcv_end),
+                                (Direction.SND, state.snd_fin, state.snd_end)):
+                if fin is not None and fin == end:  # (past the end: acknowledged, trimmed)
+                    self._enqueue(Fin(conn_id, d, fin), now)
         self._seal(now)  # (nothing open: an empty RESET still clears the backup)
         self._resync_end = self._next_seq - 1
         self._resynced = False
@@ -385,6 +411,9 @@ class SyncSender(_Counted):
         c = self._conns[conn_id]
         skip = -seq_diff(seq, c.end(d))
         view = memoryview(payload)[max(skip, 0):]
+        if view and c.fin(d) is not None:  # bytes after the stream's FIN: TCP drops them too
+            self.counters["past_fin"] += 1
+            return
         seq = seq_add(seq, max(skip, 0))
         room = self.max_datagram - OVERHEAD - DATA_LEN
         for i in range(0, len(view), room):
@@ -396,9 +425,16 @@ class SyncSender(_Counted):
             end = self._conns[conn_id].end(d)
             ready = [s for s in held if seq_diff(s, end) <= 0]
             if not ready:
-                return
+                break
             for s in ready:
                 self._feed(conn_id, d, s, held.pop(s), now)
+        if self._held_fin and (fin := self._held_fin.get((conn_id, d))) is not None:
+            c = self._conns[conn_id]
+            off = seq_diff(fin, c.end(d))
+            if off <= 0:
+                del self._held_fin[(conn_id, d)]
+                if off == 0:  # (before the end: the bytes held ran past it, a broken FIN)
+                    self._enqueue(Fin(conn_id, d, fin), now)
 
     def _enqueue(self, rec: Record, now: float) -> None:
         if self._paused:  # the mirror only: the next resync sends it whole

@@ -14,6 +14,7 @@ Why struct and not msgpack: every record but FULL has a fixed layout, so a fixed
 field tags or length prefixes; UPDATE is 25 bytes, a frame adds 39 (header 23 + tag 16), which is
 27.4 bytes per UPDATE at batch 16 and 25.6 at 64. FULL is rare (open, resync) and also fixed (79
 bytes, addresses always take 16 bytes, an IPv4 one is 4 bytes then 12 zeros).
+FIN (10 bytes) says where a stream ends: the peer half-closed (RCV) or the service closed (SND).
 
 Encoders trust their callers (records validate themselves when built: a bad value is our bug,
 LocalProtocolError). ``decode`` trusts nothing and raises RemoteProtocolError only, whose
@@ -31,7 +32,7 @@ from nonstop.auth import TAG_LEN, seal, unseal
 from nonstop.common import LocalProtocolError, RemoteProtocolError
 
 MAGIC = b"NSSY"
-VERSION = 1
+VERSION = 2  # 2: the FIN record (a version-1 peer would count it as malformed)
 U16_MAX = 0xFFFF
 U32_MAX = 0xFFFF_FFFF
 U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
@@ -56,6 +57,7 @@ class RecType(enum.IntEnum):
     DATA = 3
     COMMIT = 4
     CLOSE = 5
+    FIN = 6
 
 
 class Direction(enum.IntEnum):
@@ -193,7 +195,23 @@ class Close:
             raise LocalProtocolError(f"reason {self.reason!r} is not a CloseReason")
 
 
-Record = FullRecord | Update | Data | Commit | Close
+@dataclass(frozen=True, slots=True)
+class Fin:
+    """The stream in ``direction`` ends at sequence number ``seq`` (its FIN takes that number):
+    RCV the peer half-closed, SND the service closed. Sent once the bytes before it are."""
+
+    conn_id: int
+    direction: Direction
+    seq: int
+
+    def __post_init__(self) -> None:
+        _check_u("conn_id", self.conn_id, U32_MAX)
+        _check_u("seq", self.seq, U32_MAX)
+        if not isinstance(self.direction, Direction):
+            raise LocalProtocolError(f"direction {self.direction!r} is not a Direction")
+
+
+Record = FullRecord | Update | Data | Commit | Close | Fin
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,9 +236,10 @@ _UPDATE = struct.Struct("!BIIIIII")
 _DATA = struct.Struct("!BIBIH")
 _COMMIT = struct.Struct("!BIIIB")
 _CLOSE = struct.Struct("!BIB")
+_FIN = struct.Struct("!BIBI")
 _ACK_BODY = struct.Struct("!QQ")
-FULL_LEN, UPDATE_LEN, DATA_LEN, COMMIT_LEN, CLOSE_LEN = (
-    s.size for s in (_FULL, _UPDATE, _DATA, _COMMIT, _CLOSE)
+FULL_LEN, UPDATE_LEN, DATA_LEN, COMMIT_LEN, CLOSE_LEN, FIN_LEN = (
+    s.size for s in (_FULL, _UPDATE, _DATA, _COMMIT, _CLOSE, _FIN)
 )
 
 
@@ -234,6 +253,8 @@ def record_size(rec: Record) -> int:
         return COMMIT_LEN + len(rec.state)
     if isinstance(rec, Close):
         return CLOSE_LEN
+    if isinstance(rec, Fin):
+        return FIN_LEN
     return FULL_LEN
 
 
@@ -253,6 +274,8 @@ def encode_record(rec: Record) -> bytes:
                             len(rec.state)) + rec.state
     if isinstance(rec, Close):
         return _CLOSE.pack(RecType.CLOSE, rec.conn_id, rec.reason)
+    if isinstance(rec, Fin):
+        return _FIN.pack(RecType.FIN, rec.conn_id, rec.direction, rec.seq)
     if isinstance(rec, FullRecord):
         opts = (OPT_SACK * rec.sack) | (OPT_TIMESTAMPS * rec.timestamps) | (OPT_WSCALE * rec.wscale)
         return _FULL.pack(
@@ -328,6 +351,10 @@ def _decode_records(body: memoryview) -> tuple[Record, ...]:
             _, conn_id, reason = _CLOSE.unpack_from(body, off)
             out.append(Close(conn_id, CloseReason(reason)))
             off += CLOSE_LEN
+        elif t == RecType.FIN:
+            _, conn_id, d, seq = _FIN.unpack_from(body, off)
+            out.append(Fin(conn_id, Direction(d), seq))
+            off += FIN_LEN
         elif t == RecType.FULL:
             out.append(_decode_full(body, off))
             off += FULL_LEN
