@@ -174,6 +174,7 @@ class ProtectedService:
                 log.error("%s: %d connections could not be restored: %s", self.spec.name,
                           len(self.backup.restore_failures), self.backup.restore_failures[:3])
             phases = dict(self.backup.phases_ms)
+            closing = self.backup.closing
             self._stop_backup()
             s = self.spec
             self.master = MasterSession(
@@ -217,7 +218,7 @@ class ProtectedService:
                 "handed_to_service": woken,
                 "resent_bytes": sum(rc.resent for rc in restored),
                 "pending_bytes": sum(rc.pending for rc in restored),
-                "closing": self.backup.closing,  # the service had closed them: finished only
+                "closing": closing,  # the service had closed them: restored only to finish
                 "from": "parked" if resumed else "sync",
                 "phases_ms": {
                     **phases,
