@@ -27,7 +27,8 @@ Rules, all in one place:
   a RESET is already on its way.
 - ``confirmed(conn_id)`` is (rcv end, snd end) as of the last batch the backup acknowledged: the
   master may ACK the peer up to rcv end and no further. It is forgotten at a resync, and never
-  ahead of what the receiver ACKed.
+  ahead of what the receiver ACKed. A stream's FIN (``fin()``, queued once the bytes before it
+  are) counts in its end as the one sequence number it takes.
 - Stream positions are TCP sequence numbers, compared mod 2**32; how each side trims them is in
   nonstop.session.mirror. Positions only move forward: the sender refuses a commit or an update
   that moves one back (LocalProtocolError).
