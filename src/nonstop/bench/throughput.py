@@ -147,7 +147,7 @@ def _say(*args: object) -> None:
 def queue_node(vip: str, port: int, queue: int) -> None:
     """An AckClamp with both capture hooks, the limit at the captured point, until SIGTERM."""
     from nonstop.session.nfq import AckClamp, FourTuple
-    from nonstop.session.segment import SYN, Segment, seq_add, seq_lt
+    from nonstop.session.segment import FIN, SYN, Segment, seq_add, seq_lt
 
     captured: dict[FourTuple, int] = {}  # connection -> end of the peer's contiguous bytes seen
     held: dict[FourTuple, dict[int, int]] = {}  # out-of-order ranges seen past a gap: seq -> end
@@ -179,7 +179,8 @@ def queue_node(vip: str, port: int, queue: int) -> None:
 
     def capture_out(seg: Segment, payload: bytes) -> None:
         totals["out_bytes"] += len(payload)
-        end = seq_add(seg.seq, len(payload) + bool(seg.flags & SYN))
+        # SYN and FIN take a sequence number each: the hold counts our FIN (nfq._must_hold)
+        end = seq_add(seg.seq, len(payload) + bool(seg.flags & SYN) + bool(seg.flags & FIN))
         if seq_lt(sent.get(seg.four_tuple, end), end) or seg.four_tuple not in sent:
             sent[seg.four_tuple] = end
 
