@@ -207,17 +207,6 @@ class BackupSession:
             out.append((cs, self._tcp_state(cs, first[1] if first else time.monotonic())))
         return out
 
-    def _finish(self, sock: socket.socket) -> None:
-        """A connection the service had closed: restored only to deliver what the peer lacks,
-        then closed as the service did (the kernel sends the rest and a FIN, then keeps the
-        orphan until the peer acknowledges them). Never handed to the service."""
-        try:
-            sock.shutdown(socket.SHUT_WR)
-        except OSError as e:
-            self.restore_failures.append(f"closing a connection its service had closed: {e}")
-        sock.close()
-        self.closing += 1
-
     def _tcp_state(self, cs: ConnState, seen_at: float) -> TcpState:
         f = cs.full
         # every byte the old master's kernel took that the peer has not acknowledged, also those
