@@ -242,6 +242,34 @@ def test_lease_denied_then_granted_direct_inputs() -> None:
     assert rm.flags_for_heartbeat() & R.FLAG_HOLDS_LEASE
 
 
+def test_a_master_holding_the_lease_ignores_a_stale_master_of_higher_priority() -> None:
+    """The old master, SIGSTOPped in the middle of sending its heartbeats, sends the rest as
+    master at SIGCONT, before it sees its own stall. The witness granted the lease to the backup
+    since: that claim is stale, and the new master keeps its role (it used to yield at once on
+    priority, and the woken master, fenced, promoted again: a second takeover)."""
+    cfg = R.RoleConfig("node-b", 100, True, 0.0, INTERVAL, DEAD_AFTER, True)
+    rm = R.RoleMachine(cfg, now=0.0)
+    rm.peer_seen("node-a", Role.MASTER, 200, R.FLAG_HOLDS_LEASE, 0.001)
+    rm.peer_lost("node-a", "no heartbeat on lan, hb for 30 ms", 0.040)
+    drain(rm)
+    rm.lease_granted(0.041 + LEASE, 0.041)
+    assert rm.role == M
+    drain(rm)
+    rm.peer_seen("node-a", Role.MASTER, 200, R.FLAG_HOLDS_LEASE, 0.050)  # the stale heartbeat
+    assert rm.role == M and R.ReleaseVips() not in drain(rm)
+    rm.peer_seen("node-a", Role.BACKUP, 200, 0, 0.051)  # it saw its stall: fenced
+    assert rm.role == M
+    # with no lease of its own (no witness), two masters are settled by priority, as before
+    cfg = R.RoleConfig("node-b", 100, True, 0.0, INTERVAL, DEAD_AFTER, False)
+    rm = R.RoleMachine(cfg, now=0.0)
+    rm.peer_seen("node-a", Role.MASTER, 200, 0, 0.001)
+    rm.peer_lost("node-a", "silence", 0.040)
+    assert rm.role == M
+    drain(rm)
+    rm.peer_seen("node-a", Role.MASTER, 200, 0, 0.050)
+    assert rm.role == B and R.ReleaseVips() in drain(rm)
+
+
 def test_proven_dead_master_is_replaced_without_waiting_for_its_lease() -> None:
     """The agent link's EOF proves the master's agent died (its guard fenced the VIPs): the
     backup promotes at once and takes the lease over once the dead holder's grant runs out."""

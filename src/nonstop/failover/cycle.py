@@ -239,6 +239,14 @@ class DecisionCycle:
         me = (cfg.priority, cfg.node_id)
         for prio, m in self._masters():
             if (prio, m) > me:
+                if cfg.witness and self._lease_valid(now):
+                    # the witness grants one lease at a time and ours runs: the other's claim is
+                    # stale, a stalled master's heartbeat sent before it saw its own stall (a
+                    # SIGSTOP in the middle of a send: the rest goes out at SIGCONT, before any
+                    # check can run). It steps down on its fence or when its renewal is denied;
+                    # yielding to it cost a second takeover (CI: a backup promoted on the lease
+                    # demoted 1 ms after the woken master's last heartbeat as master)
+                    continue
                 self._change(
                     Role.BACKUP,
                     f"demoted: {m} is also master and wins (priority {prio}, ours {cfg.priority})",
