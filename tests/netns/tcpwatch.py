@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -49,3 +50,22 @@ def connected(
         conn, _ = lsock.accept()
         with conn:
             yield cli, conn
+
+
+def answering(sync: socket.socket, rx: Any, stop: threading.Event) -> threading.Thread:
+    """A backup's side in a started thread: ``rx`` (a SyncReceiver) takes every sync datagram
+    on ``sync`` and its ACKs go back, until ``stop``."""
+
+    def answer() -> None:
+        sync.settimeout(0.05)
+        while not stop.is_set():
+            try:
+                data, src = sync.recvfrom(65536)
+            except TimeoutError:
+                continue
+            for ack in rx.receive(data, time.monotonic()):
+                sync.sendto(ack, src)
+
+    t = threading.Thread(target=answer, daemon=True)
+    t.start()
+    return t

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 
 import pytest
-from tcpwatch import bytes_acked, connected, wait_stable
+from tcpwatch import answering, bytes_acked, connected, wait_stable
 
 from nonstop.lab import Lab, Topology, nsops
 from nonstop.session.manager import MasterSession
@@ -62,20 +62,7 @@ def test_no_byte_acknowledged_past_the_backup_while_it_resyncs(lab: Lab) -> None
             assert not m.protecting
 
             rx = SyncReceiver(KEY, now=time.monotonic(), incarnation=1)
-
-            def answer() -> None:
-                sync.settimeout(0.1)
-                while not stop.is_set():
-                    try:
-                        data, src = sync.recvfrom(65536)
-                    except TimeoutError:
-                        continue
-                    for ack in rx.receive(data, time.monotonic()):
-                        sync.sendto(ack, src)
-
-            t = threading.Thread(target=answer, daemon=True)
-            threads.append(t)
-            t.start()
+            threads.append(answering(sync, rx, stop))
             srv.sendall(b"z")  # a segment carrying the ACK, no need to wait for a timer
             deadline = time.monotonic() + 10
             while bytes_acked(cli) - base < 2000 and time.monotonic() < deadline:

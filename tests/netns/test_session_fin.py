@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from movelab import movelab_lab  # noqa: F401  (the ``lab`` fixture)
-from tcpwatch import wait_stable
+from tcpwatch import answering, wait_stable
 
 from nonstop.lab import Lab
 from nonstop.lab.nsops import in_netns
@@ -59,24 +59,6 @@ def read_to_eof(sock: socket.socket, timeout: float = 5.0) -> bytes:
     while chunk := sock.recv(4096):
         got += chunk
     return got
-
-
-def answering(sync: socket.socket, rx: SyncReceiver, stop: threading.Event) -> threading.Thread:
-    """b's side: ``rx`` takes every sync datagram and its ACKs go back, until ``stop``."""
-
-    def answer() -> None:
-        sync.settimeout(0.05)
-        while not stop.is_set():
-            try:
-                data, src = sync.recvfrom(65536)
-            except TimeoutError:
-                continue
-            for ack in rx.receive(data, time.monotonic()):
-                sync.sendto(ack, src)
-
-    t = threading.Thread(target=answer, daemon=True)
-    t.start()
-    return t
 
 
 class Master:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from nonstop.session.nfnl import KICK_MARK
@@ -120,40 +121,30 @@ def deliver_fins(targets: list[FinTarget]) -> int:
     here by now: the packet loops back through ``lo``). The socket moves to CLOSE_WAIT, its
     reader gets EOF after the bytes before it, and its ACK tells the peer, which may not have
     heard it from the dead master. Returns how many were sent."""
-    socks: dict[int, socket.socket] = {}
-    sent = 0
-    try:
-        for t in targets:
-            s = socks.get(t.family)
-            if s is None:
-                fam = socket.AF_INET if t.family == 4 else socket.AF_INET6
-                s = socks[t.family] = socket.socket(fam, socket.SOCK_RAW, socket.IPPROTO_RAW)
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, KICK_MARK)
-            try:
-                s.sendto(fin_segment(t), (t.local[0], 0))
-                sent += 1
-            except OSError:
-                continue
-    finally:
-        for s in socks.values():
-            s.close()
-    return sent
+    return _send_raw((t.family, fin_segment(t), t.local[0]) for t in targets)
 
 
 def send_kicks(targets: list[KickTarget]) -> int:
     """Send every target's probe from raw sockets in this network namespace; returns how many
     left (a full socket buffer or a route gone: that one is skipped)."""
+    return _send_raw((t.family, kick_probe(t), t.peer[0]) for t in targets)
+
+
+def _send_raw(packets: Iterable[tuple[int, bytes, str]]) -> int:
+    """Send whole IP packets (family, packet, destination) from raw sockets in this network
+    namespace, marked ``KICK_MARK`` (past the clamp's queue rule); returns how many left (a
+    full socket buffer or a route gone: that one is skipped)."""
     socks: dict[int, socket.socket] = {}
     sent = 0
     try:
-        for t in targets:
-            s = socks.get(t.family)
+        for family, pkt, dst in packets:
+            s = socks.get(family)
             if s is None:
-                fam = socket.AF_INET if t.family == 4 else socket.AF_INET6
-                s = socks[t.family] = socket.socket(fam, socket.SOCK_RAW, socket.IPPROTO_RAW)
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, KICK_MARK)  # past the clamp
+                fam = socket.AF_INET if family == 4 else socket.AF_INET6
+                s = socks[family] = socket.socket(fam, socket.SOCK_RAW, socket.IPPROTO_RAW)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, KICK_MARK)
             try:
-                s.sendto(kick_probe(t), (t.peer[0], 0))
+                s.sendto(pkt, (dst, 0))
                 sent += 1
             except OSError:
                 continue
