@@ -13,13 +13,14 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
 from movelab import movelab_lab  # noqa: F401  (the ``lab`` fixture)
-from tcpwatch import answering, wait_stable
+from tcpwatch import answering, bytes_acked, wait_stable
 
 from nonstop.lab import Lab
 from nonstop.lab.nsops import in_netns
@@ -38,6 +39,12 @@ FIN_WAIT2, TIME_WAIT, CLOSE, CLOSE_WAIT = 5, 6, 7, 8
 
 def tcp_state(sock: socket.socket) -> int:
     return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+
+
+def total_retrans(sock: socket.socket) -> int:
+    """tcpi_total_retrans: segments the socket sent again."""
+    return struct.unpack_from("I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104),
+                              100)[0]
 
 
 def so_error(sock: socket.socket) -> int:
@@ -122,6 +129,8 @@ def test_the_peers_fin_is_acknowledged_once_the_backup_holds_it(
             p.shutdown(socket.SHUT_WR)
             assert read_to_eof(srv) == b"last words"
             assert wait_stable(lambda: tcp_state(p)) == FIN_WAIT2
+            # the ACK waited for b, it was not lowered: the peer never sent its FIN again
+            assert total_retrans(p) == 0 and node.m.clamp.stats.held_acks >= 1
             (held,) = sync_rx.connections().values()
             assert held.rcv_data == b"last words"  # nothing committed: all of it is held
             assert held.rcv_fin == held.rcv_end
@@ -129,6 +138,30 @@ def test_the_peers_fin_is_acknowledged_once_the_backup_holds_it(
             srv.sendall(b"noted")
             p.settimeout(5)
             assert p.recv(100) == b"noted"
+    finally:
+        node.m.close()
+
+
+def test_the_peers_bytes_to_a_silent_service_are_acknowledged_without_a_resend(
+        lab: Lab, sync_rx: SyncReceiver) -> None:
+    """The kernel acknowledges the peer's bytes before b holds them: that ACK waits in the queue
+    until b confirms, then leaves as it was. (Lowered to what b held, it told the peer nothing,
+    and a service with nothing to say sent no other: the peer resent on its timeout.)"""
+    node = Master(lab, 26)
+    try:
+        node.protect()
+        p, srv = node.connect()
+        with p, srv:
+            for i in range(5):
+                p.sendall(bytes([65 + i]) * 1000)
+                srv.settimeout(5)
+                got = b""
+                while len(got) < 1000:
+                    got += srv.recv(4096)
+                assert until(lambda i=i: bytes_acked(p) >= 1000 * (i + 1), 5.0)
+            assert total_retrans(p) == 0
+            assert node.m.clamp.stats.held_acks >= 1
+            assert node.m.clamp.stats.held_now == 0
     finally:
         node.m.close()
 

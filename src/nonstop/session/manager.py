@@ -173,6 +173,7 @@ class MasterSession:
             capture=self._inbound,
             capture_out=self._outbound,
             hold=self._hold,
+            hold_acks=True,  # a pure ACK past the backup waits for it, not lowered (AckClamp)
             md5=md5,  # TCP-MD5 keys per peer: clamped segments are signed again
         )
         self._stop = threading.Event()

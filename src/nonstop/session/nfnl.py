@@ -46,6 +46,7 @@ PORTS = struct.Struct("!HH")
 HALF = 1 << 31
 MAX_PAYLOAD = 0xFFFF
 HEADER_COPY = 192  # bytes copied without capture: IPv4/IPv6 + TCP headers with options
+HOLD_ACKS_MAX = 4096  # held segments past which pure ACKs are lowered instead of held
 
 
 def attr(kind: int, data: bytes) -> bytes:
@@ -76,7 +77,8 @@ class ClampStats:
     resigned: int = 0  # clamped segments signed again with the peer's TCP-MD5 key
     unsigned: int = 0  # signed segments to clamp without a key for their peer: dropped
     held: int = 0  # outgoing data segments held until the backup confirmed their bytes
-    held_now: int = 0  # of those, still waiting
+    held_acks: int = 0  # pure ACKs held until the backup confirmed what they acknowledge
+    held_now: int = 0  # of those, still waiting (both kinds)
 
 
 PROC_QUEUES = "/proc/thread-self/net/netfilter/nfnetlink_queue"

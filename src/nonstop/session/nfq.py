@@ -24,6 +24,11 @@ So the peer never holds a byte of ours that the backup lacks: a restored connect
 always reaches the peer's ACK. Segments passed while some are held are answered one by one (a
 batch verdict would release the held ones too), packed into one datagram per drain.
 
+``hold_acks`` (the session manager's setting): an outgoing pure ACK past ``limit`` is held the
+same way, and leaves as the kernel wrote it once the limit covers it, instead of lowered at once
+(``_hold_ack``): a lowered ACK told the peer nothing new, and a service with nothing to answer
+left the peer to resend on its timeout.
+
 No ``--queue-bypass``: fail closed. While the rule is in place and nothing is bound to the queue
 (the agent and its session worker were killed) the kernel drops every segment of VIP:port. It
 used to let them pass, and a killed master's kernel then acknowledged, in the moments before the
@@ -94,6 +99,7 @@ from nonstop.session.nfnl import (
     F_GSO,
     HALF,
     HEADER_COPY,
+    HOLD_ACKS_MAX,
     KICK_MARK,
     MAX_PAYLOAD,
     MSG_CONFIG,
@@ -123,6 +129,8 @@ from nonstop.session.nfnl import (
 from nonstop.session.segment import (
     ACK,
     FIN,
+    RST,
+    SYN,
     Md5KeyMissing,
     Segment,
     addr_str,
@@ -165,6 +173,7 @@ class AckClamp:
         header_copy: int = HEADER_COPY,
         md5: Mapping[str, bytes] | None = None,
         hold: Limit | None = None,
+        hold_acks: bool = False,
     ) -> None:
         if family not in (4, 6):
             raise LocalProtocolError(f"family must be 4 or 6, not {family}")
@@ -180,6 +189,7 @@ class AckClamp:
         self.capture = capture
         self.capture_out = capture_out
         self.hold = hold
+        self.hold_acks = hold_acks
         self.rcvbuf = rcvbuf
         self.maxlen = maxlen
         self.batch = batch
@@ -197,8 +207,9 @@ class AckClamp:
         self._seq = 0
         self._pending = -1  # highest packet id passed but not yet answered (-1: none)
         self._waiting = 0  # how many passed segments wait for the batch verdict
-        # held segments, oldest first: (packet id, four-tuple, sequence after the payload, packet)
-        self._held: list[tuple[int, FourTuple, int, bytes]] = []
+        # held segments, oldest first: (packet id, four-tuple, sequence after the payload or, for
+        # a held pure ACK, its ACK number, packet, whether it is a pure ACK)
+        self._held: list[tuple[int, FourTuple, int, bytes, bool]] = []
         self._loose: list[int] = []  # passed while some are held: answered one by one
         self._kick: tuple[int, int] | None = None  # pipe: a byte on [1] re-checks the held ones
         # set with each kick: the loop re-checks the held ones after the datagram in hand, so
@@ -405,9 +416,9 @@ class AckClamp:
         """Let out the held segments the hold now covers (their ACK clamped as of now)."""
         out, keep = [], []
         for h in self._held:
-            pid, ft, end, raw = h
+            pid, ft, end, raw, pure_ack = h
             try:
-                lim = self._holding(ft)
+                lim = self._limit(ft) if pure_ack else self._holding(ft)
                 if lim is not None and 0 < (end - lim) % (1 << 32) < HALF:
                     keep.append(h)
                     continue
@@ -487,6 +498,8 @@ class AckClamp:
             pkt = bytearray(mv[p : p + plen])
             seg = parse(pkt)
             limit = self._limit(seg.four_tuple)
+            if limit is not None and self.hold_acks and self._hold_ack(pid, seg, pkt, limit):
+                return
             key = self.md5.get(seg.dst) if self.md5 else None
             if limit is None or not clamp_ack(pkt, limit, key):
                 self._pass(pid)
@@ -526,8 +539,24 @@ class AckClamp:
         end = (seg.seq + n) % (1 << 32)
         if lim is None or not 0 < (end - lim) % (1 << 32) < HALF:
             return False
-        self._held.append((pid, seg.four_tuple, end, bytes(pkt)))
+        self._held.append((pid, seg.four_tuple, end, bytes(pkt), False))
         self.stats.held += 1
+        self.stats.held_now = len(self._held)
+        return True
+
+    def _hold_ack(self, pid: int, seg: Segment, pkt: bytearray, limit: int) -> bool:
+        """Hold this outgoing pure ACK (True) if it acknowledges past ``limit``: it leaves once
+        the backup holds what it acknowledges, as the kernel wrote it, instead of lowered now.
+        A lowered ACK tells the peer nothing new, and nothing else may follow it: a service that
+        does not answer at once left the peer to resend on its timeout (200 ms or more, its
+        congestion window cut to one segment), a half-closing peer to resend its FIN. Past
+        ``HOLD_ACKS_MAX`` held segments (a backup that stopped confirming) ACKs are lowered."""
+        if seg.payload_length or seg.flags & (SYN | FIN | RST) or not seg.flags & ACK:
+            return False
+        if not 0 < (seg.ack - limit) % (1 << 32) < HALF or len(self._held) >= HOLD_ACKS_MAX:
+            return False
+        self._held.append((pid, seg.four_tuple, seg.ack, bytes(pkt), True))
+        self.stats.held_acks += 1
         self.stats.held_now = len(self._held)
         return True
 
