@@ -122,6 +122,24 @@ def test_rules_removed_when_the_body_raises(lab: Lab) -> None:
     assert root_after == root_before  # the root namespace never saw a rule
 
 
+def test_both_rules_go_in_at_once_and_out_even_when_one_was_deleted_by_hand(lab: Lab) -> None:
+    """The OUTPUT and INPUT rules go in and out with one iptables-restore each; when the
+    deletion fails (an operator deleted one rule), the other is still deleted: no rule is left
+    queueing to nobody."""
+    a = lab.host("a")
+    before = rules(lab)
+    clamp = AckClamp(QUEUE, vip=A, port=PORT, limit=lambda t: 0, capture=lambda s, p: None,
+                     netns=a.ns)
+    clamp.open()
+    try:
+        ours = [r for r in rules(lab).splitlines() if f"{COMMENT}:q{QUEUE}" in r]
+        assert sorted(r.split()[1] for r in ours) == ["INPUT", "OUTPUT"]
+        a.sh(f"iptables -w -D INPUT {' '.join(clamp.rule('INPUT'))}")
+    finally:
+        clamp.close()
+    assert COMMENT not in rules(lab) and rules(lab) == before
+
+
 def test_capture_sees_every_inbound_byte(lab: Lab) -> None:
     """capture() gets the peer's segments: reassembled by sequence number they are the stream."""
     a, b = lab.host("a"), lab.host("b")

@@ -460,7 +460,9 @@ class MasterSession:
                 self._close(ft, t, CloseReason.RESET, now)
                 return
             t.rcv_wnd = seg.window << t.full.rcv_wscale
-            if seg.flags & ACK:  # what the clamp lets out of this segment, right after this
+            if seg.flags & ACK:  # what the clamp lets out of this segment, right after this (a
+                # pure ACK it holds leaves later with more: this stays a lower bound, enough for
+                # the clamp's floor and the kick's probes)
                 lim = self._limit_of(t)
                 sent = seg.ack if lim is None or not seq_lt(lim, seg.ack) else lim
                 if t.acked_out is None or seq_lt(t.acked_out, sent):

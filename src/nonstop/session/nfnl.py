@@ -108,6 +108,25 @@ def iptables_cmd(family: int) -> str:
     return "iptables" if family == 4 else "ip6tables"
 
 
+def restore_rules(op: str, family: int, rules: list[tuple[str, list[str]]]) -> None:
+    """Insert (``-I``) or delete (``-D``) every (chain, rule spec) of ``rules`` with one
+    ``iptables-restore --noflush`` run: one process and one atomic change, where a run of
+    ``iptables`` each cost ~4-9 ms (a promotion opens the clamp on its critical path). OSError
+    (with iptables' message) if it fails; then nothing changed."""
+    lines = [f"{op} {chain} {' '.join(map(_restore_arg, spec))}" for chain, spec in rules]
+    argv = [iptables_cmd(family) + "-restore", "-w", "--noflush"]
+    res = subprocess.run(argv, input="*filter\n" + "\n".join(lines) + "\nCOMMIT\n",
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        raise OSError(f"{' '.join(argv)} {lines}: {res.stderr.strip()}")
+
+
+def _restore_arg(arg: str) -> str:
+    """One argument as iptables-restore reads it: double quotes, and only where needed (it does
+    not take a shell's single quotes)."""
+    return f'"{arg}"' if not arg or any(c in arg for c in ' "\'') else arg
+
+
 def in_ns(ns_fd: int, fn: Callable[..., Any], *args: Any) -> Any:
     """Run fn(*args) in a short-lived thread that joined the namespace behind ``ns_fd``."""
     box: dict[str, Any] = {}

@@ -77,7 +77,6 @@ import ipaddress
 import os
 import socket
 import struct
-import subprocess
 import threading
 from collections.abc import Callable, Mapping
 
@@ -121,9 +120,9 @@ from nonstop.session.nfnl import (
     ClampStats,
     attr,
     in_ns,
-    iptables_cmd,
     nlmsg,
     remove_rules,
+    restore_rules,
     send_packed,
 )
 from nonstop.session.segment import (
@@ -254,9 +253,9 @@ class AckClamp:
                 target=self._loop, name=f"nonstop-ackclamp-q{self.queue_num}", daemon=True
             )
             self._thread.start()
-            for chain in ("OUTPUT", "INPUT") if self.capture is not None else ("OUTPUT",):
-                in_ns(self._ns_fd, self._iptables, "-I", chain)
-                self._chains.append(chain)
+            chains = ["OUTPUT", "INPUT"] if self.capture is not None else ["OUTPUT"]
+            in_ns(self._ns_fd, self._iptables, "-I", chains)  # one iptables-restore, atomic
+            self._chains = chains
         except BaseException:
             self.close()
             raise
@@ -266,8 +265,14 @@ class AckClamp:
         Passed segments still waiting for their batch verdict are released; any other segment
         still queued at the unbind is dropped by the kernel (TCP sends it again)."""
         try:
-            while self._chains:
-                in_ns(self._ns_fd, self._iptables, "-D", self._chains.pop())
+            if self._chains:
+                try:
+                    in_ns(self._ns_fd, self._iptables, "-D", self._chains)
+                except OSError:  # one is gone (deleted by hand?): the others one by one, so
+                    for chain in self._chains:  # no rule is left queueing to nobody
+                        with contextlib.suppress(OSError):
+                            in_ns(self._ns_fd, self._iptables, "-D", [chain])
+                self._chains = []
         finally:
             if self._wake is not None:
                 os.write(self._wake[1], b"x")
@@ -303,11 +308,8 @@ class AckClamp:
 
     # -- inside the namespace -------------------------------------------------------------------
 
-    def _iptables(self, op: str, chain: str) -> None:
-        argv = [iptables_cmd(self.family), "-w", op, chain, *self.rule(chain)]
-        res = subprocess.run(argv, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise OSError(f"{' '.join(argv)}: {res.stderr.strip()}")
+    def _iptables(self, op: str, chains: list[str]) -> None:
+        restore_rules(op, self.family, [(c, self.rule(c)) for c in chains])
 
     def _bind(self) -> socket.socket:
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
