@@ -258,3 +258,16 @@ def test_fixture_names_every_record_type() -> None:
     seen = {r["type"] for f in FIXTURES["frames"] for r in f["decoded"].get("records", [])}
     assert seen == set(RECORD_TYPES)
     assert {f["decoded"]["kind"] for f in FIXTURES["frames"]} == {"BATCH", "ACK"}
+
+
+def test_with_ts_is_replace_without_the_checks() -> None:
+    from dataclasses import replace
+
+    f = FullRecord(conn_id=3, family=6, local_addr="fd77::100", local_port=80,
+                   peer_addr="fd77::1", peer_port=4000, snd_seq=1, rcv_seq=2, mss=1440,
+                   timestamps=True, ts_val=5)
+    g = f.with_ts(U32)
+    assert g == replace(f, ts_val=U32) and g is not f and f.ts_val == 5
+    assert encode_record(g) == encode_record(replace(f, ts_val=U32))
+    with pytest.raises(LocalProtocolError):
+        f.with_ts(U32 + 1)

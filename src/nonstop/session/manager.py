@@ -50,7 +50,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from nonstop.common import LocalProtocolError, normal_priority, readable
@@ -221,7 +221,7 @@ class MasterSession:
                 return
             for t in self._conns.values():  # a resynced FULL carries the TSval of now
                 if t.full.timestamps:
-                    t.full = replace(t.full, ts_val=ts_later(t.full.ts_val, now - t.ts_at))
+                    t.full = t.full.with_ts(ts_later(t.full.ts_val, now - t.ts_at))
                     t.ts_at = now
                     self.sender.refresh_full(t.conn_id, t.full)
             self.sender.resync(now, new_backup=True)
@@ -300,7 +300,7 @@ class MasterSession:
                 cs, st = rc.conn, rc.tcp
                 full = cs.full
                 if full.timestamps:
-                    full = replace(full, ts_val=_get_u32(rc.sock, _TCP_TIMESTAMP))
+                    full = full.with_ts(_get_u32(rc.sock, _TCP_TIMESTAMP))
                 rpos, wpos, state = (
                     (cs.commit.rpos, cs.commit.wpos, cs.commit.state)
                     if cs.commit
