@@ -307,12 +307,31 @@ def test_takeover_many_connections(lab: Lab, capsys: pytest.CaptureFixture[str])
     states = through_file(lab.workdir / "states.json", states)
     assert all(st.recv_queue == b"before %6d|" % i for i, st in enumerate(states))
 
+    def out_segs() -> int:  # b's TCP segments sent, from this thread's namespace
+        with open("/proc/thread-self/net/snmp") as f:
+            head, vals = [ln.split() for ln in f if ln.startswith("Tcp:")][:2]
+        return int(vals[head.index("OutSegs")])
+
+    def built() -> int:  # b's established sockets on VIP:PORT
+        with open("/proc/thread-self/net/tcp") as f:
+            rows = [ln.split() for ln in f][1:]
+        return sum(r[1].endswith(f":{PORT:04X}") and r[3] == "01" for r in rows)
+
+    seen: list[tuple[int, int]] = []
+
     def timed_restore() -> tuple[list[socket.socket], float]:
+        start = out_segs()
         t0 = time.perf_counter()
-        socks = restore_many(states)
-        return socks, time.perf_counter() - t0
+        socks = restore_many(states, before_live=lambda: seen.append((built(),
+                                                                      out_segs() - start)))
+        dt = time.perf_counter() - t0
+        seen.append((built(), out_segs() - start))
+        return socks, dt
 
     nsrvs, t_restore = in_netns(b.ns, timed_restore)
+    # every socket was built before the hook ran, and none had sent anything; then each left
+    # repair mode and sent its window probe (the promotion lifts the quiet rule in the hook)
+    assert seen[0] == (n, 0) and seen[1][0] == n and seen[1][1] >= n, seen
     vip(b, 4, "add")
     point_peer_at(lab, 4, "b")
     for i, (p, s) in enumerate(zip(peers, nsrvs, strict=True)):

@@ -232,19 +232,27 @@ class BackupSession:
 
     def promote(self, before_restore: Callable[[], None] | None = None) -> list[RestoredConn]:
         """Stop receiving and restore every connection (before the VIP is added).
-        ``before_restore`` runs once the states are computed, right before the first socket is
-        restored (e.g. lifting the rule that keeps a non-master quiet)."""
+        ``before_restore`` runs once every socket is built in repair mode, right before the
+        first leaves it and sends (e.g. waiting for the rule that keeps a non-master quiet to
+        go: its deletion, started before, overlaps the restore's work)."""
         t0 = time.monotonic()
         self._halt()
         pairs = self.states()
         t1 = time.monotonic()
-        if before_restore is not None:
-            before_restore()
-        t2 = time.monotonic()
+        waited = 0.0
+
+        def live() -> None:
+            nonlocal waited
+            if before_restore is not None:
+                w0 = time.monotonic()
+                before_restore()
+                waited += time.monotonic() - w0
+
         try:
             socks: list[socket.socket | None] = list(
-                restore_many([st for _, st in pairs], md5=self.md5))
+                restore_many([st for _, st in pairs], md5=self.md5, before_live=live))
         except RepairError:  # one by one: a connection that cannot come back costs only itself
+            live()  # (at once if it ran already)
             socks = []
             for _, st in pairs:
                 try:
@@ -277,8 +285,8 @@ class BackupSession:
                 sent_pos=seq_diff(st.snd_seq, f.snd_seq) % (1 << 32),
                 peer_fin=cs.rcv_fin))  # fmt: skip
         self.phases_ms = {"states": round((t1 - t0) * 1000, 3),
-                          "before_restore": round((t2 - t1) * 1000, 3),
-                          "restore": round((time.monotonic() - t2) * 1000, 3)}  # fmt: skip
+                          "before_restore": round(waited * 1000, 3),  # blocked in it
+                          "restore": round((time.monotonic() - t1 - waited) * 1000, 3)}  # fmt: skip
         return out
 
     def _finish(self, sock: socket.socket) -> None:

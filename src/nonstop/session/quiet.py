@@ -9,13 +9,14 @@ the new master now serves. So, on every node that is not the master::
     iptables -I OUTPUT -p tcp -s VIP --sport PORT \
         -m comment --comment nonstop-ackclamp:quiet -j DROP
 
-added when the worker takes the backup side and removed at promotion, before the restore (the
-restored sockets' first segments must leave). The comment shares the ACK clamp's prefix; a new
-worker adds its own quiet rule first, then clears a crashed worker's clamp rules
-(``nfq.remove_rules(keep_quiet=True)``). The rule stays when the agent dies (the node is not
-master any more: keeping it is the point) and goes on a graceful stop. A master killed outright
-(agent and worker at once) installs nothing: its clamp rule, left behind with nobody bound to
-the queue, drops every segment of VIP:port (no ``--queue-bypass``), which is as quiet.
+added when the worker takes the backup side and removed at promotion, while the restored
+sockets are built in repair mode: gone before they leave it (their first segments must leave).
+The comment shares the ACK clamp's prefix; a new worker adds its own quiet rule first, then
+clears a crashed worker's clamp rules (``nfq.remove_rules(keep_quiet=True)``). The rule stays
+when the agent dies (the node is not master any more: keeping it is the point) and goes on a
+graceful stop. A master killed outright (agent and worker at once) installs nothing: its clamp
+rule, left behind with nobody bound to the queue, drops every segment of VIP:port (no
+``--queue-bypass``), which is as quiet.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from nonstop.common import reserve_fds
@@ -324,6 +324,17 @@ def _restore_one(
     state: TcpState, freebind: bool, with_queues: bool, resend: bool, now: float,
     md5: Mapping[str, bytes] | None = None,
 ) -> socket.socket:
+    sock, sent = _prepare(state, freebind, with_queues, resend, now, md5)
+    _go_live(sock, state, sent, with_queues)
+    return sock
+
+
+def _prepare(
+    state: TcpState, freebind: bool, with_queues: bool, resend: bool, now: float,
+    md5: Mapping[str, bytes] | None = None,
+) -> tuple[socket.socket, int]:
+    """Every step up to repair off: a socket that sends nothing yet, and how many bytes of its
+    send queue were refilled as sent (the rest goes out as new data at ``_go_live``)."""
     fam = state.family
     send_q = state.send_queue if with_queues else b""
     recv_q = state.recv_queue if with_queues else b""
@@ -388,7 +399,21 @@ def _restore_one(
         if state.window is not None:
             step = "TCP_REPAIR_WINDOW"
             so(_TCP, TCP_REPAIR_WINDOW, _WINDOW.pack(*state.window))
-        step = "repair off"
+    except BaseException as e:
+        sock.close()  # in repair mode: nothing reaches the peer
+        if isinstance(e, OSError):
+            raise RepairError(step, e) from e
+        raise
+    return sock, sent
+
+
+def _go_live(sock: socket.socket, state: TcpState, sent: int, with_queues: bool) -> None:
+    """Repair off (the kernel's window probe leaves), then the never-sent part of the queue."""
+    send_q = state.send_queue if with_queues else b""
+    recv_q = state.recv_queue if with_queues else b""
+    so = sock.setsockopt
+    step = "repair off"
+    try:
         so(_TCP, TCP_REPAIR, 0)
         step = "SO_REUSEADDR"  # in repair mode it would undo the forced reuse and break bind
         so(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -404,11 +429,10 @@ def _restore_one(
         if send_q or recv_q:
             sock.setblocking(True)
     except BaseException as e:
-        sock.close()  # in repair mode if it failed before repair off: nothing reaches the peer
+        sock.close()
         if isinstance(e, OSError):
             raise RepairError(step, e) from e
         raise
-    return sock
 
 
 def restore(
@@ -430,18 +454,29 @@ def restore_many(
     with_queues: bool = True,
     resend: bool = True,
     md5: Mapping[str, bytes] | None = None,
+    before_live: Callable[[], None] | None = None,
 ) -> list[socket.socket]:
-    """``restore`` for many states, with one clock read for the batch. On a failure the sockets
-    restored so far are closed silently and the RepairError propagates."""
+    """``restore`` for many states, with one clock read for the batch. Every socket is built in
+    repair mode first, then ``before_live()`` runs (e.g. waiting for the rule that keeps a
+    non-master quiet to go: it is deleted meanwhile), then each leaves repair mode: its first
+    segments leave then. On a failure the sockets restored so far are closed silently and the
+    RepairError propagates."""
     states = list(states)
     reserve_fds(len(states) + 256)  # one table growth at most, not one per doubling
     now = time.monotonic()
+    ready: list[tuple[socket.socket, int]] = []
     out: list[socket.socket] = []
     try:
         for st in states:
-            out.append(_restore_one(st, freebind, with_queues, resend, now, md5))
+            ready.append(_prepare(st, freebind, with_queues, resend, now, md5))
+        if before_live is not None:
+            before_live()
+        for st, (sock, sent) in zip(states, ready, strict=True):
+            _go_live(sock, st, sent, with_queues)
+            out.append(sock)
     except BaseException:
-        for s in out:
-            close_silently(s)
+        for s, _ in ready:
+            if s.fileno() >= 0:
+                close_silently(s)
         raise
     return out
