@@ -541,9 +541,7 @@ class AckClamp:
         end = (seg.seq + n) % (1 << 32)
         if lim is None or not 0 < (end - lim) % (1 << 32) < HALF:
             return False
-        self._held.append((pid, seg.four_tuple, end, bytes(pkt), False))
-        self.stats.held += 1
-        self.stats.held_now = len(self._held)
+        self._hold_now(pid, seg.four_tuple, end, bytes(pkt), pure_ack=False)
         return True
 
     def _hold_ack(self, pid: int, seg: Segment, pkt: bytearray, limit: int) -> bool:
@@ -557,10 +555,18 @@ class AckClamp:
             return False
         if not 0 < (seg.ack - limit) % (1 << 32) < HALF or len(self._held) >= HOLD_ACKS_MAX:
             return False
-        self._held.append((pid, seg.four_tuple, seg.ack, bytes(pkt), True))
-        self.stats.held_acks += 1
-        self.stats.held_now = len(self._held)
+        self._hold_now(pid, seg.four_tuple, seg.ack, bytes(pkt), pure_ack=True)
         return True
+
+    def _hold_now(self, pid: int, ft: FourTuple, end: int, pkt: bytes, *, pure_ack: bool) -> None:
+        """Keep a segment unanswered until ``_unhold`` finds ``end`` covered (by the send hold,
+        or for a pure ACK by the limit)."""
+        self._held.append((pid, ft, end, pkt, pure_ack))
+        if pure_ack:
+            self.stats.held_acks += 1
+        else:
+            self.stats.held += 1
+        self.stats.held_now = len(self._held)
 
     def _fast_pass(self, buf: bytearray, p: int, plen: int) -> bool:
         """True when the outgoing segment at ``buf[p:p+plen]`` surely needs no change: read in

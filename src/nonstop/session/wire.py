@@ -75,6 +75,14 @@ def _check_u(name: str, value: int, top: int) -> None:
         raise LocalProtocolError(f"{name}={value!r} is outside 0..{top}")
 
 
+def _check_stream_position(conn_id: int, direction: Direction, seq: int) -> None:
+    """The fields DATA and FIN share: a connection, a direction, a sequence number."""
+    _check_u("conn_id", conn_id, U32_MAX)
+    _check_u("seq", seq, U32_MAX)
+    if not isinstance(direction, Direction):
+        raise LocalProtocolError(f"direction {direction!r} is not a Direction")
+
+
 # FULL flags
 OPT_SACK = 1 << 0
 OPT_TIMESTAMPS = 1 << 1
@@ -175,10 +183,7 @@ class Data:
     payload: bytes
 
     def __post_init__(self) -> None:
-        _check_u("conn_id", self.conn_id, U32_MAX)
-        _check_u("seq", self.seq, U32_MAX)
-        if not isinstance(self.direction, Direction):
-            raise LocalProtocolError(f"direction {self.direction!r} is not a Direction")
+        _check_stream_position(self.conn_id, self.direction, self.seq)
         if not isinstance(self.payload, bytes) or len(self.payload) > U16_MAX:
             raise LocalProtocolError(f"payload must be bytes of at most {U16_MAX}")
 
@@ -220,10 +225,7 @@ class Fin:
     seq: int
 
     def __post_init__(self) -> None:
-        _check_u("conn_id", self.conn_id, U32_MAX)
-        _check_u("seq", self.seq, U32_MAX)
-        if not isinstance(self.direction, Direction):
-            raise LocalProtocolError(f"direction {self.direction!r} is not a Direction")
+        _check_stream_position(self.conn_id, self.direction, self.seq)
 
 
 Record = FullRecord | Update | Data | Commit | Close | Fin
