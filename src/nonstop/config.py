@@ -86,7 +86,7 @@ class VipConfig(_Strict, kw_only=True):
 class WitnessRef(_Strict, kw_only=True):
     addresses: dict[str, str]  # channel name -> the witness's address on it
     port: Port = 7790
-    lease_ms: PositiveMs = 0  # 0: derived, (dead_after - 1) * interval
+    lease_ms: PositiveMs = 0  # 0: derived, (dead_after - 1/2) * interval
 
 
 class ApiConfig(_Strict, kw_only=True):
@@ -157,12 +157,17 @@ class AgentConfig(_Strict, kw_only=True):
 
     @property
     def lease(self) -> float:
-        """The witness lease a master keeps renewed every interval. Default: one interval less
-        than the dead interval, so that when a backup detects the master's silence the master's
-        last lease has already run out at the witness and the backup is granted at once."""
+        """The witness lease a master renews every half interval. Default: half an interval
+        under the dead interval. A master's last renewal reaches the witness at most half an
+        interval before it dies, so its lease there runs out at most half an interval after a
+        backup can first detect the silence (the backup asks again right at the expiry the
+        denial names). And a master keeps it through a stall of 0.95 * lease - interval / 2
+        (18.75 ms at 10 ms x 3), past the 15 ms at which its stall check steps it down anyway:
+        it was (dead_after - 1) intervals renewed every interval, which a 10 ms hiccup of the
+        machine lapsed (a lone master then demoted itself and dropped its service)."""
         assert self.witness is not None
         hb = self.heartbeat
-        ms = self.witness.lease_ms or (hb.dead_after - 1) * hb.interval_ms
+        ms = self.witness.lease_ms or (hb.dead_after - 0.5) * hb.interval_ms
         return ms / 1000
 
     @property

@@ -52,7 +52,7 @@ def test_good_config_loads_and_resolves_paths(cfgdir):
     assert cfg.node.state_dir == os.path.join(cfgdir, "state")
     assert cfg.heartbeat.dead_interval == pytest.approx(0.03)
     assert cfg.fence_timeout == pytest.approx(0.02)  # derived: (dead_after - 1) * interval
-    assert cfg.lease == pytest.approx(0.02)  # derived: (dead_after - 1) * interval
+    assert cfg.lease == pytest.approx(0.025)  # derived: (dead_after - 1/2) * interval
 
 
 @pytest.mark.parametrize(

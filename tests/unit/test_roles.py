@@ -270,6 +270,38 @@ def test_a_master_holding_the_lease_ignores_a_stale_master_of_higher_priority() 
     assert rm.role == B and R.ReleaseVips() in drain(rm)
 
 
+def test_a_lone_master_keeps_its_lease_through_a_late_renewal() -> None:
+    """A hiccup of the machine (a vCPU descheduled, 10 ms late timers measured on this box)
+    delays the renewal; the lease, as the agent derives it ((dead_after - 1/2) * interval,
+    renewed every half interval, margin 5 %), must outlast any stall short of the 15 ms at
+    which the agent's stall check steps it down anyway. With a lease of 2 intervals renewed
+    every interval a 10 ms late timer lapsed it: the lone master demoted itself and dropped
+    its service (demo: 1.5 s of silence on every protected connection)."""
+    lease = (DEAD_AFTER - 0.5) * INTERVAL
+    cfg = R.RoleConfig("node-b", 100, True, 0.0, INTERVAL, DEAD_AFTER, True, lease=lease)
+    rm = R.RoleMachine(cfg, now=0.0)
+    rm.peer_seen("node-a", Role.MASTER, 200, R.FLAG_HOLDS_LEASE, 0.001)
+    rm.peer_lost("node-a", "no heartbeat on lan, hb for 30 ms", 0.040)
+    drain(rm)
+    sent = 0.040
+    rm.lease_granted(sent + 0.95 * lease, 0.041)
+    assert rm.role == M
+    drain(rm)
+    due = rm.get_timer()
+    assert due == pytest.approx(0.041 + INTERVAL / 2)  # the master's schedule from the promotion
+    rm.handle_timer(due + 0.0149)  # 14.9 ms late: still inside the lease
+    assert rm.role == M and R.RequestLease() in drain(rm)
+    assert rm.get_timer() == pytest.approx(sent + 0.95 * lease)  # before the next renewal
+    # nothing answers: it steps down when the last grant runs out, and says so
+    rm.handle_timer(sent + 0.95 * lease)
+    assert rm.role == B and R.ReleaseVips() in drain(rm)
+    events = []
+    while (ev := rm.next_event()) is not None:
+        events.append(ev)
+    assert events[-1].new == B
+    assert "lease expired (last granted 23 ms ago; 1 requests since)" in events[-1].reason
+
+
 def test_proven_dead_master_is_replaced_without_waiting_for_its_lease() -> None:
     """The agent link's EOF proves the master's agent died (its guard fenced the VIPs): the
     backup promotes at once and takes the lease over once the dead holder's grant runs out."""

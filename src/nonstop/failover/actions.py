@@ -75,6 +75,12 @@ class RoleConfig:
     def lease_length(self) -> float:
         return self.lease or self.dead_after * self.interval
 
+    @property
+    def renew_every(self) -> float:
+        """How often a master renews its witness lease: half an interval, so that a late
+        renewal (a stalled loop, a busy machine) still lands inside the lease."""
+        return self.interval / 2
+
     def __post_init__(self) -> None:
         if not self.node_id:
             raise ValueError("node_id must not be empty")

@@ -63,6 +63,10 @@ class DecisionCycle:
         self._lease_until: float | None = None
         self._want_lease = False  # a BACKUP asking for the lease in order to promote
         self._next_request: float | None = None
+        # what the demotion on a lapsed lease reports: when the last grant came and how many
+        # requests went out since (unanswered ones point at the witness or the path to it)
+        self._granted_at: float | None = None
+        self._asked_since_grant = 0
         self._preempt_since: float | None = None
         self._handover = False
         # set by the adapter: False while a planned handover would lose state the backup does
@@ -93,6 +97,21 @@ class DecisionCycle:
     def _lease_valid(self, now: float) -> bool:
         return self._lease_until is not None and now < self._lease_until
 
+    def _request_lease(self) -> None:
+        self._asked_since_grant += 1
+        self._actions.append(RequestLease())
+
+    def _note_grant(self, now: float) -> None:
+        self._granted_at, self._asked_since_grant = now, 0
+
+    def _lease_story(self, now: float) -> str:
+        if self._granted_at is None:
+            return f"never granted; {self._asked_since_grant} requests sent"
+        return (
+            f"last granted {_ms(now - self._granted_at)} ago; "
+            f"{self._asked_since_grant} requests since"
+        )
+
     # ---- transitions ------------------------------------------------------------------------
 
     def _change(self, new: Role, reason: str, now: float) -> None:
@@ -112,9 +131,10 @@ class DecisionCycle:
         if new == Role.MASTER:
             self._actions.append(AcquireVips())
             self._actions.append(Announce())
-            # keep the renewal schedule started by the granted request (rule 3)
-            if self.config.witness and self._next_request is None:
-                self._next_request = now + self.config.interval
+            # renew on the master's schedule from here (rule 3): a backup asked every interval
+            if self.config.witness:
+                renew = now + self.config.renew_every
+                self._next_request = min(self._next_request or renew, renew)
         else:
             self._next_request = None
         self._actions.append(SendHeartbeatNow())
@@ -231,7 +251,7 @@ class DecisionCycle:
         elif not self._want_lease or (self._next_request is not None and now >= self._next_request):
             self._want_lease = True
             self._next_request = now + cfg.interval
-            self._actions.append(RequestLease())
+            self._request_lease()
             self.reason = f"{self._cause}; asking the witness for the lease"
 
     def _evaluate_master(self, now: float) -> None:
@@ -278,12 +298,12 @@ class DecisionCycle:
         ):
             self._change(
                 Role.BACKUP,
-                "demoted: no peer is heard and the witness lease expired, so a backup may "
-                "already be master",
+                "demoted: no peer is heard and the witness lease expired "
+                f"({self._lease_story(now)}), so a backup may already be master",
                 now,
             )
             self._evaluate_backup(now)
             return
         if cfg.witness and self._next_request is not None and now >= self._next_request:
-            self._next_request = now + cfg.interval
-            self._actions.append(RequestLease())
+            self._next_request = now + cfg.renew_every
+            self._request_lease()

@@ -12,7 +12,8 @@ table is a bug in the caller and raises LocalProtocolError; the decision cycle t
    witness that happens at once; with a witness it sends RequestLease and waits for
    lease_granted. lease_denied keeps it BACKUP; the request is repeated every interval while the
    conditions hold. A grant that arrives when it is no longer wanted is released at once.
-3. A MASTER with a witness renews the lease every interval. Its lease ends, by its own clock, at
+3. A MASTER with a witness renews the lease every half interval (``RoleConfig.renew_every``:
+   a late renewal still lands inside the lease). Its lease ends, by its own clock, at
    send time of the granted request + lease - margin (the witness counts from receipt, so the
    master's view ends first). It steps down (ReleaseVips) only when it has no live peer AND the
    lease expired: a master that still hears a peer keeps the VIP without the witness. If the
@@ -248,6 +249,7 @@ class RoleMachine(DecisionCycle):
     def _backup_lease_granted(self, now: float, until: float) -> None:
         if self._want_lease and until > now:
             self._lease_until = until
+            self._note_grant(now)
             self._evaluate_backup(now)
         else:
             self._actions.append(ReleaseLease())
@@ -255,6 +257,7 @@ class RoleMachine(DecisionCycle):
     def _master_lease_granted(self, now: float, until: float) -> None:
         if self._lease_until is None or until > self._lease_until:
             self._lease_until = until
+        self._note_grant(now)
         self._evaluate_master(now)
 
     def _backup_lease_denied(self, now: float, holder: str, retry_in: float = 0.0) -> None:
