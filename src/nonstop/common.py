@@ -104,6 +104,37 @@ def normal_priority() -> None:
 _fd_room = 0  # this process's fd table holds at least this many fds (reserve_fds)
 
 
+def raise_fd_limit(want: int | None = None) -> int:
+    """Raise this process's RLIMIT_NOFILE soft limit to ``want`` fds (None: to the hard limit),
+    and the hard limit too where ``want`` is past it and we may (root: up to fs.nr_open).
+    Returns the soft limit now. Thousands of protected connections hold an fd each in the
+    service, its agent's endpoint and the session worker (a peer's stream client: two), and the
+    usual soft limit is 1024: a connection past it fails with EMFILE (a 10,000-connection bench
+    lost 6 of them so). Never lowers a limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    inf = resource.RLIM_INFINITY
+    target = hard if want is None else want
+    if soft == inf or (target != inf and soft >= target):
+        return soft
+    if target == inf or (hard != inf and target > hard):
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                cap = int(f.read())
+        except (OSError, ValueError):
+            cap = 1 << 20
+        target = cap if target == inf else min(target, cap)
+        if hard != inf and target > hard:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, target))
+                return target
+            except (ValueError, OSError):  # not root: as far as the hard limit goes
+                target = hard
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return target
+    return soft
+
+
 def reserve_fds(n: int) -> int:
     """Grow this process's fd table now to hold ``n`` fds (at most the RLIMIT_NOFILE soft limit);
     returns the room there is. The kernel grows the table by doubling when an fd past it is

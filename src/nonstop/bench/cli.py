@@ -46,8 +46,9 @@ def _add_takeover(sub: Any) -> None:
     )
     p.add_argument("--sessions", type=int, nargs="+", default=[256], help="one run per value")
     p.add_argument("--sweep", action="store_true", help="64, 128, 256, 512 and 10000 sessions")
-    p.add_argument("--rate", type=float, default=20.0,
-                   help="messages per second each way per connection (default 20)")  # fmt: skip
+    p.add_argument("--rate", type=float, default=None,
+                   help="messages per second each way per connection (default 20 up to 512 "
+                        "connections; above, 1000 / N: 0.1 at 10,000)")  # fmt: skip
     p.add_argument("--interval-ms", type=int, default=10, help="heartbeat interval (ms)")
     p.add_argument("--png-dir", default="out", help="where the timeline PNGs go (default out/)")
     p.add_argument("--standalone", action="store_true",
@@ -63,7 +64,7 @@ def cmd_takeover(args: argparse.Namespace) -> int:
     if lacks_root():
         return EXIT_USAGE
     counts = [64, 128, 256, 512, 10000] if args.sweep else args.sessions
-    if any(n < 1 for n in counts) or args.rate <= 0:
+    if any(n < 1 for n in counts) or (args.rate is not None and args.rate <= 0):
         print("nonstop bench: --sessions must be >= 1 and --rate > 0", file=sys.stderr)
         return EXIT_USAGE
 
@@ -80,9 +81,11 @@ def cmd_takeover(args: argparse.Namespace) -> int:
 
                 os.makedirs(args.png_dir, exist_ok=True)
                 png = os.path.join(args.png_dir, f"bench-takeover-{n}.png")
-                # thousands of connections: fewer messages each, the load of 256 at --rate
-                # (512 x 20 msg/s already saturates a 2-CPU box's Python workers)
-                rate = args.rate if n <= 512 else max(0.5, args.rate * 256 / n)
+                # thousands of connections: fewer messages each, 1,000 a second each way in all
+                # (512 x 20 msg/s already saturates a 2-CPU box's Python packet path, ~10-15k
+                # segments/s: 10,000 x 0.5 msg/s offered 20-25k, the kernel queue dropped
+                # 73-143k segments and ~700 connections stalled); a --rate given is taken as is
+                rate = args.rate or (20.0 if n <= 512 else 1000.0 / n)
                 # and heartbeats of at least 50 ms: opening thousands of connections stalls a
                 # 2-CPU box's agent past a 20 ms fence (it steps down, healthy)
                 hb = args.interval_ms if n <= 512 else max(50, args.interval_ms)

@@ -33,7 +33,7 @@ from typing import Any
 
 import msgspec
 
-from nonstop.common import LocalProtocolError
+from nonstop.common import LocalProtocolError, raise_fd_limit
 
 log = logging.getLogger("nonstop.session")
 
@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     with contextlib.suppress(OSError):
         os.setsid()  # Ctrl-C at the agent's terminal is the agent's
+    raise_fd_limit()  # a socket per protected connection, and the endpoint's duplicates
     # Die with the agent, at once. A master's worker that outlived its agent kept its kernel
     # sending for ~100 ms while the backup took over (it learns of the death from an EOF it
     # reads late on a busy node): segments with bytes the new master never had reached the

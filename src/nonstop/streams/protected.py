@@ -35,6 +35,7 @@ import time
 from typing import Any
 
 from nonstop.app.aio import AsyncNsConn, AsyncNsListener, ns_listen
+from nonstop.common import raise_fd_limit
 from nonstop.streams.check import HEADER, StreamError, StreamVerifier, make_message
 from nonstop.streams.run import CLIENT, SERVER, summarize
 
@@ -215,6 +216,7 @@ class _Conn:
 async def serve(host: str, port: int, *, agent: str | None, rate: float, size: int,
                 report: str | None) -> int:  # fmt: skip
     """Serve until SIGTERM (0) or until the agent drops this service (EXIT_DROPPED)."""
+    raise_fd_limit()  # it may be handed thousands of connections
     # replay: after a local restart it writes again from its commit; the library drops what
     # the dead process had already written (a TCP_REPAIR takeover does the same with seqs)
     listener = await ns_listen(host, port, agent=agent, backlog=4096, replay=True)

@@ -20,14 +20,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import socket
 import struct
 import time
 from typing import Any
 
-from nonstop.common import wait_readable
+from nonstop.common import raise_fd_limit, wait_readable
 from nonstop.streams.check import HEADER, StreamError, StreamVerifier, make_message
 
 CLIENT, SERVER = 0, 1
@@ -93,37 +92,70 @@ def _complete(verifier: StreamVerifier) -> bool:
     return verifier.pending == 0 and verifier.report.messages > 0 and verifier.last_len == 0
 
 
-async def _read_stamped(writer: asyncio.StreamWriter, verifier: StreamVerifier,
-                        lags: list[float]) -> bool:
-    """``_read_into`` on a duplicate of the connection's socket (the transport only writes from
-    now on), each read timed by the kernel's receive timestamp, on the monotonic clock; the
-    read's own lag behind it goes to ``lags`` (s)."""
-    writer.transport.pause_reading()
-    fd = writer.get_extra_info("socket").fileno()
-    sock = socket.socket(fileno=os.dup(fd))
+class _SockWriter:
+    """The StreamWriter calls the client makes, on a plain non-blocking socket that
+    ``_read_stamped`` reads with recvmsg: one fd per connection (a transport's fd cannot be
+    read beside it, and a duplicate each ran 10,000 connections into the fd limit, EMFILE)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.transport = self  # writer.transport.abort(), as with a StreamWriter
+        self._out = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self._out += data
+
+    async def drain(self) -> None:
+        if self._out:
+            data, self._out = bytes(self._out), bytearray()
+            await asyncio.get_running_loop().sock_sendall(self.sock, data)
+
+    def write_eof(self) -> None:
+        self.sock.shutdown(socket.SHUT_WR)
+
+    def get_extra_info(self, name: str) -> Any:
+        with contextlib.suppress(OSError):
+            return self.sock.getsockname() if name == "sockname" else None
+        return None
+
+    def abort(self) -> None:
+        self.sock.close()
+
+
+async def _connect_sock(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
-        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-        space = socket.CMSG_SPACE(_TIMESPEC.size)
-        while True:
-            try:  # a message at a time: the stamp is that of the segment that completed it
-                data, anc, _, _ = sock.recvmsg(max(1, verifier.wanted()), space)
-            except (BlockingIOError, InterruptedError):
-                await wait_readable(sock)
-                continue
-            if not data:
-                return _complete(verifier)
-            now = time.monotonic()
-            at = now
-            for level, kind, raw in anc:
-                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
-                    sec, nsec = _TIMESPEC.unpack_from(raw)
-                    # the clocks' offset taken now: a step of the wall clock moves it too
-                    at = min(now, sec + nsec / 1e9 - (time.time() - time.monotonic()))
-            lags.append(now - at)
-            verifier.feed(data, at)
-    finally:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as asyncio's transports
+        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    except BaseException:
         sock.close()
+        raise
+    return sock
+
+
+async def _read_stamped(sock: socket.socket, verifier: StreamVerifier, lags: list[float]) -> bool:
+    """``_read_into`` on the connection's socket, each read timed by the kernel's receive
+    timestamp, on the monotonic clock; the read's own lag behind it goes to ``lags`` (s)."""
+    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    space = socket.CMSG_SPACE(_TIMESPEC.size)
+    while True:
+        try:  # a message at a time: the stamp is that of the segment that completed it
+            data, anc, _, _ = sock.recvmsg(max(1, verifier.wanted()), space)
+        except (BlockingIOError, InterruptedError):
+            await wait_readable(sock)
+            continue
+        if not data:
+            return _complete(verifier)
+        now = time.monotonic()
+        at = now
+        for level, kind, raw in anc:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                sec, nsec = _TIMESPEC.unpack_from(raw)
+                # the clocks' offset taken now: a step of the wall clock moves it too
+                at = min(now, sec + nsec / 1e9 - (time.time() - time.monotonic()))
+        lags.append(now - at)
+        verifier.feed(data, at)
 
 
 class Server:
@@ -159,6 +191,7 @@ class Server:
 
 
 async def serve(host: str, port: int, *, rate: float, size: int, report: str | None) -> None:
+    raise_fd_limit()
     srv = Server(rate=rate, size=size)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -192,6 +225,7 @@ async def client(host: str, port: int, *, conns: int, duration: float, rate: flo
     ``record_arrivals``: the report's ``arrivals`` lists every message's arrival (monotonic), per
     connection. ``arrival``: "kernel" (the receive timestamp, see the module doc) or "app" (when
     the read returned)."""
+    raise_fd_limit(conns + 256)
     if arrival not in ("kernel", "app"):
         raise ValueError(f"arrival must be kernel or app, not {arrival!r}")
     lags: list[float] = []
@@ -225,9 +259,13 @@ async def client(host: str, port: int, *, conns: int, duration: float, rate: flo
         for attempt in range(CONNECT_TRIES):  # a loaded server drops SYNs: try again
             try:
                 async with opening:  # thousands at once would overflow the server's accept queue
-                    reader, writer = await asyncio.wait_for(
-                        asyncio.open_connection(host, port), connect_timeout
-                    )
+                    if arrival == "kernel":
+                        sock = await asyncio.wait_for(_connect_sock(host, port), connect_timeout)
+                        writer: asyncio.StreamWriter | _SockWriter = _SockWriter(sock)
+                    else:
+                        reader, writer = await asyncio.wait_for(
+                            asyncio.open_connection(host, port), connect_timeout
+                        )
                 break
             except (OSError, TimeoutError) as e:
                 kind = f"connect_{type(e).__name__}"
@@ -239,7 +277,7 @@ async def client(host: str, port: int, *, conns: int, duration: float, rate: flo
         # read while sending: the verifier's gaps are then the real silences of the server's
         # stream (a takeover's interruption), not an artefact of reading at the end
         receiving = asyncio.create_task(
-            _read_stamped(writer, v, lags) if arrival == "kernel" else _read_into(reader, v))
+            _read_stamped(sock, v, lags) if arrival == "kernel" else _read_into(reader, v))
         try:
             sender = asyncio.create_task(_pace(writer, CLIENT, conn, rate, size, stop))
             await sender
@@ -254,8 +292,8 @@ async def client(host: str, port: int, *, conns: int, duration: float, rate: flo
             errors[kind] = errors.get(kind, 0) + 1
             sockname = writer.get_extra_info("sockname") or ("", 0)
             unclean.append({"conn": conn, "port": sockname[1], "error": kind,
-                            "rx_messages": v.report.messages, "rx_pending": v.pending,
-                            "last_rx": v.report.last_at})  # fmt: skip
+                            "detail": str(e)[:160], "rx_messages": v.report.messages,
+                            "rx_pending": v.pending, "last_rx": v.report.last_at})  # fmt: skip
         finally:
             receiving.cancel()
             with contextlib.suppress(BaseException):
