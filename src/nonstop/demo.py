@@ -13,7 +13,9 @@ and prints what happened with timings, from the agents' own decisions and the cl
 Alongside the request/reply client (which reconnects), a protected service (the stream checker's
 server on nonstop.app, a standby on the backup) carries STREAM_CONNS connections from the peer
 through all three faults: TCP session takeover keeps each of them, with no reset and no byte
-lost or duplicated, and the demo prints what the stream checker saw on the peer.
+lost or duplicated, and the demo prints what the stream checker saw on the peer. Each agent runs
+that service itself (``command`` in ``[[services]]``): it starts it, and restarts it as a standby
+whenever the node steps down (which drops the service's channel), as in production.
 """
 
 from __future__ import annotations
@@ -98,7 +100,8 @@ def _client_view(log_path: str, t_fault: float, new_master: str, t_end: float) -
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from nonstop.cluster import Cluster, ClusterSpec
+    from nonstop.bench.restart import SupervisedCluster, listener_pid, service_lines
+    from nonstop.cluster import ClusterSpec
     from nonstop.lab import Lab, demo_topology
 
     con = Console(stderr=True)
@@ -111,8 +114,12 @@ def run(args: argparse.Namespace) -> int:
             "on channels lan (10.77.0.0/24) and hb (10.77.1.0/24)"
         )
         report["lab"] = lab.prefix
-        cluster = Cluster(
-            lab, ClusterSpec(interval_ms=args.interval_ms, services={"stream": STREAM_PORT})
+        # the stream service runs under each agent's supervisor: one instance per node, the
+        # active one on the master, a standby on the backup, restarted at once when it exits
+        cluster = SupervisedCluster(
+            lab,
+            ClusterSpec(interval_ms=args.interval_ms, services={"stream": STREAM_PORT}),
+            {"stream": service_lines(instances=1, rate=20, size=100)},
         )
         cluster.start()
         vip = cluster.spec.vip.split("/")[0]
@@ -157,9 +164,8 @@ def run(args: argparse.Namespace) -> int:
 
         master = cluster.wait_ready(timeout=15)
         say(f"agents up: [green]{master}[/] is master of VIP {vip}, the other is backup")
-        nodes = cluster.spec.nodes
-        streams = {n: cluster.start_stream_service(n, "stream", rate=20) for n in nodes}
-        cluster.wait_serving(streams[master])
+        cluster.wait(lambda: listener_pid(cluster, master, STREAM_PORT) is not None, 15,
+                     f"the stream service on {master} to listen")  # fmt: skip
         samples_path = os.path.join(lab.workdir, "stream-samples.json")
         marks: list[tuple[float, str]] = []  # (monotonic, label) for the timeline
         stream_client = lab.host("peer").run(
@@ -253,9 +259,12 @@ def run(args: argparse.Namespace) -> int:
 
         agent_a = cluster.procs["node-a"]
 
+        service_a = listener_pid(cluster, "node-a", STREAM_PORT)  # looked up before the clock
+
         def crash_a() -> None:
             agent_a.kill(signal.SIGKILL)
-            streams["node-a"].kill(signal.SIGKILL)
+            if service_a is not None:
+                os.kill(service_a, signal.SIGKILL)
 
         report["scenarios"].append(
             scenario(
@@ -270,8 +279,7 @@ def run(args: argparse.Namespace) -> int:
         say("\n[bold]2. node-a's agent restarts[/] (preempt = true, priority 200 > 100)")
         t0 = time.monotonic()
         marks.append((t0, "2. node-a back"))
-        cluster.start_agent("node-a")
-        streams["node-a"] = cluster.start_stream_service("node-a", "stream", rate=20, tag="-2")
+        cluster.start_agent("node-a")  # and with it its service, a standby
         try:
             cluster.wait_role("node-a", "master", timeout=10)
             cluster.wait_role("node-b", "backup", timeout=5)
@@ -283,10 +291,8 @@ def run(args: argparse.Namespace) -> int:
             report["preempt_back_s"] = round((t_back or t0) - t0, 3)
             if t_back is not None:
                 marks.append((t_back, "node-a master"))
-            # node-b handed over and dropped its service's channel: the service exits and
-            # starts again as a standby (a supervisor's job; `command` in [[services]] does it)
-            streams["node-b"].wait(timeout=10)
-            streams["node-b"] = cluster.start_stream_service("node-b", "stream", rate=20, tag="-2")
+            # node-b handed over and dropped its service's channel: its supervisor restarts the
+            # service as a standby
         except TimeoutError as e:
             ok = False
             say(f"  [red]{e}[/]")
@@ -298,11 +304,9 @@ def run(args: argparse.Namespace) -> int:
             handle["h"] = lab.isolate("node-a")
 
         def heal() -> None:
-            # node-a stepped down while cut off and dropped its service's channel: the service
-            # restarts as a standby before the links come back (a supervisor's job)
-            streams["node-a"].kill(signal.SIGKILL)
+            # node-a stepped down while cut off and dropped its service's channel: its
+            # supervisor restarts the service as a standby before the links come back
             cluster.wait(lambda: cluster.role("node-a") != "master", 10, "node-a to step down")
-            streams["node-a"] = cluster.start_stream_service("node-a", "stream", rate=20, tag="-3")
             time.sleep(0.5)
             handle["h"].heal()
 
