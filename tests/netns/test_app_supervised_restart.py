@@ -160,3 +160,40 @@ def test_crash_loop_moves_the_vip_then_a_reset_restarts_the_service(demo_lab) ->
     finally:
         for p in list(c.procs.values()):
             p.terminate(timeout=10)
+
+
+def test_step_downs_restart_the_service_as_a_standby_not_as_deaths(demo_lab) -> None:
+    """A step-down drops the service's channel and the service exits: the agent restarts it as
+    a standby (a planned restart). Counted as deaths, 5 step-downs within a minute (a node
+    preempted back and forth) were a crash loop: a local fault that took the node out."""
+    from nonstop.cluster import ClusterSpec
+
+    lines = R.service_lines(instances=1, rate=20.0, crash_loop_deaths=5)
+    spec = ClusterSpec(services={R.SERVICE: R.PORT}, interval_ms=50)  # preempt: node-a (200)
+    c = R.SupervisedCluster(demo_lab, spec, {R.SERVICE: lines})
+    c.start()
+    try:
+        c.wait_role("node-a", "master", timeout=30)
+        for _ in range(6):
+            c.procs["node-a"].terminate(timeout=10)  # graceful: node-b takes over at once
+            c.wait_role("node-b", "master", timeout=10)
+            c.start_agent("node-a")
+            c.wait_role("node-a", "master", timeout=30)  # preemption: node-b steps down
+            c.wait_role("node-b", "backup", timeout=10)
+
+        def back() -> bool:
+            rows = R.instances(c, "node-b")
+            return bool(rows) and rows[0]["state"] == "ready" and rows[0]["restarts"] >= 6
+
+        c.wait(back, 15, "node-b's service to be restarted 6 times")
+        st = c.status("node-b") or {}
+        services = st["services"]
+        assert services["counters"]["deaths"] == 0, services
+        assert not services["crash_loops"], services
+        assert st["role"] == "backup" and not st.get("faults"), st
+    except BaseException:
+        R.dump_logs(c)
+        raise
+    finally:
+        for p in list(c.procs.values()):
+            p.terminate(timeout=10)

@@ -506,6 +506,12 @@ class Agent:
             self._acquiring = self._announce_pending = False
             self.vips.release()
             self.sessions.demote()
+            if not self._stopping and self.roles.role != Role.STOPPING:
+                restarted = self.services.restart_running(
+                    f"the node stepped down ({self.roles.reason}): back as a standby"
+                )
+                if restarted:
+                    log.info("services restarted as standbys: %s", ", ".join(restarted))
             if self.guard is not None:
                 self.guard.disarm()
             self._next_feed = float("inf")

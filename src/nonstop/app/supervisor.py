@@ -305,10 +305,10 @@ class ServiceCore:
             self._deadline = None
             self._goto(SvcState.STOPPED, now, "stop requested")
 
-    def restart(self, now: float) -> None:
+    def restart(self, now: float, reason: str = "restart requested") -> None:
         self._check(RESTART, None)
         if self.state in RUNNING:
-            self._terminate(now, "restart requested")
+            self._terminate(now, reason)
             self._restart_after_stop = True
         elif self.state is SvcState.STOPPING:
             self._restart_after_stop = True

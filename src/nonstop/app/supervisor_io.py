@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from nonstop.app.supervisor import (
     READINESS,
+    RUNNING,
     CrashLoopCleared,
     CrashLoopDetected,
     Event,
@@ -76,8 +77,17 @@ class Supervisor:
         self._pump()
 
     async def restart(self) -> None:
-        self.core.restart(self._now())
+        self.request_restart()
+
+    def request_restart(self, reason: str = "restart requested") -> bool:
+        """Stop the running instance and start a new one: a planned restart, not a death (the
+        agent asks for it when its node steps down and drops the service's channel). False,
+        and nothing done, unless an instance runs (a crash loop is left as it is)."""
+        if self._loop is None or self.core.state not in RUNNING:
+            return False
+        self.core.restart(self._now(), reason)
         self._pump()
+        return True
 
     def reset(self, reason: str = "crash loop reset by the operator") -> bool:
         """Clear a crash loop: the past deaths are forgotten and the service starts again now
