@@ -507,9 +507,9 @@ class Agent:
             self.vips.release()
             self.sessions.demote()
             if not self._stopping and self.roles.role != Role.STOPPING:
-                restarted = self.services.restart_running(
-                    f"the node stepped down ({self.roles.reason}): back as a standby"
-                )
+                # (why the node stepped down: the role change's own log line, next)
+                why = "the node stepped down: back as a standby"
+                restarted = self.services.restart_running(why)
                 if restarted:
                     log.info("services restarted as standbys: %s", ", ".join(restarted))
             if self.guard is not None:
