@@ -74,8 +74,7 @@ def test_crash_loop_moves_the_vip_then_a_reset_restarts_the_service(demo_lab) ->
     flag = os.path.join(demo_lab.workdir, "crash-{node}")
     lines = R.service_lines(instances=1, rate=20.0, crash_if=flag, crash_loop_deaths=5)
     c = R.make_cluster(demo_lab, lines)
-    c.start()
-    try:
+    with R.running(c):
         master = c.wait_ready(timeout=30)
         other = next(x for x in c.spec.nodes if x != master)
         R.wait_active(c, master, 0, 0, timeout=60)
@@ -154,12 +153,6 @@ def test_crash_loop_moves_the_vip_then_a_reset_restarts_the_service(demo_lab) ->
         rep.pop("arrivals")
         assert rep["kept"] == n and rep["resets"] == 0 and rep["lost"] == 0, rep
         assert rep["duplicated"] == 0 and rep["errors"] == {}, rep
-    except BaseException:
-        R.dump_logs(c)
-        raise
-    finally:
-        for p in list(c.procs.values()):
-            p.terminate(timeout=10)
 
 
 def test_step_downs_restart_the_service_as_a_standby_not_as_deaths(demo_lab) -> None:
@@ -171,8 +164,7 @@ def test_step_downs_restart_the_service_as_a_standby_not_as_deaths(demo_lab) -> 
     lines = R.service_lines(instances=1, rate=20.0, crash_loop_deaths=5)
     spec = ClusterSpec(services={R.SERVICE: R.PORT}, interval_ms=50)  # preempt: node-a (200)
     c = R.SupervisedCluster(demo_lab, spec, {R.SERVICE: lines})
-    c.start()
-    try:
+    with R.running(c):
         c.wait_role("node-a", "master", timeout=30)
         for _ in range(6):
             c.procs["node-a"].terminate(timeout=10)  # graceful: node-b takes over at once
@@ -191,9 +183,3 @@ def test_step_downs_restart_the_service_as_a_standby_not_as_deaths(demo_lab) -> 
         assert services["counters"]["deaths"] == 0, services
         assert not services["crash_loops"], services
         assert st["role"] == "backup" and not st.get("faults"), st
-    except BaseException:
-        R.dump_logs(c)
-        raise
-    finally:
-        for p in list(c.procs.values()):
-            p.terminate(timeout=10)

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from bisect import bisect_right
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from nonstop.cluster import Cluster, ClusterSpec
@@ -129,6 +130,20 @@ def dump_logs(c: SupervisedCluster) -> None:
                 print(f"----- {n} {name}\n{f.read()[-3000:]}")
 
 
+@contextlib.contextmanager
+def running(c: SupervisedCluster) -> Iterator[SupervisedCluster]:
+    """Start ``c``; on a failure print its logs (``dump_logs``); stop every process at the end."""
+    c.start()
+    try:
+        yield c
+    except BaseException:
+        dump_logs(c)
+        raise
+    finally:
+        for p in list(c.procs.values()):
+            p.terminate(timeout=10)
+
+
 def wait_active(c: Cluster, node: str, conns: int, standbys: int, timeout: float = 30.0,
                 not_pid: int | None = None) -> int:  # fmt: skip
     """Until an instance listens (not ``not_pid``), the master's endpoint holds ``conns``
@@ -217,8 +232,7 @@ def run(lab: Lab, *, sessions: int = 256, kills: int = 20, runtime: str = "proce
                           image=image)  # fmt: skip
     c = make_cluster(lab, lines)
     out_path = os.path.join(lab.host("peer").workdir, f"restart-{runtime}.json")
-    c.start()
-    try:
+    with running(c):
         master = c.wait_ready(timeout=30)
         standbys = instances_ - 1
         wait_active(c, master, 0, standbys, timeout=60)
@@ -244,12 +258,6 @@ def run(lab: Lab, *, sessions: int = 256, kills: int = 20, runtime: str = "proce
         ses = session(c, master)
         st = c.status(master) or {}
         restarts = sum(i["restarts"] for i in st.get("services", {}).get("instances", []))
-    except BaseException:
-        dump_logs(c)
-        raise
-    finally:
-        for p in list(c.procs.values()):
-            p.terminate(timeout=10)
     gaps, after = interruptions(rep.pop("arrivals"), kill_times)
     return {
         "sessions": sessions,
