@@ -100,8 +100,7 @@ def _client_view(log_path: str, t_fault: float, new_master: str, t_end: float) -
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from nonstop.bench.restart import SupervisedCluster, listener_pid, service_lines
-    from nonstop.cluster import ClusterSpec
+    from nonstop.cluster import ClusterSpec, SupervisedCluster, listener_pid, service_lines
     from nonstop.lab import Lab, demo_topology
 
     con = Console(stderr=True)

@@ -506,12 +506,10 @@ class Agent:
             self._acquiring = self._announce_pending = False
             self.vips.release()
             self.sessions.demote()
-            if not self._stopping and self.roles.role != Role.STOPPING:
-                # (why the node stepped down: the role change's own log line, next)
-                why = "the node stepped down: back as a standby"
-                restarted = self.services.restart_running(why)
-                if restarted:
-                    log.info("services restarted as standbys: %s", ", ".join(restarted))
+            if not self._stopping:  # a graceful stop stops them instead
+                # each instance's own log line says it; why the node stepped down: the role
+                # change's, next
+                self.services.restart_running("the node stepped down: back as a standby")
             if self.guard is not None:
                 self.guard.disarm()
             self._next_feed = float("inf")

@@ -131,12 +131,13 @@ class AgentServices:
             except Exception:  # one broken runtime must not keep the others running
                 log.exception("service %s: stop failed", sup.config.name)
 
-    def restart_running(self, reason: str) -> list[str]:
+    def restart_running(self, reason: str) -> None:
         """A planned restart of every running instance (not a death): this node stepped down and
         its session worker dropped every service's channel, so each exits and must come back as
         a standby. Counted as deaths, 5 step-downs in a minute (a node preempted back and forth)
-        were a crash loop that took the node out. Returns the instances restarted."""
-        return [s.config.name for s in self.supervisors if s.request_restart(reason)]
+        were a crash loop that took the node out."""
+        for sup in self.supervisors:
+            sup.request_restart(reason)
 
     @staticmethod
     def fault_source(instance: str) -> str:

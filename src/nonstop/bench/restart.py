@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -26,70 +25,13 @@ from bisect import bisect_right
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from nonstop.cluster import Cluster, ClusterSpec
+from nonstop.cluster import Cluster, ClusterSpec, SupervisedCluster, listener_pid, service_lines
 
 if TYPE_CHECKING:
     from nonstop.lab import Lab
 
 PORT = 7400
 SERVICE = "stream"
-SRC = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-class SupervisedCluster(Cluster):
-    """A Cluster whose ``[[services]]`` entries carry extra lines (a command, its runtime...)."""
-
-    def __init__(self, lab: Lab, spec: ClusterSpec, extra: dict[str, list[str]]) -> None:
-        self.extra = extra
-        super().__init__(lab, spec)
-
-    def _write_node_config(self, name: str) -> str:
-        path = super()._write_node_config(name)
-        with open(path) as f:
-            text = f.read()
-        for svc, lines in self.extra.items():
-            head = f'[[services]]\nname = "{svc}"\n'
-            assert head in text
-            text = text.replace(head, head + "\n".join(lines) + "\n")
-        with open(path, "w") as f:
-            f.write(text)
-        return path
-
-
-def service_lines(*, runtime: str = "process", instances: int = 2, rate: float = 50.0,
-                  size: int = 100, crash_if: str = "", image: str = "",
-                  crash_loop_deaths: int = 1000) -> list[str]:  # fmt: skip
-    """The ``[[services]]`` lines running the protected stream server. ``crash_if``: a path; when
-    it exists an instance exits at start (status 3), for crash-loop tests."""
-    py = sys.executable if runtime == "process" else os.path.realpath(sys.executable)
-    argv = [py, "-m", "nonstop.streams", "protected-server", "--host", "{vip}", "--port",
-            "{port}", "--agent", "{endpoint}", "--rate", str(rate),
-            "--size", str(size)]  # fmt: skip
-    if crash_if:
-        argv = ["sh", "-c", f'test -e "{crash_if}" && exit 3; exec "$@"', "sh", *argv]
-    lines = [
-        f"command = {json.dumps(argv)}",
-        f'runtime = "{runtime}"',
-        f"instances = {instances}",
-        "stop_timeout_ms = 2000",
-        # SIGKILLs in a row: restart after the same delay every time (no growing backoff):
-        # at once when the restart is the takeover (one instance); 250 ms behind a warm
-        # standby, whose takeover then has the CPU to itself (a Python start-up is ~0.5 s of
-        # CPU, and on 2 CPUs it took it from the takeover of 256 connections) ...
-        f"backoff = {{ initial_ms = {1 if instances == 1 else 250}, max_ms = 1000, "
-        "factor = 1.0, jitter = 0.0 }",
-        # ... and 20 kills in a minute are the test, not a crash loop (unless asked for)
-        f"crash_loop = {{ deaths = {crash_loop_deaths}, window_ms = 60000 }}",
-    ]
-    if runtime != "process":
-        lines.append("env = { PYTHONPATH = " + json.dumps(SRC) + " }")
-        lines.append(
-            f'container = {{ image = "{image}", network = "host", '
-            f'volumes = [{json.dumps(SRC + ":" + SRC + ":ro")}] }}'
-        )
-    else:
-        lines.append("env = { PYTHONPATH = " + json.dumps(SRC) + " }")
-    return lines
 
 
 def make_cluster(lab: Lab, lines: list[str], interval_ms: int = 50) -> SupervisedCluster:
@@ -100,13 +42,6 @@ def make_cluster(lab: Lab, lines: list[str], interval_ms: int = 50) -> Supervise
 
 
 # ---- observation -------------------------------------------------------------------------------
-
-
-def listener_pid(c: Cluster, node: str, port: int = PORT) -> int | None:
-    """The pid of the process listening on ``port`` in ``node`` (the active instance)."""
-    r = c.lab.host(node).sh(f"ss -Hltnp 'sport = :{port}'", check=False)
-    m = re.search(r"pid=(\d+)", r.stdout)
-    return int(m.group(1)) if m else None
 
 
 def session(c: Cluster, node: str) -> dict[str, Any]:
@@ -153,7 +88,7 @@ def wait_active(c: Cluster, node: str, conns: int, standbys: int, timeout: float
 
     def ok() -> bool:
         nonlocal pid
-        pid = listener_pid(c, node)
+        pid = listener_pid(c, node, PORT)
         seen["listener"] = pid
         if pid is None or pid == not_pid:
             return False
