@@ -339,8 +339,8 @@ def test_hold_keeps_data_until_kicked_then_every_byte_once(lab: Lab) -> None:
 def test_rule_left_by_a_dead_listener_fails_closed(lab: Lab) -> None:
     """The worker holding the queue dies (its socket closes, its rules stay): nothing of VIP:port
     leaves, not even an ACK, until the rules are removed (they passed unclamped, once: a killed
-    master's kernel acknowledged bytes its backup never got). remove_rules(keep_quiet=True)
-    then clears the clamp's rules, not the quiet rule."""
+    master's kernel acknowledged bytes its backup never got). remove_rules(keep=...) then
+    clears the clamp's rules, not those kept (a new worker's own standing rules)."""
     a, b = lab.host("a"), lab.host("b")
     clamp = AckClamp(QUEUE, vip=A, port=PORT, limit=lambda t: None, capture=lambda s, p: None,
                      netns=a.ns)  # fmt: skip
@@ -361,12 +361,12 @@ def test_rule_left_by_a_dead_listener_fails_closed(lab: Lab) -> None:
             assert tcp_info(cli)[1] == acked0  # not even an ACK got out
             a.sh(["iptables", "-w", "-I", "OUTPUT", "-p", "udp", "--dport", "9", "-m",
                   "comment", "--comment", f"{COMMENT}:quiet", "-j", "DROP"])  # fmt: skip
-            assert remove_rules(4, netns_fd=fd, keep_quiet=True) == 2
+            assert remove_rules(4, netns_fd=fd, keep={f"{COMMENT}:quiet"}) == 2
             assert f"{COMMENT}:quiet" in rules(lab)
             assert f"{COMMENT}:q{QUEUE}" not in rules(lab)
             cli.settimeout(10)  # the server's retransmission now gets through
             assert cli.recv(100) == b"from the dead master"
-            assert remove_rules(4, netns_fd=fd) == 1  # the quiet one
+            assert remove_rules(4, netns_fd=fd) == 1  # the kept one
     finally:
         clamp.close()  # (closed above already unless the test failed before)
         os.close(fd)
@@ -390,29 +390,74 @@ def test_remove_rules_sweeps_leftovers(lab: Lab) -> None:
     assert COMMENT not in rules(lab) and "--dport 9" in rules(lab)
 
 
-def test_quiet_rule_lifted_at_the_first_deletion_gone_after_wait(lab: Lab) -> None:
-    """A promotion restores once the quiet rule's first copy is deleted (``lifted``); the
-    background removal goes on to any other copy, all gone after ``wait``; ``lifted`` with no
-    copy at all returns too (the search that found none is over)."""
-    code = f"""
-import subprocess
-from nonstop.session.quiet import QuietRule
-q = QuietRule({A!r}, {PORT}, 4)
-def copies():
-    out = subprocess.run(["iptables", "-w", "-S", "OUTPUT"], capture_output=True, text=True)
-    return out.stdout.count(":quiet")
-q.add(); q.add()
-assert copies() == 1, "add keeps one copy"
-subprocess.run(["iptables", "-w", "-I", "OUTPUT", *q.spec()], check=True)  # a leftover copy
-q.start_removal(); q.lifted()
-assert copies() <= 1, copies()
-q.wait()
-assert copies() == 0
-q.start_removal(); q.lifted(); q.wait()  # none left: no hang
-print("ok")
-"""
-    r = lab.host("a").sh([sys.executable, "-c", code], check=False)
-    assert r.stdout.strip() == "ok", (r.stdout, r.stderr)
+def _quiet(lab: Lab, *calls: str) -> None:
+    """``QuietRule(A, PORT, 4, QUEUE)``'s ``calls`` inside ``a`` (it runs iptables where it is)."""
+    code = ("from nonstop.session.quiet import QuietRule\n"
+            f"q = QuietRule({A!r}, {PORT}, 4, {QUEUE})\n" + "".join(f"q.{c}()\n" for c in calls))
+    lab.host("a").sh([sys.executable, "-c", code])
+
+
+def _copies(lab: Lab) -> tuple[int, int]:
+    lines = [ln for ln in rules(lab).splitlines() if f'"{COMMENT}:q{QUEUE}"' in ln.split()]
+    return (sum(ln.startswith("-A OUTPUT ") for ln in lines),
+            sum(ln.startswith("-A INPUT ") for ln in lines))  # fmt: skip
+
+
+def test_the_quiet_rule_is_the_clamps_own_with_nobody_bound(lab: Lab) -> None:
+    """The standing rules (``session.quiet``): one copy each however often added; with nobody
+    bound they let nothing of VIP:port through either way, not even an ACK. A clamp that does
+    not own its rules binds (segments now wait in the queue: a promotion's first ones are not
+    dropped), answers them once open, and leaves the rules at close: quiet again. ``remove``
+    deletes every copy, a duplicate added by hand too."""
+    a, b = lab.host("a"), lab.host("b")
+    with connected(a, b, A, PORT) as (cli, conn):
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _quiet(lab, "add", "add")
+        assert _copies(lab) == (1, 1)
+        acked0 = tcp_info(cli)[1]
+        conn.sendall(b"q1")
+        cli.sendall(b"up")
+        cli.settimeout(1.0)
+        with pytest.raises(TimeoutError):
+            cli.recv(100)
+        assert tcp_info(cli)[1] == acked0  # the client's byte not even acknowledged
+        clamp = AckClamp(QUEUE, vip=A, port=PORT, limit=lambda t: None,
+                         capture=lambda s, p: None, netns=a.ns, own_rules=False)  # fmt: skip
+        try:
+            clamp.bind()
+            conn.sendall(b"q2")  # queued, not dropped: nobody answers it yet
+
+            def waiting() -> int:
+                kq = kernel_queue(QUEUE, a.sh("cat /proc/net/netfilter/nfnetlink_queue").stdout)
+                return kq["waiting"] if kq else -1
+
+            deadline = time.monotonic() + 5
+            while waiting() < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert waiting() >= 1
+            clamp.open()
+            assert _copies(lab) == (1, 1)  # open inserted nothing
+            got = b""
+            cli.settimeout(10)
+            while len(got) < 4:
+                got += cli.recv(100)
+            assert got == b"q1q2"
+            conn.settimeout(10)
+            assert conn.recv(100) == b"up"  # the client's resend, captured on the way in
+            assert clamp.stats.captured > 0
+        finally:
+            clamp.close()
+        assert _copies(lab) == (1, 1)  # left standing: quiet again
+        conn.sendall(b"q3")
+        cli.settimeout(1.0)
+        with pytest.raises(TimeoutError):
+            cli.recv(100)
+        a.sh(["iptables", "-w", "-I", "OUTPUT", *clamp.rule("OUTPUT")])  # a duplicate
+        assert _copies(lab) == (2, 1)
+        _quiet(lab, "remove")
+        assert _copies(lab) == (0, 0)
+        cli.settimeout(10)  # the resend gets through now
+        assert cli.recv(100) == b"q3"
     assert COMMENT not in rules(lab)
 
 

@@ -31,7 +31,7 @@ import ipaddress
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from nonstop.common import readable, reserve_fds
@@ -230,29 +230,17 @@ class BackupSession:
             bytes(send_q), bytes(recv_q), 0, seen_at - self.ts_margin,
         )  # fmt: skip
 
-    def promote(self, before_restore: Callable[[], None] | None = None) -> list[RestoredConn]:
-        """Stop receiving and restore every connection (before the VIP is added).
-        ``before_restore`` runs once every socket is built in repair mode, right before the
-        first leaves it and sends (e.g. waiting for the rule that keeps a non-master quiet to
-        go: its deletion, started before, overlaps the restore's work)."""
+    def promote(self) -> list[RestoredConn]:
+        """Stop receiving and restore every connection (before the VIP is added; the segments
+        the restored sockets send at once must find the new master's queue bound)."""
         t0 = time.monotonic()
         self._halt()
         pairs = self.states()
         t1 = time.monotonic()
-        waited = 0.0
-
-        def live() -> None:
-            nonlocal waited
-            if before_restore is not None:
-                w0 = time.monotonic()
-                before_restore()
-                waited += time.monotonic() - w0
-
         try:
             socks: list[socket.socket | None] = list(
-                restore_many([st for _, st in pairs], md5=self.md5, before_live=live))
+                restore_many([st for _, st in pairs], md5=self.md5))
         except RepairError:  # one by one: a connection that cannot come back costs only itself
-            live()  # (at once if it ran already)
             socks = []
             for _, st in pairs:
                 try:
@@ -285,8 +273,7 @@ class BackupSession:
                 sent_pos=seq_diff(st.snd_seq, f.snd_seq) % (1 << 32),
                 peer_fin=cs.rcv_fin))  # fmt: skip
         self.phases_ms = {"states": round((t1 - t0) * 1000, 3),
-                          "before_restore": round(waited * 1000, 3),  # blocked in it
-                          "restore": round((time.monotonic() - t1 - waited) * 1000, 3)}  # fmt: skip
+                          "restore": round((time.monotonic() - t1) * 1000, 3)}
         return out
 
     def _finish(self, sock: socket.socket) -> None:

@@ -31,8 +31,9 @@ current TSval (``TCP_TIMESTAMP``: never behind what the peer saw, or PAWS would 
 Connections signed with TCP-MD5 are left alone (an unsigned segment is dropped by the peer).
 They leave marked (``SO_MARK`` ``KICK_MARK``), which the clamp's queue rule lets by: they carry
 nothing the clamp has not seen, and thousands of them after a big takeover would each cost the
-queue's Python path. The quiet rule has no such exception: a node that is
-not master sends none.
+queue's Python path. The quiet rule is that same rule with nobody bound, so it lets them by
+too: only a master sends them (the worker answers the agent's kick and demote one after the
+other, never both at once).
 """
 
 from __future__ import annotations

@@ -145,6 +145,7 @@ class MasterSession:
         # that is still binding its socket waits one timeout per lost RESET)
         max_delay: float = 0.001,
         md5: Mapping[str, bytes] | None = None,
+        standing_rules: bool = False,  # the queue's rules are the caller's (session.quiet)
     ) -> None:
         self.vip, self.port, self.family, self.backup = vip, port, family, backup
         self.adopted = 0  # connections taken over from a previous master (adopt())
@@ -175,6 +176,7 @@ class MasterSession:
             hold=self._hold,
             hold_acks=True,  # a pure ACK past the backup waits for it, not lowered (AckClamp)
             md5=md5,  # TCP-MD5 keys per peer: clamped segments are signed again
+            own_rules=not standing_rules,
         )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -10,7 +10,7 @@ import socket
 import struct
 import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,10 +148,11 @@ def in_ns(ns_fd: int, fn: Callable[..., Any], *args: Any) -> Any:
     return box.get("result")
 
 
-def remove_rules(family: int = 4, *, netns_fd: int | None = None, keep_quiet: bool = False) -> int:
-    """Delete every nonstop ACK-clamp rule from OUTPUT/INPUT (a crashed agent's leftovers); how
-    many. ``keep_quiet``: not the quiet rules (``session.quiet``). Runs in the current namespace,
-    or the one behind ``netns_fd``."""
+def remove_rules(family: int = 4, *, netns_fd: int | None = None,
+                 keep: Collection[str] = ()) -> int:  # fmt: skip
+    """Delete every nonstop ACK-clamp rule (a crashed agent's leftovers) but those whose comment
+    is in ``keep`` (the standing rules of this worker's own queues, ``session.quiet``); how
+    many. Runs in the current namespace, or the one behind ``netns_fd``."""
 
     def body() -> int:
         ipt = iptables_cmd(family)
@@ -159,9 +160,10 @@ def remove_rules(family: int = 4, *, netns_fd: int | None = None, keep_quiet: bo
         n = 0
         for line in out.stdout.splitlines():
             if line.startswith("-A ") and COMMENT in line:
-                if keep_quiet and f"{COMMENT}:quiet" in line:
-                    continue
                 spec = shlex.split(line)[1:]  # -S quotes the comment
+                comment = spec[spec.index("--comment") + 1] if "--comment" in spec else ""
+                if comment in keep:
+                    continue
                 subprocess.run([ipt, "-w", "-D", *spec], capture_output=True, check=True)
                 n += 1
         return n

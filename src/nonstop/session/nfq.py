@@ -34,9 +34,12 @@ No ``--queue-bypass``: fail closed. While the rule is in place and nothing is bo
 used to let them pass, and a killed master's kernel then acknowledged, in the moments before the
 peer moved to the new master, bytes the backup never got: the restored connection waited
 forever for bytes the peer would not send again. The rule goes in after the bind and out before
-the unbind, so a clean start or stop loses nothing; a crashed worker's rules are removed by the
-next one once its quiet rule is in (``remove_rules``). Segments the clamp cannot parse, and
-truncated copies, are dropped and counted: TCP sends them again, and nothing unclamped escapes.
+the unbind, so a clean start or stop loses nothing. With ``own_rules=False`` (the session
+worker) the rules are not the clamp's to add or remove: they stand for the worker's life, and
+a node that is not master has nobody bound, which drops every segment of VIP:port: that is its
+quiet rule (``session.quiet``). A promotion then only binds the queue, no ``iptables`` run.
+Segments the clamp cannot parse, and truncated copies, are dropped and counted: TCP sends them
+again, and nothing unclamped escapes.
 
 The hot path (issue 3 wants a protected stream at >= 0.8x an unprotected one) speaks nfnetlink
 directly on one AF_NETLINK socket, no library between: each ``recv_into`` lands one queued packet
@@ -146,6 +149,24 @@ Limit = Callable[[FourTuple], int | None]
 Capture = Callable[[Segment, bytes], None]
 
 
+def clamp_rule(vip: str, port: int, queue_num: int, chain: str = "OUTPUT") -> list[str]:
+    """The iptables rule spec that queues VIP:port's segments in ``chain`` (OUTPUT: ours,
+    INPUT: the peer's) to ``queue_num``. Our segments marked ``KICK_MARK`` pass by
+    (``session.kick``'s crafted ACKs: they carry what the clamp has seen already, and after a
+    takeover of 10,000 connections they are 40,000 segments the queue would copy to Python for
+    nothing)."""
+    if chain == "OUTPUT":
+        match = ["-s", vip, "--sport", str(port),
+                 "-m", "mark", "!", "--mark", f"{KICK_MARK:#x}"]  # fmt: skip
+    else:
+        match = ["-d", vip, "--dport", str(port)]
+    return [
+        "-p", "tcp", *match,
+        "-m", "comment", "--comment", f"{COMMENT}:q{queue_num}",
+        "-j", "NFQUEUE", "--queue-num", str(queue_num),
+    ]  # fmt: skip
+
+
 class AckClamp:
     """Clamp the ACK of every segment leaving ``vip``:``port`` to ``limit(four_tuple)``.
 
@@ -173,6 +194,7 @@ class AckClamp:
         md5: Mapping[str, bytes] | None = None,
         hold: Limit | None = None,
         hold_acks: bool = False,
+        own_rules: bool = True,
     ) -> None:
         if family not in (4, 6):
             raise LocalProtocolError(f"family must be 4 or 6, not {family}")
@@ -189,6 +211,8 @@ class AckClamp:
         self.capture_out = capture_out
         self.hold = hold
         self.hold_acks = hold_acks
+        # False: the rules stand whoever is bound (``session.quiet``): open and close leave them
+        self.own_rules = own_rules
         self.rcvbuf = rcvbuf
         self.maxlen = maxlen
         self.batch = batch
@@ -216,20 +240,8 @@ class AckClamp:
         self._kicked = False
 
     def rule(self, chain: str = "OUTPUT") -> list[str]:
-        """The iptables rule spec for ``chain`` (OUTPUT: our segments, INPUT: the peer's). Our
-        segments marked ``KICK_MARK`` pass by (``session.kick``'s crafted ACKs: they carry what
-        the clamp has seen already, and after a takeover of 10,000 connections they are 40,000
-        segments the queue would copy to Python for nothing)."""
-        if chain == "OUTPUT":
-            match = ["-s", self.vip, "--sport", str(self.port),
-                     "-m", "mark", "!", "--mark", f"{KICK_MARK:#x}"]  # fmt: skip
-        else:
-            match = ["-d", self.vip, "--dport", str(self.port)]
-        return [
-            "-p", "tcp", *match,
-            "-m", "comment", "--comment", f"{COMMENT}:q{self.queue_num}",
-            "-j", "NFQUEUE", "--queue-num", str(self.queue_num),
-        ]  # fmt: skip
+        """The iptables rule spec for ``chain`` (``clamp_rule``)."""
+        return clamp_rule(self.vip, self.port, self.queue_num, chain)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -240,30 +252,43 @@ class AckClamp:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def open(self) -> None:
-        """Bind the queue, start the verdict thread, then insert the rule (in that order, so no
-        segment is queued before someone listens)."""
+    def bind(self) -> None:
+        """Bind the queue, no verdict yet: from here the segments the rules queue wait in the
+        kernel's queue (up to ``maxlen``) instead of being dropped, until ``open`` starts the
+        thread that answers them. A promotion binds first, so that the standing rules let the
+        restored sockets' first segments wait rather than drop them."""
         if self._sock is not None:
+            return
+        if self._ns_fd < 0:
+            raise LocalProtocolError("AckClamp closed")
+        self._sock = in_ns(self._ns_fd, self._bind)
+
+    def open(self) -> None:
+        """Bind the queue (unless ``bind`` did), start the verdict thread, then insert the rule
+        (in that order, so no segment is queued before someone listens)."""
+        if self._thread is not None:
             raise LocalProtocolError("AckClamp already open")
         try:
-            self._sock = in_ns(self._ns_fd, self._bind)
+            self.bind()
             self._wake = os.pipe()
             self._kick = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self._thread = threading.Thread(
                 target=self._loop, name=f"nonstop-ackclamp-q{self.queue_num}", daemon=True
             )
             self._thread.start()
-            chains = ["OUTPUT", "INPUT"] if self.capture is not None else ["OUTPUT"]
-            in_ns(self._ns_fd, self._iptables, "-I", chains)  # one iptables-restore, atomic
-            self._chains = chains
+            if self.own_rules:
+                chains = ["OUTPUT", "INPUT"] if self.capture is not None else ["OUTPUT"]
+                in_ns(self._ns_fd, self._iptables, "-I", chains)  # one iptables-restore, atomic
+                self._chains = chains
         except BaseException:
             self.close()
             raise
 
     def close(self) -> None:
-        """Remove the rule, stop the thread, unbind. Safe to call twice and after a failed open.
-        Passed segments still waiting for their batch verdict are released; any other segment
-        still queued at the unbind is dropped by the kernel (TCP sends it again)."""
+        """Remove the rule (if its own), stop the thread, unbind. Safe to call twice and after a
+        failed open. Passed segments still waiting for their batch verdict are released; any
+        other segment still queued at the unbind is dropped by the kernel (TCP sends it again),
+        as is every later one the standing rules queue."""
         try:
             if self._chains:
                 try:

@@ -4,95 +4,83 @@ While a node is backup (and after it stepped down) every connection it parked or
 repair mode or disconnected, and so silent. A socket the session worker never heard of is not:
 a connection the service accepted but had not yet registered when the node stepped down, a
 service that closes what it still has. One FIN or RST from such a socket would reset a peer that
-the new master now serves. So, on every node that is not the master::
+the new master now serves.
 
-    iptables -I OUTPUT -p tcp -s VIP --sport PORT \
-        -m comment --comment nonstop-ackclamp:quiet -j DROP
+The quiet rule is the ACK clamp's own pair of rules (``nfq.clamp_rule``: OUTPUT for the
+segments leaving VIP:port, INPUT for the peer's), standing on every node for the session
+worker's whole life, with nobody bound to their queue unless the node is master. No
+``--queue-bypass``: an unbound queue drops every segment, and that is the quiet. So a role
+change runs no ``iptables``:
 
-added when the worker takes the backup side and removed at promotion, while the restored
-sockets are built in repair mode: gone before they leave it (their first segments must leave).
-The comment shares the ACK clamp's prefix; a new worker adds its own quiet rule first, then
-clears a crashed worker's clamp rules (``nfq.remove_rules(keep_quiet=True)``). The rule stays
-when the agent dies (the node is not master any more: keeping it is the point) and goes on a
-graceful stop. A master killed outright (agent and worker at once) installs nothing: its clamp
-rule, left behind with nobody bound to the queue, drops every segment of VIP:port (no
-``--queue-bypass``), which is as quiet.
+- promotion: the new ``MasterSession`` binds the queue before the restored sockets leave repair
+  mode (their first segments wait in the kernel's queue, not dropped), then starts the thread
+  that answers them. Deleting a DROP rule and inserting the clamp's two rules cost 11-20 ms
+  of a 35 ms promotion of 256 connections (two ``iptables`` processes on a loaded node);
+- step-down: the master session unbinds; from the next segment on, every one is dropped. At a
+  step-down every established socket of VIP:port the worker did not hold is then aborted with
+  SOCK_DESTROY (``ss -K``, ``reap``): its RST dies in the rule, and its 4-tuple is free for a
+  later restore. The INPUT rule drops the peer's segments meanwhile, so the kernel does not
+  answer them with an RST for a socket that is gone.
+
+The rules stay when the agent dies (the node is not master any more: keeping them is the
+point) and go on a graceful stop. A master killed outright (agent and worker at once) leaves
+them with nobody bound: as quiet. A new worker adds what is missing of its own rules first,
+then clears every other rule of the clamp's (``nfq.remove_rules(keep=...)``): a crashed
+predecessor's of another queue, or an older version's ``:quiet`` DROP rule. Segments the kick
+crafts (``KICK_MARK``) pass the OUTPUT rule; only a master sends them.
 """
 
 from __future__ import annotations
 
+import shlex
 import subprocess
-import threading
 
-from nonstop.session.nfq import COMMENT
+from nonstop.session.nfnl import COMMENT, iptables_cmd, restore_rules
+from nonstop.session.nfq import clamp_rule
+
+CHAINS = ("OUTPUT", "INPUT")
 
 
 class QuietRule:
-    def __init__(self, vip: str, port: int, family: int) -> None:
-        self.vip, self.port = vip, port
-        self.cmd = "iptables" if family == 4 else "ip6tables"
-        self._pending: subprocess.Popen[bytes] | None = None  # a deletion under way
-        self._first: subprocess.Popen[bytes] | None = None  # the removal's first deletion
-        # the removal may finish on another thread (``finish_in_background``): an ``add`` must
-        # never run while a deletion is under way, or that deletion takes the new copy out
-        self._lock = threading.RLock()
+    def __init__(self, vip: str, port: int, family: int, queue_num: int) -> None:
+        self.vip, self.port, self.family, self.queue_num = vip, port, family, queue_num
+        self.cmd = iptables_cmd(family)
+        self.comment = f"{COMMENT}:q{queue_num}"
 
-    def spec(self) -> list[str]:
-        return ["-p", "tcp", "-s", self.vip, "--sport", str(self.port),
-                "-m", "comment", "--comment", f"{COMMENT}:quiet", "-j", "DROP"]  # fmt: skip
+    def specs(self) -> list[tuple[str, list[str]]]:
+        """(chain, rule spec) of each rule, as ``iptables -I CHAIN`` takes it."""
+        return [(c, clamp_rule(self.vip, self.port, self.queue_num, c)) for c in CHAINS]
 
-    def _run(self, op: str) -> bool:
-        r = subprocess.run([self.cmd, "-w", op, "OUTPUT", *self.spec()], capture_output=True)
-        return r.returncode == 0
+    def _present(self) -> dict[str, int]:
+        """How many copies of our rule each chain holds."""
+        out = subprocess.run([self.cmd, "-w", "-S"], capture_output=True, text=True, check=True)
+        n = dict.fromkeys(CHAINS, 0)
+        for line in out.stdout.splitlines():
+            f = shlex.split(line)  # -S quotes the comment
+            if len(f) > 2 and f[0] == "-A" and f[1] in n and "--comment" in f and \
+                    f[f.index("--comment") + 1] == self.comment:
+                n[f[1]] += 1
+        return n
 
     def add(self) -> None:
-        """Install it (once: an existing copy is kept). Raises CalledProcessError on failure."""
-        with self._lock:
-            self.wait()
-            if not self._run("-C"):
-                subprocess.run([self.cmd, "-w", "-I", "OUTPUT", *self.spec()], check=True,
-                               capture_output=True)  # fmt: skip
-
-    def start_removal(self) -> None:
-        """Begin deleting every copy in the background (the caller prepares the restore
-        meanwhile); ``lifted()`` before anything must leave. A child process, not a thread: the
-        promotion runs at real-time priority, and a normal thread that wants the GIL back in the
-        middle of the restore (to read a pipe, to reap its child) stalls it for milliseconds."""
-        with self._lock:
-            self.wait()
-            self._pending = self._first = self._spawn("-D")
-
-    def _spawn(self, op: str) -> subprocess.Popen[bytes]:
-        return subprocess.Popen([self.cmd, "-w", op, "OUTPUT", *self.spec()],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def lifted(self) -> None:
-        """Until the background removal deleted the first copy (or found none). ``add`` keeps
-        one copy, so that is the rule gone. Looking for a second copy (the same ~7 ms again) is
-        left to ``wait``, off the promotion's critical path: even spawning it cost 11 ms once
-        (vfork waits for the child's exec, and the child waits for a CPU on a busy node)."""
-        with self._lock:
-            p, self._first = self._first, None
-            if p is not None and p is self._pending and p.wait() != 0:
-                self._pending = None  # none was there: nothing more to look for
-
-    def wait(self) -> None:
-        """Until the background removal is over (every copy deleted)."""
-        with self._lock:
-            while (p := self._pending) is not None:
-                self._pending = self._spawn("-D") if p.wait() == 0 else None
-
-    def finish_in_background(self) -> None:
-        """``wait`` on a thread of its own (after a promotion: the worker reads the agent's next
-        request meanwhile); ``add``, ``remove`` and a new removal wait for it."""
-        if self._pending is not None:
-            threading.Thread(target=self.wait, name="nonstop-quiet", daemon=True).start()
+        """Install what is missing (an existing copy is kept): one ``iptables -S`` and, when
+        something is missing, one ``iptables-restore``. Raises OSError or CalledProcessError."""
+        have = self._present()
+        missing = [(c, spec) for c, spec in self.specs() if not have[c]]
+        if missing:
+            restore_rules("-I", self.family, missing)
 
     def remove(self) -> None:
-        with self._lock:
-            self.wait()
-            while self._run("-D"):
-                pass
+        """Delete every copy (best effort: what cannot be deleted is left)."""
+        try:
+            have = self._present()
+        except (OSError, subprocess.CalledProcessError):
+            return
+        for chain, spec in self.specs():
+            for _ in range(have[chain]):
+                r = subprocess.run([self.cmd, "-w", "-D", chain, *spec], capture_output=True)
+                if r.returncode != 0:
+                    break
 
     def reap(self, *, orphans: bool = False) -> int:
         """Abort every established socket of VIP:port on this node (SOCK_DESTROY, ``ss -K``):

@@ -457,10 +457,9 @@ def restore_many(
     before_live: Callable[[], None] | None = None,
 ) -> list[socket.socket]:
     """``restore`` for many states, with one clock read for the batch. Every socket is built in
-    repair mode first, then ``before_live()`` runs (e.g. waiting for the rule that keeps a
-    non-master quiet to go: it is deleted meanwhile), then each leaves repair mode: its first
-    segments leave then. On a failure the sockets restored so far are closed silently and the
-    RepairError propagates."""
+    repair mode first, then ``before_live()`` runs (the last moment before anything is sent),
+    then each leaves repair mode: its first segments leave then. On a failure the sockets
+    restored so far are closed silently and the RepairError propagates."""
     states = list(states)
     reserve_fds(len(states) + 256)  # one table growth at most, not one per doubling
     now = time.monotonic()

@@ -85,7 +85,8 @@ class ProtectedService:
         self.endpoint = AgentEndpoint(
             spec.endpoint, on_commit=self._on_commit, hold_adoption=True
         )
-        self.quiet = QuietRule(spec.vip, spec.port, spec.family)  # while not master
+        # the clamp's rules, standing: with nobody bound (not master) they drop everything
+        self.quiet = QuietRule(spec.vip, spec.port, spec.family, spec.queue)
         self._keep_quiet = False  # the agent died: the rule outlives this worker
         self._to_kick: list[tuple[FourTuple, socket.socket]] = []  # restored, not yet kicked
         self._to_fin: list[FourTuple] = []  # restored after their peers' FIN, not yet handed it
@@ -157,14 +158,15 @@ class ProtectedService:
             t0 = time.monotonic()
             restored = []
             assert self.backup is not None
-            self.quiet.start_removal()  # gone before the first restored segment leaves
             resumed = self.backup.seeded and own
             if not own and (dropped := self.backup.discard_seed()):
                 self.counters["parked_dropped"] += dropped
                 log.warning("%s: %d connections parked at the step-down dropped: another node "
                             "may have served them since", self.spec.name, dropped)
-            try:
-                restored = self.backup.promote(before_restore=self.quiet.lifted)
+            try:  # their first segments (a window probe, the bytes in flight again) die in the
+                # standing rules, nobody bound yet: cheaper than through the queue, and useless
+                # before the VIP moves (the peer's answers go to the old master)
+                restored = self.backup.promote()
             except (RepairError, OSError) as e:
                 self.counters["restore_failures"] += 1
                 log.error("%s: restore failed, its connections are lost: %s", self.spec.name, e)
@@ -180,6 +182,7 @@ class ProtectedService:
             self.master = MasterSession(
                 s.vip, s.port, self._key, backup=None, queue_num=s.queue, family=s.family,
                 sync_family=s.sync_family, sync_bind=(s.sync_addr, 0), md5=self._md5,
+                standing_rules=True,  # session.quiet's: open() only binds their queue
             )  # fmt: skip
             # adopted before the clamp and its threads start: nothing else in this process wants
             # the GIL meanwhile (the clamp's thread, at normal priority, would take it for every

@@ -55,17 +55,18 @@ def serve(sock: socket.socket) -> int:
     specs = [ServiceSpec(**s) for s in init["services"]]
     services: list[ProtectedService] = []
     try:
-        for spec in specs:  # each starts quiet (a backup): its quiet rule goes in first ...
+        for spec in specs:  # each starts quiet (a backup): its standing rules go in first ...
             services.append(ProtectedService(spec, init["key"]).start())
     except Exception as e:
         sock.send(_enc.encode({"ok": False, "error": f"{type(e).__name__}: {e}"}))
         for svc in services:
             svc.close()
         return 1
-    for fam in sorted({s.family for s in specs}):  # ... then a crashed predecessor's NFQUEUE
-        # rules go (they drop everything of VIP:port while nobody is bound: fail closed)
+    for fam in sorted({s.family for s in specs}):  # ... then every other rule of the clamp's
+        # goes: a crashed predecessor's of another queue (they drop everything of VIP:port while
+        # nobody is bound: fail closed), an older version's ``:quiet`` DROP rule
         with contextlib.suppress(OSError, subprocess.CalledProcessError):
-            remove_rules(fam, keep_quiet=True)
+            remove_rules(fam, keep={s.quiet.comment for s in services if s.spec.family == fam})
     for svc in services:  # and the sockets it left: nobody holds them, their 4-tuples would
         # make a later restore of the same connections fail (their RSTs die on the quiet rule)
         if n := svc.quiet.reap(orphans=True):
@@ -90,9 +91,6 @@ def serve(sock: socket.socket) -> int:
                 reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
             if req.get("reply", True):
                 sock.send(_enc.encode(reply))
-            if req.get("op") == "promote":  # replied: the agent adds the VIPs meanwhile
-                for svc in services:  # a second copy of a quiet rule would silence the master
-                    svc.quiet.finish_in_background()  # the next request (the kick) goes on
             if req.get("op") == "shutdown":
                 return 0
     finally:
@@ -176,8 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     # sending for ~100 ms while the backup took over (it learns of the death from an EOF it
     # reads late on a busy node): segments with bytes the new master never had reached the
     # peer, whose ACKs the new master's kernel then refused forever. Dead, the worker's NFQUEUE
-    # rules stay with nobody bound, and they drop everything of VIP:port (fail closed); the
-    # next worker on this node clears them once its quiet rule is in, and aborts the orphans.
+    # rules stay with nobody bound, and they drop everything of VIP:port (fail closed, and the
+    # quiet rule of a node that is not master); the next worker keeps them and aborts the
+    # orphans.
     if not _die_with_parent(args.parent):
         return 0
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the agent's; we act on its EOF
