@@ -10,13 +10,23 @@ stalled for 5-20 s this way.
 
 So, right after the first gratuitous ARP, the new master sends the peer of each connection that
 was restored with bytes in flight, from a raw socket, with the connection's own sequence numbers,
-window and TCP timestamp, one probe: the last byte this node sent, again (sequence number
-``end - 1``, one byte). The peer holds it already (a duplicate: an immediate ACK with a D-SACK)
-or is missing bytes before it (out of order: an immediate ACK too). Either way its ACK, now
-reaching this node, tells the restored socket what the peer holds, and the stream moves. (The
-kernel's own probe, an empty segment at ``snd_una - 1``, is out of the peer's window once the
-peer acknowledged more than we saw: its answer is rate-limited to one per 500 ms per connection,
-and the restore's own probe used that up.)
+window and TCP timestamp (and its TCP-MD5 signature, if it has one):
+
+- a flight of up to ``FLIGHT_SEGMENTS`` segments: the whole flight again, the bytes the peer
+  has not acknowledged as far as this node saw. The restored socket's own copy of them died in
+  the clamp's standing rules (``session.quiet``: its queue is bound only later), and bytes the
+  backup held but the dead master never let out (its send hold) reached the peer after ~0.6 s,
+  on the restored socket's retransmission timer: a SACK of the probe below covers a part of one
+  of its segments, which Linux does not mark, so no fast retransmit followed. Bytes the peer
+  has already are dropped there as duplicates; its ACK for all of them reaches this node;
+- a longer flight: one probe, the last byte this node sent, again (sequence number ``end - 1``,
+  one byte). The peer holds it already (a duplicate: an immediate ACK with a D-SACK) or is
+  missing bytes before it (out of order: an immediate ACK too). Either way its ACK, now reaching
+  this node, tells the restored socket what the peer holds, and the stream moves.
+
+(The kernel's own probe, an empty segment at ``snd_una - 1``, is out of the peer's window once
+the peer acknowledged more than we saw: its answer is rate-limited to one per 500 ms per
+connection.)
 
 Not done: duplicate ACKs to make the peer resend what the dead master never acknowledged. Linux
 with SACK counts SACKed segments, not bare duplicates, so for such a peer they change nothing
@@ -28,7 +38,6 @@ The kernel's sockets are not touched: nothing races the service, which has them 
 the segments carry comes from the master's tracking (``MasterSession``): the highest ACK that
 left this node, the end and last byte of the stream it sent, the last window, and the socket's
 current TSval (``TCP_TIMESTAMP``: never behind what the peer saw, or PAWS would drop them).
-Connections signed with TCP-MD5 are left alone (an unsigned segment is dropped by the peer).
 They leave marked (``SO_MARK`` ``KICK_MARK``), which the clamp's queue rule lets by: they carry
 nothing the clamp has not seen, and thousands of them after a big takeover would each cost the
 queue's Python path. The quiet rule is that same rule with nobody bound, so it lets them by
@@ -44,9 +53,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from nonstop.session.nfnl import KICK_MARK
-from nonstop.session.segment import ACK, FIN, md5_sign, set_checksum
+from nonstop.session.segment import ACK, FIN, PSH, md5_sign, set_checksum
 
-__all__ = ["FinTarget", "KickTarget", "deliver_fins", "fin_segment", "kick_probe", "send_kicks"]
+__all__ = ["FLIGHT_SEGMENTS", "FinTarget", "KickTarget", "deliver_fins", "fin_segment",
+           "kick_segments", "send_kicks"]
+
+FLIGHT_SEGMENTS = 10  # a flight up to this many segments is sent again whole (the initial cwnd)
 
 _TS = struct.Struct("!BBBBII")  # NOP NOP kind=8 len=10 TSval TSecr
 _U32 = 0xFFFFFFFF
@@ -59,10 +71,12 @@ class KickTarget:
     local: tuple[str, int]  # the VIP and port
     peer: tuple[str, int]
     end: int  # after the last byte of our stream this node holds
-    last: bytes  # that byte (b"": the peer acknowledged everything, any byte will do)
+    flight: bytes  # the bytes before ``end`` the peer has not acknowledged (as this node saw)
     ack: int  # the highest ACK that left this node
     window: int  # the raw (unscaled) window field of our last segment
     tsval: int | None  # the socket's current TCP timestamp; None: no timestamps
+    mss: int = 536  # the connection's MSS: the most payload and options per segment
+    md5_key: bytes | None = None  # the connection's TCP-MD5 key, if it is signed
 
 
 def _packet(family: int, src: tuple[str, int], dst: tuple[str, int], seq: int, ack: int,
@@ -89,11 +103,25 @@ def _packet(family: int, src: tuple[str, int], dst: tuple[str, int], seq: int, a
     return bytes(pkt)
 
 
-def kick_probe(t: KickTarget) -> bytes:
-    """The probe, our last byte again (sequence number ``end - 1``), as a whole IP packet."""
+def kick_segments(t: KickTarget) -> list[bytes]:
+    """What the kick sends on one connection, as whole IP packets: the flight again, in
+    segments of at most the MSS (options counted), if it takes ``FLIGHT_SEGMENTS`` at most;
+    else (or with nothing in flight) the probe, our last byte again (sequence number
+    ``end - 1``; with everything acknowledged any byte will do)."""
     opts = _TS.pack(1, 1, 8, 10, t.tsval & _U32, 0) if t.tsval is not None else b""
-    return _packet(t.family, t.local, t.peer, t.end - 1, t.ack, ACK, t.window, opts,
-                   t.last[-1:] or b"\0")
+    room = max(1, t.mss - len(opts) - (len(_MD5_OPT) if t.md5_key is not None else 0))
+    flight = t.flight
+    if not flight or len(flight) > FLIGHT_SEGMENTS * room:
+        return [_packet(t.family, t.local, t.peer, t.end - 1, t.ack, ACK, t.window, opts,
+                        flight[-1:] or b"\0", t.md5_key)]  # fmt: skip
+    start = t.end - len(flight)
+    out = []
+    for off in range(0, len(flight), room):
+        chunk = flight[off : off + room]
+        flags = ACK | (PSH if off + len(chunk) == len(flight) else 0)
+        out.append(_packet(t.family, t.local, t.peer, start + off, t.ack, flags, t.window,
+                           opts, chunk, t.md5_key))  # fmt: skip
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,9 +154,9 @@ def deliver_fins(targets: list[FinTarget]) -> int:
 
 
 def send_kicks(targets: list[KickTarget]) -> int:
-    """Send every target's probe from raw sockets in this network namespace; returns how many
-    left (a full socket buffer or a route gone: that one is skipped)."""
-    return _send_raw((t.family, kick_probe(t), t.peer[0]) for t in targets)
+    """Send every target's segments from raw sockets in this network namespace; returns how
+    many left (a full socket buffer or a route gone: that one is skipped)."""
+    return _send_raw((t.family, pkt, t.peer[0]) for t in targets for pkt in kick_segments(t))
 
 
 def _send_raw(packets: Iterable[tuple[int, bytes, str]]) -> int:

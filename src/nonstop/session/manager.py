@@ -231,14 +231,15 @@ class MasterSession:
 
     def kick_targets(self, socks: Iterable[tuple[FourTuple, socket.socket]]) -> list[KickTarget]:
         """What ``nonstop.session.kick`` needs to provoke both ends of these connections (those
-        still tracked, without TCP-MD5): their positions as this node last sent them, and each
-        socket's current TCP timestamp."""
+        still tracked): their positions as this node last sent them, the bytes in flight, each
+        socket's current TCP timestamp and the connection's TCP-MD5 key, if it is signed."""
         out = []
         with self._lock:
             for ft, sock in socks:
                 t = self._conns.get(ft)
-                if t is None or ft[2] in self._clamp.md5:
+                if t is None:
                     continue
+                key = self._clamp.md5.get(ft[2]) if self._clamp.md5 else None
                 tsval = None
                 if t.full.timestamps:
                     try:
@@ -246,9 +247,10 @@ class MasterSession:
                     except OSError:  # closed meanwhile
                         continue
                 ack = t.acked_out if t.acked_out is not None else self._rcv_end(t)
-                end, last = self.sender.snd_tail(t.conn_id)
-                out.append(KickTarget(self.family, (ft[0], ft[1]), (ft[2], ft[3]), end, last,
-                                      ack, t.rcv_wnd >> t.full.rcv_wscale, tsval))
+                end, flight = self.sender.snd_flight(t.conn_id)
+                out.append(KickTarget(self.family, (ft[0], ft[1]), (ft[2], ft[3]), end, flight,
+                                      ack, t.rcv_wnd >> t.full.rcv_wscale, tsval, t.full.mss,
+                                      key))  # fmt: skip
         return out
 
     def fin_targets(self, fts: Iterable[FourTuple]) -> list[FinTarget]:

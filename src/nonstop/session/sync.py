@@ -350,11 +350,14 @@ class SyncSender(_Counted):
         O(1), unlike ``connections()``. LocalProtocolError if the connection is not open."""
         return self._conn(conn_id).end(Direction(direction))
 
-    def snd_tail(self, conn_id: int) -> tuple[int, bytes]:
-        """The end of the service's stream the mirror holds without a gap, and its last byte
-        (b"": the peer acknowledged all of it). LocalProtocolError if not open."""
+    def snd_flight(self, conn_id: int) -> tuple[int, bytes]:
+        """The end of the service's stream the mirror holds without a gap, and the bytes before
+        it the peer has not acknowledged as far as this node saw (b"": all of them).
+        LocalProtocolError if not open."""
         c = self._conn(conn_id)
-        return c.end(Direction.SND), bytes(c.snd_data[-1:])
+        end = c.end(Direction.SND)
+        skip = max(0, seq_diff(c.snd_una, c.snd_start))  # the mirror may hold acked bytes
+        return end, bytes(c.snd_data[skip:])
 
     def connections(self) -> dict[int, ConnState]:
         """The sender's mirror: what the backup will hold once everything is acknowledged."""
