@@ -51,6 +51,10 @@ for line in sys.stdin:
             time.sleep(0.005)
     elif cmd == "disarm":
         guard.disarm()
+    elif cmd == "confirm":  # wait N ms unfed first, then FEED + PING
+        time.sleep(int(arg[0]) / 1000)
+        answered, notices = guard.confirm(1.0)
+        out = {{"answered": answered, "notices": notices}}
     elif cmd == "notices":
         out = {{"notices": guard.wait_notice(int(arg[0]) / 1000), "t": time.monotonic()}}
     elif cmd == "held":
@@ -161,6 +165,24 @@ def test_feeding_keeps_the_vip(driver: Driver) -> None:
     assert driver("held")["held"] == [f"{VIP}/24"]
     driver("disarm")
     driver("release")
+
+
+def test_confirm_says_whether_the_guard_fenced_first(driver: Driver) -> None:
+    """``confirm`` (FEED, then PING): a guard still armed answers PONG and keeps the VIP (the
+    agent rides out a stall shorter than the timeout); one that fenced meanwhile wrote FENCED
+    before the PONG, so the agent knows it lost the VIPs."""
+    driver("spawn")
+    driver("acquire")
+    driver("arm", 200)
+    r = driver("confirm", 120)  # under the timeout: still armed
+    assert r == {"answered": True, "notices": []}
+    r = driver("confirm", 150)  # fed 150 ms ago by the last confirm: still under
+    assert r == {"answered": True, "notices": []}
+    assert driver("held")["held"] == [f"{VIP}/24"]
+    r = driver("confirm", 320)  # past it: fenced before it read the FEED
+    assert r["answered"] is True
+    assert len(r["notices"]) == 1 and r["notices"][0].startswith("FENCED no FEED"), r
+    assert driver("held")["held"] == []
 
 
 def test_no_feed_fences_after_timeout(driver: Driver, lab: Lab) -> None:

@@ -281,7 +281,6 @@ class Agent:
         # a little under the guard's own timeout: never believe we hold a VIP it has dropped
         if stalled > 0.75 * self.cfg.fence_timeout:
             self.counters["stalls"] += 1
-            self._last_feed = None
             reason = (
                 f"the agent stalled for {stalled * 1000:.0f} ms (fence timeout "
                 f"{self.cfg.fence_timeout * 1000:.0f} ms)"
@@ -289,9 +288,34 @@ class Agent:
             # busy (its own loop ran that long) or starved (waiting for a CPU, a lock, the
             # kernel): what an operator needs to tell a slow hook from an overloaded node
             cpu = (time.thread_time() - self._feed_cpu) * 1000
+            if stalled < self.cfg.fence_timeout and self._guard_still_holds():
+                self.counters["stalls_ridden_out"] += 1
+                self._last_feed, self._feed_cpu = time.monotonic(), time.thread_time()
+                log.warning("%s: the fence guard answered a FEED unfenced, so the VIPs are "
+                            "still here: carrying on as master (the agent's loop was on a CPU "
+                            "for %.1f ms of it)", reason, cpu)
+                return
+            self._last_feed = None
+            if self.roles.role != Role.MASTER:  # the guard's FENCED, read meanwhile, did it
+                return
             log.error("%s: stepping down, the guard drops or has dropped the VIPs (the agent's "
                       "loop was on a CPU for %.1f ms of it)", reason, cpu)
             self.roles.fenced(reason, now)
+
+    def _guard_still_holds(self) -> bool:
+        """After a stall shorter than the guard's timeout: FEED the guard and wait for its
+        answer. It can only have fenced before reading that FEED, and then its FENCED comes
+        first (handled here as always). Shorter than the timeout, no backup can have taken over
+        meanwhile either (it waits out ``dead_after`` intervals, longer than the fence
+        timeout), so a stall the guard rode out costs nothing; a step-down costs every
+        protected stream a second and the service its instance (15-17 ms stalls, the agent's
+        loop on a CPU 0.3-0.7 ms of it, fenced a healthy master 3 times in 200 s of 256 busy
+        connections on 2 CPUs). No answer within the timeout: False."""
+        if self.guard is None:
+            return False
+        answered, notices = self.guard.confirm(self.cfg.fence_timeout)
+        self._guard_notices(notices, time.monotonic())
+        return answered and not any(n.startswith("FENCED") for n in notices)
 
     def datagram_received(self, data: bytes, channel: str) -> None:
         if not self._ready:  # start-up: the cores are re-made when the loop begins
@@ -327,7 +351,12 @@ class Agent:
     def _guard_readable(self) -> None:
         assert self.guard is not None
         now = time.monotonic()
-        for notice in self.guard.read_notices():
+        self._guard_notices(self.guard.read_notices(), now)
+        self._pump(now)
+
+    def _guard_notices(self, notices: list[str], now: float) -> None:
+        assert self.guard is not None
+        for notice in notices:
             if notice.startswith("FENCED"):
                 self.counters["fenced"] += 1
                 reason = notice.partition(" ")[2] or "the guard dropped the VIPs"
@@ -337,7 +366,6 @@ class Agent:
                 asyncio.get_running_loop().remove_reader(self.guard.fileno())
                 log.critical("fence guard exited: this node can no longer fence itself")
                 self.faults.declare(self.roles, "fence guard", "fence guard exited", now)
-        self._pump(now)
 
     async def _watch_sessions(self) -> None:
         """Refresh the worker's status; hold a planned handover (preemption) until the backup

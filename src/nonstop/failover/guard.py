@@ -8,17 +8,21 @@ agent -> guard::
     ARM <timeout_ms> <address/prefix> <interface> [<address/prefix> <interface> ...]
     FEED
     DISARM
+    PING <token>
 
 guard -> agent::
 
     READY <pid> <scheduling policy>      once, when it is listening
     FENCED <reason>                      it deleted the VIPs it was armed with
+    PONG <token>                         every line before the PING was handled
     ERR <reason>                         a line it did not understand (nothing else happens)
 
 Rules: while armed, a FEED (or a new ARM) restarts the timeout. When ``timeout_ms`` pass
-without one, the guard deletes the VIPs with netlink, writes FENCED and is disarmed. On EOF (the
-agent exited or was SIGKILLed) an armed guard deletes the VIPs at once and exits; a disarmed one
-just exits. It sleeps in poll() with the deadline as timeout (no busy loop), runs SCHED_FIFO
+without one, the guard deletes the VIPs with netlink, writes FENCED and is disarmed. PING is
+answered in order: a FENCED before its PONG says the guard fenced before it read what came
+before the PING (``GuardClient.confirm``: FEED, PING, and the agent knows whether it still
+holds its VIPs). On EOF (the agent exited or was SIGKILLed) an armed guard deletes the VIPs at
+once and exits; a disarmed one just exits. It sleeps in poll() with the deadline as timeout (no busy loop), runs SCHED_FIFO
 above the agent when allowed, runs in its own session (a SIGKILL of the agent's whole process
 group leaves it alive to fence), and ignores SIGINT (a Ctrl-C is the agent's business: the
 guard acts on the agent's EOF instead).
@@ -90,6 +94,8 @@ class Guard:
                 self.deadline = now + self.timeout
         elif cmd == "DISARM" and len(words) == 1:
             self.deadline = None
+        elif cmd == "PING" and len(words) == 2:
+            self.send(f"PONG {words[1]}")
         elif cmd == "ARM" and len(words) >= 2 and len(words) % 2 == 0 and words[1].isdigit():
             specs = [VipSpec(a, i) for a, i in zip(words[2::2], words[3::2], strict=True)]
             old = self.vips
@@ -174,6 +180,7 @@ class GuardClient:
         self.ready = ready  # the READY line: "READY <pid> <policy>"
         self._buf = b""
         self._eof = False
+        self._ping = 0  # the last PING token (confirm)
 
     @classmethod
     def spawn(
@@ -256,6 +263,27 @@ class GuardClient:
 
     def feed(self) -> None:
         self._send("FEED", must=False)
+
+    def confirm(self, timeout: float) -> tuple[bool, list[str]]:
+        """FEED, then wait up to ``timeout`` for the guard to answer a PING after it: (True, the
+        notices read before the PONG) when it answered; a FENCED among them says it fenced
+        before it read the FEED. (False, notices) when it did not answer in time (or exited).
+        Blocks: for the rare moment the agent must know before it goes on."""
+        self._ping += 1
+        token = str(self._ping)
+        self._send(f"FEED\nPING {token}", must=False)
+        deadline = time.monotonic() + timeout
+        notices: list[str] = []
+        while True:
+            for n in self.read_notices():
+                if n == f"PONG {token}":
+                    return True, notices
+                if not n.startswith("PONG "):  # an older PING's answer: a late one
+                    notices.append(n)
+            left = deadline - time.monotonic()
+            if left <= 0 or self._eof:
+                return False, notices
+            select.select([self.sock], [], [], left)
 
     def disarm(self) -> None:
         self._send("DISARM", must=True)
