@@ -22,10 +22,10 @@ without one, the guard deletes the VIPs with netlink, writes FENCED and is disar
 answered in order: a FENCED before its PONG says the guard fenced before it read what came
 before the PING (``GuardClient.confirm``: FEED, PING, and the agent knows whether it still
 holds its VIPs). On EOF (the agent exited or was SIGKILLed) an armed guard deletes the VIPs at
-once and exits; a disarmed one just exits. It sleeps in poll() with the deadline as timeout (no busy loop), runs SCHED_FIFO
-above the agent when allowed, runs in its own session (a SIGKILL of the agent's whole process
-group leaves it alive to fence), and ignores SIGINT (a Ctrl-C is the agent's business: the
-guard acts on the agent's EOF instead).
+once and exits; a disarmed one just exits. It sleeps in poll() with the deadline as timeout (no
+busy loop), runs SCHED_FIFO above the agent when allowed, runs in its own session (a SIGKILL of
+the agent's whole process group leaves it alive to fence), and ignores SIGINT (a Ctrl-C is the
+agent's business: the guard acts on the agent's EOF instead).
 """
 
 from __future__ import annotations
