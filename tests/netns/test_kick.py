@@ -77,16 +77,22 @@ def test_a_short_flight_is_sent_again_whole() -> None:
     assert flags == [0x10, 0x10, 0x18]  # ACK, ACK, PSH|ACK
 
 
-def test_kick_moves_a_restored_flight_at_once(lab: Lab) -> None:
-    peer, a, b = lab.host("peer"), lab.host("a"), lab.host("b")
-    a.sh(f"ip addr add {VIP}/24 dev lan")
-    listener = a.socket(socket.AF_INET)
+def _connected_to_a(lab: Lab) -> tuple[socket.socket, socket.socket]:
+    """The VIP on a, and one connection from the peer to it: (the peer's socket, a's)."""
+    lab.host("a").sh(f"ip addr add {VIP}/24 dev lan")
+    listener = lab.host("a").socket(socket.AF_INET)
     listener.bind((VIP, PORT))
     listener.listen(1)
-    p = peer.socket(socket.AF_INET)
+    p = lab.host("peer").socket(socket.AF_INET)
     p.connect((VIP, PORT))
     srv, _ = listener.accept()
     listener.close()
+    return p, srv
+
+
+def test_kick_moves_a_restored_flight_at_once(lab: Lab) -> None:
+    peer, a, b = lab.host("peer"), lab.host("a"), lab.host("b")
+    p, srv = _connected_to_a(lab)
     data = os.urandom(40_000)
     rule = f"OUTPUT -d {VIP} -p tcp -j DROP"  # the peer's ACKs never reach a
     peer.sh(f"iptables -I {rule}")
@@ -138,14 +144,7 @@ def test_kick_delivers_a_short_flight_the_peer_never_had(lab: Lab) -> None:
     and the peer has it at once, not after b's first retransmit timer (~0.6 s or more)."""
     peer, a, b = lab.host("peer"), lab.host("a"), lab.host("b")
     unbound = f"OUTPUT -s {VIP} -p tcp --sport {PORT} -j NFQUEUE --queue-num 77"
-    a.sh(f"ip addr add {VIP}/24 dev lan")
-    listener = a.socket(socket.AF_INET)
-    listener.bind((VIP, PORT))
-    listener.listen(1)
-    p = peer.socket(socket.AF_INET)
-    p.connect((VIP, PORT))
-    srv, _ = listener.accept()
-    listener.close()
+    p, srv = _connected_to_a(lab)
     data = os.urandom(3000)
     a.sh(f"iptables -I {unbound}")
     try:
