@@ -252,24 +252,13 @@ class AckClamp:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def bind(self) -> None:
-        """Bind the queue, no verdict yet: from here the segments the rules queue wait in the
-        kernel's queue (up to ``maxlen``) instead of being dropped, until ``open`` starts the
-        thread that answers them. A promotion binds first, so that the standing rules let the
-        restored sockets' first segments wait rather than drop them."""
-        if self._sock is not None:
-            return
-        if self._ns_fd < 0:
-            raise LocalProtocolError("AckClamp closed")
-        self._sock = in_ns(self._ns_fd, self._bind)
-
     def open(self) -> None:
-        """Bind the queue (unless ``bind`` did), start the verdict thread, then insert the rule
+        """Bind the queue, start the verdict thread, then insert the rule unless it stands
         (in that order, so no segment is queued before someone listens)."""
-        if self._thread is not None:
+        if self._sock is not None:
             raise LocalProtocolError("AckClamp already open")
         try:
-            self.bind()
+            self._sock = in_ns(self._ns_fd, self._bind)
             self._wake = os.pipe()
             self._kick = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self._thread = threading.Thread(
