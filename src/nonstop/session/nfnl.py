@@ -148,24 +148,35 @@ def in_ns(ns_fd: int, fn: Callable[..., Any], *args: Any) -> Any:
     return box.get("result")
 
 
+def listed_rules(family: int) -> list[tuple[str, list[str]]]:
+    """Every nonstop ACK-clamp rule in this namespace: (its comment, its spec from the chain
+    on, as ``iptables -D`` takes it). One ``iptables -S``."""
+    out = subprocess.run([iptables_cmd(family), "-w", "-S"], capture_output=True, text=True,
+                         check=True)  # fmt: skip
+    rules = []
+    for line in out.stdout.splitlines():
+        if line.startswith("-A ") and COMMENT in line:
+            spec = shlex.split(line)[1:]  # -S quotes the comment
+            comment = spec[spec.index("--comment") + 1] if "--comment" in spec else ""
+            rules.append((comment, spec))
+    return rules
+
+
 def remove_rules(family: int = 4, *, netns_fd: int | None = None,
-                 keep: Collection[str] = ()) -> int:  # fmt: skip
+                 keep: Collection[str] = (), only: str | None = None) -> int:  # fmt: skip
     """Delete every nonstop ACK-clamp rule (a crashed agent's leftovers) but those whose comment
-    is in ``keep`` (the standing rules of this worker's own queues, ``session.quiet``); how
-    many. Runs in the current namespace, or the one behind ``netns_fd``."""
+    is in ``keep`` (the standing rules of this worker's own queues, ``session.quiet``), or with
+    ``only`` just those whose comment it is; how many. Runs in the current namespace, or the
+    one behind ``netns_fd``."""
 
     def body() -> int:
-        ipt = iptables_cmd(family)
-        out = subprocess.run([ipt, "-w", "-S"], capture_output=True, text=True, check=True)
         n = 0
-        for line in out.stdout.splitlines():
-            if line.startswith("-A ") and COMMENT in line:
-                spec = shlex.split(line)[1:]  # -S quotes the comment
-                comment = spec[spec.index("--comment") + 1] if "--comment" in spec else ""
-                if comment in keep:
-                    continue
-                subprocess.run([ipt, "-w", "-D", *spec], capture_output=True, check=True)
-                n += 1
+        for comment, spec in listed_rules(family):
+            if comment in keep or (only is not None and comment != only):
+                continue
+            subprocess.run([iptables_cmd(family), "-w", "-D", *spec], capture_output=True,
+                           check=True)  # fmt: skip
+            n += 1
         return n
 
     return body() if netns_fd is None else in_ns(netns_fd, body)

@@ -12,10 +12,11 @@ worker's whole life, with nobody bound to their queue unless the node is master.
 ``--queue-bypass``: an unbound queue drops every segment, and that is the quiet. So a role
 change runs no ``iptables``:
 
-- promotion: the new ``MasterSession`` binds the queue before the restored sockets leave repair
-  mode (their first segments wait in the kernel's queue, not dropped), then starts the thread
-  that answers them. Deleting a DROP rule and inserting the clamp's two rules cost 11-20 ms
-  of a 35 ms promotion of 256 connections (two ``iptables`` processes on a loaded node);
+- promotion: the new ``MasterSession`` binds the queue when it opens, after the restore: the
+  restored sockets' first segments (a window probe, their bytes in flight again) die in the
+  rules, and the kick after the first gratuitous ARP moves the peer (``session.kick``).
+  Deleting a DROP rule and inserting the clamp's two rules cost 11-20 ms of a 35 ms
+  promotion of 256 connections (two ``iptables`` processes on a loaded node);
 - step-down: the master session unbinds; from the next segment on, every one is dropped. At a
   step-down every established socket of VIP:port the worker did not hold is then aborted with
   SOCK_DESTROY (``ss -K``, ``reap``): its RST dies in the rule, and its 4-tuple is free for a
@@ -32,10 +33,10 @@ crafts (``KICK_MARK``) pass the OUTPUT rule; only a master sends them.
 
 from __future__ import annotations
 
-import shlex
+import contextlib
 import subprocess
 
-from nonstop.session.nfnl import COMMENT, iptables_cmd, restore_rules
+from nonstop.session.nfnl import COMMENT, listed_rules, remove_rules, restore_rules
 from nonstop.session.nfq import clamp_rule
 
 CHAINS = ("OUTPUT", "INPUT")
@@ -44,43 +45,24 @@ CHAINS = ("OUTPUT", "INPUT")
 class QuietRule:
     def __init__(self, vip: str, port: int, family: int, queue_num: int) -> None:
         self.vip, self.port, self.family, self.queue_num = vip, port, family, queue_num
-        self.cmd = iptables_cmd(family)
         self.comment = f"{COMMENT}:q{queue_num}"
 
     def specs(self) -> list[tuple[str, list[str]]]:
         """(chain, rule spec) of each rule, as ``iptables -I CHAIN`` takes it."""
         return [(c, clamp_rule(self.vip, self.port, self.queue_num, c)) for c in CHAINS]
 
-    def _present(self) -> dict[str, int]:
-        """How many copies of our rule each chain holds."""
-        out = subprocess.run([self.cmd, "-w", "-S"], capture_output=True, text=True, check=True)
-        n = dict.fromkeys(CHAINS, 0)
-        for line in out.stdout.splitlines():
-            f = shlex.split(line)  # -S quotes the comment
-            if len(f) > 2 and f[0] == "-A" and f[1] in n and "--comment" in f and \
-                    f[f.index("--comment") + 1] == self.comment:
-                n[f[1]] += 1
-        return n
-
     def add(self) -> None:
         """Install what is missing (an existing copy is kept): one ``iptables -S`` and, when
         something is missing, one ``iptables-restore``. Raises OSError or CalledProcessError."""
-        have = self._present()
-        missing = [(c, spec) for c, spec in self.specs() if not have[c]]
+        have = {spec[0] for comment, spec in listed_rules(self.family) if comment == self.comment}
+        missing = [(c, spec) for c, spec in self.specs() if c not in have]
         if missing:
             restore_rules("-I", self.family, missing)
 
     def remove(self) -> None:
         """Delete every copy (best effort: what cannot be deleted is left)."""
-        try:
-            have = self._present()
-        except (OSError, subprocess.CalledProcessError):
-            return
-        for chain, spec in self.specs():
-            for _ in range(have[chain]):
-                r = subprocess.run([self.cmd, "-w", "-D", chain, *spec], capture_output=True)
-                if r.returncode != 0:
-                    break
+        with contextlib.suppress(OSError, subprocess.CalledProcessError):
+            remove_rules(self.family, only=self.comment)
 
     def reap(self, *, orphans: bool = False) -> int:
         """Abort every established socket of VIP:port on this node (SOCK_DESTROY, ``ss -K``):
