@@ -33,9 +33,13 @@ need_venv() {
     echo "setup: $PYTHON is older than 3.11" >&2; exit 1
   fi
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-  # Reinstall only when the project's metadata changed since the last install.
-  local stamp="$VENV/.nonstop-installed"
-  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  # Reinstall only when the project's metadata or its C source changed since the last install
+  # (the editable install builds the C extension in place, next to its source).
+  local stamp="$VENV/.nonstop-installed" changed=""
+  for f in pyproject.toml setup.py src/nonstop/session/_repair.c; do
+    [ "$f" -nt "$stamp" ] && changed=1
+  done
+  if [ ! -f "$stamp" ] || [ -n "$changed" ]; then
     echo "setup: installing nonstop and its test tools into $VENV"
     "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
     "$VENV/bin/python" -m pip install -q -e '.[test]'

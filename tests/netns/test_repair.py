@@ -33,6 +33,7 @@ from nonstop.session import (
     restore,
     restore_many,
 )
+from nonstop.session import repair as repair_mod
 from nonstop.session.repair import SIOCINQ, _ioctl_int, ts_later
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(60)]
@@ -44,6 +45,15 @@ PORT = 7000
 
 
 # -- helpers --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["c", "python"])
+def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The restore's system calls made from C (the default) or from Python (no compiler)."""
+    if request.param == "python":
+        monkeypatch.setattr(repair_mod, "_native", None)
+    assert repair_mod.engine() == request.param, "the C restore was not built (setup.py)"
+    return str(request.param)
 
 
 def vip(host: LabHost, fam: int, op: str) -> None:
@@ -166,7 +176,7 @@ def wait_for(cond: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
 
 @pytest.mark.parametrize("fam", [4, 6])
 @pytest.mark.parametrize("order", ["vip_first", "restore_first"])
-def test_takeover_one_connection(lab: Lab, fam: int, order: str) -> None:
+def test_takeover_one_connection(lab: Lab, fam: int, order: str, engine: str) -> None:
     peer, a, b = lab.host("peer"), lab.host("a"), lab.host("b")
     up = os.urandom(8 << 20)  # peer -> VIP stream
     down = os.urandom(8 << 20)  # VIP -> peer stream
@@ -240,7 +250,7 @@ def test_takeover_one_connection(lab: Lab, fam: int, order: str) -> None:
     nsrv.close()
 
 
-def test_restore_error_names_the_step(lab: Lab) -> None:
+def test_restore_error_names_the_step(lab: Lab, engine: str) -> None:
     a = lab.host("a")
     vip(a, 4, "add")
     listener = a.socket(socket.AF_INET)

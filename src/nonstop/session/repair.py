@@ -25,6 +25,10 @@ segment after it are signed, and the peer's signed segments are accepted. (Witho
 peer drops every segment of ours and we drop every one of its: the connection is dead.)
 
 Sequence numbers are unsigned 32-bit: the kernel hands them back through a signed int.
+
+The restore's 15-20 system calls per connection are made from C (``_repair.c``, built by
+``pip install``) when it was built: from Python each call cost more than the kernel's work. The
+decisions (queues, options, what to resend) stay here; ``engine()`` says which one runs.
 """
 
 from __future__ import annotations
@@ -40,6 +44,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from nonstop.common import reserve_fds
+
+try:  # the restore's system calls made from C (setup.py builds it; optional)
+    from nonstop.session import _repair as _native
+except ImportError:  # no compiler at install time: the same calls from Python, ~2x slower
+    _native = None
 
 __all__ = [
     "RepairError",
@@ -329,6 +338,11 @@ def _restore_one(
     return sock
 
 
+def engine() -> str:
+    """``"c"`` when the restore's system calls are made from C, ``"python"`` otherwise."""
+    return "python" if _native is None else "c"
+
+
 def _prepare(
     state: TcpState, freebind: bool, with_queues: bool, resend: bool, now: float,
     md5: Mapping[str, bytes] | None = None,
@@ -338,21 +352,46 @@ def _prepare(
     fam = state.family
     send_q = state.send_queue if with_queues else b""
     recv_q = state.recv_queue if with_queues else b""
+    # room for the queues, and for the receive window already promised to the peer, plus
+    # per-skb overhead (the kernel doubles the value again)
+    rcv_need = len(recv_q) + (state.window[3] if state.window is not None else 0)
+    sndbuf = 2 * len(send_q) if len(send_q) > _SNDBUF_DEFAULT else 0
+    rcvbuf = 2 * rcv_need if rcv_need > _RCVBUF_DEFAULT else 0
+    key = md5.get(state.dst) if md5 else None
+    ok = (state.mss, state.snd_wscale, state.rcv_wscale, state.sack, state.timestamps)
+    opts = _OPTS_CACHE.get(ok)
+    if opts is None:
+        opts = _OPTS_CACHE[ok] = _repair_options(*ok)
+    ts = (ts_later(state.ts_val, now - state.dumped_at)
+          if state.timestamps and state.ts_val is not None else None)
+    sent = len(send_q) - state.unsent_len if send_q else 0
+    if resend and 0 < sent <= _resend_limit(state, key is not None):
+        sent = 0  # the unacknowledged part counts as never sent: snd_nxt = snd_una
     # with queues to refill, non-blocking: a full buffer is an error (EAGAIN), never a hang
-    sock = socket.socket(fam, socket.SOCK_STREAM | (_NONBLOCK if send_q or recv_q else 0))
+    stype = socket.SOCK_STREAM | (_NONBLOCK if send_q or recv_q else 0)
+    send_seq = (state.snd_seq - len(send_q)) & _SEQ_MASK
+    recv_seq = (state.rcv_seq - len(recv_q)) & _SEQ_MASK
+    if _native is not None:
+        r = _native.prepare(
+            fam, state.src, state.sport, state.dst, state.dport, bool(send_q or recv_q),
+            sndbuf, rcvbuf, freebind, send_seq, recv_seq, state.mss,
+            None if key is None else md5sig(state.dst, key), opts, ts is not None,
+            0 if ts is None else ts, recv_q, memoryview(send_q)[:sent], state.window,
+        )  # fmt: skip
+        if type(r) is int:
+            return socket.socket(fam, stype, _TCP, r), sent
+        if r[0] != "address":
+            raise RepairError(r[0], OSError(r[1], os.strerror(r[1])))
+        # an address C's inet_pton does not read (an IPv6 scope id): the Python steps
+    sock = socket.socket(fam, stype)
     so = sock.setsockopt
     step = "repair on"
     try:
         so(_TCP, TCP_REPAIR, 1)
-        # room for the queues, and for the receive window already promised to the peer, plus
-        # per-skb overhead (the kernel doubles the value again)
-        rcv_need = len(recv_q) + (state.window[3] if state.window is not None else 0)
-        if len(send_q) > _SNDBUF_DEFAULT or rcv_need > _RCVBUF_DEFAULT:
+        if sndbuf or rcvbuf:
             step = "socket buffers"
-            if len(send_q) > _SNDBUF_DEFAULT:
-                _force_buf(sock, _SO_SNDBUFFORCE, socket.SO_SNDBUF, 2 * len(send_q))
-            if rcv_need > _RCVBUF_DEFAULT:
-                _force_buf(sock, _SO_RCVBUFFORCE, socket.SO_RCVBUF, 2 * rcv_need)
+            _force_buf(sock, _SO_SNDBUFFORCE, socket.SO_SNDBUF, sndbuf)
+            _force_buf(sock, _SO_RCVBUFFORCE, socket.SO_RCVBUF, rcvbuf)
         if freebind:
             step = "IP_TRANSPARENT"
             if fam == socket.AF_INET6:
@@ -361,10 +400,10 @@ def _prepare(
                 so(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
         step = "send queue seq"
         so(_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
-        so(_TCP, TCP_QUEUE_SEQ, _U32.pack((state.snd_seq - len(send_q)) & _SEQ_MASK))
+        so(_TCP, TCP_QUEUE_SEQ, _U32.pack(send_seq))
         step = "recv queue seq"
         so(_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
-        so(_TCP, TCP_QUEUE_SEQ, _U32.pack((state.rcv_seq - len(recv_q)) & _SEQ_MASK))
+        so(_TCP, TCP_QUEUE_SEQ, _U32.pack(recv_seq))
         # the peer's MSS as TCP_MAXSEG before connect: connect sizes segments from it
         # (TCP_REPAIR_OPTIONS alone sets the clamp too late, leaving 536-byte segments)
         step = "TCP_MAXSEG"
@@ -373,25 +412,17 @@ def _prepare(
         sock.bind((state.src, state.sport))
         step = "connect"
         sock.connect((state.dst, state.dport))
-        key = md5.get(state.dst) if md5 else None
         if key is not None:
             step = "TCP_MD5SIG"  # in repair mode: nothing leaves unsigned
             so(_TCP, TCP_MD5SIG, md5sig(state.dst, key))
         step = "TCP_REPAIR_OPTIONS"
-        ok = (state.mss, state.snd_wscale, state.rcv_wscale, state.sack, state.timestamps)
-        opts = _OPTS_CACHE.get(ok)
-        if opts is None:
-            opts = _OPTS_CACHE[ok] = _repair_options(*ok)
         so(_TCP, TCP_REPAIR_OPTIONS, opts)
-        if state.timestamps and state.ts_val is not None:
+        if ts is not None:
             step = "TCP_TIMESTAMP"
-            so(_TCP, TCP_TIMESTAMP, _U32.pack(ts_later(state.ts_val, now - state.dumped_at)))
+            so(_TCP, TCP_TIMESTAMP, _U32.pack(ts))
         if recv_q:
             step = "refill recv queue"  # still TCP_RECV_QUEUE
             _fill(sock, recv_q)
-        sent = len(send_q) - state.unsent_len if send_q else 0
-        if resend and 0 < sent <= _resend_limit(state, key is not None):
-            sent = 0  # the unacknowledged part counts as never sent: snd_nxt = snd_una
         if sent > 0:
             step = "refill send queue"
             so(_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
@@ -411,21 +442,31 @@ def _go_live(sock: socket.socket, state: TcpState, sent: int, with_queues: bool)
     """Repair off (the kernel's window probe leaves), then the never-sent part of the queue."""
     send_q = state.send_queue if with_queues else b""
     recv_q = state.recv_queue if with_queues else b""
+    unsent = memoryview(send_q)[sent:]
+    # no Nagle hold-back: a resent part (sent == 0) must leave now, up to the old snd_nxt
+    nodelay = sent == 0 < len(send_q) - state.unsent_len
+    if _native is not None:
+        r = _native.go_live(sock.fileno(), unsent, nodelay)
+        if r is not None:
+            sock.close()
+            raise RepairError(r[0], OSError(r[1], os.strerror(r[1])))
+        if send_q or recv_q:
+            sock.setblocking(True)
+        return
     so = sock.setsockopt
     step = "repair off"
     try:
         so(_TCP, TCP_REPAIR, 0)
         step = "SO_REUSEADDR"  # in repair mode it would undo the forced reuse and break bind
         so(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if len(send_q) > sent:
+        if unsent:
             step = "send unsent tail"
-            if sent == 0 < len(send_q) - state.unsent_len:
-                # no Nagle hold-back: the whole resent part must leave now, up to the old snd_nxt
+            if nodelay:
                 so(_TCP, socket.TCP_NODELAY, 1)
-                _fill(sock, memoryview(send_q))
+                _fill(sock, unsent)
                 so(_TCP, socket.TCP_NODELAY, 0)
             else:
-                _fill(sock, memoryview(send_q)[sent:])
+                _fill(sock, unsent)
         if send_q or recv_q:
             sock.setblocking(True)
     except BaseException as e:
