@@ -11,10 +11,11 @@ import asyncio
 import contextlib
 import enum
 import fcntl
+import gc
 import os
 import resource
 import select
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 
@@ -133,6 +134,22 @@ def raise_fd_limit(want: int | None = None) -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         return target
     return soft
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside (a promotion): it allocates several objects per
+    connection, and each allocation count past the threshold walks the young generations, or
+    the whole heap of a worker holding 10,000 connections (~8% of a restore's time in a
+    profile). Reference counting still frees what is dropped; the next pass after this finds
+    the cycles. Nests: only the outermost turns the collector back on."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def reserve_fds(n: int) -> int:

@@ -9,7 +9,6 @@ peer, the old master and the new master. The state crosses from ``a`` to ``b`` a
 from __future__ import annotations
 
 import base64
-import dataclasses
 import errno
 import json
 import os
@@ -19,6 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import msgspec
 import pytest
 from movelab import movelab_lab  # noqa: F401  (the ``lab`` fixture)
 
@@ -95,7 +95,7 @@ def assert_no_resets(before: dict[str, dict[str, int]], after: dict[str, dict[st
 def to_json(states: list[TcpState]) -> str:
     rows = []
     for st in states:
-        d = dataclasses.asdict(st)
+        d = msgspec.structs.asdict(st)
         d["send_queue"] = base64.b64encode(st.send_queue).decode()
         d["recv_queue"] = base64.b64encode(st.recv_queue).decode()
         rows.append(d)

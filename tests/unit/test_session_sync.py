@@ -554,3 +554,43 @@ def test_a_paused_sender_keeps_the_mirror_and_seals_nothing() -> None:
     assert tx.counters["batches"] > 0 and tx.resynced
     assert rx.connections()[3] == mirror
     assert tx.confirmed(3) == (mirror.rcv_end, mirror.snd_end)
+
+
+@pytest.mark.parametrize("paused", [True, False])
+def test_adopt_holds_what_the_records_would(paused: bool) -> None:
+    """A promotion's restored connection, tracked from its whole state at once: the mirror is the
+    one the records (open, update, commit, data both ways, the peer's FIN) leave, and a backup
+    synced afterwards holds it whole."""
+    isn = M - 4  # the streams cross 2**32
+    state = ConnState(
+        full(5, isn, isn), seq_add(isn, 6), b"world", seq_add(isn, 2), b"ply",
+        seq_add(isn, 11), seq_add(isn, 2), seq_add(isn, 5), 9, 9,
+        Commit(5, seq_add(isn, 6), seq_add(isn, 2), b"s"), seq_add(isn, 11))
+    by_records = SyncSender(KEY, incarnation=1, now=0.0)
+    by_records.pause()
+    by_records.open(5, state.full, 0.0)
+    by_records.update(5, rcv_nxt=state.rcv_nxt, snd_una=state.snd_una, snd_nxt=state.snd_nxt,
+                      snd_wnd=9, rcv_wnd=9, now=0.0)
+    by_records.commit(5, state.commit.rpos, state.commit.wpos, b"s", 0.0)
+    by_records.data(5, Direction.RCV, state.rcv_start, b"world", 0.0)
+    by_records.data(5, Direction.SND, state.snd_start, b"ply", 0.0)
+    assert by_records.fin(5, Direction.RCV, state.rcv_fin, 0.0)
+    assert by_records.connections()[5] == state
+
+    tx = SyncSender(KEY, incarnation=1, now=0.0)
+    rx = SyncReceiver(KEY, now=0.0, incarnation=1)
+    if paused:
+        tx.pause()
+    tx.adopt(state, 0.0)
+    assert tx.connections()[5] == state
+    with pytest.raises(LocalProtocolError):
+        tx.adopt(state, 0.0)  # already open
+    if paused:
+        assert tx.datagrams_to_send(1.0) == [] and tx.counters["records"] == 0
+        tx.resync(1.0, new_backup=True)
+    for _ in range(3):
+        for d in tx.datagrams_to_send(2.0):
+            for a in rx.receive(d, 2.0):
+                tx.receive_ack(a, 2.0)
+    assert rx.connections()[5] == state
+    assert tx.confirmed(5) == (seq_add(state.rcv_end, 1), state.snd_end)  # the FIN counts

@@ -248,6 +248,7 @@ class BackupSession:
                 except RepairError as e:
                     self.restore_failures.append(f"{st.dst}:{st.dport}: {e}")
                     socks.append(None)
+        t_rm = time.monotonic()
         out = []
         self.closing = 0
         for (cs, st), sock in zip(pairs, socks, strict=True):
@@ -272,8 +273,9 @@ class BackupSession:
                 (f.local_addr, f.local_port, f.peer_addr, f.peer_port),
                 sent_pos=seq_diff(st.snd_seq, f.snd_seq) % (1 << 32),
                 peer_fin=cs.rcv_fin))  # fmt: skip
-        self.phases_ms = {"states": round((t1 - t0) * 1000, 3),
-                          "restore": round((time.monotonic() - t1) * 1000, 3)}
+        self.phases_ms = {"states": round((t1 - t0) * 1000, 3),  # the sync copies -> TcpStates
+                          "restore": round((t_rm - t1) * 1000, 3),  # TCP_REPAIR
+                          "conns": round((time.monotonic() - t_rm) * 1000, 3)}
         return out
 
     def _finish(self, sock: socket.socket) -> None:

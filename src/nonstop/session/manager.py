@@ -61,7 +61,7 @@ from nonstop.session.nfq import AckClamp, FourTuple
 from nonstop.session.repair import ts_later
 from nonstop.session.segment import ACK, FIN, RST, SYN, Segment
 from nonstop.session.sync import SyncSender
-from nonstop.session.wire import CloseReason, Direction, FullRecord
+from nonstop.session.wire import CloseReason, Commit, Direction, FullRecord
 
 if TYPE_CHECKING:
     from nonstop.session.backup import RestoredConn
@@ -305,30 +305,35 @@ class MasterSession:
                 full = cs.full
                 if full.timestamps:
                     full = full.with_ts(_get_u32(rc.sock, _TCP_TIMESTAMP))
-                rpos, wpos, state = (
-                    (cs.commit.rpos, cs.commit.wpos, cs.commit.state)
-                    if cs.commit
-                    else (full.rcv_seq, full.snd_seq, b"")
-                )
+                commit = cs.commit or Commit(full.conn_id, full.rcv_seq, full.snd_seq)
                 snd_una = seq_add(st.snd_seq, -len(st.send_queue))
                 rcv_end = st.rcv_seq
+                rcv_start = seq_add(rcv_end, -len(st.recv_queue))
                 ft = (full.local_addr, full.local_port, full.peer_addr, full.peer_port)
-                snd_wnd, rcv_wnd = cs.snd_wnd or full.snd_wnd, cs.rcv_wnd or full.rcv_wnd
+                snd_wnd, rcv_wnd = (cs.snd_wnd or full.snd_wnd) & _U32, (
+                    cs.rcv_wnd or full.rcv_wnd) & _U32
                 if ft in self._conns:
                     raise ValueError(f"connection {ft} is already tracked")
-                snd.open(full.conn_id, full, now)  # refuses an id already open
+                if rcv_start == commit.rpos and cs.rcv_fin in (None, rcv_end):
+                    # what the records below would leave in the mirror, at once (refuses an id
+                    # already open)
+                    snd.adopt(ConnState(
+                        full, rcv_start, st.recv_queue, snd_una, st.send_queue, rcv_end,
+                        snd_una, st.snd_seq, snd_wnd, rcv_wnd, commit, cs.rcv_fin), now)
+                else:  # (not seen: the input does not start at the commit)
+                    snd.open(full.conn_id, full, now)
+                    snd.update(full.conn_id, rcv_nxt=rcv_end, snd_una=snd_una,
+                               snd_nxt=st.snd_seq, snd_wnd=snd_wnd, rcv_wnd=rcv_wnd, now=now)
+                    snd.commit(full.conn_id, commit.rpos, commit.wpos, commit.state, now)
+                    snd.data(full.conn_id, Direction.RCV, rcv_start, st.recv_queue, now)
+                    snd.data(full.conn_id, Direction.SND, snd_una, st.send_queue, now)
+                    if cs.rcv_fin is not None:
+                        snd.fin(full.conn_id, Direction.RCV, cs.rcv_fin, now)
                 self._conns[ft] = _Tracked(full.conn_id, full, st.snd_seq, snd_una, snd_wnd,
                                            rcv_wnd, now, acked_out=rcv_end)  # its probe acks it
                 self._ids = itertools.count(max(next(self._ids), full.conn_id + 1))
-                snd.update(full.conn_id, rcv_nxt=rcv_end, snd_una=snd_una, snd_nxt=st.snd_seq,
-                           snd_wnd=snd_wnd & _U32, rcv_wnd=rcv_wnd & _U32, now=now)
-                snd.commit(full.conn_id, rpos, wpos, state, now)
-                snd.data(full.conn_id, Direction.RCV, seq_add(rcv_end, -len(st.recv_queue)),
-                         st.recv_queue, now)
-                snd.data(full.conn_id, Direction.SND, snd_una, st.send_queue, now)
                 if cs.rcv_fin is not None:  # the peer half-closed (its FIN is delivered again
                     # to the restored socket once the VIP is here: kick.deliver_fins)
-                    snd.fin(full.conn_id, Direction.RCV, cs.rcv_fin, now)
                     self._conns[ft].peer_fin = cs.rcv_fin
                 self.adopted += 1
             self._flush(now)

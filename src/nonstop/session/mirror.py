@@ -17,7 +17,7 @@ FIN, or let its own leave, once the backup's confirmed ends reach past it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import msgspec
 
 from nonstop.session.wire import Commit, Data, Direction, Fin, FullRecord, Record, Update
 
@@ -39,8 +39,7 @@ def seq_lt(a: int, b: int) -> bool:
     return seq_diff(a, b) < 0
 
 
-@dataclass(frozen=True, slots=True)
-class ConnState:
+class ConnState(msgspec.Struct, frozen=True, gc=False):
     """Everything to restore one connection, as the backup holds it.
 
     ``rcv_data`` starts at ``rcv_start`` (the committed read position, or FULL's rcv_seq): bytes

@@ -41,7 +41,8 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+
+import msgspec
 
 from nonstop.common import reserve_fds
 
@@ -120,8 +121,7 @@ class RepairError(OSError):
         return str(self.strerror)
 
 
-@dataclass(frozen=True, slots=True)
-class TcpState:
+class TcpState(msgspec.Struct, frozen=True, gc=False):
     """Everything needed to rebuild one established TCP connection.
 
     ``src:sport`` is the local end (the VIP), ``dst:dport`` the peer. ``snd_seq`` and ``rcv_seq``
@@ -130,6 +130,10 @@ class TcpState:
     ``send_queue`` holds the unacknowledged and unsent bytes, its last ``unsent_len`` bytes never
     sent; ``recv_queue`` the bytes received and not yet read. ``window`` is TCP_REPAIR_WINDOW
     (snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup). ``dumped_at`` is time.monotonic().
+
+    A msgspec Struct, not a frozen dataclass: a promotion builds one per connection, and a
+    frozen dataclass takes ~2.7 us to build here (one ``object.__setattr__`` per field), a
+    Struct ~0.1 us. Not tracked by the GC: it holds no containers of its own kind.
     """
 
     family: int

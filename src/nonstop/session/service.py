@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nonstop.app.channel import AgentEndpoint, CommitRecord, HeldConn
+from nonstop.common import gc_paused
 from nonstop.session.backup import BackupSession
 from nonstop.session.kick import deliver_fins, send_kicks
 from nonstop.session.manager import MasterSession
@@ -37,7 +38,7 @@ from nonstop.session.mirror import ConnState
 from nonstop.session.nfnl import kernel_queue
 from nonstop.session.nfq import FourTuple
 from nonstop.session.quiet import QuietRule
-from nonstop.session.repair import RepairError, disconnect_silently
+from nonstop.session.repair import RepairError, disconnect_silently, engine
 
 log = logging.getLogger("nonstop.session")
 _OVERLOAD_LOG_S = 10.0  # the kernel queue's drops are logged this often at most
@@ -152,7 +153,7 @@ class ProtectedService:
         the VIP is added. ``own``: the agent knows no other node served since this one stepped
         down, so the connections it parked then are still the truth (else they are dropped).
         Returns what was done (counts and timings)."""
-        with self._lock:
+        with self._lock, gc_paused():
             if self.role == "master":
                 return {"service": self.spec.name, "restored": 0, "already": True}
             t0 = time.monotonic()
@@ -217,6 +218,7 @@ class ProtectedService:
                 "restored": n,
                 "restore_ms": round((t1 - t0) * 1000, 3),
                 "restore_us_per_session": round((t1 - t0) * 1e6 / n, 1) if n else None,
+                "restore_engine": engine(),  # the restore's system calls from C or Python
                 "total_ms": round((time.monotonic() - t0) * 1000, 3),
                 "handed_to_service": woken,
                 "resent_bytes": sum(rc.resent for rc in restored),

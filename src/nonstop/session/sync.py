@@ -147,6 +147,19 @@ class SyncSender(_Counted):
             raise LocalProtocolError(f"conn {conn_id} is already open or does not match {full}")
         self._enqueue(full, now)
 
+    def adopt(self, state: ConnState, now: float) -> None:
+        """Track a connection from its whole state (a promotion's restored connection): the
+        mirror ``open``, ``update``, ``commit``, ``data`` both ways and the FINs would leave. With
+        no backup (paused) the mirror is built at once, no record made (the next resync sends it
+        whole); otherwise those records are queued."""
+        conn_id = state.full.conn_id
+        if conn_id in self._conns:
+            raise LocalProtocolError(f"conn {conn_id} is already open")
+        if self._paused:
+            self._conns[conn_id] = ConnMirror.from_state(state)
+            return
+        self._enqueue_whole(state, now)
+
     def data(self, conn_id: int, direction: Direction, seq: int, payload: bytes,
              now: float) -> None:
         """Stream bytes at ``seq``: RCV received from the peer, SND written by the service.
@@ -223,22 +236,26 @@ class SyncSender(_Counted):
         self._outbox.clear()
         self._confirmed.clear()
         self._reset_next = True
-        for conn_id, c in list(self._conns.items()):
-            state = c.snapshot()
-            self._enqueue(state.full, now)
-            self._enqueue(Update(conn_id, state.rcv_nxt, state.snd_una, state.snd_nxt,
-                                 state.snd_wnd, state.rcv_wnd), now)
-            if state.commit is not None:
-                self._enqueue(state.commit, now)
-            self._feed(conn_id, Direction.RCV, state.rcv_start, state.rcv_data, now)
-            self._feed(conn_id, Direction.SND, state.snd_start, state.snd_data, now)
-            for d, fin, end in ((Direction.RCV, state.rcv_fin, state.rcv_end),
-                                (Direction.SND, state.snd_fin, state.snd_end)):
-                if fin is not None and fin == end:  # (past the end: acknowledged, trimmed)
-                    self._enqueue(Fin(conn_id, d, fin), now)
+        for c in list(self._conns.values()):
+            self._enqueue_whole(c.snapshot(), now)
         self._seal(now)  # (nothing open: an empty RESET still clears the backup)
         self._resync_end = self._next_seq - 1
         self._resynced = False
+
+    def _enqueue_whole(self, state: ConnState, now: float) -> None:
+        """The records that rebuild ``state`` from nothing: FULL, UPDATE, COMMIT, DATA, FINs."""
+        conn_id = state.full.conn_id
+        self._enqueue(state.full, now)
+        self._enqueue(Update(conn_id, state.rcv_nxt, state.snd_una, state.snd_nxt,
+                             state.snd_wnd, state.rcv_wnd), now)
+        if state.commit is not None:
+            self._enqueue(state.commit, now)
+        self._feed(conn_id, Direction.RCV, state.rcv_start, state.rcv_data, now)
+        self._feed(conn_id, Direction.SND, state.snd_start, state.snd_data, now)
+        for d, fin, end in ((Direction.RCV, state.rcv_fin, state.rcv_end),
+                            (Direction.SND, state.snd_fin, state.snd_end)):
+            if fin is not None and fin == end:  # (past the end: acknowledged, trimmed)
+                self._enqueue(Fin(conn_id, d, fin), now)
 
     def pause(self) -> None:
         """No backup to send to: forget what is queued or in flight (the mirror is kept, so a
