@@ -164,6 +164,8 @@ def test_master_sigkill_256_connections(run: Run) -> None:
     s = run.sessions(new)
     assert s["last_promotion"]["restored"] == n
     assert s["last_promotion"]["handed_to_service"] == n
+    # the restore's system calls came from C (setup.py built it), and the status says so
+    assert s["last_promotion"]["restore_engine"] == s["restore_engine"] == "c", s
     report = run.finish(client, timeout=60)
     assert_clean(report, n)
     server = run.server_report(new)

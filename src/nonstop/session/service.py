@@ -365,6 +365,7 @@ class ProtectedService:
                 "counters": dict(self.counters),
                 "endpoint_counters": dict(self.endpoint.counters),
                 "last_promotion": self.last_promotion,
+                "restore_engine": engine(),  # "c", or "python" when _repair.c was not built
             }
             if self.master is not None:
                 m = self.master
