@@ -25,6 +25,7 @@ from bisect import bisect_right
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from nonstop.bench.hostload import HostLoad
 from nonstop.cluster import Cluster, ClusterSpec, SupervisedCluster, listener_pid, service_lines
 
 if TYPE_CHECKING:
@@ -167,6 +168,7 @@ def run(lab: Lab, *, sessions: int = 256, kills: int = 20, runtime: str = "proce
                           image=image)  # fmt: skip
     c = make_cluster(lab, lines)
     out_path = os.path.join(lab.host("peer").workdir, f"restart-{runtime}.json")
+    load = HostLoad().start()
     with running(c):
         master = c.wait_ready(timeout=30)
         standbys = instances_ - 1
@@ -215,6 +217,7 @@ def run(lab: Lab, *, sessions: int = 256, kills: int = 20, runtime: str = "proce
         "service_back_s": pcts(restart_s),
         "restarts_seen_by_supervisor": restarts,
         "endpoint_counters": ses.get("endpoint_counters", {}),
+        "host": load.stop(),  # this box's speed that hour (figures move with it)
     }
 
 

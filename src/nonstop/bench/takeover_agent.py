@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from nonstop.bench.hostload import HostLoad
 from nonstop.cluster import Cluster, ClusterSpec
 from nonstop.lab import Lab, demo_topology
 from nonstop.report.timeline import write_stream_timeline
@@ -74,6 +75,7 @@ def run(
 ) -> dict[str, Any]:
     """One takeover with ``sessions`` connections; returns the figures (see the module doc)."""
     spec = ClusterSpec(services={"stream": PORT}, preempt=False, interval_ms=interval_ms)
+    load = HostLoad().start()
     with Lab(demo_topology()) as lab:
         c = Cluster(lab, spec)
         c.start()
@@ -124,6 +126,7 @@ def run(
         result["master_queue_dropped_before_kill"] = queue_dropped
         result["new_master_seen_ms"] = round((t_master - t_kill) * 1000, 1)
         result["heartbeat_interval_ms"] = interval_ms
+        result["host"] = load.stop()  # this box's speed that hour (figures move with it)
         # the new master's role changes after the kill: one (backup -> master) is the takeover;
         # more (a fence on a saturated box, then a promotion from what it parked) and the
         # figures above describe the last promotion, the stream a second interruption
