@@ -235,7 +235,12 @@ static PyObject *prepare(PyObject *self, PyObject *args)
     PyBuffer_Release(&opts);
     PyBuffer_Release(&recv_q);
     PyBuffer_Release(&sent_q);
-    return PyLong_FromLong(fd);
+    {
+        PyObject *out = PyLong_FromLong(fd);
+        if (out == NULL)
+            close(fd);  /* still in repair mode: nothing reaches the peer */
+        return out;
+    }
 
 fail:
     err = errno;
