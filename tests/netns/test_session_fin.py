@@ -129,11 +129,13 @@ def test_the_peers_fin_is_acknowledged_once_the_backup_holds_it(
             p.shutdown(socket.SHUT_WR)
             assert read_to_eof(srv) == b"last words"
             assert wait_stable(lambda: tcp_state(p)) == FIN_WAIT2
-            # the ACK was never lowered (it waited for b, or b confirmed first: which came first
-            # is the scheduler's, so held_acks may be 0): the peer never sent its FIN again.
+            # the ACK was never lowered: it waited for b, or b confirmed first (which came first
+            # is the scheduler's, so held_acks may be 0; and on a loaded box b's answer may come
+            # after the peer's loss probe sent the FIN once more, so total_retrans may be 1).
             # Were the FIN not counted in b's confirmed end, the ACK would wait for good and the
-            # peer stay in FIN_WAIT1 (this test's bug)
-            assert total_retrans(p) == 0 and node.m.clamp.stats.clamped == 0
+            # peer stay in FIN_WAIT1, resending (this test's bug: the wait above fails then)
+            assert node.m.clamp.stats.clamped == 0
+            assert total_retrans(p) <= 1
             (held,) = sync_rx.connections().values()
             assert held.rcv_data == b"last words"  # nothing committed: all of it is held
             assert held.rcv_fin == held.rcv_end
