@@ -25,6 +25,16 @@ PORT = 7780
 # the source tree, for a service run from it (a container mounts it, a process gets PYTHONPATH)
 SRC = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WITNESS_PORT = 7790
+# Heartbeat timers for lab runs that check what happens to connections, services and routes,
+# not how fast a failure is found (the benchmarks measure that, at 10 ms). The 2-CPU VMs this
+# runs on freeze as a whole, every namespace at once, the guard and the witness included: a
+# SCHED_FIFO 1 ms sleeper on an idle guest woke up to 224 ms late, 16 times over 80 ms in 60 s
+# (2026-11-22). The timers must outlast that: a master's guard fences it after
+# (dead_after - 1) * interval without a tick, and a lone master steps down when its witness
+# lease, (dead_after - 1/2) * interval, lapses. At 50 ms x 3 the CI run of 2026-11-22 lost 7
+# tests to fences and lapses no fault had caused; 50 ms x 10 gives 450 ms and 475 ms. A process
+# or node that dies is still found at once (its agent link closes) or after 500 ms.
+STEADY_TIMERS: dict[str, int] = {"interval_ms": 50, "dead_after": 10}
 
 
 @dataclass

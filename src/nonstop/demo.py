@@ -39,6 +39,10 @@ STREAM_PORT, STREAM_CONNS = 7400, 8
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("demo", help="the lab failover demo (make demo)")
     p.add_argument("--interval-ms", type=int, default=10, help="heartbeat interval (default 10)")
+    p.add_argument(
+        "--dead-after", type=int, default=DEAD_AFTER,
+        help=f"silent intervals before a peer is down (default {DEAD_AFTER})",
+    )  # fmt: skip
     p.add_argument("--out", default="out/demo.json", help="where the JSON report goes")
     p.add_argument(
         "--keep", action="store_true", help="leave the lab up at the end (lab down later)"
@@ -47,6 +51,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.set_defaults(func=run)
 
 
+# The node death is found after interval * dead_after (300 ms by default). Shorter would show a
+# faster takeover, but the VMs this runs on freeze as a whole for up to ~225 ms (every namespace
+# at once: see nonstop.cluster.STEADY_TIMERS), and a master's guard fences it after
+# (dead_after - 1) intervals without a tick: at 10 ms x 3 the demo flapped on such freezes
+# and, when both agents stalled at once, lost its streams (2 runs in 5 on 2026-11-21).
+DEAD_AFTER = 30
 LONG_SILENCE = 0.11  # s: a stream's silence longer than two message periods is listed
 
 
@@ -105,7 +115,9 @@ def run(args: argparse.Namespace) -> int:
 
     con = Console(stderr=True)
     say = con.print
-    report: dict[str, Any] = {"interval_ms": args.interval_ms, "scenarios": []}
+    report: dict[str, Any] = {
+        "interval_ms": args.interval_ms, "dead_after": args.dead_after, "scenarios": [],
+    }  # fmt: skip
     ok = True
     with Lab(demo_topology()) as lab:
         say(
@@ -117,7 +129,11 @@ def run(args: argparse.Namespace) -> int:
         # active one on the master, a standby on the backup, restarted at once when it exits
         cluster = SupervisedCluster(
             lab,
-            ClusterSpec(interval_ms=args.interval_ms, services={"stream": STREAM_PORT}),
+            ClusterSpec(
+                interval_ms=args.interval_ms,
+                dead_after=args.dead_after,
+                services={"stream": STREAM_PORT},
+            ),
             {"stream": service_lines(instances=1, rate=20, size=100)},
         )
         cluster.start()

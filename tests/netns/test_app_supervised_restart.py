@@ -159,10 +159,10 @@ def test_step_downs_restart_the_service_as_a_standby_not_as_deaths(demo_lab) -> 
     """A step-down drops the service's channel and the service exits: the agent restarts it as
     a standby (a planned restart). Counted as deaths, 5 step-downs within a minute (a node
     preempted back and forth) were a crash loop: a local fault that took the node out."""
-    from nonstop.cluster import ClusterSpec
+    from nonstop.cluster import STEADY_TIMERS, ClusterSpec
 
     lines = R.service_lines(instances=1, rate=20.0, crash_loop_deaths=5)
-    spec = ClusterSpec(services={R.SERVICE: R.PORT}, interval_ms=50)  # preempt: node-a (200)
+    spec = ClusterSpec(services={R.SERVICE: R.PORT}, **STEADY_TIMERS)  # preempt: node-a (200)
     c = R.SupervisedCluster(demo_lab, spec, {R.SERVICE: lines})
     with R.running(c):
         c.wait_role("node-a", "master", timeout=30)

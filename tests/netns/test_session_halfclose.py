@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from nonstop.cluster import Cluster, ClusterSpec
+from nonstop.cluster import STEADY_TIMERS, Cluster, ClusterSpec
 from nonstop.lab import LabProcess
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
@@ -51,7 +51,7 @@ Chat = tuple[Cluster, dict[str, LabProcess]]
 
 @pytest.fixture
 def cluster(demo_lab, request) -> Iterator[Chat]:  # type: ignore[no-untyped-def]
-    c = Cluster(demo_lab, ClusterSpec(services={"chat": PORT}, preempt=False, interval_ms=50))
+    c = Cluster(demo_lab, ClusterSpec(services={"chat": PORT}, preempt=False, **STEADY_TIMERS))
     c.start()
     servers: dict[str, LabProcess] = {}
     try:

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from nonstop.cluster import STEADY_TIMERS
 from nonstop.lab import Lab, LabProcess
 from nonstop.store.lab import StoreCluster, group_vip, store_topology
 
@@ -87,7 +88,7 @@ class Services:
 @pytest.fixture
 def cluster(lab_factory: Callable[..., Lab], request: pytest.FixtureRequest) -> Iterator:
     lab = lab_factory(store_topology(3, 3))
-    c = StoreCluster(lab, nodes=3, groups=2, services={GROUP: {SVC: PORT}})
+    c = StoreCluster(lab, nodes=3, groups=2, services={GROUP: {SVC: PORT}}, **STEADY_TIMERS)
     try:
         c.start()
         c.wait_all_held(30)

@@ -213,6 +213,31 @@ def test_all_channels_silent_peer_lost_exactly_at_dead_interval() -> None:
     assert [r.state for r in b.table(link.now)] == ["down", "down"]
 
 
+def test_a_freeze_of_the_whole_host_is_no_ones_silence() -> None:
+    """Both nodes (namespaces of one VM) stop for 10 dead intervals. Each wakes, is told how
+    long it did not run (the agent measures its loop's lateness) and declares nobody lost: the
+    peer's next heartbeat comes within an interval. A peer that died before the freeze is found
+    one freeze later than without it."""
+    link, a, b = pair()
+    t0 = link.now
+    link.now = t0 + 10 * DEAD  # nothing ran: no timer, no datagram
+    for m in (a, b):
+        due = m.get_timer()
+        m.stalled(link.now - due, link.now)
+    link.run_for(0.2)
+    assert [e for _, e in link.events_of("node-b", since=t0)] == []
+    assert [e for _, e in link.events_of("node-a", since=t0)] == []
+    assert b.stalls == 1 and b.stalled_s > 9 * DEAD
+    # a peer that is gone: the freeze only postpones the verdict by its own length
+    link.remove("node-a")
+    last = link.last_delivery("node-b")
+    b.stalled(0.05, link.now)
+    link.run_until(last + DEAD + 0.05 - 1e-6)
+    assert link.events_of("node-b", since=last) == []
+    link.run_for(0.01)
+    assert [type(e) for _, e in link.events_of("node-b", since=last)] == [PeerLost]
+
+
 def test_channels_failing_one_after_the_other() -> None:
     link, _, _ = pair()
     t1 = link.now

@@ -12,7 +12,7 @@ import pytest
 
 from nonstop.common import LocalProtocolError, Role
 from nonstop.failover import roles as R
-from nonstop.failover.cycle import PROOF_GRACE
+from nonstop.failover.cycle import FREEZE_WAIT, PROOF_GRACE
 from nonstop.failover.witness import LeaseDenied, LeaseGranted, WitnessClient, WitnessCore
 
 KEY = b"k" * 32
@@ -77,10 +77,10 @@ class Cluster:
                 self.m[rx].peer_seen(tx, m.role, self.prios[tx], m.flags_for_heartbeat(), self.now)
 
     def act(self, n: str, a: R.Action) -> None:
-        if isinstance(a, R.AcquireVips):
+        if isinstance(a, R.AcquireVips | R.ResumeVips):
             self.vip[n] = True
             self.log.append((self.now, n, "acquire"))
-        elif isinstance(a, R.ReleaseVips):
+        elif isinstance(a, R.ReleaseVips | R.SuspendVips):
             self.vip[n] = False
             self.log.append((self.now, n, "release"))
         elif isinstance(a, R.Announce):
@@ -94,7 +94,7 @@ class Cluster:
             for _, reply in self.witness.receive(data, n, self.now):
                 got = self.clients[n].receive(reply, self.now)
                 if isinstance(got, LeaseGranted):
-                    self.m[n].lease_granted(got.until, self.now)
+                    self.m[n].lease_granted(got.until, self.now, got.term)
                 elif isinstance(got, LeaseDenied):
                     self.m[n].lease_denied(got.holder, self.now)
 
@@ -383,12 +383,14 @@ def test_master_loses_peer_and_witness_steps_down_before_backup_promotes() -> No
     c.partition("node-a", "node-b")
     c.cut_witness.add("node-a")
     c.until(lambda: c.m["node-b"].role == M)
-    assert c.m["node-a"].role == B
-    (down,) = [t for t, n, w in c.log if n == "node-a" and w == "release"]
+    c.until(lambda: c.m["node-a"].role == B)  # rule 9's wait, its VIPs down, may end after it
+    # rule 9 first: the VIPs go down at the lapse, the node waits for the witness, then gives up
+    down = next(t for t, n, w in c.log if n == "node-a" and w == "release")
     up = [t for t, n, w in c.log if n == "node-b" and w == "acquire"][-1]
     assert down < up  # never two holders
     assert not c.overlap
     assert "demoted: no peer is heard and the witness lease expired" in c.reasons("node-a")[-1]
+    assert "the witness did not answer within 50 ms" in c.reasons("node-a")[-1]
 
 
 def test_without_witness_partition_gives_two_masters_then_heals() -> None:
@@ -453,6 +455,91 @@ def test_fenced_master_becomes_backup_and_holds_off() -> None:
     t = c.until(lambda: c.m["node-a"].role == M)
     assert t - t_fenced >= INTERVAL * DEAD_AFTER
     assert c.m["node-b"].role == B
+
+
+def freeze(c: Cluster, nodes: list[str], seconds: float) -> None:
+    """The host of ``nodes`` stops for ``seconds``: they neither send nor run a timer. Each
+    one's own view of its peers' silence skips the freeze (Membership.stalled), as does the
+    ``heard`` bookkeeping that stands in for it here."""
+    c.dead |= set(nodes)
+    t0 = c.now
+    c.run(seconds)
+    c.dead -= set(nodes)
+    for (rx, tx), t in list(c.heard.items()):
+        if rx in nodes:
+            c.heard[(rx, tx)] = t + (c.now - t0)
+    for n in nodes:
+        c.next_hb[n] = c.now
+
+
+def test_a_master_frozen_with_its_whole_host_rides_it_out() -> None:
+    """Rule 9: every node and the witness froze together (a paused VM holding a lab). The master
+    wakes fenced and its lease lapsed; the witness grants it again under the same term, so no
+    other node held the lease: its VIPs come back, and no role changes anywhere."""
+    c = Cluster({"node-a": 200, "node-b": 100})
+    c.run(0.05)
+    assert c.roles() == {"node-a": M, "node-b": B}
+    before = len(c.events)
+    freeze(c, ["node-a", "node-b"], 0.2)
+    c.m["node-a"].fenced("the agent stalled for 200 ms (fence timeout 20 ms)", c.now)
+    c.pump()
+    assert c.m["node-a"].role == M and c.vip["node-a"]
+    assert c.m["node-a"].reason.startswith("master again: the agent stalled for 200 ms")
+    assert "same term" in c.m["node-a"].reason
+    assert [w for t, n, w in c.log if n == "node-a"][-2:] == ["release", "acquire"]
+    c.run(0.2)
+    assert c.roles() == {"node-a": M, "node-b": B}
+    assert len(c.events) == before  # not one role change
+    assert c.max_holders == 1 and not c.overlap
+
+
+def test_a_master_frozen_alone_steps_down_when_another_took_the_lease() -> None:
+    """Rule 9 saves nothing when the master froze alone: the backup found it silent, got the
+    lease (a new term) and promoted; the woken master's request is denied and it steps down."""
+    c = Cluster({"node-a": 200, "node-b": 100}, preempt=False)
+    c.run(0.05)
+    c.dead.add("node-a")  # frozen, holding its VIPs (its guard wakes with it)
+    c.until(lambda: c.m["node-b"].role == M)
+    c.dead.discard("node-a")
+    c.m["node-a"].fenced("the agent stalled for 100 ms (fence timeout 20 ms)", c.now)
+    c.pump()
+    assert c.m["node-a"].role == B and not c.vip["node-a"]
+    assert c.reasons("node-a")[-1] == "demoted: the witness gave the lease to node-b"
+    c.run(0.1)
+    assert c.roles() == {"node-a": B, "node-b": M}
+
+
+def test_a_frozen_master_the_witness_does_not_answer_steps_down_and_holds_off() -> None:
+    c = Cluster({"node-a": 200, "node-b": 100})
+    c.run(0.05)
+    c.cut_witness.add("node-a")
+    c.m["node-a"].fenced("no FEED from the agent for 20 ms", c.now)
+    t0 = c.now
+    c.pump()
+    assert c.m["node-a"].role == M and not c.vip["node-a"]  # waiting, VIPs down
+    assert c.m["node-a"].reason.startswith("frozen: no FEED from the agent for 20 ms")
+    t = c.until(lambda: c.m["node-a"].role != M)
+    assert t - t0 == pytest.approx(FREEZE_WAIT, abs=2 * STEP)
+    assert c.reasons("node-a")[-1] == (
+        "fenced: no FEED from the agent for 20 ms; the witness did not answer within 50 ms"
+    )
+    t_gave_up = c.now
+    c.cut_witness.discard("node-a")
+    t = c.until(lambda: c.m["node-a"].role == M)  # after holding off, as rule 6 says
+    assert t - t_gave_up >= INTERVAL * DEAD_AFTER
+    assert not c.overlap
+
+
+def test_a_frozen_master_that_hears_another_master_steps_down() -> None:
+    c = Cluster({"node-a": 200, "node-b": 100})
+    c.run(0.05)
+    c.cut_witness.add("node-a")
+    c.m["node-a"].fenced("no FEED from the agent for 20 ms", c.now)
+    c.pump()
+    c.m["node-a"].peer_seen("node-b", M, 100, 0, c.now)
+    c.pump()
+    assert c.m["node-a"].role == B
+    assert c.reasons("node-a")[-1].endswith("; node-b is master")
 
 
 def test_local_fault_and_recovery() -> None:

@@ -53,6 +53,8 @@ from nonstop.membership import (
 log = logging.getLogger("nonstop.agent")
 
 HISTORY = 100
+# A loop this late past its timer was not running (_woke); asyncio's own jitter is well under it.
+STALL_FLOOR = 0.002
 
 
 def next_incarnation(state_dir: str) -> int:
@@ -134,6 +136,7 @@ class Agent:
         self._peer_addr = {(p.id, ch): a for p in cfg.peers for ch, a in p.addresses.items()}
         self._transports: dict[str, asyncio.DatagramTransport] = {}
         self._timer: asyncio.TimerHandle | None = None
+        self._due: float | None = None  # when the armed timer should fire (_woke)
         self._next_feed = float("inf")
         self._last_feed: float | None = None  # when the guard was last fed (armed: master)
         self._feed_cpu = 0.0  # this thread's CPU time then (a stall says busy or starved)
@@ -270,6 +273,15 @@ class Agent:
         log.info("agent %s stopped", self.cfg.node.id)
 
     # -- inputs ---------------------------------------------------------------------------
+    def _woke(self, now: float) -> None:
+        """Run first on every input: a loop that wakes past the timer it armed was not running
+        meanwhile (a host freeze, no CPU), and that time is not the peers' silence
+        (``Membership.stalled``). Counted once: the next input measures from here."""
+        due = self._due
+        if due is not None and now - due > STALL_FLOOR:
+            self.membership.stalled(now - due, now)
+            self._due = now
+
     def _check_stall(self, now: float) -> None:
         """Run first on every input. A master whose loop was stalled (SIGSTOP, a hang) past the
         fence timeout has been fenced by its guard, whether or not the FENCED notice was read
@@ -298,8 +310,8 @@ class Agent:
             self._last_feed = None
             if self.roles.role != Role.MASTER:  # the guard's FENCED, read meanwhile, did it
                 return
-            log.error("%s: stepping down, the guard drops or has dropped the VIPs (the agent's "
-                      "loop was on a CPU for %.1f ms of it)", reason, cpu)
+            log.error("%s: the guard drops or has dropped the VIPs (the agent's loop was on a "
+                      "CPU for %.1f ms of it)", reason, cpu)
             self.roles.fenced(reason, now)
 
     def _guard_still_holds(self) -> bool:
@@ -321,6 +333,7 @@ class Agent:
         if not self._ready:  # start-up: the cores are re-made when the loop begins
             return
         now = time.monotonic()
+        self._woke(now)
         self._check_stall(now)
         if data[:4] == b"NSWT":
             if self.witness is not None:
@@ -332,7 +345,7 @@ class Agent:
                 log.debug("witness: %s", reply)
                 if isinstance(reply, LeaseGranted):
                     self.sessions.lease_term = reply.term
-                    self.roles.lease_granted(reply.until, now)
+                    self.roles.lease_granted(reply.until, now, reply.term)
                 elif isinstance(reply, LeaseDenied):
                     self.roles.lease_denied(reply.holder, now, reply.remaining)
         else:
@@ -343,6 +356,7 @@ class Agent:
         if not self._ready:
             return
         now = time.monotonic()
+        self._woke(now)
         self._check_stall(now)
         self.counters["link_closed"] += 1
         self.membership.link_closed(peer, now, reason)
@@ -351,6 +365,7 @@ class Agent:
     def _guard_readable(self) -> None:
         assert self.guard is not None
         now = time.monotonic()
+        self._woke(now)
         self._guard_notices(self.guard.read_notices(), now)
         self._pump(now)
 
@@ -425,6 +440,7 @@ class Agent:
     def _on_timer(self) -> None:
         self._timer = None
         now = time.monotonic()
+        self._woke(now)
         self._check_stall(now)
         self.membership.handle_timer(now)
         self.roles.handle_timer(now)
@@ -471,8 +487,10 @@ class Agent:
                 return
             self._timer.cancel()
         if self._stopping:
+            self._timer = self._due = None
             return
         self._timer = asyncio.get_running_loop().call_at(deadline, self._on_timer)
+        self._due = deadline
 
     def _send_heartbeats(self, now: float) -> None:
         for out in self.membership.datagrams_to_send(now):
@@ -542,6 +560,22 @@ class Agent:
                 self.guard.disarm()
             self._next_feed = float("inf")
             self._last_feed = None
+        elif isinstance(act, R.SuspendVips):  # rule 9: the connections and services stay
+            self.counters["freezes"] += 1
+            log.error("%s: the VIPs go down while the witness is asked whether another node "
+                      "held the lease meanwhile", act.reason)
+            self._acquiring = self._announce_pending = False
+            self.vips.release()
+            if self.guard is not None:
+                self.guard.disarm()
+            self._next_feed = float("inf")
+            self._last_feed = None
+        elif isinstance(act, R.ResumeVips):
+            self.counters["freezes_ridden_out"] += 1
+            log.warning("%s", act.reason)
+            self._acquiring = True
+            self._acquired()
+            self._spawn(self.vips.announce())
         elif isinstance(act, R.Announce):
             if self._acquiring:
                 self._announce_pending = True
@@ -640,6 +674,10 @@ class Agent:
                 "lease_ms_left": None
                 if self.roles.lease_until is None
                 else round(max(0.0, self.roles.lease_until - now) * 1000, 1),
+            },
+            "stalls": {  # this node not running: a host freeze, or no CPU (_woke)
+                "count": self.membership.stalls,
+                "total_ms": round(self.membership.stalled_s * 1000, 1),
             },
             "counters": {
                 **dict(self.membership.counters),

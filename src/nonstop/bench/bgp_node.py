@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from nonstop.bench.bgp import BirdPeer, FrrPeer, rss_mb, wait_for, write_static
-from nonstop.cluster import Cluster, ClusterSpec
+from nonstop.cluster import STEADY_TIMERS, Cluster, ClusterSpec
 from nonstop.lab import Lab, LabProcess
 
 VIP = "10.77.0.100"
@@ -168,10 +168,11 @@ def frr_stream(frr: FrrPeer, on: bool) -> None:
 
 
 def cluster(lab: Lab, md5: dict[str, str] | None = None) -> Cluster:
-    # 100 ms heartbeats: a 200 ms fence timeout (a SIGKILLed agent is detected at once anyway,
-    # by its closed link), so a loaded box does not fence a healthy master (at 50 ms an 83 ms
-    # stall fenced the new master once, and a fenced master drops the sessions: docs/bgp.md)
-    c = Cluster(lab, ClusterSpec(services={"bgp": 179}, preempt=False, interval_ms=100))
+    # STEADY_TIMERS, a 450 ms fence timeout (a SIGKILLed agent is detected at once anyway, by
+    # its closed link), so the box's freezes do not fence a healthy master (at 50 ms x 3 an 83 ms
+    # stall fenced the new master once, at 100 ms x 3 a ~200 ms one did, and a fenced master
+    # drops the sessions: docs/bgp.md)
+    c = Cluster(lab, ClusterSpec(services={"bgp": 179}, preempt=False, **STEADY_TIMERS))
     if md5:  # the service's TCP-MD5 keys ([[services]] md5): ClusterSpec has no field for them
         for path in c.config_paths.values():
             text = Path(path).read_text()

@@ -26,7 +26,14 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from nonstop.bench.hostload import HostLoad
-from nonstop.cluster import Cluster, ClusterSpec, SupervisedCluster, listener_pid, service_lines
+from nonstop.cluster import (
+    STEADY_TIMERS,
+    Cluster,
+    ClusterSpec,
+    SupervisedCluster,
+    listener_pid,
+    service_lines,
+)
 
 if TYPE_CHECKING:
     from nonstop.lab import Lab
@@ -35,10 +42,10 @@ PORT = 7400
 SERVICE = "stream"
 
 
-def make_cluster(lab: Lab, lines: list[str], interval_ms: int = 50) -> SupervisedCluster:
-    # 50 ms heartbeats (100 ms fence): local restarts need no fast failover, and a loaded box
-    # (256 streams, other test runs) fenced healthy masters at 20 ms
-    spec = ClusterSpec(services={SERVICE: PORT}, preempt=False, interval_ms=interval_ms)
+def make_cluster(lab: Lab, lines: list[str]) -> SupervisedCluster:
+    # STEADY_TIMERS: local restarts need no fast failover, and the box's freezes fenced healthy
+    # masters at 20 ms and at 100 ms
+    spec = ClusterSpec(services={SERVICE: PORT}, preempt=False, **STEADY_TIMERS)
     return SupervisedCluster(lab, spec, {SERVICE: lines})
 
 

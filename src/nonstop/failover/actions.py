@@ -43,7 +43,26 @@ class SendHeartbeatNow:
     """Our role or flags changed: send a heartbeat now instead of waiting for the next tick."""
 
 
-Action = AcquireVips | ReleaseVips | Announce | RequestLease | ReleaseLease | SendHeartbeatNow
+@dataclass(frozen=True, slots=True)
+class SuspendVips:
+    """Rule 9: the VIPs go down (the guard may have dropped them already) while the role stays
+    MASTER: the connections and the service stay as they are until the witness answers."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeVips:
+    """Rule 9: the witness says no other node held the lease meanwhile: add the VIPs back, arm
+    the guard again and announce them."""
+
+    reason: str
+
+
+Action = (
+    AcquireVips | ReleaseVips | Announce | RequestLease | ReleaseLease | SendHeartbeatNow
+    | SuspendVips | ResumeVips
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

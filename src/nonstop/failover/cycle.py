@@ -24,9 +24,11 @@ from nonstop.failover.actions import (
     ReleaseLease,
     ReleaseVips,
     RequestLease,
+    ResumeVips,
     RoleChanged,
     RoleConfig,
     SendHeartbeatNow,
+    SuspendVips,
 )
 from nonstop.membership.wire import FLAG_HANDOVER_REQUEST
 
@@ -37,6 +39,9 @@ from nonstop.membership.wire import FLAG_HANDOVER_REQUEST
 # stepped down 50 ms after promoting and up again 900 ms later, losing every connection. A live
 # rival is not let through by the wait: a denial that names a live holder demotes at once.
 PROOF_GRACE = 1.0
+# Rule 9: how long a master that was frozen waits for the witness's answer, with its VIPs down,
+# before it steps down after all (at least two heartbeat intervals).
+FREEZE_WAIT = 0.05
 
 __all__ = ["DecisionCycle"]
 
@@ -78,6 +83,12 @@ class DecisionCycle:
         self._dead: set[str] = set()
         self._proof_until: float | None = None
         self._proven_master_lost = False
+        # the witness's (run, term) of our last grant ((0, 0): unknown, so rule 9 cannot apply)
+        self._term: tuple[int, int] = (0, 0)
+        # rule 9, riding out a freeze: why the VIPs are down ("fenced" or "demoted", the reason),
+        # and until when the witness may answer
+        self._frozen: tuple[str, str] | None = None
+        self._frozen_until: float | None = None
 
     # ---- what the cycle reads ---------------------------------------------------------------
 
@@ -125,6 +136,7 @@ class DecisionCycle:
         self.role, self.reason = new, reason
         self._want_lease = False
         self._proven_master_lost = False
+        self._frozen = self._frozen_until = None
         if new != Role.MASTER:
             self._proof_until = None
         self._preempt_since, self._handover = None, False
@@ -254,9 +266,70 @@ class DecisionCycle:
             self._request_lease()
             self.reason = f"{self._cause}; asking the witness for the lease"
 
+    def _freeze(self, now: float, reason: str, kind: str = "fenced") -> bool:
+        """Rule 9: instead of stepping down (``kind``: "fenced", rule 6, or "demoted", rule 3),
+        take the VIPs down and ask the witness whether another node held the lease meanwhile.
+        False (step down as before) without a witness that reports terms, with a master heard,
+        or while promoted on proof."""
+        cfg = self.config
+        if not cfg.witness or self._term == (0, 0) or self._masters():
+            return False
+        if self._proof_until is not None:
+            return False
+        if self._frozen is None:
+            self._frozen = (kind, reason)
+            self._frozen_until = now + max(2 * cfg.interval, FREEZE_WAIT)
+            self._actions.append(SuspendVips(reason))
+        self._lease_until = None
+        self._next_request = now + cfg.renew_every
+        self._request_lease()
+        self.reason = (
+            f"frozen: {reason}; the VIPs are down until the witness says whether another node "
+            "held the lease meanwhile"
+        )
+        return True
+
+    def _unfreeze(self, now: float, term: tuple[int, int]) -> bool:
+        """Rule 9, the witness granted the lease: True if under the term we held (nobody else
+        held it meanwhile: the VIPs come back); else the node steps down after all."""
+        assert self._frozen is not None
+        reason = self._frozen[1]
+        if term != self._term:
+            self._give_up(now, f"the witness term moved from {self._term} to {term}: another "
+                          "node held the lease meanwhile")  # fmt: skip
+            return False
+        self._frozen = self._frozen_until = None
+        self.reason = (
+            f"master again: {reason}, but the witness granted the lease under the same term "
+            f"{term}, so no other node can have served meanwhile"
+        )
+        self._actions.append(ResumeVips(self.reason))
+        self._actions.append(SendHeartbeatNow())
+        return True
+
+    def _give_up(self, now: float, why: str) -> None:
+        """Rule 9 does not save this one: step down as rule 6 (fenced) or 3 (lapsed) says."""
+        assert self._frozen is not None
+        kind, reason = self._frozen
+        self._change(Role.BACKUP, f"{kind}: {reason}; {why}", now)
+        if kind == "fenced":
+            self._hold_until = now + self.config.dead_after * self.config.interval
+        self._evaluate_backup(now)
+
     def _evaluate_master(self, now: float) -> None:
         cfg = self.config
         me = (cfg.priority, cfg.node_id)
+        if self._frozen is not None:  # rule 9: nothing else until the witness answers
+            masters = self._masters()
+            if masters:
+                self._give_up(now, f"{masters[0][1]} is master")
+            elif self._frozen_until is not None and now >= self._frozen_until:
+                wait = max(2 * cfg.interval, FREEZE_WAIT)
+                self._give_up(now, f"the witness did not answer within {_ms(wait)}")
+            elif self._next_request is not None and now >= self._next_request:
+                self._next_request = now + cfg.renew_every
+                self._request_lease()
+            return
         for prio, m in self._masters():
             if (prio, m) > me:
                 if cfg.witness and self._lease_valid(now):
@@ -296,6 +369,9 @@ class DecisionCycle:
             and not self.peers
             and self._proof_until is None
         ):
+            lapse = f"no peer is heard and the witness lease expired ({self._lease_story(now)})"
+            if self._freeze(now, lapse, "demoted"):
+                return
             self._change(
                 Role.BACKUP,
                 "demoted: no peer is heard and the witness lease expired "

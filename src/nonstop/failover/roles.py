@@ -2,7 +2,7 @@
 
 Rules (every transition lives in ``TRANSITIONS`` below; a (role, input) pair missing from that
 table is a bug in the caller and raises LocalProtocolError; the decision cycle that applies rules
-1-5 and 8 after each input is nonstop.failover.cycle.DecisionCycle):
+1-5, 8 and 9 after each input is nonstop.failover.cycle.DecisionCycle):
 
 1. A node starts in INIT and listens for ``dead_after * interval``. It decides at once when it sees
    a live MASTER (-> BACKUP). At the deadline: if it is the best live candidate, the highest
@@ -26,8 +26,8 @@ table is a bug in the caller and raises LocalProtocolError; the decision cycle t
    preempt_delay. The MASTER, seeing a higher-priority BACKUP with that flag, releases the VIPs
    (and the lease) and becomes BACKUP; the requester then sees no master and promotes by rule 2.
    No moment has two masters. preempt=False never takes over from a live master.
-6. fenced(): the guard already dropped the VIPs; MASTER -> BACKUP at once, and no promotion for
-   ``dead_after * interval`` (our view of the peers was stale while we hung).
+6. fenced(): the guard already dropped the VIPs; MASTER -> BACKUP at once (but see rule 9), and
+   no promotion for ``dead_after * interval`` (our view of the peers was stale while we hung).
    local_fault(): INIT/BACKUP/MASTER -> FAULT (a MASTER releases VIPs and lease);
    local_ok(): FAULT -> BACKUP (then rule 2 applies). Repeated reports are no-ops.
 7. stop(): any role -> STOPPING (a MASTER releases VIPs and lease first). STOPPING ignores
@@ -35,6 +35,14 @@ table is a bug in the caller and raises LocalProtocolError; the decision cycle t
 8. Entering MASTER queues AcquireVips, Announce, SendHeartbeatNow; leaving it queues
    ReleaseVips, ReleaseLease (with a witness), SendHeartbeatNow. Every RoleChanged carries a
    one-sentence reason, also kept in ``reason``.
+9. Riding out a freeze: a MASTER fenced (its agent stalled past the fence timeout: the host
+   froze, or the agent got no CPU) or alone with its lease lapsed does not step down at once when
+   a witness reports lease terms. It queues SuspendVips (the VIPs go down, the connections and
+   the service stay) and asks the witness. A grant under the term of its last grant means no
+   other node held the lease meanwhile, so none can have served: ResumeVips, and it carries on.
+   A grant under another term, a denial naming another holder, a master heard, or no answer
+   within max(2 intervals, FREEZE_WAIT): it steps down as rule 6 says. Without a witness, or
+   one that reports no terms, rule 6 applies at once.
 
 Pairs outside the table: lease_* and fenced while INIT (no lease was ever requested and no VIP
 held in INIT, so such an input means the caller wired something wrong). lease_* inputs to a
@@ -54,9 +62,11 @@ from nonstop.failover.actions import (
     ReleaseLease,
     ReleaseVips,
     RequestLease,
+    ResumeVips,
     RoleChanged,
     RoleConfig,
     SendHeartbeatNow,
+    SuspendVips,
 )
 from nonstop.failover.cycle import DecisionCycle
 from nonstop.membership.wire import FLAG_HANDOVER_REQUEST, FLAG_WITNESS_LEASE
@@ -72,10 +82,12 @@ __all__ = [
     "ReleaseLease",
     "ReleaseVips",
     "RequestLease",
+    "ResumeVips",
     "RoleChanged",
     "RoleConfig",
     "RoleMachine",
     "SendHeartbeatNow",
+    "SuspendVips",
 ]
 
 # Flag bits of our heartbeats; the wire format owns them.
@@ -116,8 +128,10 @@ class RoleMachine(DecisionCycle):
     def peer_left(self, peer: str, now: float) -> None:
         self._dispatch(PEER_LEFT, now, peer)
 
-    def lease_granted(self, until: float, now: float) -> None:
-        self._dispatch(LEASE_GRANTED, now, until)
+    def lease_granted(self, until: float, now: float, term: tuple[int, int] = (0, 0)) -> None:
+        """``term``: the witness's (run, term) of this grant ((0, 0): it does not say); equal
+        terms mean no other node held the lease in between (rule 9)."""
+        self._dispatch(LEASE_GRANTED, now, until, term)
 
     def lease_denied(self, holder: str, now: float, retry_in: float = 0.0) -> None:
         """``retry_in``: the holder's lease runs out in that long (the witness says); a backup
@@ -155,6 +169,8 @@ class RoleMachine(DecisionCycle):
                 cands.append(self._next_request)
             if self._lease_until is not None:
                 cands.append(self._lease_until)
+            if self._frozen_until is not None:
+                cands.append(self._frozen_until)
         if self.role == Role.BACKUP:
             if self._preempt_since is not None and not self._handover:
                 cands.append(self._preempt_since + self.config.preempt_delay)
@@ -243,18 +259,22 @@ class RoleMachine(DecisionCycle):
     def _ignore(self, now: float, *args: object) -> None:
         pass
 
-    def _give_back_lease(self, now: float, until: float) -> None:
+    def _give_back_lease(self, now: float, until: float, term: tuple[int, int]) -> None:
         self._actions.append(ReleaseLease())
 
-    def _backup_lease_granted(self, now: float, until: float) -> None:
+    def _backup_lease_granted(self, now: float, until: float, term: tuple[int, int]) -> None:
         if self._want_lease and until > now:
+            self._term = term
             self._lease_until = until
             self._note_grant(now)
             self._evaluate_backup(now)
         else:
             self._actions.append(ReleaseLease())
 
-    def _master_lease_granted(self, now: float, until: float) -> None:
+    def _master_lease_granted(self, now: float, until: float, term: tuple[int, int]) -> None:
+        if self._frozen is not None and not self._unfreeze(now, term):
+            return
+        self._term = term
         if self._lease_until is None or until > self._lease_until:
             self._lease_until = until
         self._note_grant(now)
@@ -292,6 +312,8 @@ class RoleMachine(DecisionCycle):
         self._evaluate_backup(now)
 
     def _master_fenced(self, now: float, reason: str) -> None:
+        if self._frozen is not None or self._freeze(now, reason):  # rule 9
+            return
         self._change(Role.BACKUP, f"fenced: {reason}", now)
         self._hold_until = now + self.config.dead_after * self.config.interval
         self._evaluate_backup(now)

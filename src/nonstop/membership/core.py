@@ -254,6 +254,8 @@ class Membership:
             ch: [p for p, chs in config.peers.items() if ch in chs] for ch in config.channels
         }
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        self.stalls = 0  # stalled(): how often this node was not running, and for how long
+        self.stalled_s = 0.0
 
     # -- local state and sending ---------------------------------------------------------------
 
@@ -494,6 +496,25 @@ class Membership:
                     assert lk.last_heard is not None
                     why = f"no heartbeat on {lk.name} for {_ms(now - lk.last_heard)} ms"
                 self._events.append(ChannelFaulted(peer.id, lk.name, why))
+
+    def stalled(self, span: float, now: float) -> None:
+        """This node did not run for the last ``span`` seconds (its loop woke that late: the
+        host froze, or it got no CPU): that silence proves nothing about the peers, so every
+        live channel's deadline moves on by ``span``. What a live peer sent meanwhile waits in
+        the socket and is read first (the adapter reads before it expires anything); when the
+        whole host froze (a paused VM, every namespace of a lab) the peers could not send
+        either, and counting the freeze as their silence declared a frozen master dead at the
+        moment it woke. A peer that really died is found ``span`` later."""
+        if span <= 0:
+            return
+        self._now = max(self._now, now)
+        self.stalls += 1
+        self.stalled_s += span
+        for peer in self._peers.values():
+            if peer.alive:
+                for link in peer.links.values():
+                    if link.deadline is not None:
+                        link.deadline += span
 
     def link_closed(self, peer: str, now: float, reason: str) -> None:
         """The agent link to ``peer`` saw EOF/RST: its agent died. PeerLost at once.

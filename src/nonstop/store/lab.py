@@ -53,6 +53,7 @@ class StoreCluster:
         groups: int = 3,
         etcd: int = 3,
         interval_ms: int = 10,
+        dead_after: int = 3,
         lease_ttl_ms: int = 1000,
         keepalive_interval_ms: int = 100,
         drop_margin_ms: int = 200,
@@ -72,6 +73,7 @@ class StoreCluster:
             f.write(secrets.token_hex(32))
         self.settings = dict(
             interval_ms=interval_ms,
+            dead_after=dead_after,
             lease_ttl_ms=lease_ttl_ms,
             keepalive_interval_ms=keepalive_interval_ms,
             drop_margin_ms=drop_margin_ms,
@@ -102,7 +104,8 @@ class StoreCluster:
             f"drop_margin_ms = {s['drop_margin_ms']}",
             f"failsafe = {str(s['failsafe']).lower()}",
             f"startup_grace_ms = {s['startup_grace_ms']}", "",
-            "[heartbeat]", f"interval_ms = {s['interval_ms']}", "dead_after = 3",
+            "[heartbeat]", f"interval_ms = {s['interval_ms']}",
+            f"dead_after = {s['dead_after']}",
             f"port = {HB_PORT}", "tune_neighbours = false", "",
         ]  # fmt: skip
         for ch in ("lan", "hb"):
