@@ -55,7 +55,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 # faster takeover, but the VMs this runs on freeze as a whole for up to ~225 ms (every namespace
 # at once: see nonstop.cluster.STEADY_TIMERS), and a master's guard fences it after
 # (dead_after - 1) intervals without a tick: at 10 ms x 3 the demo flapped on such freezes
-# and, when both agents stalled at once, lost its streams (2 runs in 5 on 2026-11-21).
+# and, when both agents stalled at once, lost its streams (2 runs in 5 on 2026-11-21). With
+# freezes ridden out (rule 9 of nonstop.failover.roles) 10 ms x 3 still failed 1 run in 3 on
+# 2026-11-22 (a flap before the first fault), 10 ms x 30 none in 6.
 DEAD_AFTER = 30
 LONG_SILENCE = 0.11  # s: a stream's silence longer than two message periods is listed
 

@@ -26,11 +26,13 @@ from typing import Any
 
 from nonstop import __version__
 from nonstop.agent.faults import LocalFaults
+from nonstop.agent.fencing import Fencing
 from nonstop.agent.hooks import Hooks
 from nonstop.agent.link import AgentLinks
 from nonstop.agent.realtime import make_realtime
 from nonstop.agent.services import AgentServices
 from nonstop.agent.sessions import Sessions
+from nonstop.agent.status import agent_status
 from nonstop.common import RemoteProtocolError, Role
 from nonstop.config import AgentConfig
 from nonstop.failover import roles as R
@@ -53,8 +55,6 @@ from nonstop.membership import (
 log = logging.getLogger("nonstop.agent")
 
 HISTORY = 100
-# A loop this late past its timer was not running (_woke); asyncio's own jitter is well under it.
-STALL_FLOOR = 0.002
 
 
 def next_incarnation(state_dir: str) -> int:
@@ -83,7 +83,7 @@ class _Udp(asyncio.DatagramProtocol):
         self.agent.counters["udp_errors"] += 1
 
 
-class Agent:
+class Agent(Fencing):
     """One node of an HA group: ``await Agent(cfg, key).run()`` until SIGTERM."""
 
     def __init__(self, cfg: AgentConfig, key: bytes, *, install_signals: bool = True) -> None:
@@ -273,62 +273,6 @@ class Agent:
         log.info("agent %s stopped", self.cfg.node.id)
 
     # -- inputs ---------------------------------------------------------------------------
-    def _woke(self, now: float) -> None:
-        """Run first on every input: a loop that wakes past the timer it armed was not running
-        meanwhile (a host freeze, no CPU), and that time is not the peers' silence
-        (``Membership.stalled``). Counted once: the next input measures from here."""
-        due = self._due
-        if due is not None and now - due > STALL_FLOOR:
-            self.membership.stalled(now - due, now)
-            self._due = now
-
-    def _check_stall(self, now: float) -> None:
-        """Run first on every input. A master whose loop was stalled (SIGSTOP, a hang) past the
-        fence timeout has been fenced by its guard, whether or not the FENCED notice was read
-        yet: act on that before anything else, or a queued heartbeat could make it "win" against
-        the new master and re-announce a VIP it no longer holds."""
-        if self.roles.role != Role.MASTER or self._last_feed is None:
-            return
-        stalled = now - self._last_feed
-        # a little under the guard's own timeout: never believe we hold a VIP it has dropped
-        if stalled > 0.75 * self.cfg.fence_timeout:
-            self.counters["stalls"] += 1
-            reason = (
-                f"the agent stalled for {stalled * 1000:.0f} ms (fence timeout "
-                f"{self.cfg.fence_timeout * 1000:.0f} ms)"
-            )
-            # busy (its own loop ran that long) or starved (waiting for a CPU, a lock, the
-            # kernel): what an operator needs to tell a slow hook from an overloaded node
-            cpu = (time.thread_time() - self._feed_cpu) * 1000
-            if stalled < self.cfg.fence_timeout and self._guard_still_holds():
-                self.counters["stalls_ridden_out"] += 1
-                self._last_feed, self._feed_cpu = time.monotonic(), time.thread_time()
-                log.warning("%s: the fence guard answered a FEED unfenced, so the VIPs are "
-                            "still here: carrying on as master (the agent's loop was on a CPU "
-                            "for %.1f ms of it)", reason, cpu)
-                return
-            self._last_feed = None
-            if self.roles.role != Role.MASTER:  # the guard's FENCED, read meanwhile, did it
-                return
-            log.error("%s: the guard drops or has dropped the VIPs (the agent's loop was on a "
-                      "CPU for %.1f ms of it)", reason, cpu)
-            self.roles.fenced(reason, now)
-
-    def _guard_still_holds(self) -> bool:
-        """After a stall shorter than the guard's timeout: FEED the guard and wait for its
-        answer. It can only have fenced before reading that FEED, and then its FENCED comes
-        first (handled here as always). Shorter than the timeout, no backup can have taken over
-        meanwhile either (it waits out ``dead_after`` intervals, longer than the fence
-        timeout), so a stall the guard rode out costs nothing; a step-down costs every
-        protected stream a second and the service its instance (15-17 ms stalls, the agent's
-        loop on a CPU 0.3-0.7 ms of it, fenced a healthy master 3 times in 200 s of 256 busy
-        connections on 2 CPUs). No answer within the timeout: False."""
-        if self.guard is None:
-            return False
-        answered, notices = self.guard.confirm(self.cfg.fence_timeout)
-        self._guard_notices(notices, time.monotonic())
-        return answered and not any(n.startswith("FENCED") for n in notices)
-
     def datagram_received(self, data: bytes, channel: str) -> None:
         if not self._ready:  # start-up: the cores are re-made when the loop begins
             return
@@ -361,26 +305,6 @@ class Agent:
         self.counters["link_closed"] += 1
         self.membership.link_closed(peer, now, reason)
         self._pump(now)
-
-    def _guard_readable(self) -> None:
-        assert self.guard is not None
-        now = time.monotonic()
-        self._woke(now)
-        self._guard_notices(self.guard.read_notices(), now)
-        self._pump(now)
-
-    def _guard_notices(self, notices: list[str], now: float) -> None:
-        assert self.guard is not None
-        for notice in notices:
-            if notice.startswith("FENCED"):
-                self.counters["fenced"] += 1
-                reason = notice.partition(" ")[2] or "the guard dropped the VIPs"
-                log.error("fence guard: %s", reason)
-                self.roles.fenced(f"fence guard dropped the VIPs: {reason}", now)
-            elif notice == "EOF":
-                asyncio.get_running_loop().remove_reader(self.guard.fileno())
-                log.critical("fence guard exited: this node can no longer fence itself")
-                self.faults.declare(self.roles, "fence guard", "fence guard exited", now)
 
     async def _watch_sessions(self) -> None:
         """Refresh the worker's status; hold a planned handover (preemption) until the backup
@@ -641,81 +565,4 @@ class Agent:
 
     # -- views ----------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        now = time.monotonic()
-        cfg = self.cfg
-        held = set(self.vips.held())
-        return {
-            "node": cfg.node.id,
-            "group": cfg.node.group,
-            "role": str(self.roles.role),
-            "since_s": round(now - self.role_since, 3),
-            "reason": self.roles.reason,
-            "priority": cfg.node.priority,
-            "incarnation": self.incarnation,
-            "uptime_s": round(now - self.started, 3),
-            "monotonic": now,
-            "version": __version__,
-            "heartbeat": {
-                "interval_ms": cfg.heartbeat.interval_ms,
-                "dead_after": cfg.heartbeat.dead_after,
-                "copies": cfg.heartbeat.copies,
-            },
-            "vips": [
-                {"address": v.address, "interface": v.interface, "held": v.address in held}
-                for v in cfg.vips
-            ],
-            "peers": [self._peer_view(p.id) for p in cfg.peers],
-            "stations": [_row(r) for r in self.membership.table(now)],
-            "links": self.links.status(),
-            "witness": None
-            if cfg.witness is None
-            else {
-                "addresses": cfg.witness.addresses,
-                "lease_ms_left": None
-                if self.roles.lease_until is None
-                else round(max(0.0, self.roles.lease_until - now) * 1000, 1),
-            },
-            "stalls": {  # this node not running: a host freeze, or no CPU (_woke)
-                "count": self.membership.stalls,
-                "total_ms": round(self.membership.stalled_s * 1000, 1),
-            },
-            "counters": {
-                **dict(self.membership.counters),
-                **{f"link_{k}": v for k, v in self.links.counters.items()},
-                **dict(self.counters),
-                "hook_runs": self.hooks.runs,
-                "hook_failures": self.hooks.failures,
-            },
-            "realtime": {"requested": cfg.failover.realtime, "failed": self.realtime_failed},
-            "neighbours_tuned": self.neigh_tuned,
-            "sessions": self.sessions.cached,
-            "session_worker": self.sessions.status(),
-            "services": self.services.status(),
-            "faults": list(self.faults.causes.values()),
-            "history": list(self.history),
-        }
-
-    def _peer_view(self, peer: str) -> dict[str, Any]:
-        v = self.membership.peer(peer)
-        if v is None:
-            return {"id": peer, "alive": False, "role": None, "priority": None}
-        return {
-            "id": peer,
-            "alive": v.alive,
-            "role": str(Role(v.role)) if v.role is not None else None,
-            "priority": v.priority,
-            "incarnation": v.incarnation,
-        }
-
-
-def _row(r: Any) -> dict[str, Any]:
-    return {
-        "peer": r.peer,
-        "channel": r.channel,
-        "state": r.state,
-        "last_heard_ms": None if r.last_heard is None else round(r.last_heard * 1000, 1),
-        "rtt_ms": None if r.rtt_ms is None else round(r.rtt_ms, 3),
-        "loss": None if r.loss is None else round(r.loss, 4),
-        "role": None if r.role is None else str(Role(r.role)),
-        "priority": r.priority,
-    }
+        return agent_status(self)
