@@ -493,3 +493,39 @@ def test_a_full_queue_shows_in_the_kernels_figures(lab: Lab) -> None:
             got.join(timeout=30)
             assert got.count == len(data) and got.sha.digest() == hashlib.sha256(data).digest()
     assert figures() is None
+
+
+def test_a_hushed_clamp_drops_both_ways_and_lets_nothing_held_out(lab: Lab) -> None:
+    """``AckClamp.hushed`` (rule 9: a master's VIPs are down while its agent asks the witness):
+    every segment is dropped both ways and the connection lives on; unhushed, TCP sends it all
+    again and both ends get every byte."""
+    a, b = lab.host("a"), lab.host("b")
+    with connected(a, b, A, PORT) as (cli, conn):
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        clamp = AckClamp(QUEUE, vip=A, port=PORT, limit=lambda t: None,
+                         capture=lambda s, p: None, netns=a.ns)  # fmt: skip
+        with clamp:
+            conn.sendall(b"h0")
+            cli.settimeout(10)
+            assert cli.recv(100) == b"h0"
+            clamp.hushed = True
+            seen = clamp.stats.seen
+            conn.sendall(b"h1")
+            cli.sendall(b"up")
+            cli.settimeout(1.0)
+            with pytest.raises(TimeoutError):
+                cli.recv(100)
+            conn.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                conn.recv(100)
+            assert clamp.stats.hushed >= 2 and clamp.stats.seen > seen
+            clamp.hushed = False
+            clamp.kick()
+            got = b""
+            cli.settimeout(10)
+            while len(got) < 2:  # h1 sent again by the service's TCP
+                got += cli.recv(100)
+            assert got == b"h1"
+            conn.settimeout(10)
+            assert conn.recv(100) == b"up"  # the client's resend
+

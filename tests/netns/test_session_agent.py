@@ -275,6 +275,10 @@ def test_lone_master_rides_out_a_stall_and_keeps_what_it_parked(run: Run) -> Non
     assert len(c.history(master)) == history, c.history(master)[history:]
     assert c.vip_holders() == [master]
     assert "freezes_ridden_out" in (c.status(master) or {})["counters"]
+    # its connections were hushed while the VIP was down, and flow again
+    c.wait(lambda: run.sessions(master)["counters"]["unhushed"] >= 1, 5, "the worker unhushed")
+    s = run.sessions(master)
+    assert s["counters"]["hushed"] >= 1 and not s["clamp"]["hushed_now"], s
 
     witness.stop()
     agent.stop()

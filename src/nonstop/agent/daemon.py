@@ -489,6 +489,7 @@ class Agent(Fencing):
             log.error("%s: the VIPs go down while the witness is asked whether another node "
                       "held the lease meanwhile", act.reason)
             self._acquiring = self._announce_pending = False
+            self.sessions.hush(True)  # restored sockets can send without the VIP
             self.vips.release()
             if self.guard is not None:
                 self.guard.disarm()
@@ -497,6 +498,7 @@ class Agent(Fencing):
         elif isinstance(act, R.ResumeVips):
             self.counters["freezes_ridden_out"] += 1
             log.warning("%s", act.reason)
+            self.sessions.hush(False)
             self._acquiring = True
             self._acquired()
             self._spawn(self.vips.announce())

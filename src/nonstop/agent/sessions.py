@@ -126,6 +126,12 @@ class Sessions(WorkerDriver):
         self.mark("kick_asked")
         self._send({"op": "kick", "reply": False}, None)
 
+    def hush(self, on: bool) -> None:
+        """Drop every segment of the protected connections both ways (``on``), or let them
+        flow again: the VIPs are down while the witness is asked whether another node held
+        the lease (rule 9 of nonstop.failover.roles). Fire and forget, like kick."""
+        self._send({"op": "hush", "on": on, "reply": False}, None)
+
     def demote(self) -> None:
         """Silence this node's connections; the worker parks their state (see the module doc)."""
         if self.cfg.witness is None:

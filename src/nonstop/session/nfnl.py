@@ -79,6 +79,7 @@ class ClampStats:
     held: int = 0  # outgoing data segments held until the backup confirmed their bytes
     held_acks: int = 0  # pure ACKs held until the backup confirmed what they acknowledge
     held_now: int = 0  # of those, still waiting (both kinds)
+    hushed: int = 0  # dropped, both ways, while hushed (AckClamp.hushed)
 
 
 PROC_QUEUES = "/proc/thread-self/net/netfilter/nfnetlink_queue"

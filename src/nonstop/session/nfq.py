@@ -238,6 +238,10 @@ class AckClamp:
         # set with each kick: the loop re-checks the held ones after the datagram in hand, so
         # they go out while the queue never drains (the pipe only wakes an idle loop)
         self._kicked = False
+        # True: every segment is dropped, both ways, and nothing held goes out (a master whose
+        # VIPs are down while the witness is asked: rule 9 of nonstop.failover.roles). The
+        # connections live on; TCP sends it all again once this is False.
+        self.hushed = False
 
     def rule(self, chain: str = "OUTPUT") -> list[str]:
         """The iptables rule spec for ``chain`` (``clamp_rule``)."""
@@ -430,6 +434,8 @@ class AckClamp:
 
     def _unhold(self, sock: socket.socket) -> None:
         """Let out the held segments the hold now covers (their ACK clamped as of now)."""
+        if self.hushed:
+            return
         out, keep = [], []
         for h in self._held:
             pid, ft, end, raw, pure_ack = h
@@ -487,6 +493,10 @@ class AckClamp:
             return  # no id: nothing to answer
         st = self.stats
         st.seen += 1
+        if self.hushed:
+            st.hushed += 1
+            self._verdict(sock, pid, NF_DROP)
+            return
         try:
             if p < 0:
                 raise RemoteProtocolError("queued packet without payload", counter="nfq_empty")

@@ -81,6 +81,7 @@ class ProtectedService:
             "promotions": 0, "demotions": 0, "restored": 0, "restore_failures": 0,
             "silenced": 0, "commit_errors": 0, "parked": 0, "parked_dropped": 0,
             "reaped": 0, "kicked": 0, "kick_packets": 0, "fins_delivered": 0,
+            "hushed": 0, "unhushed": 0,
         }  # fmt: skip
         self.last_promotion: dict[str, Any] | None = None
         self.endpoint = AgentEndpoint(
@@ -302,6 +303,23 @@ class ProtectedService:
             self.counters["demotions"] += 1
             return {"service": self.spec.name, "silenced": n}
 
+    def hush(self, on: bool) -> bool:
+        """Drop every segment of this service's connections both ways (``on``), or let them
+        flow again: a master whose VIPs are down while the agent asks the witness whether
+        another node held the lease (rule 9 of nonstop.failover.roles). Its restored sockets
+        may send from the VIP without it (IP_TRANSPARENT), and another node may be serving the
+        same connections: nothing of them may leave here until the agent knows. True if a
+        master side was there to hush."""
+        with self._lock:
+            if self.master is None or self.role != "master":
+                return False
+            clamp = self.master.clamp
+            clamp.hushed = on
+            if not on:
+                clamp.kick()  # what was held goes out now, as the hold allows
+            self.counters["hushed" if on else "unhushed"] += 1
+            return True
+
     def set_backup(self, peer: tuple[str, int] | None) -> None:
         with self._lock:
             self.peer = peer
@@ -382,6 +400,7 @@ class ProtectedService:
                     **m.sender.counters,
                 }
                 out["clamp"] = dataclasses.asdict(m.clamp.stats)
+                out["clamp"]["hushed_now"] = m.clamp.hushed
                 now = time.monotonic()
                 if now >= self._kq_next:  # the agent asks every 50 ms: /proc at most every 0.5 s
                     self._kq, self._kq_next = kernel_queue(m.clamp.queue_num), now + _KQ_EVERY

@@ -133,6 +133,8 @@ def _handle(services: list[Any], req: dict[str, Any]) -> dict[str, Any]:
         return {"ok": True, "kicked": sum(s.kick() for s in chosen)}
     if op == "demote":
         return {"ok": True, "services": [s.demote() for s in chosen]}
+    if op == "hush":  # VIPs down while the agent asks the witness (rule 9): nothing leaves
+        return {"ok": True, "hushed": sum(s.hush(bool(req.get("on"))) for s in chosen)}
     if op == "set_backup":
         for s, peer in zip(services, req["peers"], strict=True):
             s.set_backup(None if peer is None else (peer[0], int(peer[1])))
