@@ -69,11 +69,15 @@ def test_server_and_client_over_loopback():
     assert len(server_side) == 8 and all(r.lost == 0 and r.messages >= 80 for r in server_side)
 
 
+HOLD = 1.0  # s
+
+
 @pytest.mark.parametrize("arrival", ["kernel", "app"])
 def test_client_times_arrivals_by_the_kernel_not_by_its_own_late_reads(arrival: str) -> None:
-    """The client's loop is held 300 ms while the server (its own thread and loop) keeps
+    """The client's loop is held 1 s while the server (its own thread and loop) keeps
     sending: timed by the kernel's receive timestamps the server's stream shows no such
-    silence (the lag is in read_lag_ms); timed by the reads, it does."""
+    silence (the lag is in read_lag_ms); timed by the reads, it does. (Held 300 ms with a
+    150 ms bound, a ~200 ms freeze of the whole CI VM failed it: the hold is what must show.)"""
     ready: queue.Queue[int] = queue.Queue()
     done = threading.Event()
 
@@ -96,10 +100,10 @@ def test_client_times_arrivals_by_the_kernel_not_by_its_own_late_reads(arrival: 
     async def run() -> dict:
         async def hold_the_loop() -> None:
             await asyncio.sleep(0.3)
-            time.sleep(0.3)  # a busy client: nothing is read meanwhile
+            time.sleep(HOLD)  # a busy client: nothing is read meanwhile
 
         out, _ = await asyncio.gather(
-            client("127.0.0.1", port, conns=2, duration=1.0, rate=200, size=100,
+            client("127.0.0.1", port, conns=2, duration=0.7 + HOLD, rate=200, size=100,
                    arrival=arrival),
             hold_the_loop(),
         )  # fmt: skip
@@ -113,8 +117,8 @@ def test_client_times_arrivals_by_the_kernel_not_by_its_own_late_reads(arrival: 
     assert out["kept"] == 2 and (out["lost"], out["duplicated"]) == (0, 0)
     assert out["arrival"] == arrival
     if arrival == "kernel":
-        assert out["max_gap_ms"]["max"] < 150, out["max_gap_ms"]
-        assert out["read_lag_ms"]["max"] >= 250, out["read_lag_ms"]
+        assert out["max_gap_ms"]["max"] < HOLD * 1000 / 2, out["max_gap_ms"]
+        assert out["read_lag_ms"]["max"] >= HOLD * 1000 * 0.9, out["read_lag_ms"]
     else:
-        assert out["max_gap_ms"]["max"] >= 250, out["max_gap_ms"]
+        assert out["max_gap_ms"]["max"] >= HOLD * 1000 * 0.9, out["max_gap_ms"]
         assert "read_lag_ms" not in out
