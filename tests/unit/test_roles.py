@@ -530,6 +530,21 @@ def test_a_frozen_master_the_witness_does_not_answer_steps_down_and_holds_off() 
     assert not c.overlap
 
 
+def test_a_freeze_during_the_wait_for_the_witness_is_not_counted() -> None:
+    """The witness shares the frozen host: its answer comes after the freeze, so the wait
+    moves on by the time this node did not run (``stalled``), as the peers' deadlines do."""
+    c = Cluster({"node-a": 200, "node-b": 100})
+    c.run(0.05)
+    c.cut_witness.add("node-a")
+    m = c.m["node-a"]
+    m.fenced("no FEED from the agent for 20 ms", c.now)
+    c.pump()
+    m.stalled(0.2)
+    c.now = round(c.now + FREEZE_WAIT + 0.01, 9)  # past the unmoved wait, inside the moved one
+    m.handle_timer(c.now)
+    assert m.role == M
+
+
 def test_a_frozen_master_that_hears_another_master_steps_down() -> None:
     c = Cluster({"node-a": 200, "node-b": 100})
     c.run(0.05)

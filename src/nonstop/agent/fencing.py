@@ -52,6 +52,7 @@ class Fencing:
         due = self._due
         if due is not None and now - due > STALL_FLOOR:
             self.membership.stalled(now - due, now)
+            self.roles.stalled(now - due)
             self._due = now
 
     def _check_stall(self, now: float) -> None:

@@ -90,6 +90,18 @@ class DecisionCycle:
         self._frozen: tuple[str, str] | None = None
         self._frozen_until: float | None = None
 
+    def stalled(self, span: float) -> None:
+        """This node did not run for ``span`` seconds (the adapter saw its loop wake that
+        late). Waits that measure other nodes' answers move on by it, as the membership core's
+        deadlines do: rule 9's wait for the witness (the witness froze too, when it shares the
+        host) and the start-up listening. The lease does not: it runs by the witness's clock."""
+        if span <= 0:
+            return
+        if self._frozen_until is not None:
+            self._frozen_until += span
+        if self.role == Role.INIT:
+            self._init_deadline += span
+
     # ---- what the cycle reads ---------------------------------------------------------------
 
     def _masters(self) -> list[tuple[int, str]]:
