@@ -32,12 +32,15 @@ def make_cluster(demo_lab, request) -> Iterator:
     made: list[Cluster] = []
 
     def make(**kw) -> Cluster:
-        # 20 ms x 6 (a 100 ms fence, 120 ms to declare a peer dead): these tests check what
-        # the agents decide, not how fast. A 2-CPU CI VM stalls a SCHED_FIFO agent 50-100 ms a few
-        # times per run (timers late with no task in the way: the hypervisor), and at 10 ms x 3
-        # each such stall was a takeover in the middle of a test. The EOF of a dead agent's link
-        # is still seen at once; bench failover measures the 10 ms heartbeats.
-        kw = {"interval_ms": 20, "dead_after": 6, **kw}
+        # 50 ms x 6 (a 250 ms fence, a 275 ms lease, 300 ms to declare a peer dead): these tests
+        # check what the agents decide, not how fast. This CI's 2-CPU VMs freeze as a whole for
+        # 50-470 ms at a time (timers late with no task in the way: the hypervisor); at 10 ms x 3
+        # each freeze was a takeover in the middle of a test, and at 20 ms x 6 a 243 ms one let
+        # a partitioned master's lease lapse. Freezes are ridden out now (rule 9 of
+        # nonstop.failover.roles) when the witness answers, but not a lease lapsed in a
+        # partition. The EOF of a dead agent's link is still seen at once; bench failover
+        # measures the 10 ms heartbeats.
+        kw = {"interval_ms": 50, "dead_after": 6, **kw}
         c = Cluster(demo_lab, ClusterSpec(**kw))
         c.start()
         c.wait_ready(timeout=20)
@@ -52,6 +55,11 @@ def make_cluster(demo_lab, request) -> Iterator:
                 if n:
                     with contextlib.suppress(OSError):
                         print(f"----- log of {n}\n{c.log_text(n)[-4000:]}")
+
+
+def dead(c: Cluster) -> float:
+    """The dead interval of ``c``'s agents, in seconds."""
+    return c.spec.interval_ms * c.spec.dead_after / 1000
 
 
 def promoted_at(c: Cluster, node: str, after: float) -> dict | None:
@@ -154,7 +162,7 @@ def test_one_channel_down_is_a_channel_fault_not_a_failover(make_cluster):
         return next(r for r in st["stations"] if r["peer"] == peer and r["channel"] == ch)
 
     c.wait(lambda: row("node-a", "node-b", "hb")["state"] == "down", 2, "hb to be down")
-    time.sleep(0.5)  # four dead intervals
+    time.sleep(4 * dead(c))
     assert row("node-a", "node-b", "lan")["state"] == "up"
     assert c.role("node-a") == "master" and c.role("node-b") == "backup"
     assert (len(c.history("node-a")), len(c.history("node-b"))) == before
@@ -167,7 +175,7 @@ def test_partition_between_nodes_with_witness_keeps_one_master(make_cluster):
     c = make_cluster()
     with HolderWatch(c) as w:
         fault = c.lab.partition("node-a", "node-b")  # every channel; both still reach the peer
-        time.sleep(0.5)
+        time.sleep(3 * dead(c))  # node-b found node-a silent and asked: refused
         assert c.role("node-a") == "master"
         assert c.role("node-b") == "backup"  # the witness refused it the lease
         assert c.vip_holders() == ["node-a"]
@@ -230,11 +238,13 @@ def test_sigstop_of_master_steps_down_never_two_masters(make_cluster):
 
 
 def test_a_stall_under_the_fence_timeout_is_ridden_out(make_cluster):
-    """A master stalled for less than its fence timeout (100 ms here) asks its guard (FEED,
+    """A master stalled for less than its fence timeout (250 ms here) asks its guard (FEED,
     PING) before it gives anything up: the guard answers unfenced, the VIP is still there, and
-    no backup can have taken over (it waits 120 ms), so the agent carries on as master. It
+    no backup can have taken over (it waits 300 ms), so the agent carries on as master. It
     used to step down at 0.75 of the timeout, and each 15 ms stall of a loaded 2-CPU box (at 10
-    ms heartbeats) cost every protected stream a second."""
+    ms heartbeats) cost every protected stream a second. A freeze of the VM on top of the
+    SIGSTOP can take a stall past the timeout: that one is ridden out by rule 9 (the witness),
+    also with no role change."""
     c = make_cluster(preempt=False)
     master = c.master()
     assert master is not None
@@ -243,13 +253,15 @@ def test_a_stall_under_the_fence_timeout_is_ridden_out(make_cluster):
     agent = c.procs[master]
     for _ in range(3):
         agent.stop()
-        time.sleep(0.08)  # + up to one feed period (10 ms) since the last feed: 80-91 ms
+        time.sleep(0.2)  # + up to one feed period (25 ms) since the last feed: 200-226 ms
         agent.cont()
         time.sleep(0.2)
     counters = (c.status(master) or {})["counters"]
     assert counters.get("stalls", 0) - counters0.get("stalls", 0) >= 1, counters
-    assert counters.get("stalls_ridden_out", 0) - counters0.get("stalls_ridden_out", 0) == \
-        counters.get("stalls", 0) - counters0.get("stalls", 0), counters
+    ridden = sum(counters.get(k, 0) - counters0.get(k, 0)
+                 for k in ("stalls_ridden_out", "freezes_ridden_out"))  # fmt: skip
+    assert ridden == counters.get("stalls", 0) - counters0.get("stalls", 0), counters
+    assert counters.get("stalls_ridden_out", 0) > counters0.get("stalls_ridden_out", 0), counters
     assert len(c.history(master)) == before, c.history(master)[before:]
     assert c.vip_holders() == [master]
     assert "stalled for" in c.log_text(master) and "carrying on as master" in c.log_text(master)

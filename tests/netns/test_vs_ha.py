@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import pytest
 
-from nonstop.cluster import Cluster, ClusterSpec
+from nonstop.cluster import STEADY_TIMERS, Cluster, ClusterSpec
 from nonstop.lab import Lab
 from nonstop.vs.labkit import HTTP_PORT, VsLab, vs_topology
 
@@ -46,9 +46,9 @@ def test_front_master_dies_protected_keepalive_connections_carry_on(
     without the journal: 4 and 9 failed requests, resets and reconnections)."""
     lab = lab_factory(vs_topology(workers=3, fronts=NODES, witness=True))
     spec = ClusterSpec(nodes=NODES, vip=f"{VIP}/24", api_port=None, services={"web": HTTP_PORT},
-                       preempt=False, interval_ms=50)  # fmt: skip
-    # 50 ms heartbeats (100 ms fence): at 20 ms a box busy with another lab fenced the master
-    # (demoted and promoted again) before the kill
+                       preempt=False, **STEADY_TIMERS)  # fmt: skip
+    # STEADY_TIMERS (450 ms fence): at 20 ms a box busy with another lab fenced the master
+    # (demoted and promoted again) before the kill, at 50 ms x 3 the VM's freezes did
     c = Cluster(lab, spec)
     c.start()
     m = c.wait_ready(timeout=20)  # no preemption: either node may win

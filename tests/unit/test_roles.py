@@ -530,6 +530,30 @@ def test_a_frozen_master_the_witness_does_not_answer_steps_down_and_holds_off() 
     assert not c.overlap
 
 
+def test_a_grant_that_ran_out_before_it_arrived_does_not_end_the_freeze() -> None:
+    """The answer to a renewal sent before the freeze comes in after it: under the same term,
+    but already run out. It says nothing of now: the VIPs stay down until the answer to the
+    request sent since, which is live."""
+    lease = (DEAD_AFTER - 0.5) * INTERVAL
+    cfg = R.RoleConfig("node-a", 200, True, 0.0, INTERVAL, DEAD_AFTER, True, lease=lease)
+    rm = R.RoleMachine(cfg, now=0.0)
+    rm.handle_timer(0.030)  # listened: asks the witness
+    rm.lease_granted(0.030 + lease, 0.031, (7, 1))
+    assert rm.role == M
+    drain(rm)
+    rm.fenced("the agent stalled for 200 ms (fence timeout 20 ms)", 0.240)
+    assert R.SuspendVips("the agent stalled for 200 ms (fence timeout 20 ms)") in drain(rm)
+    rm.lease_granted(0.035 + lease, 0.241, (7, 1))  # the renewal sent at 35 ms: ran out
+    assert rm.role == M and rm.reason.startswith("frozen:")
+    assert not [a for a in drain(rm) if isinstance(a, R.ResumeVips)]
+    rm.lease_granted(0.240 + lease, 0.242, (7, 1))  # the request sent at the fence: live
+    acts = drain(rm)
+    assert [a for a in acts if isinstance(a, R.ResumeVips)], acts
+    assert not [a for a in acts if isinstance(a, R.SuspendVips)], acts  # no lapse right after
+    rm.handle_timer(0.243)
+    assert rm.role == M and not [a for a in drain(rm) if isinstance(a, R.SuspendVips)]
+
+
 def test_a_freeze_during_the_wait_for_the_witness_is_not_counted() -> None:
     """The witness shares the frozen host: its answer comes after the freeze, so the wait
     moves on by the time this node did not run (``stalled``), as the peers' deadlines do."""

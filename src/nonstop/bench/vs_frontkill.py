@@ -19,14 +19,15 @@ VIP = "10.77.0.100"
 
 
 def front_kill(*, protected: bool, conns: int, procs: int, after: float = 2.0) -> dict[str, Any]:
-    from nonstop.cluster import Cluster, ClusterSpec
+    from nonstop.cluster import STEADY_TIMERS, Cluster, ClusterSpec
     from nonstop.lab import Lab
     from nonstop.vs.labkit import HTTP_PORT, VsLab, vs_topology
 
     with Lab(vs_topology(workers=3, fronts=NODES, witness=True)) as lab:
         services = {"web": HTTP_PORT} if protected else {}
         c = Cluster(lab, ClusterSpec(nodes=NODES, vip=f"{VIP}/24", api_port=None,
-                                     services=services, preempt=False, interval_ms=50))  # fmt: skip
+                                     services=services, preempt=False,
+                                     **STEADY_TIMERS))  # fmt: skip
         c.start()
         m = c.wait_ready(timeout=20)
         b = next(n for n in NODES if n != m)

@@ -301,14 +301,20 @@ class DecisionCycle:
         )
         return True
 
-    def _unfreeze(self, now: float, term: tuple[int, int]) -> bool:
+    def _unfreeze(self, now: float, until: float, term: tuple[int, int]) -> bool:
         """Rule 9, the witness granted the lease: True if under the term we held (nobody else
-        held it meanwhile: the VIPs come back); else the node steps down after all."""
+        held it meanwhile: the VIPs come back); else the node steps down after all. A grant
+        that ran out already (``until``: it answers a renewal sent before the freeze) says
+        nothing of now: False, and the wait goes on for the answer to a request sent since.
+        Taken as an answer, it brought the VIPs back for the instant before the lapse rule
+        took them down again, over and over (CI, 2026-11-22: a lone master, ~1 ms apart)."""
         assert self._frozen is not None
         reason = self._frozen[1]
         if term != self._term:
             self._give_up(now, f"the witness term moved from {self._term} to {term}: another "
                           "node held the lease meanwhile")  # fmt: skip
+            return False
+        if until <= now:
             return False
         self._frozen = self._frozen_until = None
         self.reason = (

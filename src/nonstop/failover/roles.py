@@ -272,7 +272,7 @@ class RoleMachine(DecisionCycle):
             self._actions.append(ReleaseLease())
 
     def _master_lease_granted(self, now: float, until: float, term: tuple[int, int]) -> None:
-        if self._frozen is not None and not self._unfreeze(now, term):
+        if self._frozen is not None and not self._unfreeze(now, until, term):
             return
         self._term = term
         if self._lease_until is None or until > self._lease_until:
