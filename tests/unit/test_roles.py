@@ -88,7 +88,9 @@ class Cluster:
         elif isinstance(a, R.SendHeartbeatNow):
             self.heartbeat(n)
         elif isinstance(a, R.RequestLease | R.ReleaseLease):
-            data = self.clients[n].request(self.now, want=isinstance(a, R.RequestLease))
+            want = isinstance(a, R.RequestLease)
+            served = a.served if isinstance(a, R.ReleaseLease) else True
+            data = self.clients[n].request(self.now, want=want, served=served)
             if n in self.cut_witness:
                 return
             for _, reply in self.witness.receive(data, n, self.now):
@@ -352,7 +354,57 @@ def test_late_grant_after_master_came_back_is_released() -> None:
     drain(rm)
     rm.peer_seen("node-a", Role.MASTER, 200, 0, 0.042)
     rm.lease_granted(0.07, 0.043)
-    assert rm.role == B and R.ReleaseLease() in drain(rm)
+    # never acted on: the witness may put the term back for node-a (what it parked stays true)
+    assert rm.role == B and R.ReleaseLease(served=False) in drain(rm)
+
+
+def test_a_grant_given_back_unused_keeps_the_old_masters_term() -> None:
+    """The master stalls; the backup finds it silent and asks for the lease, but hears the
+    master again before the grant (a new term) arrives, and gives it back unused. The witness
+    puts the term back, so the master's request after its stall is granted under its own term
+    and rule 9 lets it carry on. Given back as served, the term would have moved and it would
+    step down (2026-11-21's demo lost its streams that way: the old master dropped what it
+    had parked, though nobody had served them)."""
+    lease = (DEAD_AFTER - 0.5) * INTERVAL
+    w = WitnessCore(KEY, lease, 0.0, grace=0.0, run=9)
+    ms, cl = {}, {}
+    for n, prio in (("node-a", 200), ("node-b", 100)):
+        ms[n] = R.RoleMachine(R.RoleConfig(n, prio, False, 0.0, INTERVAL, DEAD_AFTER, True,
+                                           lease=lease), now=0.0)  # fmt: skip
+        cl[n] = WitnessClient(KEY, 1, n, 1, lease=lease, margin=0.001)
+
+    def ask(n: str, now: float, data: bytes) -> None:
+        for _, reply in w.receive(data, n, now):
+            got = cl[n].receive(reply, now)
+            if isinstance(got, LeaseGranted):
+                ms[n].lease_granted(got.until, now, got.term)
+
+    def flush(n: str, now: float) -> list[R.Action]:
+        out = drain(ms[n])
+        for a in out:
+            if isinstance(a, R.RequestLease | R.ReleaseLease):
+                served = a.served if isinstance(a, R.ReleaseLease) else True
+                ask(n, now, cl[n].request(now, isinstance(a, R.RequestLease), served=served))
+        return out
+
+    a, b = ms["node-a"], ms["node-b"]
+    a.handle_timer(0.030)  # listened: node-a asks and becomes master
+    flush("node-a", 0.030)
+    b.peer_seen("node-a", Role.MASTER, 200, 0, 0.031)
+    assert a.role == M and b.role == B
+    term = w.status(0.031)["groups"][1]["term"]
+    # node-a stalls; node-b finds it silent at 0.070 and asks, its request in flight
+    b.peer_lost("node-a", "no heartbeat on lan, hb for 30 ms", 0.070)
+    assert R.RequestLease() in drain(b)
+    in_flight = cl["node-b"].request(0.070)
+    b.peer_seen("node-a", Role.MASTER, 200, 0, 0.071)  # node-a heard again first
+    ask("node-b", 0.072, in_flight)  # granted (node-a's lease ran out): a new term, unused
+    acts = flush("node-b", 0.072)
+    assert R.ReleaseLease(served=False) in acts and b.role == B
+    assert w.status(0.072)["groups"][1]["term"] == term
+    a.fenced("the agent stalled for 45 ms (fence timeout 20 ms)", 0.075)
+    flush("node-a", 0.075)
+    assert a.role == M and a.reason.startswith("master again"), a.reason
 
 
 # ---- partitions ------------------------------------------------------------------------------

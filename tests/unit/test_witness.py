@@ -86,6 +86,58 @@ def test_term_counts_holder_changes_not_lapses() -> None:
     assert isinstance(g4, LeaseGranted) and g4.term == (78, 1)
 
 
+def test_a_grant_given_back_unused_puts_the_term_back() -> None:
+    """``served=False``: the holder never acted on its grant (it heard the old master again
+    first), so the term and the last holder go back to what they were: the old master, asking
+    again, is granted under its own term. Given back served, or after any other grant, the
+    term stays moved."""
+    w, a, b = WitnessCore(KEY, LEASE, 0.0, grace=0.0, run=5), client("node-a"), client("node-b")
+    assert ask(w, a, ADDR_A, 1.0).term == (5, 1)  # type: ignore[union-attr]
+    assert ask(w, b, ADDR_B, 1.05).term == (5, 2)  # type: ignore[union-attr]  # a lapsed
+    replies = w.receive(b.request(1.051, want=False, served=False), ADDR_B, 1.051)
+    assert len(replies) == 1
+    assert w.status(1.051)["groups"][1]["term"] == 1 and w.counters["unused"] == 1
+    g = ask(w, a, ADDR_A, 1.06)
+    assert isinstance(g, LeaseGranted) and g.term == (5, 1)
+    evs = []
+    while (e := w.next_event()) is not None:
+        evs.append(e)
+    assert LeaseReleased(1, "node-b", 1.051, 1) in evs
+    # served: the term stays moved
+    ask(w, a, ADDR_A, 1.07, want=False)
+    assert ask(w, b, ADDR_B, 1.08).term == (5, 2)  # type: ignore[union-attr]
+    ask(w, b, ADDR_B, 1.09, want=False)  # served (the default)
+    assert ask(w, a, ADDR_A, 1.10).term == (5, 3)  # type: ignore[union-attr]
+    # unused, but a grant to the same holder again changed nothing: nothing to put back
+    ask(w, a, ADDR_A, 1.11, want=False)
+    assert ask(w, a, ADDR_A, 1.12).term == (5, 3)  # type: ignore[union-attr]
+    w.receive(a.request(1.13, want=False, served=False), ADDR_A, 1.13)
+    assert w.status(1.13)["groups"][1]["term"] == 3
+
+
+def test_served_is_a_trailing_field_both_versions_read() -> None:
+    """An older witness (no ``served``) reads a new release and ignores the field; an older
+    agent's release (no field) reads as served."""
+    import msgspec
+
+    from nonstop.auth import unseal
+
+    class OldRequest(msgspec.Struct, array_like=True, frozen=True, tag=1):
+        group: int
+        node_id: str
+        incarnation: int
+        seq: int
+        want: bool
+        lease_ms: int
+
+    new = unseal(KEY, encode(KEY, LeaseRequest(1, "node-a", 7, 9, False, 30, served=False)))
+    old_view = msgspec.msgpack.Decoder(OldRequest | LeaseReply).decode(new[4:])
+    assert old_view == OldRequest(1, "node-a", 7, 9, False, 30)
+    old = seal(KEY, MAGIC + msgspec.msgpack.encode(OldRequest(1, "node-a", 7, 9, False, 30)))
+    msg = decode(KEY, old)
+    assert isinstance(msg, LeaseRequest) and msg.served is True
+
+
 def test_clients_view_ends_before_the_witness() -> None:
     """Granted counting from the send time: with a 4 ms round trip the client's lease ends
     at least 2 ms (half the rtt) before the witness's."""
@@ -193,6 +245,7 @@ def test_two_clients_racing_get_exactly_one_grant() -> None:
 def test_wire_round_trip() -> None:
     for msg in (
         LeaseRequest(1, "node-a", 7, 9, True, 30),
+        LeaseRequest(1, "node-a", 7, 9, False, 30, served=False),
         LeaseReply(65535, "node-b", 2**40, 2**63 - 1, "", False, 0),
     ):
         assert decode(KEY, encode(KEY, msg)) == msg

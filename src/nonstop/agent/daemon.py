@@ -514,7 +514,7 @@ class Agent(Fencing):
         elif isinstance(act, R.ReleaseLease):
             log.debug("releasing the witness lease (%s, %s)", self.roles.role, self.roles.reason)
             if self.witness is not None:
-                self._send_witness(self.witness.request(now, want=False))
+                self._send_witness(self.witness.request(now, want=False, served=act.served))
         elif isinstance(act, R.SendHeartbeatNow):
             self.membership.send_now()
         else:  # pragma: no cover - a new action the adapter does not know is a bug

@@ -35,7 +35,11 @@ class RequestLease:
 
 @dataclass(frozen=True, slots=True)
 class ReleaseLease:
-    """Send a lease release (want=False) to the witness."""
+    """Send a lease release (want=False) to the witness. ``served=False``: this node never
+    became master under the grant it gives back (a late grant, a vote no longer needed), so
+    the witness may put the term back (nonstop.failover.witness)."""
+
+    served: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -218,9 +218,9 @@ class DecisionCycle:
             self._proven_master_lost = False
             if self._want_lease:
                 self._want_lease, self._next_request = False, None
-            if self._lease_until is not None:  # a vote we no longer need
+            if self._lease_until is not None:  # a vote we no longer need, never acted on
                 self._lease_until = None
-                self._actions.append(ReleaseLease())
+                self._actions.append(ReleaseLease(served=False))
             prio, m = masters[0]
             if cfg.preempt and cfg.priority > prio:
                 if self._preempt_since is None:

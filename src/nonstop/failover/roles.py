@@ -260,7 +260,7 @@ class RoleMachine(DecisionCycle):
         pass
 
     def _give_back_lease(self, now: float, until: float, term: tuple[int, int]) -> None:
-        self._actions.append(ReleaseLease())
+        self._actions.append(ReleaseLease(served=False))  # a late grant: never acted on
 
     def _backup_lease_granted(self, now: float, until: float, term: tuple[int, int]) -> None:
         if self._want_lease and until > now:
@@ -269,7 +269,7 @@ class RoleMachine(DecisionCycle):
             self._note_grant(now)
             self._evaluate_backup(now)
         else:
-            self._actions.append(ReleaseLease())
+            self._actions.append(ReleaseLease(served=False))  # not wanted any more: unused
 
     def _master_lease_granted(self, now: float, until: float, term: tuple[int, int]) -> None:
         if self._frozen is not None and not self._unfreeze(now, until, term):

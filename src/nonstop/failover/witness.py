@@ -4,10 +4,14 @@ Wire format (UDP, one message per datagram)::
 
     seal(key, b"NSWT" || msgpack(array_like tagged struct))
 
-    LeaseRequest = [1, group, node_id, incarnation, seq, want, lease_ms]
+    LeaseRequest = [1, group, node_id, incarnation, seq, want, lease_ms(, served)]
     LeaseReply   = [2, group, to, echo_incarnation, echo_seq, holder, granted, lease_ms, run, term]
 
-``want=False`` releases the lease. ``lease_ms`` in a request is the length the node asks for (the
+``want=False`` releases the lease; with ``served=False`` (a trailing field: an older witness
+ignores it, an older agent's request reads as served) the holder says it never acted on this
+grant (never became master under it), and the witness puts the group's term and last
+holder back to what they were before the grant: the node that held the lease before may still
+trust what it parked. ``lease_ms`` in a request is the length the node asks for (the
 witness caps it at its own maximum); in a reply it is the length granted, or for a denial the time
 the holder still has. A reply names the requester (``to``) and echoes its incarnation and sequence,
 so a recorded reply can neither be replayed to a later incarnation nor to another node.
@@ -55,6 +59,7 @@ class LeaseRequest(msgspec.Struct, array_like=True, frozen=True, tag=1):
     seq: U63
     want: bool
     lease_ms: U32
+    served: bool = True  # want=False only: False, the grant was never acted on
 
 
 class LeaseReply(msgspec.Struct, array_like=True, frozen=True, tag=2):
@@ -123,11 +128,13 @@ class LeaseAcquired:
 
 @dataclass(frozen=True, slots=True)
 class LeaseReleased:
-    """Server side: ``holder`` gave the lease of ``group`` back."""
+    """Server side: ``holder`` gave the lease of ``group`` back. ``term``: it had never acted
+    on the grant, so the group's term went back to that (None: the term stays)."""
 
     group: int
     holder: str
     at: float
+    term: int | None = None
 
 
 @dataclass(slots=True)
@@ -136,6 +143,9 @@ class _Lease:
     until: float = 0.0
     grants: int = 0
     transfers: int = 0
+    # what the grant that made ``holder`` the holder changed: (last holder, term) before it;
+    # None when it changed neither (a grant to the last holder again)
+    undo: tuple[str, int] | None = None
 
 
 class WitnessCore:
@@ -151,7 +161,7 @@ class WitnessCore:
         self.windows: dict[str, ReplayWindow] = {}
         self.counters: dict[str, int] = {
             "received": 0, "granted": 0, "denied": 0, "released": 0,
-            "malformed": 0, "bad_auth": 0, "replay": 0, "unexpected": 0,
+            "malformed": 0, "bad_auth": 0, "replay": 0, "unexpected": 0, "unused": 0,
         }  # fmt: skip
         self._events: deque[LeaseAcquired | LeaseReleased] = deque()
         # last holder per group, kept apart from the live holder so that a transfer is
@@ -188,7 +198,13 @@ class WitnessCore:
             if lease.holder == msg.node_id:
                 lease.holder, lease.until = "", now
                 self.counters["released"] += 1
-                self._events.append(LeaseReleased(msg.group, msg.node_id, now))
+                term = None
+                if not msg.served and lease.undo is not None:
+                    self._previous[msg.group], term = lease.undo
+                    self._terms[msg.group] = term
+                    self.counters["unused"] += 1
+                lease.undo = None
+                self._events.append(LeaseReleased(msg.group, msg.node_id, now, term))
         elif now < self.grace_until:
             self.counters["denied"] += 1
         elif lease.holder in ("", msg.node_id):
@@ -198,7 +214,9 @@ class WitnessCore:
                 lease.grants += 1
                 if prev and prev != msg.node_id:
                     lease.transfers += 1
+                lease.undo = None
                 if prev != msg.node_id:
+                    lease.undo = (prev, self._terms.get(msg.group, 0))
                     self._terms[msg.group] = self._terms.get(msg.group, 0) + 1
                 self._events.append(LeaseAcquired(msg.group, msg.node_id, prev, now))
                 self._previous[msg.group] = msg.node_id
@@ -258,14 +276,16 @@ class WitnessClient:
         self._pending: OrderedDict[int, tuple[float, bool]] = OrderedDict()
         self.counters: dict[str, int] = {"stale": 0, "malformed": 0, "bad_auth": 0}
 
-    def request(self, now: float, want: bool = True) -> bytes:
+    def request(self, now: float, want: bool = True, *, served: bool = True) -> bytes:
+        """A request (``want``) or a release; ``served=False`` with a release: this node never
+        acted on the grant it gives back (see the module doc)."""
         self._seq += 1
         self._pending[self._seq] = (now, want)
         while len(self._pending) > self.MAX_PENDING:
             self._pending.popitem(last=False)
         msg = LeaseRequest(
             group=self.group, node_id=self.node_id, incarnation=self.incarnation,
-            seq=self._seq, want=want, lease_ms=self.lease_ms,
+            seq=self._seq, want=want, lease_ms=self.lease_ms, served=want or served,
         )  # fmt: skip
         return encode(self.key, msg)
 

@@ -57,6 +57,10 @@ class _Out:
             else:
                 text = f"group {ev.group}: lease granted to {ev.holder}"
             self.line("granted", text, group=ev.group, holder=ev.holder, previous=ev.previous)
+        elif ev.term is not None:
+            self.line("released", f"group {ev.group}: {ev.holder} released the lease unused: "
+                      f"term back to {ev.term}", group=ev.group, holder=ev.holder,
+                      term=ev.term)  # fmt: skip
         else:
             self.line("released", f"group {ev.group}: {ev.holder} released the lease",
                       group=ev.group, holder=ev.holder)  # fmt: skip
