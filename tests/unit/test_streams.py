@@ -64,7 +64,9 @@ def test_server_and_client_over_loopback():
     assert out["kept"] == 8 and out["resets"] == 0 and out["errors"] == {}
     assert (out["lost"], out["duplicated"], out["corrupted"]) == (0, 0, 0)
     assert out["messages"] >= 8 * 80  # ~100 per connection in 0.5 s at 200/s, plus trailers
-    assert out["max_gap_ms"]["max"] < 200
+    # a stream that stops (a server waiting on something) shows seconds; this VM alone froze for
+    # 313 ms in one run (CI, 2026-11-22), which a 200 ms bound failed
+    assert out["max_gap_ms"]["max"] < 1000
     server_side = [v.report for v in srv.verifiers]
     assert len(server_side) == 8 and all(r.lost == 0 and r.messages >= 80 for r in server_side)
 
