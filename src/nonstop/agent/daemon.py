@@ -277,8 +277,7 @@ class Agent(Fencing):
         if not self._ready:  # start-up: the cores are re-made when the loop begins
             return
         now = time.monotonic()
-        self._woke(now)
-        self._check_stall(now)
+        self._entered(now)
         if data[:4] == b"NSWT":
             if self.witness is not None:
                 try:
@@ -300,8 +299,7 @@ class Agent(Fencing):
         if not self._ready:
             return
         now = time.monotonic()
-        self._woke(now)
-        self._check_stall(now)
+        self._entered(now)
         self.counters["link_closed"] += 1
         self.membership.link_closed(peer, now, reason)
         self._pump(now)
@@ -364,8 +362,7 @@ class Agent(Fencing):
     def _on_timer(self) -> None:
         self._timer = None
         now = time.monotonic()
-        self._woke(now)
-        self._check_stall(now)
+        self._entered(now)
         self.membership.handle_timer(now)
         self.roles.handle_timer(now)
         self._pump(now)
@@ -473,28 +470,18 @@ class Agent(Fencing):
             if not self.sessions.promote(self._acquired):
                 self._acquired()
         elif isinstance(act, R.ReleaseVips):
-            self._acquiring = self._announce_pending = False
-            self.vips.release()
+            self._drop_vips()
             self.sessions.demote()
             if not self._stopping:  # a graceful stop stops them instead
                 # each instance's own log line says it; why the node stepped down: the role
                 # change's, next
                 self.services.restart_running("the node stepped down: back as a standby")
-            if self.guard is not None:
-                self.guard.disarm()
-            self._next_feed = float("inf")
-            self._last_feed = None
         elif isinstance(act, R.SuspendVips):  # rule 9: the connections and services stay
             self.counters["freezes"] += 1
             log.error("%s: the VIPs go down while the witness is asked whether another node "
                       "held the lease meanwhile", act.reason)
-            self._acquiring = self._announce_pending = False
             self.sessions.hush(True)  # restored sockets can send without the VIP
-            self.vips.release()
-            if self.guard is not None:
-                self.guard.disarm()
-            self._next_feed = float("inf")
-            self._last_feed = None
+            self._drop_vips()
         elif isinstance(act, R.ResumeVips):
             self.counters["freezes_ridden_out"] += 1
             log.warning("%s", act.reason)
@@ -519,6 +506,15 @@ class Agent(Fencing):
             self.membership.send_now()
         else:  # pragma: no cover - a new action the adapter does not know is a bug
             raise TypeError(f"unknown action {act!r}")
+
+    def _drop_vips(self) -> None:
+        """The VIPs go (an acquisition under way is dropped) and the guard stands down."""
+        self._acquiring = self._announce_pending = False
+        self.vips.release()
+        if self.guard is not None:
+            self.guard.disarm()
+        self._next_feed = float("inf")
+        self._last_feed = None
 
     def _acquired(self) -> None:
         """Add the VIPs (the session worker restored the connections, or there are none)."""

@@ -45,6 +45,11 @@ class Fencing:
 
     _pump: Callable[[float], None]
 
+    def _entered(self, now: float) -> None:
+        """First on every input but the guard's own: ``_woke``, then ``_check_stall``."""
+        self._woke(now)
+        self._check_stall(now)
+
     def _woke(self, now: float) -> None:
         """Run first on every input: a loop that wakes past the timer it armed was not running
         meanwhile (a host freeze, no CPU), and that time is not the peers' silence
@@ -101,7 +106,6 @@ class Fencing:
         answered, notices = self.guard.confirm(self.cfg.fence_timeout)
         self._guard_notices(notices, time.monotonic())
         return answered and not any(n.startswith("FENCED") for n in notices)
-
 
     def _guard_readable(self) -> None:
         assert self.guard is not None

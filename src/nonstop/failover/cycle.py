@@ -278,6 +278,11 @@ class DecisionCycle:
             self._request_lease()
             self.reason = f"{self._cause}; asking the witness for the lease"
 
+    @property
+    def _freeze_wait(self) -> float:
+        """Rule 9: how long the witness may take to answer (at least two intervals)."""
+        return max(2 * self.config.interval, FREEZE_WAIT)
+
     def _freeze(self, now: float, reason: str, kind: str = "fenced") -> bool:
         """Rule 9: instead of stepping down (``kind``: "fenced", rule 6, or "demoted", rule 3),
         take the VIPs down and ask the witness whether another node held the lease meanwhile.
@@ -290,7 +295,7 @@ class DecisionCycle:
             return False
         if self._frozen is None:
             self._frozen = (kind, reason)
-            self._frozen_until = now + max(2 * cfg.interval, FREEZE_WAIT)
+            self._frozen_until = now + self._freeze_wait
             self._actions.append(SuspendVips(reason))
         self._lease_until = None
         self._next_request = now + cfg.renew_every
@@ -342,8 +347,7 @@ class DecisionCycle:
             if masters:
                 self._give_up(now, f"{masters[0][1]} is master")
             elif self._frozen_until is not None and now >= self._frozen_until:
-                wait = max(2 * cfg.interval, FREEZE_WAIT)
-                self._give_up(now, f"the witness did not answer within {_ms(wait)}")
+                self._give_up(now, f"the witness did not answer within {_ms(self._freeze_wait)}")
             elif self._next_request is not None and now >= self._next_request:
                 self._next_request = now + cfg.renew_every
                 self._request_lease()

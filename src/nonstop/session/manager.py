@@ -314,21 +314,9 @@ class MasterSession:
                     cs.rcv_wnd or full.rcv_wnd) & _U32
                 if ft in self._conns:
                     raise ValueError(f"connection {ft} is already tracked")
-                if rcv_start == commit.rpos and cs.rcv_fin in (None, rcv_end):
-                    # what the records below would leave in the mirror, at once (refuses an id
-                    # already open)
-                    snd.adopt(ConnState(
-                        full, rcv_start, st.recv_queue, snd_una, st.send_queue, rcv_end,
-                        snd_una, st.snd_seq, snd_wnd, rcv_wnd, commit, cs.rcv_fin), now)
-                else:  # (not seen: the input does not start at the commit)
-                    snd.open(full.conn_id, full, now)
-                    snd.update(full.conn_id, rcv_nxt=rcv_end, snd_una=snd_una,
-                               snd_nxt=st.snd_seq, snd_wnd=snd_wnd, rcv_wnd=rcv_wnd, now=now)
-                    snd.commit(full.conn_id, commit.rpos, commit.wpos, commit.state, now)
-                    snd.data(full.conn_id, Direction.RCV, rcv_start, st.recv_queue, now)
-                    snd.data(full.conn_id, Direction.SND, snd_una, st.send_queue, now)
-                    if cs.rcv_fin is not None:
-                        snd.fin(full.conn_id, Direction.RCV, cs.rcv_fin, now)
+                snd.adopt(ConnState(  # refuses an id already open
+                    full, rcv_start, st.recv_queue, snd_una, st.send_queue, rcv_end,
+                    snd_una, st.snd_seq, snd_wnd, rcv_wnd, commit, cs.rcv_fin), now)
                 self._conns[ft] = _Tracked(full.conn_id, full, st.snd_seq, snd_una, snd_wnd,
                                            rcv_wnd, now, acked_out=rcv_end)  # its probe acks it
                 self._ids = itertools.count(max(next(self._ids), full.conn_id + 1))

@@ -151,10 +151,26 @@ class SyncSender(_Counted):
         """Track a connection from its whole state (a promotion's restored connection): the
         mirror ``open``, ``update``, ``commit``, ``data`` both ways and the FINs would leave. With
         no backup (paused) the mirror is built at once, no record made (the next resync sends it
-        whole); otherwise those records are queued."""
+        whole); otherwise those records are queued. A state whose input does not start at its
+        commit, or whose peer FIN is not at the end of that input, goes through those calls
+        themselves (not seen)."""
         conn_id = state.full.conn_id
         if conn_id in self._conns:
             raise LocalProtocolError(f"conn {conn_id} is already open")
+        c = state.commit
+        if (c is not None and c.rpos != state.rcv_start) or state.rcv_fin not in (
+                None, state.rcv_end):
+            self.open(conn_id, state.full, now)
+            self.update(conn_id, rcv_nxt=state.rcv_nxt, snd_una=state.snd_una,
+                        snd_nxt=state.snd_nxt, snd_wnd=state.snd_wnd, rcv_wnd=state.rcv_wnd,
+                        now=now)  # fmt: skip
+            if c is not None:
+                self.commit(conn_id, c.rpos, c.wpos, c.state, now)
+            self.data(conn_id, Direction.RCV, state.rcv_start, state.rcv_data, now)
+            self.data(conn_id, Direction.SND, state.snd_start, state.snd_data, now)
+            if state.rcv_fin is not None:
+                self.fin(conn_id, Direction.RCV, state.rcv_fin, now)
+            return
         if self._paused:
             self._conns[conn_id] = ConnMirror.from_state(state)
             return
