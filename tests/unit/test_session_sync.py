@@ -594,3 +594,27 @@ def test_adopt_holds_what_the_records_would(paused: bool) -> None:
                 tx.receive_ack(a, 2.0)
     assert rx.connections()[5] == state
     assert tx.confirmed(5) == (seq_add(state.rcv_end, 1), state.snd_end)  # the FIN counts
+
+
+def test_adopt_of_input_past_the_commit_goes_through_the_records() -> None:
+    """A restored connection whose unread input does not start at its commit (not seen: the
+    commit is kept at or past where the kernel's queue starts) is adopted through the records
+    themselves: the mirror is the one they leave, and a second adopt is refused the same way."""
+    isn = M - 4
+    state = ConnState(
+        full(7, isn, isn), seq_add(isn, 8), b"rld", seq_add(isn, 2), b"ply",
+        seq_add(isn, 11), seq_add(isn, 2), seq_add(isn, 5), 9, 9,
+        Commit(7, seq_add(isn, 6), seq_add(isn, 2), b"s"), None)
+    by_records = SyncSender(KEY, incarnation=1, now=0.0)
+    by_records.open(7, state.full, 0.0)
+    by_records.update(7, rcv_nxt=state.rcv_nxt, snd_una=state.snd_una, snd_nxt=state.snd_nxt,
+                      snd_wnd=9, rcv_wnd=9, now=0.0)
+    by_records.commit(7, state.commit.rpos, state.commit.wpos, b"s", 0.0)
+    by_records.data(7, Direction.RCV, state.rcv_start, b"rld", 0.0)
+    by_records.data(7, Direction.SND, state.snd_start, b"ply", 0.0)
+    tx = SyncSender(KEY, incarnation=1, now=0.0)
+    tx.adopt(state, 0.0)
+    assert tx.connections()[7] == by_records.connections()[7]
+    assert tx.counters["records"] == by_records.counters["records"]
+    with pytest.raises(LocalProtocolError):
+        tx.adopt(state, 0.0)
