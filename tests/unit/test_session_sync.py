@@ -556,6 +556,25 @@ def test_a_paused_sender_keeps_the_mirror_and_seals_nothing() -> None:
     assert tx.confirmed(3) == (mirror.rcv_end, mirror.snd_end)
 
 
+def by_records(state: ConnState, *, paused: bool = False) -> SyncSender:
+    """A sender that tracked ``state`` through the records themselves: open, update, commit,
+    data both ways (and the peer's FIN, if any)."""
+    cid = state.full.conn_id
+    s = SyncSender(KEY, incarnation=1, now=0.0)
+    if paused:
+        s.pause()
+    s.open(cid, state.full, 0.0)
+    s.update(cid, rcv_nxt=state.rcv_nxt, snd_una=state.snd_una, snd_nxt=state.snd_nxt,
+             snd_wnd=state.snd_wnd, rcv_wnd=state.rcv_wnd, now=0.0)
+    assert state.commit is not None
+    s.commit(cid, state.commit.rpos, state.commit.wpos, state.commit.state, 0.0)
+    s.data(cid, Direction.RCV, state.rcv_start, state.rcv_data, 0.0)
+    s.data(cid, Direction.SND, state.snd_start, state.snd_data, 0.0)
+    if state.rcv_fin is not None:
+        assert s.fin(cid, Direction.RCV, state.rcv_fin, 0.0)
+    return s
+
+
 @pytest.mark.parametrize("paused", [True, False])
 def test_adopt_holds_what_the_records_would(paused: bool) -> None:
     """A promotion's restored connection, tracked from its whole state at once: the mirror is the
@@ -566,16 +585,7 @@ def test_adopt_holds_what_the_records_would(paused: bool) -> None:
         full(5, isn, isn), seq_add(isn, 6), b"world", seq_add(isn, 2), b"ply",
         seq_add(isn, 11), seq_add(isn, 2), seq_add(isn, 5), 9, 9,
         Commit(5, seq_add(isn, 6), seq_add(isn, 2), b"s"), seq_add(isn, 11))
-    by_records = SyncSender(KEY, incarnation=1, now=0.0)
-    by_records.pause()
-    by_records.open(5, state.full, 0.0)
-    by_records.update(5, rcv_nxt=state.rcv_nxt, snd_una=state.snd_una, snd_nxt=state.snd_nxt,
-                      snd_wnd=9, rcv_wnd=9, now=0.0)
-    by_records.commit(5, state.commit.rpos, state.commit.wpos, b"s", 0.0)
-    by_records.data(5, Direction.RCV, state.rcv_start, b"world", 0.0)
-    by_records.data(5, Direction.SND, state.snd_start, b"ply", 0.0)
-    assert by_records.fin(5, Direction.RCV, state.rcv_fin, 0.0)
-    assert by_records.connections()[5] == state
+    assert by_records(state, paused=True).connections()[5] == state
 
     tx = SyncSender(KEY, incarnation=1, now=0.0)
     rx = SyncReceiver(KEY, now=0.0, incarnation=1)
@@ -605,16 +615,10 @@ def test_adopt_of_input_past_the_commit_goes_through_the_records() -> None:
         full(7, isn, isn), seq_add(isn, 8), b"rld", seq_add(isn, 2), b"ply",
         seq_add(isn, 11), seq_add(isn, 2), seq_add(isn, 5), 9, 9,
         Commit(7, seq_add(isn, 6), seq_add(isn, 2), b"s"), None)
-    by_records = SyncSender(KEY, incarnation=1, now=0.0)
-    by_records.open(7, state.full, 0.0)
-    by_records.update(7, rcv_nxt=state.rcv_nxt, snd_una=state.snd_una, snd_nxt=state.snd_nxt,
-                      snd_wnd=9, rcv_wnd=9, now=0.0)
-    by_records.commit(7, state.commit.rpos, state.commit.wpos, b"s", 0.0)
-    by_records.data(7, Direction.RCV, state.rcv_start, b"rld", 0.0)
-    by_records.data(7, Direction.SND, state.snd_start, b"ply", 0.0)
+    records = by_records(state)
     tx = SyncSender(KEY, incarnation=1, now=0.0)
     tx.adopt(state, 0.0)
-    assert tx.connections()[7] == by_records.connections()[7]
-    assert tx.counters["records"] == by_records.counters["records"]
+    assert tx.connections()[7] == records.connections()[7]
+    assert tx.counters["records"] == records.counters["records"]
     with pytest.raises(LocalProtocolError):
         tx.adopt(state, 0.0)
