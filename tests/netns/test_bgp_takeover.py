@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -36,6 +37,7 @@ from nonstop.bench.bgp_node import (
     frr_world,
     take_over,
 )
+from nonstop.bgp.protected import EXIT_DEPOSED
 from nonstop.cluster import Cluster
 from nonstop.lab import Lab
 
@@ -48,11 +50,15 @@ OURS = {"10.77.100.0/24", "fd77:100::/48"}
 @contextlib.contextmanager
 def dump_on_failure(request: pytest.FixtureRequest, c: Cluster, pair: BgpPair,
                     frr: list[FrrPeer]) -> Iterator[None]:
+    failed = False
     try:
         yield
+    except BaseException:  # the body failed (a test using it directly)
+        failed = True
+        raise
     finally:
         rep = getattr(request.node, "rep_call", None)
-        if rep is not None and rep.failed:
+        if failed or (rep is not None and rep.failed):  # or the test (a fixture using it)
             for f in frr:
                 if f.proc is not None:
                     print(f"----- FRR\n{f.proc.output()[-4000:]}\n"
@@ -60,6 +66,8 @@ def dump_on_failure(request: pytest.FixtureRequest, c: Cluster, pair: BgpPair,
             for n in c.spec.nodes:
                 with contextlib.suppress(OSError):
                     print(f"----- agent log of {n}\n{c.log_text(n)[-6000:]}")
+            for n, p in pair.previous.items():
+                print(f"----- previous speaker on {n}\n{p.output()[-6000:]}")
             for n, p in pair.procs.items():
                 print(f"----- speaker on {n}\n{p.output()[-6000:]}")
 
@@ -259,3 +267,41 @@ def test_md5_session_kept_across_takeovers(demo_lab: Lab, request: pytest.Fixtur
         assert s is not None and s["peers"][0]["counters"].get("received_open") == 1, s
         print(f"\nTCP-MD5: {MD5_TAKEOVERS} takeovers, {resigned} clamped segments signed again "
               f"(masters before each takeover), BIRD's MD5 drop counters {before}")
+
+
+def test_an_agent_dying_alone_deposes_its_speaker(demo_lab: Lab,
+                                                  request: pytest.FixtureRequest) -> None:
+    """SIGKILL of the master's agent only. Its session worker silences the connections; the
+    speaker sees them aborted (ECONNABORTED), closes its journal before anything of the loss is
+    journaled, sends nothing to the peer (no Cease, no FIN) and exits with EXIT_DEPOSED; the
+    other node continues the session (no reset, no OPEN). The speaker used to journal the loss
+    first: the standby replayed the session down and reset it (CI saw it in
+    test_takeovers_to_the_other_node_keep_the_sessions, when the speaker's own SIGKILL came
+    late on a loaded box)."""
+    c = cluster(demo_lab)
+    pair = BgpPair(c, peers=("bird",))
+    with dump_on_failure(request, c, pair, []):
+        bird = bird_world(demo_lab)
+        bird.start()
+        master = start_pair(c, pair)
+        backup = next(x for x in c.spec.nodes if x != master)
+        wait_for(lambda: "10.77.100.0/24" in bird.routes("master4", "ours"), 10,
+                 "our route at BIRD")
+        since = bird.protocol("ours")["since"]
+        speaker = pair.procs[master]
+        c.procs[master].kill()
+        try:
+            code = speaker.wait(30)
+        except subprocess.TimeoutExpired:
+            code = None
+        assert code == EXIT_DEPOSED
+        assert "deposed: the connection to bird was taken away" in speaker.output()
+        c.wait_role(backup, "master", timeout=10)
+        s = wait_for(lambda: (x := pair.summary(backup)) and x.get("takeover") and x, 30,
+                     "the standby took over")
+        tk = s["takeover"]
+        assert tk["resets"] == 0 and tk["resumed"] == ["bird"], tk
+        time.sleep(1.0)
+        bird_never_down(bird, since)
+        s = pair.summary(backup)
+        assert s is not None and s["peers"][0]["counters"].get("received_open") == 1, s

@@ -68,6 +68,7 @@ class BgpPair:
         self.c = c
         self.peers = peers
         self.procs: dict[str, LabProcess] = {}
+        self.previous: dict[str, LabProcess] = {}  # the speaker each node ran before (its log)
         self.n = 0
         self.configs: dict[str, str] = {}
         nodes = c.spec.nodes
@@ -90,6 +91,8 @@ class BgpPair:
         self.c.wait(lambda: os.path.exists(path), 10.0, f"{path} to exist", poll=0.02)
         argv = [sys.executable, "-m", "nonstop", "-v", "bgp", "speaker", "--config",
                 self.configs[node]]
+        if node in self.procs:
+            self.previous[node] = self.procs[node]
         self.procs[node] = self.c.lab.host(node).run(argv, name=f"bgp-{node}-{self.n}")
         return self.procs[node]
 

@@ -27,6 +27,7 @@ from nonstop.bgp.wire import IPV4_UNICAST
 
 log = logging.getLogger("nonstop.bgp")
 TCP_MD5SIG = 14
+TCP_REPAIR = 19  # read only here: a socket in repair mode was taken away by the session worker
 
 
 def md5_option(address: str, password: str) -> bytes:
@@ -56,6 +57,9 @@ class _Conn:
         self.active = active  # we connected (TCP_INFO bytes_acked then counts our SYN)
         self.out = bytearray()
         self.closed = False
+        # ECONNABORTED seen: the agent's session worker took the connection away (silenced it,
+        # this node no longer serves the VIP); not a loss the peer saw
+        self.aborted = False
         sock.setblocking(False)
         svc.loop.add_reader(sock.fileno(), self._readable)
 
@@ -72,11 +76,30 @@ class _Conn:
             data = self.sock.recv(size, flags)
         except (BlockingIOError, InterruptedError):
             return None
-        except OSError:
+        except OSError as e:
+            self._failed(e)
             data = b""
         if not data:
+            self._failed(None)
             self.svc.on_lost(self.peer, self)
         return data
+
+    def _failed(self, e: OSError | None) -> None:
+        """A read or write failed (or EOF): was the connection taken away? The agent's session
+        worker silences one with repair mode and a disconnect: reads then fail with EINVAL or
+        EPERM (repair mode), the pending error is ECONNABORTED, and a write may report it
+        before the reader sees anything. Noted wherever it shows."""
+        if self.aborted:
+            return
+        if e is not None and e.errno == errno.ECONNABORTED:
+            self.aborted = True
+            return
+        try:
+            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            repair = self.sock.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR)
+        except OSError:
+            return
+        self.aborted = err == errno.ECONNABORTED or repair != 0
 
     def _peek(self, size: int) -> None:
         """Hand what the kernel holds (peeked: consumed only once journaled) to the service."""
@@ -84,8 +107,17 @@ class _Conn:
             self.svc.on_data(self.peer, data, self)
 
     def consume(self, n: int) -> None:
+        """Take ``n`` peeked bytes out of the kernel's queue. A connection that died meanwhile
+        (its queue purged) stops it: the reader reports the loss."""
         while n > 0:
-            n -= len(self.sock.recv(n))
+            try:
+                got = self.sock.recv(n)
+            except OSError as e:
+                self._failed(e)
+                return
+            if not got:
+                return
+            n -= len(got)
 
     def write(self, data: bytes) -> None:
         if self.closed:
@@ -95,7 +127,8 @@ class _Conn:
                 n = self.sock.send(data)
             except (BlockingIOError, InterruptedError):
                 n = 0
-            except OSError:
+            except OSError as e:
+                self._failed(e)
                 return  # the reader sees the error and reports the loss
             self._sent(n)
             data = data[n:]
@@ -109,7 +142,8 @@ class _Conn:
             n = self.sock.send(self.out)
         except (BlockingIOError, InterruptedError):
             return
-        except OSError:
+        except OSError as e:
+            self._failed(e)
             self.svc.loop.remove_writer(self.sock.fileno())
             return
         self._sent(n)
@@ -157,6 +191,7 @@ class SpeakerService:
         self.counters: dict[str, int] = {}
         self.takeover: dict[str, Any] | None = None  # set when this speaker took over
         self.takeover_written_at = 0.0
+        self.deposed: str | None = None  # why this speaker stopped serving (protected.py)
         if cfg.kernel_table:
             from nonstop.bgp.fib import Fib
 
@@ -218,7 +253,8 @@ class SpeakerService:
 
     async def close(self) -> None:
         self._closing = True
-        self._dispatch(self.speaker.stop(self.now()))
+        if self.deposed is None:  # a deposed speaker's sessions live on elsewhere: no Cease
+            self._dispatch(self.speaker.stop(self.now()))
         for c in list(self.conns.values()):
             c.close()
         self.conns.clear()
@@ -422,9 +458,11 @@ async def run(cfg: SpeakerConfig, *, standby: bool = False) -> None:
     await serve_until_signal(svc.close)
 
 
-async def serve_until_signal(close: Callable[[], Awaitable[None]]) -> None:
-    """Wait for SIGINT or SIGTERM, then ``close()`` (also if the wait is cancelled)."""
-    stop = asyncio.Event()
+async def serve_until_signal(close: Callable[[], Awaitable[None]],
+                             stop: asyncio.Event | None = None) -> None:
+    """Wait for SIGINT or SIGTERM (or ``stop``), then ``close()`` (also if the wait is
+    cancelled)."""
+    stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)

@@ -46,8 +46,7 @@ def cmd_speaker(args: argparse.Namespace) -> int:
     if cfg.agent is not None:  # a protected service: standby or master as the agent says
         from nonstop.bgp.protected import run_protected
 
-        asyncio.run(run_protected(cfg))
-        return EXIT_OK
+        return asyncio.run(run_protected(cfg))  # EXIT_DEPOSED: the agent took the sessions
     asyncio.run(run(cfg, standby=args.standby))
     return EXIT_OK
 

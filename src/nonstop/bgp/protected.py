@@ -46,6 +46,7 @@ from nonstop.bgp.speaker import Speaker
 
 log = logging.getLogger("nonstop.bgp")
 SIOCOUTQ = 0x5411
+EXIT_DEPOSED = 3  # the agent took the sessions away (this node stepped down): restart as standby
 ACKED_EVERY = 0.5  # seconds between ACKED journal records per connection
 _STATE = struct.Struct("!QQ")  # journal records confirmed, speaker rx bytes fed
 
@@ -154,6 +155,7 @@ class ProtectedSpeaker(SpeakerService):
         self.key = key
         self.server: JournalServer | None = None
         self.role_info: dict[str, Any] = {}
+        self.stop = asyncio.Event()  # set when deposed: the process ends
 
     def confirmed(self) -> int:
         return self.server.confirmed if self.server is not None else 1 << 62
@@ -206,9 +208,31 @@ class ProtectedSpeaker(SpeakerService):
         self._dispatch(events)
 
     def on_lost(self, peer: str, conn: _Conn) -> None:
+        if conn.aborted and self.deposed is None:
+            self.depose(f"the connection to {peer} was taken away (ECONNABORTED: the agent's "
+                        "session worker silenced it, this node no longer serves the VIP)")
+        if self.deposed is not None:
+            return
         if isinstance(conn, _PConn):
             conn._forget()
         super().on_lost(peer, conn)
+
+    def depose(self, why: str) -> None:
+        """This speaker no longer serves its sessions: another node has them (or will), and
+        the peers saw no loss. Nothing of the end may reach the standby (it would replay the
+        sessions down and could not continue them), so the journal server closes before
+        anything else happens; nothing reaches the peers either (no Cease, no FIN: the
+        sockets are only let go, the session worker silences them). The process then ends
+        with EXIT_DEPOSED, for its supervisor to start it again as a standby."""
+        self.deposed = why
+        for c in list(self.conns.values()):  # first: closing the server releases held output
+            c.detach()
+            c.sock.close()  # the worker holds the socket too: no FIN from this close
+        self.conns.clear()
+        if self.server is not None:
+            self.server.close()
+        log.error("deposed: %s; journal closed, exiting for a restart as a standby", why)
+        self.stop.set()
 
     def _flush(self) -> None:
         seq = self.server.seq if self.server is not None else 0
@@ -238,16 +262,29 @@ class ProtectedSpeaker(SpeakerService):
                                                    **s.counters}}
 
 
-def _resumable(follower: JournalFollower, name: str, w: int) -> bool:
+def _not_resumable(follower: JournalFollower, name: str | None, rec: CommitRecord) -> str:
+    """Why the journal cannot continue the session on a connection restored at ``rec`` (the
+    empty string: it can): the standby's replica must be Established, hold every byte the
+    master read, and hold (as written or still to write) every byte the kernel took."""
+    if name is None:
+        return "no peer configured at that address"
     st = follower.standby
     s = st.speaker.peers[name].session
-    extra = w - st.written[name]
-    return -len(st.tail[name]) <= extra <= len(s.out)
+    if s.state != State.ESTABLISHED:
+        return f"the journal has the session {s.state.name.lower()}"
+    if s.rx_fed < rec.read_pos:
+        return f"the journal has read {s.rx_fed} bytes, the commit {rec.read_pos}"
+    extra = rec.write_pos - st.written[name]
+    if not -len(st.tail[name]) <= extra <= len(s.out):
+        return (f"the journal wrote {st.written[name]} bytes (tail {len(st.tail[name])}, "
+                f"{len(s.out)} to write), the kernel took {rec.write_pos}")
+    return ""
 
 
-async def run_protected(cfg: SpeakerConfig) -> None:
+async def run_protected(cfg: SpeakerConfig) -> int:
     """``nonstop bgp speaker`` with ``agent`` set: a standby until this node serves the VIP,
-    then the master (after a takeover: the same sessions, no OPEN)."""
+    then the master (after a takeover: the same sessions, no OPEN). Returns the exit status:
+    0 after SIGINT/SIGTERM, EXIT_DEPOSED when the agent took the connections away."""
     import nonstop.bgp.api  # noqa: F401  (imported now, not during the takeover)
 
     assert cfg.listen and cfg.agent and cfg.key_file and cfg.journal_peer
@@ -277,18 +314,15 @@ async def run_protected(cfg: SpeakerConfig) -> None:
                 # after the last commit: the kernel accepted up to there (our write_pos)
                 rec = CommitRecord(rec.read_pos, conn.stream_pos, rec.state)
             name = svc.peer_by_address(conn.getpeername()[0])
-            skip = -1
-            if name is not None and name not in taken and \
-                    sp.peers[name].session.state == State.ESTABLISHED:
-                skip = sp.peers[name].session.rx_fed - rec.read_pos
-                if skip >= 0 and not _resumable(follower, name, rec.write_pos):
-                    skip = -1
-            if skip < 0 or name is None:
-                log.warning("cannot continue %s (read %d, write %d): closing it", name,
-                            rec.read_pos, rec.write_pos)
+            why = "a second connection" if name in taken else _not_resumable(follower, name, rec)
+            if why or name is None:
+                log.warning("cannot continue %s (read %d, write %d; %d records applied): %s; "
+                            "closing it", name or conn.getpeername()[0], rec.read_pos,
+                            rec.write_pos, len(follower.history), why)
                 info["resets"] += 1
                 await conn.ns_close()
                 continue
+            skip = sp.peers[name].session.rx_fed - rec.read_pos
             taken[name] = (conn, rec, skip)
             written[name] = rec.write_pos
             info.setdefault("resent", {})[name] = follower.standby.written[name] - rec.write_pos
@@ -319,4 +353,5 @@ async def run_protected(cfg: SpeakerConfig) -> None:
         if adopted:
             svc.takeover = info
     print("serving", flush=True)
-    await serve_until_signal(svc.close)
+    await serve_until_signal(svc.close, svc.stop)
+    return EXIT_DEPOSED if svc.deposed is not None else 0

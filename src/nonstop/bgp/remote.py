@@ -275,6 +275,8 @@ class JournalServer:
             self.on_confirm()  # one fewer to wait for
 
     def close(self) -> None:
+        if self.sock.fileno() < 0:
+            return  # closed already (a deposed speaker closes it first)
         self._watch.cancel()
         self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
