@@ -264,6 +264,14 @@ def test_clamp_trims_and_removes_sack_blocks() -> None:
     assert opt_bytes.count(OPT_NOP) >= 20 and checksum_ok(packet)
 
 
+def test_clamp_trims_a_sack_edge_at_the_antipode() -> None:
+    """A right edge exactly 2**31 past the limit is neither above nor below it in sequence
+    space: the clamp trims it (hypothesis found edge 2**31 + 1 against limit 1)."""
+    packet = build(_ack_seg(0, ((10, 1 + (1 << 31)),)), b"hello")
+    assert clamp_ack(packet, 1)
+    assert parse(packet).options.sack == () and checksum_ok(packet)
+
+
 def test_clamp_ignores_ack_without_ack_flag() -> None:
     seg = Segment(4, "10.77.0.11", "10.77.0.12", 1, 2, 3, 999, SYN, 5, TcpOptions(), 20, 40, 0)
     packet = build(seg)

@@ -343,7 +343,8 @@ def clamp_ack(packet: bytearray, max_ack: int, md5_key: bytes | None = None) -> 
     """Make ``packet`` acknowledge nothing past ``max_ack``; True if it changed anything.
 
     Lowers the ACK number (when the ACK flag is set and the ACK is beyond max_ack), trims SACK
-    blocks whose right edge is beyond max_ack and removes those left empty (their bytes become
+    blocks whose right edge is not at or below max_ack (also one exactly 2**31 away, where
+    sequence numbers have no order) and removes those left empty (their bytes become
     NOPs), signs it again when it carries a TCP-MD5 option (with ``md5_key``), then recomputes
     the full TCP checksum. A packet needing no change is left untouched, checksum included.
     Raises RemoteProtocolError for a malformed packet, Md5KeyMissing for a signed packet that
@@ -356,7 +357,7 @@ def clamp_ack(packet: bytearray, max_ack: int, md5_key: bytes | None = None) -> 
     opts = _walk_options(packet, t + 20, seg.payload_offset)
     signed = any(kind == OPT_MD5 and n == MD5_LEN for kind, _, n in opts)
     if signed and md5_key is None and (lower or any(
-            kind == OPT_SACK and any(seq_lt(max_ack, r) for _, r in _sack_blocks(packet, i, n))
+            kind == OPT_SACK and any(not seq_le(r, max_ack) for _, r in _sack_blocks(packet, i, n))
             for kind, i, n in opts)):
         raise Md5KeyMissing(f"{seg.src}:{seg.sport} > {seg.dst}:{seg.dport} is signed")
     changed = False
@@ -369,7 +370,8 @@ def clamp_ack(packet: bytearray, max_ack: int, md5_key: bytes | None = None) -> 
         blocks = _sack_blocks(packet, i, length)
         kept: list[tuple[int, int]] = []
         for left, right in blocks:
-            if seq_lt(max_ack, right):
+            # not provably at or below max_ack: also an edge exactly 2**31 away (no order there)
+            if not seq_le(right, max_ack):
                 right = max_ack
                 if not seq_lt(left, right):
                     continue  # nothing left of this block
