@@ -269,15 +269,16 @@ def test_md5_session_kept_across_takeovers(demo_lab: Lab, request: pytest.Fixtur
               f"(masters before each takeover), BIRD's MD5 drop counters {before}")
 
 
-def test_an_agent_dying_alone_deposes_its_speaker(demo_lab: Lab,
-                                                  request: pytest.FixtureRequest) -> None:
-    """SIGKILL of the master's agent only. Its session worker silences the connections; the
-    speaker sees them aborted (ECONNABORTED), closes its journal before anything of the loss is
-    journaled, sends nothing to the peer (no Cease, no FIN) and exits with EXIT_DEPOSED; the
-    other node continues the session (no reset, no OPEN). The speaker used to journal the loss
-    first: the standby replayed the session down and reset it (CI saw it in
-    test_takeovers_to_the_other_node_keep_the_sessions, when the speaker's own SIGKILL came
-    late on a loaded box)."""
+def test_a_master_cut_off_deposes_its_speaker(demo_lab: Lab,
+                                              request: pytest.FixtureRequest) -> None:
+    """The master node cut off (every link down; its processes live on). The other node takes
+    the session over. The cut-off agent steps down and its session worker silences the
+    connections; the speaker there sees them taken away, closes its journal before anything of
+    the loss is journaled, sends the peer nothing and exits with EXIT_DEPOSED (to be started
+    again as a standby). It used to journal the session down and stay on with it idle: a
+    standby still following replayed that and could not continue the session (CI saw a takeover
+    reset both sessions when the old master's speaker outlived its SIGKILLed agent by a few
+    ms on a loaded box)."""
     c = cluster(demo_lab)
     pair = BgpPair(c, peers=("bird",))
     with dump_on_failure(request, c, pair, []):
@@ -289,18 +290,18 @@ def test_an_agent_dying_alone_deposes_its_speaker(demo_lab: Lab,
                  "our route at BIRD")
         since = bird.protocol("ours")["since"]
         speaker = pair.procs[master]
-        c.procs[master].kill()
+        demo_lab.isolate(master)
+        c.wait_role(backup, "master", timeout=10)
+        s = wait_for(lambda: (x := pair.summary(backup)) and x.get("takeover") and x, 30,
+                     "the standby took over")
+        tk = s["takeover"]
+        assert tk["resets"] == 0 and tk["resumed"] == ["bird"], tk
         try:
             code = speaker.wait(30)
         except subprocess.TimeoutExpired:
             code = None
         assert code == EXIT_DEPOSED
         assert "deposed: the connection to bird was taken away" in speaker.output()
-        c.wait_role(backup, "master", timeout=10)
-        s = wait_for(lambda: (x := pair.summary(backup)) and x.get("takeover") and x, 30,
-                     "the standby took over")
-        tk = s["takeover"]
-        assert tk["resets"] == 0 and tk["resumed"] == ["bird"], tk
         time.sleep(1.0)
         bird_never_down(bird, since)
         s = pair.summary(backup)
