@@ -306,3 +306,44 @@ def test_a_master_cut_off_deposes_its_speaker(demo_lab: Lab,
         bird_never_down(bird, since)
         s = pair.summary(backup)
         assert s is not None and s["peers"][0]["counters"].get("received_open") == 1, s
+
+
+def test_a_restarted_speaker_takes_the_journal_back_from_the_standby(
+        demo_lab: Lab, request: pytest.FixtureRequest) -> None:
+    """SIGKILL of the master's speaker alone: the agent stays master and keeps the connections.
+    Started again on the same node, the speaker gets the connections from the agent at once and
+    the journal back from the standby on the other node (its HistoryServer serves its copy once
+    the master's journal has ended), and continues the session: no OPEN, BIRD never down. The
+    standby exits (EXIT_DEPOSED) to follow the new journal from its start; started again, it
+    catches up, and a takeover to its node keeps the session too."""
+    c = cluster(demo_lab)
+    pair = BgpPair(c, peers=("bird",))
+    with dump_on_failure(request, c, pair, []):
+        bird = bird_world(demo_lab)
+        bird.start()
+        master = start_pair(c, pair)
+        backup = next(x for x in c.spec.nodes if x != master)
+        wait_for(lambda: "10.77.100.0/24" in bird.routes("master4", "ours"), 10,
+                 "our route at BIRD")
+        since = bird.protocol("ours")["since"]
+        standby = pair.procs[backup]
+        pair.procs[master].kill()
+        pair.procs[master].reap()
+        pid = pair.start(master).pid
+        s = wait_for(lambda: (x := pair.summary(master)) and x["pid"] == pid and x, 30,
+                     "the restarted speaker serving")
+        tk = s["takeover"]
+        assert tk["journal"] == "the standby's copy" and tk["resets"] == 0, tk
+        assert tk["resumed"] == ["bird"], tk
+        try:
+            code = standby.wait(30)
+        except subprocess.TimeoutExpired:
+            code = None
+        assert code == EXIT_DEPOSED
+        assert "gave the journal back" in standby.output()
+        pair.start(backup)
+        master = takeovers(c, pair, master, 1, [])
+        time.sleep(1.0)
+        bird_never_down(bird, since)
+        s = pair.summary(master)
+        assert s is not None and s["peers"][0]["counters"].get("received_open") == 1, s

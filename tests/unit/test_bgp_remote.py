@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import time
 
 import pytest
@@ -15,9 +16,12 @@ from nonstop.bgp import Journal, Standby
 from nonstop.bgp.config import loads
 from nonstop.bgp.journal import ACKED, session_state
 from nonstop.bgp.remote import (
+    NONCE_LEN,
     FrameReader,
+    HistoryServer,
     JournalFollower,
     JournalServer,
+    fetch_history,
     pack_frame,
     parse_records,
     records_body,
@@ -112,6 +116,65 @@ def test_follower_over_tcp_holds_the_master_state() -> None:
         srv.close()
 
     asyncio.run(main())
+
+
+def test_the_standby_gives_the_journal_back_only_once_the_master_ended() -> None:
+    """A master's speaker restarted on its node asks the standby for the journal (Q): refused
+    while the master's journal runs; after it ended, the whole copy, applied, is the master's
+    state, and the standby is told (it must follow the new journal from its start)."""
+    async def main() -> None:
+        p = Pair()
+        j = Journal(p.a)
+        p.connect()
+        srv = JournalServer(KEY, ("127.0.0.1", 0), j, lambda: None)
+        f = JournalFollower(loads(A), KEY, srv.sock.getsockname()).start()
+        served: list[bool] = []
+        hs = HistoryServer(KEY, ("127.0.0.1", 0), f, lambda: served.append(True))
+        addr = hs.sock.getsockname()
+        p.a.originate("10.77.121.0/24", (), None, p.now)
+        p.pump()
+        for _ in range(300):
+            await asyncio.sleep(0.01)
+            if srv.following == 1 and srv.confirmed == srv.seq:
+                break
+        assert srv.confirmed == srv.seq > 0
+        assert await asyncio.to_thread(fetch_history, loads(A), KEY, addr, 0.3) is None
+        srv.close()  # the master's speaker died: its journal ends
+        for _ in range(300):
+            await asyncio.sleep(0.01)
+            if f.ended is not None:
+                break
+        got = await asyncio.to_thread(fetch_history, loads(A), KEY, addr, 5.0)
+        assert got is not None and got.history == f.history and len(got.history) == srv.seq
+        assert session_state(got.standby.speaker) == session_state(p.a)
+        assert served == [True]
+        hs.close()
+        await asyncio.to_thread(f.stop)
+
+    asyncio.run(main())
+
+
+def test_a_cut_copy_of_the_journal_is_not_taken() -> None:
+    """Records then EOF without the closing E frame (the standby died while sending): the
+    restarted speaker must not continue from a journal that may be short."""
+    p = Pair()
+    j = Journal(p.a)
+    p.connect()
+    recs = j.take()
+    lsock = socket.create_server(("127.0.0.1", 0))
+
+    def serve_cut() -> None:
+        for _ in range(2):
+            c, _ = lsock.accept()
+            with c:
+                body = FrameReader(KEY).feed(c.recv(4096))[0]
+                assert body[:1] == b"Q" and len(body) == 1 + NONCE_LEN
+                c.sendall(pack_frame(KEY, body[1:], records_body(0, recs)))
+
+    t = threading.Thread(target=serve_cut, daemon=True)
+    t.start()
+    assert fetch_history(loads(A), KEY, lsock.getsockname(), 0.5) is None
+    lsock.close()
 
 
 def test_server_drops_a_forged_standby() -> None:

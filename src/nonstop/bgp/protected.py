@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import fcntl
 import logging
+import socket
 import struct
 import time
 from collections import deque
@@ -41,12 +42,19 @@ from nonstop.bgp.aio import SpeakerService, _Conn, serve_until_signal, set_md5
 from nonstop.bgp.config import SpeakerConfig
 from nonstop.bgp.fsm import State
 from nonstop.bgp.journal import ACKED, Journal
-from nonstop.bgp.remote import JournalFollower, JournalServer, parse_addr
+from nonstop.bgp.remote import (
+    HistoryServer,
+    JournalFollower,
+    JournalServer,
+    fetch_history,
+    parse_addr,
+)
 from nonstop.bgp.speaker import Speaker
 
 log = logging.getLogger("nonstop.bgp")
 SIOCOUTQ = 0x5411
 EXIT_DEPOSED = 3  # the agent took the sessions away (this node stepped down): restart as standby
+FETCH_S = 5.0  # a speaker restarted on the master node waits this long for the standby's copy
 ACKED_EVERY = 0.5  # seconds between ACKED journal records per connection
 _STATE = struct.Struct("!QQ")  # journal records confirmed, speaker rx bytes fed
 
@@ -281,6 +289,24 @@ def _not_resumable(follower: JournalFollower, name: str | None, rec: CommitRecor
     return ""
 
 
+async def _gave_journal_back(listener: AsyncNsListener, follower: JournalFollower,
+                             adopting: asyncio.Future[Any]) -> int:
+    """The master's speaker, restarted on its node, took this standby's copy of the journal:
+    its new journal goes on from there, and this standby must follow it from its first record.
+    It ends (EXIT_DEPOSED) for its supervisor to start it again."""
+    await asyncio.to_thread(follower.stop)
+    log.warning("gave the journal back to the master's restarted speaker: exiting for a "
+                "restart as a standby (it follows the new journal from its start)")
+    agent = listener.agent
+    if agent is not None:
+        with contextlib.suppress(OSError):  # wakes the thread waiting for adoption
+            agent.sock.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(BaseException):
+        await adopting
+    listener.close()
+    return EXIT_DEPOSED
+
+
 async def run_protected(cfg: SpeakerConfig) -> int:
     """``nonstop bgp speaker`` with ``agent`` set: a standby until this node serves the VIP,
     then the master (after a takeover: the same sessions, no OPEN). Returns the exit status:
@@ -294,14 +320,43 @@ async def run_protected(cfg: SpeakerConfig) -> int:
         if pc.md5_password:  # sockets inherit the key, the agent sets it on restored ones
             set_md5(listener.sock, pc.address, pc.md5_password)
     follower = JournalFollower(cfg, key, parse_addr(cfg.journal_peer)).start()
+    loop = asyncio.get_running_loop()
+    given_back = asyncio.Event()
+    history = None
+    if cfg.journal_listen:
+        try:
+            history = HistoryServer(key, parse_addr(cfg.journal_listen), follower,
+                                    lambda: loop.call_soon_threadsafe(given_back.set))
+        except OSError as e:  # a restart of the master's speaker here would reset the sessions
+            log.error("the journal's copy is not served on %s: %s", cfg.journal_listen, e)
     print("standby: waiting for this node to serve the VIP", flush=True)
-    adopted = await listener.adopted()
+    adopting = asyncio.ensure_future(listener.adopted())
+    gave = asyncio.ensure_future(given_back.wait())
+    await asyncio.wait({adopting, gave}, return_when=asyncio.FIRST_COMPLETED)
+    gave.cancel()
+    if history is not None:
+        await asyncio.to_thread(history.close)  # its port is the journal server's now
+    if not adopting.done():
+        return await _gave_journal_back(listener, follower, adopting)
+    adopted = adopting.result()
     t_adopted = time.monotonic()
     await asyncio.to_thread(follower.stop)
+    source = "followed"
+    if adopted and not follower.history and follower.apply_error is None:
+        # connections at once and no master to follow: this node served already, and this
+        # speaker was started again here (the last one died alone; the agent kept the
+        # connections). The standby on the other node has the journal.
+        got = await asyncio.to_thread(fetch_history, cfg, key, parse_addr(cfg.journal_peer),
+                                      FETCH_S)
+        if got is None:
+            log.error("no whole journal from the standby at %s within %.0f s", cfg.journal_peer,
+                      FETCH_S)
+        else:
+            follower, source = got, "the standby's copy"
     t_applied = time.monotonic()
     info: dict[str, Any] = {"adopted_at": t_adopted, "connections": len(adopted),
                             "records": len(follower.history), "resets": 0,
-                            "journal_ended": follower.ended}
+                            "journal_ended": follower.ended, "journal": source}
     if follower.history and follower.apply_error is None:
         sp = follower.standby.speaker
         journal = Journal(sp, history=follower.history)  # the takeover is journaled too

@@ -6,6 +6,10 @@ HMAC-SHA256-128 (nonstop.auth) over ``nonce | body`` with the cluster key and th
 standby chose for this connection (so a frame from another connection does not verify):
 
     H  standby -> master   nonce (16 bytes): the first frame, in clear but for its own tag
+    Q  master -> standby   nonce (16 bytes): instead of H, to a standby's ``HistoryServer``: a
+                           master's speaker restarted on its node asks for the journal back;
+                           R frames answer, then E
+    E  standby -> master   records sent (u64): the copy is whole (an EOF alone is not proof)
     R  master -> standby   first sequence (u64) | records, each u32 length | record
     A  standby -> master   records held (u64) | records applied (u64): on receipt of a batch
                            (the master's wait) and after applying one (the standby is hot)
@@ -294,9 +298,13 @@ class JournalFollower:
     following and applies what was received: the standby then holds every record the master
     may have acted on."""
 
-    def __init__(self, cfg: SpeakerConfig, key: bytes, master: tuple[str, int]) -> None:
+    def __init__(self, cfg: SpeakerConfig, key: bytes, master: tuple[str, int], *,
+                 history_only: bool = False) -> None:
         self.key = key
         self.master = master
+        # asks a standby's HistoryServer for its copy (Q) instead of following a master (H)
+        self.history_only = history_only
+        self.history_total: int | None = None  # history_only: how many the standby sent
         self.standby = Standby(cfg, retain=True)
         self.history: list[bytes] = []
         self.received = 0
@@ -346,18 +354,22 @@ class JournalFollower:
         nonce = self._nonce = os.urandom(NONCE_LEN)
         reader = FrameReader(self.key, nonce)
         try:
-            sock.sendall(pack_frame(self.key, b"", b"H" + nonce))
+            sock.sendall(pack_frame(self.key, b"", (b"Q" if self.history_only else b"H") + nonce))
             self.connected_at = time.monotonic()
             while not self._stop.is_set():
                 data = sock.recv(1 << 20)
                 if not data:
-                    self.ended = "master closed the journal"
+                    self.ended = "history received" if self.history_only else \
+                        "master closed the journal"
                     return
                 bodies = reader.feed(data)
                 if not bodies:
                     continue
                 with self._cv:
                     for body in bodies:
+                        if self.history_only and body[:1] == b"E" and len(body) == 9:
+                            self.history_total = _U64.unpack_from(body, 1)[0]
+                            continue
                         first, recs = parse_records(body)
                         if first != self.received:
                             raise RemoteProtocolError(f"records from {first}, expected "
@@ -404,6 +416,22 @@ class JournalFollower:
                 with contextlib.suppress(OSError):
                     self._ack()  # the master learns the standby is hot
 
+    def finish(self, timeout: float) -> None:
+        """``history_only``: wait up to ``timeout`` for the whole copy (the standby closes the
+        connection after it), then ``stop()``."""
+        self._reader.join(timeout)
+        self.stop()
+
+    def history_copy(self, timeout: float = 5.0) -> list[bytes]:
+        """Every record received, once applied ([] if one failed): what a HistoryServer serves
+        once following has ended."""
+        deadline = time.monotonic() + timeout
+        while len(self.history) < self.received and self.apply_error is None:
+            if time.monotonic() > deadline:
+                return []
+            time.sleep(0.005)
+        return [] if self.apply_error is not None else list(self.history)
+
     def stop(self) -> None:
         """Stop following; apply everything received (returns when done)."""
         self._stop.set()
@@ -416,3 +444,100 @@ class JournalFollower:
         self._applier.join()
         if self._sock is not None:
             self._sock.close()
+
+
+class HistoryServer:
+    """A standby's copy of the journal, served back to its master's speaker when that one was
+    restarted on its own node (a crash of the speaker alone: the agent kept the connections
+    and hands them to the new process, which has no journal). The standby holds every record
+    the master may have acted on (the master's wait), so the new process continues the
+    sessions from it exactly as a takeover on the standby's node would.
+
+    Listens on the standby's ``journal_listen`` (free while this node is a backup). Served
+    only once following has ended (the master's journal closed): never while a master runs,
+    so the copy is final. One client gets it; then ``on_served()`` (the standby must start
+    afresh: it follows the new master's journal from its first record)."""
+
+    def __init__(self, key: bytes, bind: tuple[str, int], follower: JournalFollower,
+                 on_served: Callable[[], None]) -> None:
+        self.key = key
+        self.follower = follower
+        self.on_served = on_served
+        self.served = False
+        fam = socket.AF_INET6 if ":" in bind[0] else socket.AF_INET
+        self.sock = socket.socket(fam, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(bind)
+        self.sock.listen(4)
+        self._thread = threading.Thread(target=self._serve, name="journal-history", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self.served:
+            try:
+                c, addr = self.sock.accept()
+            except OSError:
+                return  # closed
+            with c:
+                try:
+                    self._one(c, addr[0])
+                except (OSError, RemoteProtocolError) as e:
+                    log.warning("journal history for %s: %s", addr[0], e)
+
+    def _one(self, c: socket.socket, peer: str) -> None:
+        c.settimeout(5.0)
+        reader = FrameReader(self.key)
+        bodies: list[bytes] = []
+        while not bodies:
+            data = c.recv(4096)
+            if not data:
+                return
+            bodies = reader.feed(data)
+        body = bodies[0]
+        if body[:1] != b"Q" or len(body) != 1 + NONCE_LEN:
+            return  # a follower's hello: no master runs here
+        if self.follower.ended is None:
+            log.warning("journal history asked by %s while the master's journal runs: refused",
+                        peer)
+            return
+        recs = self.follower.history_copy()
+        if not recs:
+            return
+        nonce, first, batch, size = body[1:], 0, [], 0
+        for r in recs:  # frames of up to ~1 MB, as the master sends them
+            batch.append(r)
+            size += len(r)
+            if size >= 1 << 20:
+                c.sendall(pack_frame(self.key, nonce, records_body(first, batch)))
+                first, batch, size = first + len(batch), [], 0
+        if batch:
+            c.sendall(pack_frame(self.key, nonce, records_body(first, batch)))
+        c.sendall(pack_frame(self.key, nonce, b"E" + _U64.pack(len(recs))))
+        c.shutdown(socket.SHUT_WR)
+        while c.recv(65536):  # its acknowledgements, until it has read everything and closed
+            pass
+        self.served = True
+        log.warning("gave the journal (%d records) back to the master's speaker at %s",
+                    len(recs), peer)
+        self.on_served()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept
+        self.sock.close()
+        self._thread.join(timeout=5)
+
+
+def fetch_history(cfg: SpeakerConfig, key: bytes, standby: tuple[str, int],
+                  timeout: float) -> JournalFollower | None:
+    """The journal back from the standby at ``standby`` (HistoryServer), applied to a fresh
+    Standby; None if no whole copy came within ``timeout`` (the standby may not have seen the
+    old master's journal end yet: asked again until then)."""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        f = JournalFollower(cfg, key, standby, history_only=True).start()
+        f.finish(left)
+        if f.history and f.apply_error is None and f.history_total == len(f.history):
+            return f
+        time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+    return None
