@@ -35,6 +35,7 @@ from nonstop.bench.bgp_node import (
     cluster,
     frr_stream,
     frr_world,
+    restart_speaker,
     take_over,
 )
 from nonstop.bgp.protected import EXIT_DEPOSED
@@ -308,14 +309,16 @@ def test_a_master_cut_off_deposes_its_speaker(demo_lab: Lab,
         assert s is not None and s["peers"][0]["counters"].get("received_open") == 1, s
 
 
+@pytest.mark.parametrize("spare", [False, True], ids=["restarted", "spare"])
 def test_a_restarted_speaker_takes_the_journal_back_from_the_standby(
-        demo_lab: Lab, request: pytest.FixtureRequest) -> None:
+        demo_lab: Lab, request: pytest.FixtureRequest, spare: bool) -> None:
     """SIGKILL of the master's speaker alone: the agent stays master and keeps the connections.
-    Started again on the same node, the speaker gets the connections from the agent at once and
-    the journal back from the standby on the other node (its HistoryServer serves its copy once
-    the master's journal has ended), and continues the session: no OPEN, BIRD never down. The
-    standby exits (EXIT_DEPOSED) to follow the new journal from its start; started again, it
-    catches up, and a takeover to its node keeps the session too."""
+    The next speaker on the same node (started after the kill, or a spare already waiting in
+    the agent's endpoint) gets the connections from the agent at once and the journal back
+    from the standby on the other node (its HistoryServer serves its copy once the master's
+    journal has ended), and continues the session: no OPEN, BIRD never down. The standby exits
+    (EXIT_DEPOSED) to follow the new journal from its start; started again, it catches up, and
+    a takeover to its node keeps the session too."""
     c = cluster(demo_lab)
     pair = BgpPair(c, peers=("bird",))
     with dump_on_failure(request, c, pair, []):
@@ -327,21 +330,13 @@ def test_a_restarted_speaker_takes_the_journal_back_from_the_standby(
                  "our route at BIRD")
         since = bird.protocol("ours")["since"]
         standby = pair.procs[backup]
-        pair.procs[master].kill()
-        pair.procs[master].reap()
-        pid = pair.start(master).pid
-        s = wait_for(lambda: (x := pair.summary(master)) and x["pid"] == pid and x, 30,
-                     "the restarted speaker serving")
-        tk = s["takeover"]
+        tk, ms = restart_speaker(c, pair, master, spare=spare)
+        how = "a spare waiting" if spare else "started after the kill"
+        print(f"\nSIGKILL of the speaker alone -> KEEPALIVE written ({how}): {ms:.1f} ms")
         assert tk["journal"] == "the standby's copy" and tk["resets"] == 0, tk
         assert tk["resumed"] == ["bird"], tk
-        try:
-            code = standby.wait(30)
-        except subprocess.TimeoutExpired:
-            code = None
-        assert code == EXIT_DEPOSED
+        assert standby.returncode == EXIT_DEPOSED, standby.output()[-3000:]
         assert "gave the journal back" in standby.output()
-        pair.start(backup)
         master = takeovers(c, pair, master, 1, [])
         time.sleep(1.0)
         bird_never_down(bird, since)

@@ -27,10 +27,15 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--timeout", type=float, default=600.0, help="per load (s)")
     p.add_argument("--takeovers", type=int, default=5,
                    help="takeovers (SIGKILL of the master; default 5)")
-    p.add_argument("--takeover", choices=("local", "node"), default="local",
+    p.add_argument("--takeover", choices=("local", "node", "speaker"), default="local",
                    help="local: a hot standby on the same host continues the sockets; node: "
                    "the other node of a nonstop agent pair restores the connection (TCP_REPAIR) "
-                   "and its speaker continues from the journal it followed (BIRD feeder only)")
+                   "and its speaker continues from the journal it followed; speaker: the "
+                   "master's speaker alone is killed and started again, and takes the journal "
+                   "back from the other node's standby (node and speaker: BIRD feeder only)")
+    p.add_argument("--spare", action="store_true",
+                   help="--takeover speaker: a second speaker waits on the master node for the "
+                   "connections (no process start after the kill)")
     p.add_argument("--out", help="also write the JSON to this file")
     add_format_option(p)
     p.set_defaults(func=cmd_bgp, format="json")
@@ -215,17 +220,22 @@ def cmd_bgp(args: argparse.Namespace) -> int:
     if not 1 <= args.routes <= 1 << 20:
         print("nonstop bench bgp: --routes 1..1048576", file=sys.stderr)
         return EXIT_USAGE
-    if args.takeover == "node":
+    if args.takeover in ("node", "speaker"):
         from nonstop.bench.bgp_node import run_node
 
         if args.peer != "bird":
-            print("nonstop bench bgp: --takeover node needs --peer bird", file=sys.stderr)
+            print(f"nonstop bench bgp: --takeover {args.takeover} needs --peer bird",
+                  file=sys.stderr)
             return EXIT_USAGE
         result = with_progress(3, lambda tick: run_node(args.routes, args.takeovers,
-                                                        args.timeout, tick), label="bench bgp")
+                                                        args.timeout, tick, args.takeover,
+                                                        args.spare),
+                               label="bench bgp")
         if emit(result, args):
+            what = "takeovers to the other node" if args.takeover == "node" else \
+                "restarts of the speaker alone"
             print(f"{result['routes']} routes: load {result['load_s']} s, {result['takeovers']} "
-                  f"takeovers to the other node: {result['takeover_ms']} ms, resets "
+                  f"{what}: {result['takeover_ms']} ms, resets "
                   f"{result['session_resets']}, withdrawals {result['withdrawals_seen_by_peer']}")
         ok = result.get("loc_rib_after", 0) >= args.routes and not result.get("session_resets")
         return EXIT_OK if ok else EXIT_FAIL

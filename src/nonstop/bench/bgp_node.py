@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -214,12 +215,48 @@ def take_over(c: Cluster, pair: BgpPair, master: str, timeout: float = 30.0
     return backup, tk, (tk["resumed_at"] - killed) * 1000
 
 
-def run_node(n: int, takeovers: int, timeout: float, tick: Any) -> dict[str, Any]:
-    """``nonstop bench bgp --takeover node``: BIRD feeds n routes to the VIP; k takeovers to the
-    other node; BIRD's view checked after."""
+def restart_speaker(c: Cluster, pair: BgpPair, master: str, timeout: float = 30.0, *,
+                    spare: bool = False) -> tuple[dict[str, Any], float]:
+    """SIGKILL of ``master``'s speaker alone (its agent stays master and keeps the
+    connections). Started again there (``spare``: a second speaker started beforehand, waiting
+    in the agent's endpoint for the connections, goes on at once), it takes the journal back
+    from the standby, which exits (EXIT_DEPOSED) and is started again. Returns the new
+    speaker's takeover record and SIGKILL -> KEEPALIVE written (ms)."""
+    backup = next(x for x in c.spec.nodes if x != master)
+    wait_for(lambda: pair.ready(master), timeout, "protected and followed")
+    standby, dead = pair.procs[backup], pair.procs[master]
+    if spare:
+        nxt = pair.start(master)  # blocks in the endpoint (the port is taken) until adopted
+
+        def waiting() -> bool:
+            st = c.status(master)
+            return bool(st and st["sessions"] and st["sessions"][0]["standby_waiting"] >= 1)
+
+        wait_for(waiting, timeout, "the spare waiting in the agent's endpoint")
+    killed = time.monotonic()
+    dead.kill()
+    dead.reap()
+    pid = (nxt if spare else pair.start(master)).pid
+    s = wait_for(lambda: (x := pair.summary(master)) and x["pid"] == pid and x, timeout,
+                 "the restarted speaker serving")
+    try:
+        standby.wait(timeout)
+    except subprocess.TimeoutExpired:
+        raise TimeoutError(f"the standby on {backup} did not end after giving the journal "
+                           f"back:\n{standby.output()[-3000:]}") from None
+    pair.start(backup)
+    return s["takeover"], (s["takeover"]["resumed_at"] - killed) * 1000
+
+
+def run_node(n: int, takeovers: int, timeout: float, tick: Any,
+             mode: str = "node", spare: bool = False) -> dict[str, Any]:
+    """``nonstop bench bgp --takeover node|speaker``: BIRD feeds n routes to the VIP; k
+    takeovers to the other node (node) or restarts of the master's speaker alone (speaker);
+    BIRD's view checked after."""
     from nonstop.lab import demo_topology
 
-    out: dict[str, Any] = {"bench": "bgp", "takeover_mode": "node", "routes": n, "peer": "bird"}
+    out: dict[str, Any] = {"bench": "bgp", "takeover_mode": mode, "routes": n, "peer": "bird",
+                           "spare": spare}
     with Lab(demo_topology()) as lab:
         c = cluster(lab)
         try:
@@ -246,7 +283,10 @@ def run_node(n: int, takeovers: int, timeout: float, tick: Any) -> dict[str, Any
             since = bird.protocol("ours")["since"]
             times, infos = [], []
             for _ in range(takeovers):
-                master, tk, ms = take_over(c, pair, master, timeout)
+                if mode == "speaker":
+                    tk, ms = restart_speaker(c, pair, master, timeout, spare=spare)
+                else:
+                    master, tk, ms = take_over(c, pair, master, timeout)
                 times.append(ms)
                 infos.append(tk)
             time.sleep(1.0)
@@ -272,6 +312,10 @@ def run_node(n: int, takeovers: int, timeout: float, tick: Any) -> dict[str, Any
             for p in pair.procs.values():
                 p.kill()
     out["note"] = ("takeover_ms: SIGKILL of the master's agent and speaker -> the other node's "
-                   "speaker wrote its KEEPALIVE on the restored connection; wall clock on a "
-                   "shared 2-CPU machine: noisy")
+                   "speaker wrote its KEEPALIVE on the restored connection" if mode == "node" else
+                   "takeover_ms: SIGKILL of the master's speaker alone -> the next speaker "
+                   "on the same node (a spare waiting already, or else started after the kill: "
+                   "its start included) wrote its KEEPALIVE, with the journal taken back from "
+                   "the standby") + \
+        "; wall clock on a shared 2-CPU machine: noisy"
     return out
