@@ -270,6 +270,22 @@ def test_md5_session_kept_across_takeovers(demo_lab: Lab, request: pytest.Fixtur
               f"(masters before each takeover), BIRD's MD5 drop counters {before}")
 
 
+@contextlib.contextmanager
+def bird_session(demo_lab: Lab, request: pytest.FixtureRequest
+                 ) -> Iterator[tuple[Cluster, BgpPair, BirdPeer, str, str]]:
+    """One BGP session (BIRD) with our speaker pair, established and protected: the cluster,
+    the pair, BIRD, the master node and BIRD's "since" of the session."""
+    c = cluster(demo_lab)
+    pair = BgpPair(c, peers=("bird",))
+    with dump_on_failure(request, c, pair, []):
+        bird = bird_world(demo_lab)
+        bird.start()
+        master = start_pair(c, pair)
+        wait_for(lambda: "10.77.100.0/24" in bird.routes("master4", "ours"), 10,
+                 "our route at BIRD")
+        yield c, pair, bird, master, bird.protocol("ours")["since"]
+
+
 def test_a_master_cut_off_deposes_its_speaker(demo_lab: Lab,
                                               request: pytest.FixtureRequest) -> None:
     """The master node cut off (every link down; its processes live on). The other node takes
@@ -280,16 +296,8 @@ def test_a_master_cut_off_deposes_its_speaker(demo_lab: Lab,
     standby still following replayed that and could not continue the session (CI saw a takeover
     reset both sessions when the old master's speaker outlived its SIGKILLed agent by a few
     ms on a loaded box)."""
-    c = cluster(demo_lab)
-    pair = BgpPair(c, peers=("bird",))
-    with dump_on_failure(request, c, pair, []):
-        bird = bird_world(demo_lab)
-        bird.start()
-        master = start_pair(c, pair)
+    with bird_session(demo_lab, request) as (c, pair, bird, master, since):
         backup = next(x for x in c.spec.nodes if x != master)
-        wait_for(lambda: "10.77.100.0/24" in bird.routes("master4", "ours"), 10,
-                 "our route at BIRD")
-        since = bird.protocol("ours")["since"]
         speaker = pair.procs[master]
         demo_lab.isolate(master)
         c.wait_role(backup, "master", timeout=10)
@@ -319,16 +327,8 @@ def test_a_restarted_speaker_takes_the_journal_back_from_the_standby(
     journal has ended), and continues the session: no OPEN, BIRD never down. The standby exits
     (EXIT_DEPOSED) to follow the new journal from its start; started again, it catches up, and
     a takeover to its node keeps the session too."""
-    c = cluster(demo_lab)
-    pair = BgpPair(c, peers=("bird",))
-    with dump_on_failure(request, c, pair, []):
-        bird = bird_world(demo_lab)
-        bird.start()
-        master = start_pair(c, pair)
+    with bird_session(demo_lab, request) as (c, pair, bird, master, since):
         backup = next(x for x in c.spec.nodes if x != master)
-        wait_for(lambda: "10.77.100.0/24" in bird.routes("master4", "ours"), 10,
-                 "our route at BIRD")
-        since = bird.protocol("ours")["since"]
         standby = pair.procs[backup]
         tk, ms = restart_speaker(c, pair, master, spare=spare)
         how = "a spare waiting" if spare else "started after the kill"
