@@ -91,6 +91,20 @@ def records_body(first: int, records: list[bytes]) -> bytes:
     return b"".join(parts)
 
 
+def record_frames(key: bytes, nonce: bytes, first: int, records: list[bytes]) -> bytes:
+    """``records`` (numbered from ``first``) as R frames of up to ~1 MB each."""
+    out, batch, size = bytearray(), [], 0
+    for r in records:
+        batch.append(r)
+        size += len(r)
+        if size >= 1 << 20:
+            out += pack_frame(key, nonce, records_body(first, batch))
+            first, batch, size = first + len(batch), [], 0
+    if batch:
+        out += pack_frame(key, nonce, records_body(first, batch))
+    return bytes(out)
+
+
 def parse_records(body: bytes) -> tuple[int, list[bytes]]:
     if len(body) < 9 or body[:1] != b"R":
         raise RemoteProtocolError("not a records frame", counter="bad_journal")
@@ -185,19 +199,8 @@ class JournalServer:
             self._queue(s, s.sent, recs[s.sent : self.seq])
 
     def _queue(self, s: _Standby, first: int, recs: list[bytes]) -> None:
-        batch: list[bytes] = []
-        size = 0
-        for r in recs:  # frames of up to ~1 MB
-            batch.append(r)
-            size += len(r)
-            if size >= 1 << 20:
-                s.out += pack_frame(self.key, s.nonce, records_body(first, batch))
-                first += len(batch)
-                batch, size = [], 0
-        if batch:
-            s.out += pack_frame(self.key, s.nonce, records_body(first, batch))
-            first += len(batch)
-        s.sent = first
+        s.out += record_frames(self.key, s.nonce, first, recs)
+        s.sent = first + len(recs)
         self._write(s)
 
     def _write(self, s: _Standby) -> None:
@@ -503,16 +506,9 @@ class HistoryServer:
         recs = self.follower.history_copy()
         if not recs:
             return
-        nonce, first, batch, size = body[1:], 0, [], 0
-        for r in recs:  # frames of up to ~1 MB, as the master sends them
-            batch.append(r)
-            size += len(r)
-            if size >= 1 << 20:
-                c.sendall(pack_frame(self.key, nonce, records_body(first, batch)))
-                first, batch, size = first + len(batch), [], 0
-        if batch:
-            c.sendall(pack_frame(self.key, nonce, records_body(first, batch)))
-        c.sendall(pack_frame(self.key, nonce, b"E" + _U64.pack(len(recs))))
+        nonce = body[1:]
+        c.sendall(record_frames(self.key, nonce, 0, recs) +
+                  pack_frame(self.key, nonce, b"E" + _U64.pack(len(recs))))
         c.shutdown(socket.SHUT_WR)
         while c.recv(65536):  # its acknowledgements, until it has read everything and closed
             pass
